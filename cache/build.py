@@ -1,0 +1,186 @@
+"""The `ff cache` job: run the model once over both corpora and fill the activation store.
+
+Resumable: chunks already written are skipped, so an interrupted run (Ctrl-C, kill -9)
+rerun with the same arguments continues and ends with the same store as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from . import __version__
+from .corpora import pack, resolve_corpus
+from .errors import StoreError
+from .store import (CORPORA, FORMAT_VERSION, HOOK, BackgroundWriter, ChunkWrite, chunk_contexts_for,
+                    create_store, open_store, to_storage)
+
+PAPER_LAYERS = (5, 12, 19)  # of Gemma-2-2B's 26 blocks
+_PAPER_DEPTH = 26
+
+
+@dataclass
+class CacheConfig:
+    """Arguments of `ff cache`; `spec()` is what a store records and a rerun must match."""
+
+    model: str = "gemma-3-270m"
+    """Model spec: hub id, local HF folder, .gguf file, or the embedded 'gemma-3-270m'."""
+    layers: tuple[int, ...] | None = None
+    """Decoder blocks to capture (0-based). None: the paper's 5/12/19 of 26, scaled to the model's depth."""
+    retain: str = "demo"
+    """Retain corpus spec (see cache.corpora)."""
+    unlearn: str = "demo"
+    """Unlearn corpus spec."""
+    contexts: int = 2048
+    """Retain contexts (paper: 2048)."""
+    unlearn_contexts: int | None = None
+    """Unlearn contexts; None: same as `contexts`."""
+    ctx_len: int = 128
+    """Tokens per context, BOS included (paper: 128)."""
+    dtype: str = "bfloat16"
+    """Storage dtype: bfloat16 (uint16 bit patterns), float16 or float32."""
+    chunk_contexts: int | None = None
+    """Contexts per stored chunk; None: whole contexts filling about 4 MiB."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl / .parquet / hub datasets."""
+    model_dtype: str | None = None
+    """Compute dtype; None: float32 on CPU, bfloat16 on CUDA."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+
+    def spec(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("model_dtype", "device"):  # how it ran, not what it made
+            d.pop(k)
+        d["layers"] = list(self.layers) if self.layers is not None else "auto"
+        d["unlearn_contexts"] = self.unlearn_contexts or self.contexts
+        return d
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """The paper's layers 5/12/19 of 26, scaled to a model with `n_layers` blocks."""
+    if n_layers >= _PAPER_DEPTH:
+        return PAPER_LAYERS
+    return tuple(sorted({min(n_layers - 1, round(l * n_layers / _PAPER_DEPTH)) for l in PAPER_LAYERS}))
+
+
+@dataclass
+class CacheResult:
+    path: str
+    skipped: bool
+    tokens_done: int
+    seconds: float
+    layers: tuple[int, ...] = field(default_factory=tuple)
+
+
+def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k)!r} in the store, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k))
+
+
+def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> str:
+    """'new', 'resume', 'complete' or 'overwrite' for the path `out`."""
+    if not out.exists():
+        return "new"
+    if not (out / "zarr.json").is_file():
+        if out.is_dir() and not any(out.iterdir()):
+            return "new"
+        raise StoreError(f"'{out}' exists and is not an activation store; choose another path")
+    if overwrite:
+        return "overwrite"
+    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    diff = _spec_diff(attrs.get("spec", {}), spec)
+    if diff:
+        raise StoreError(f"store '{out}' was built with other arguments ({diff}); use --overwrite or another path")
+    return "complete" if attrs.get("complete") else "resume"
+
+
+def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
+                batch_contexts: int | None = None) -> CacheResult:
+    """Fill (or finish) the store at `out`; a complete store with the same spec is a no-op."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    spec = cfg.spec()
+    state = _check_existing(out, spec, overwrite)
+    if state == "complete":
+        return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
+
+    from .models import load_model  # heavy imports only when there is work to do
+
+    specs = {"retain": resolve_corpus(cfg.retain, "retain", text_field=cfg.text_field),
+             "unlearn": resolve_corpus(cfg.unlearn, "unlearn", text_field=cfg.text_field)}
+    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+    n_layers = lm.info.n_layers
+    layers = tuple(sorted(set(cfg.layers))) if cfg.layers else default_layers(n_layers)
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise StoreError(f"layer {bad[0]} is out of range: model '{cfg.model}' has {n_layers} layers (0..{n_layers - 1})")
+    sizes = {"retain": cfg.contexts, "unlearn": cfg.unlearn_contexts or cfg.contexts}
+    packed = {name: pack(specs[name], lm.tokenizer, n_contexts=sizes[name], ctx_len=cfg.ctx_len) for name in CORPORA}
+
+    if state == "resume":
+        store = open_store(out)
+        for name in CORPORA:
+            old = store.corpus(name).attrs["fingerprint"]
+            if old != packed[name].fingerprint:
+                raise StoreError(f"the {name} corpus now tokenizes differently than in store '{out}'; use --overwrite")
+    if state == "overwrite":
+        shutil.rmtree(out)
+    if state in {"new", "overwrite"}:
+        attrs = {
+            "format_version": FORMAT_VERSION, "model": cfg.model, "model_hash": lm.info.weights_hash,
+            "tokenizer_hash": lm.info.tokenizer_hash, "architecture": lm.info.architecture,
+            "n_model_layers": n_layers, "ctx_len": cfg.ctx_len, "layers": list(layers), "hook": HOOK,
+            "d_model": lm.info.d_model, "dtype": cfg.dtype,
+            "chunk_contexts": cfg.chunk_contexts or chunk_contexts_for(cfg.ctx_len, lm.info.d_model, cfg.dtype),
+            "bos_token_id": int(packed["retain"].tokens[0, 0]), "pad_token_id": lm.tokenizer.pad_token_id,
+            "ff_version": __version__, "spec": spec,
+        }
+        create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
+                                      "fingerprint": packed[n].fingerprint} for n in CORPORA})
+    done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
+    zarr.open_group(str(out), mode="r+").attrs["complete"] = True  # last, after every chunk is on disk
+    return CacheResult(str(out), False, done, time.perf_counter() - t0, layers)
+
+
+def _run_forward(lm, out: Path, packed, layers, dtype: str, progress: bool, batch_contexts: int | None) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .capture import forward_layers
+
+    store = open_store(out)
+    root = zarr.open_group(str(out), mode="r+")
+    todo = []
+    for name in CORPORA:
+        reader = store.corpus(name)
+        for i in np.flatnonzero(~reader.completed_chunks()):
+            todo.append((name, *reader.chunk_bounds(int(i))))
+    total = sum(stop - start for _, start, stop in todo) * store.meta.ctx_len
+    writer = BackgroundWriter(root)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="ff cache", disable=not progress, smoothing=0.1)
+    done = 0
+    try:
+        for name, start, stop in todo:
+            toks = packed[name].tokens[start:stop]
+            acts: dict[int, list[np.ndarray]] = {l: [] for l in layers}
+            step = batch_contexts or (stop - start)  # one forward per chunk by default
+            for s in range(0, stop - start, step):
+                ids = torch.from_numpy(toks[s:s + step].astype(np.int64)).to(lm.device)
+                got = forward_layers(lm.model, ids, torch.ones_like(ids), layers)
+                for l in layers:
+                    acts[l].append(to_storage(got[l].float().cpu(), dtype))
+            writer.put(ChunkWrite(name, start, {l: np.concatenate(v) for l, v in acts.items()}, toks))
+            n = (stop - start) * store.meta.ctx_len
+            done += n
+            bar.update(n)
+            bar.set_postfix_str(name)
+    finally:
+        bar.close()
+        writer.close()  # let queued chunks land even on Ctrl-C: less to redo on resume
+    return done

@@ -1,0 +1,252 @@
+"""The activation store: a Zarr v3 group with one subgroup per corpus.
+
+```
+STORE/                   attrs: format_version, model, model_hash, tokenizer_hash, ctx_len, layers,
+                         hook, d_model, dtype, ff_version, complete, spec, ...
+STORE/<corpus>/          attrs: corpus, fingerprint, n_contexts
+STORE/<corpus>/tokens    int32 (n_contexts, ctx_len); fill value -1 marks chunks not yet written
+STORE/<corpus>/layer_<L> (n_contexts, ctx_len, d_model) in the storage dtype
+```
+
+Completion is tracked per chunk without shared state: the writer stores every layer chunk
+first and the tokens chunk last, and zarr's local store writes each chunk file atomically
+(temp file, then rename). So a chunk is complete exactly when its tokens row 0 is not -1.
+bfloat16 is kept as uint16 bit patterns with the array attribute `logical_dtype: "bfloat16"`.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+from .errors import StoreError
+
+FORMAT_VERSION = 1
+HOOK = "resid_post"
+CORPORA = ("retain", "unlearn")
+_NUMPY_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+
+
+def layer_name(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def chunk_contexts_for(ctx_len: int, d_model: int, dtype: str, target_bytes: int = 4 << 20) -> int:
+    """Contexts per chunk: whole contexts, full d_model, about `target_bytes` (a few MiB)."""
+    per_ctx = ctx_len * d_model * np.dtype(_NUMPY_DTYPE[dtype]).itemsize
+    n = max(1, target_bytes // per_ctx)
+    return 1 << (int(n).bit_length() - 1)  # a power of two keeps batches regular
+
+
+def _codecs(dtype: str) -> list:
+    # zstd at a low level with byte shuffle: fast, and better than bitshuffle on activations;
+    # crc32c last so that a corrupted chunk fails loudly on read.
+    size = np.dtype(_NUMPY_DTYPE[dtype]).itemsize
+    return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=size), Crc32cCodec()]
+
+
+def to_storage(x, dtype: str) -> np.ndarray:
+    """float tensor/array -> numpy array in the storage dtype (bf16 as uint16 bit patterns)."""
+    import torch
+
+    t = torch.as_tensor(x)
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if dtype == "float16":
+        h = t.to(torch.float16)
+        if torch.isinf(h).any() and not torch.isinf(t).any():
+            peak = float(t.abs().max())
+            raise StoreError(
+                f"float16 overflow: activations reach {peak:.4g} > 65504; use --dtype bfloat16 or float32"
+            )
+        return h.numpy()
+    return t.to(torch.float32).numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored block -> float32 numpy array."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def create_store(path: str | Path, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -> zarr.Group:
+    """Create the group and empty arrays. `corpora[name]` has n_contexts, corpus, fingerprint."""
+    ctx_len, d_model, dtype = attrs["ctx_len"], attrs["d_model"], attrs["dtype"]
+    cc = attrs["chunk_contexts"]
+    root = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={**attrs, "complete": False})
+    for name, c in corpora.items():
+        n = c["n_contexts"]
+        g = root.create_group(name, attributes={k: c[k] for k in ("corpus", "fingerprint", "n_contexts")})
+        g.create_array("tokens", shape=(n, ctx_len), chunks=(min(cc, n), ctx_len), dtype="int32",
+                       fill_value=-1, compressors=_codecs("float32"))
+        for layer in attrs["layers"]:
+            g.create_array(layer_name(layer), shape=(n, ctx_len, d_model), chunks=(min(cc, n), ctx_len, d_model),
+                           dtype=_NUMPY_DTYPE[dtype], fill_value=0, compressors=_codecs(dtype),
+                           attributes={"logical_dtype": dtype, "layer": layer, "hook": HOOK},
+                           dimension_names=("context", "position", "d_model"))
+    return root
+
+
+@dataclass
+class ChunkWrite:
+    corpus: str
+    start: int
+    layers: dict[int, np.ndarray]  # storage dtype, [n, ctx_len, d_model]
+    tokens: np.ndarray  # int32 [n, ctx_len]
+
+
+class BackgroundWriter:
+    """Writes chunks in a background thread behind a bounded queue, so the forward pass
+    never waits on compression or disk unless the queue is full."""
+
+    def __init__(self, root: zarr.Group, max_pending: int = 4):
+        self.root = root
+        self.q: queue.Queue[ChunkWrite | None] = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="ff-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure
+            try:
+                g = self.root[item.corpus]
+                stop = item.start + item.tokens.shape[0]
+                for layer, block in item.layers.items():
+                    g[layer_name(layer)][item.start:stop] = block
+                g["tokens"][item.start:stop] = item.tokens  # last: marks the chunk complete
+            except BaseException as e:  # surfaced to the caller on put()/close()
+                self.error = e
+
+    def put(self, item: ChunkWrite) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    format_version: int
+    model: str
+    model_hash: str
+    tokenizer_hash: str
+    ctx_len: int
+    layers: tuple[int, ...]
+    hook: str
+    d_model: int
+    dtype: str
+    chunk_contexts: int
+    bos_token_id: int | None
+    pad_token_id: int | None
+    ff_version: str
+    complete: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_attrs(cls, a: dict[str, Any]) -> "StoreMeta":
+        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        missing = [k for k in known if k not in a]
+        if missing:
+            raise StoreError(f"store metadata lacks {', '.join(sorted(missing))}: not an ff store or a newer format")
+        kw = {k: a[k] for k in known}
+        kw["layers"] = tuple(kw["layers"])
+        return cls(**kw, extra={k: v for k, v in a.items() if k not in known})
+
+
+class CorpusReader:
+    """Read access to one corpus of a store: tokens, masks, whole chunks as float32."""
+
+    def __init__(self, group: zarr.Group, meta: StoreMeta, name: str):
+        self.name, self.group, self.meta = name, group, meta
+        self.attrs = dict(group.attrs)
+        self.n_contexts = int(self.attrs["n_contexts"])
+        self.ctx_len, self.d_model = meta.ctx_len, meta.d_model
+        self.chunk_contexts = min(meta.chunk_contexts, self.n_contexts)
+        self.n_chunks = -(-self.n_contexts // self.chunk_contexts)
+
+    def chunk_bounds(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.n_chunks:
+            raise IndexError(f"chunk {i} out of range (0..{self.n_chunks - 1})")
+        start = i * self.chunk_contexts
+        return start, min(start + self.chunk_contexts, self.n_contexts)
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return np.asarray(self.group["tokens"][start:stop])
+
+    def mask(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """True for tokens used in training and metrics: not BOS (position 0), not padding."""
+        tok = self.tokens(start, stop)
+        m = tok >= 0
+        m[:, 0] = False
+        if self.meta.pad_token_id is not None and self.meta.pad_token_id != self.meta.bos_token_id:
+            m &= tok != self.meta.pad_token_id
+        return m
+
+    def completed_chunks(self) -> np.ndarray:
+        """Bool [n_chunks]: which chunks were fully written."""
+        first_rows = np.asarray(self.group["tokens"][:: self.chunk_contexts, 0])
+        return first_rows >= 0
+
+    def read_chunk(self, layer: int, i: int) -> np.ndarray:
+        """Whole chunk `i` of `layer` as float32 [n, ctx_len, d_model]."""
+        name = layer_name(layer)
+        if name not in self.group:
+            raise StoreError(f"layer {layer} is not in the store (layers: {', '.join(map(str, self.meta.layers))})")
+        start, stop = self.chunk_bounds(i)
+        return from_storage(np.asarray(self.group[name][start:stop]), self.meta.dtype)
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise StoreError(f"'{path}' is not an activation store (no zarr.json); create one with `ff cache`")
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r")
+        except Exception as e:
+            raise StoreError(f"cannot open store '{path}': {e}") from e
+        self.meta = StoreMeta.from_attrs(dict(self.root.attrs))
+        if self.meta.format_version > FORMAT_VERSION:
+            raise StoreError(f"store format {self.meta.format_version} is newer than this ff ({FORMAT_VERSION})")
+        self.corpora = tuple(c for c in CORPORA if c in self.root)
+
+    def corpus(self, name: str) -> CorpusReader:
+        if name not in self.corpora:
+            raise StoreError(f"store '{self.path}' has no corpus '{name}' (has: {', '.join(self.corpora)})")
+        return CorpusReader(self.root[name], self.meta, name)
+
+    def require_complete(self) -> None:
+        if not self.meta.complete:
+            raise StoreError(f"store '{self.path}' is incomplete; rerun the same `ff cache` command to finish it")
+
+    def require_layer(self, layer: int) -> None:
+        if layer not in self.meta.layers:
+            raise StoreError(f"layer {layer} is not in store '{self.path}' (layers: {', '.join(map(str, self.meta.layers))})")
+
+
+def open_store(path: str | Path) -> Store:
+    return Store(path)
+
+
+def disk_usage(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

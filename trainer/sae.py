@@ -1,0 +1,112 @@
+"""The sparse autoencoder (METHOD §1, paper eq. 1 and 4). Imports only torch (STYLE 1).
+
+    f(x)  = ReLU(W_enc (x - b_dec) + b_enc)
+    x_hat = W_dec f + b_dec                    decoder directions kept at unit norm
+
+Weights follow the SAELens convention: W_enc [d_model, d_sae], W_dec [d_sae, d_model], so a
+decoder direction is a row `W_dec_FD[i]`. The SAE works on normalised activations `x * scale`
+(METHOD §0); `scale` lives in the run's config.json and `SAE.from_run` returns it.
+
+Shape suffixes: B tokens, D d_model, F d_sae.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class ForwardOutput(NamedTuple):
+    f: Tensor
+    """Feature activations [B, F], non-negative."""
+    x_hat: Tensor
+    """Reconstruction [B, D]."""
+
+
+class LoadedSAE(NamedTuple):
+    sae: "SAE"
+    """The module, on CPU, in eval mode."""
+    scale: float
+    """Multiply raw activations by this before `encode`; divide `decode` output by it."""
+    config: dict[str, Any]
+    """The run's config.json: TrainConfig fields plus store metadata (model, layer, ...)."""
+
+
+class SAE(nn.Module):
+    def __init__(self, d_model: int, d_sae: int, *, generator: torch.Generator | None = None):
+        super().__init__()
+        self.d_model, self.d_sae = d_model, d_sae
+        # Tied initialisation (dictionary_learning, Anthropic 2024): random unit decoder rows,
+        # encoder = decoder transpose; biases start at zero.
+        W_dec_FD = torch.randn(d_sae, d_model, generator=generator)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # [D, F]
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))  # [F]
+        self.W_dec = nn.Parameter(W_dec_FD)  # [F, D]
+        self.b_dec = nn.Parameter(torch.zeros(d_model))  # [D]
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        """Encoder pre-activations [B, F]; b_dec is subtracted first (METHOD §1)."""
+        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        return torch.relu(self.pre_acts(x_BD))
+
+    def decode(self, f_BF: Tensor) -> Tensor:
+        return f_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: Tensor) -> ForwardOutput:
+        f_BF = self.encode(x_BD)
+        return ForwardOutput(f_BF, self.decode(f_BF))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Renormalise decoder rows after each optimiser step (METHOD §1)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out the gradient component along each unit decoder row before the step,
+        so the step moves directions rather than norms (METHOD §1; SAELens / sparsify)."""
+        if self.W_dec.grad is None:
+            return
+        W_FD, G_FD = self.W_dec, self.W_dec.grad
+        parallel_F = (W_FD * G_FD).sum(dim=1, keepdim=True)
+        G_FD.sub_(parallel_F * W_FD)
+
+    def save(self, path: str | Path) -> None:
+        """Write sae.safetensors (W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D])."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = Path(str(path) + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)  # atomic: a reader never sees half a file
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SAE":
+        """Read an sae.safetensors file; shapes come from the tensors themselves."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        d_model, d_sae = tensors["W_enc"].shape
+        sae = cls(d_model, d_sae)
+        sae.load_state_dict(tensors)
+        return sae.eval()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> LoadedSAE:
+        """Load RUN/sae.safetensors and RUN/config.json -> (sae, scale, config)."""
+        run_dir = Path(run_dir)
+        config = json.loads((run_dir / "config.json").read_text())
+        sae = cls.load(run_dir / "sae.safetensors")
+        if sae.d_model != config.get("d_model", sae.d_model):
+            raise ValueError(
+                f"{run_dir}: sae.safetensors has d_model {sae.d_model} "
+                f"but config.json says {config['d_model']}"
+            )
+        return LoadedSAE(sae, float(config["scale"]), config)
