@@ -76,6 +76,7 @@ class CacheResult:
     tokens_done: int
     seconds: float
     layers: tuple[int, ...] = field(default_factory=tuple)
+    forward_seconds: float = 0.0  # the forward + write loop alone, without model loading
 
 
 def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -101,8 +102,11 @@ def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> str:
 
 
 def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-                batch_contexts: int | None = None) -> CacheResult:
-    """Fill (or finish) the store at `out`; a complete store with the same spec is a no-op."""
+                batch_contexts: int | None = None, lm=None) -> CacheResult:
+    """Fill (or finish) the store at `out`; a complete store with the same spec is a no-op.
+
+    `lm` is an already loaded `cache.models.LoadedModel` for `cfg.model`, to skip loading it again.
+    """
     out = Path(out)
     t0 = time.perf_counter()
     spec = cfg.spec()
@@ -114,7 +118,7 @@ def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, p
 
     specs = {"retain": resolve_corpus(cfg.retain, "retain", text_field=cfg.text_field),
              "unlearn": resolve_corpus(cfg.unlearn, "unlearn", text_field=cfg.text_field)}
-    lm = load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     n_layers = lm.info.n_layers
     layers = tuple(sorted(set(cfg.layers))) if cfg.layers else default_layers(n_layers)
     bad = [l for l in layers if not 0 <= l < n_layers]
@@ -143,9 +147,11 @@ def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, p
         }
         create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
                                       "fingerprint": packed[n].fingerprint} for n in CORPORA})
+    t1 = time.perf_counter()
     done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
     zarr.open_group(str(out), mode="r+").attrs["complete"] = True  # last, after every chunk is on disk
-    return CacheResult(str(out), False, done, time.perf_counter() - t0, layers)
+    t2 = time.perf_counter()
+    return CacheResult(str(out), False, done, t2 - t0, layers, forward_seconds=t2 - t1)
 
 
 def _run_forward(lm, out: Path, packed, layers, dtype: str, progress: bool, batch_contexts: int | None) -> int:
