@@ -136,5 +136,83 @@ def inspect_cmd(store, as_json):
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
+_TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's value
+    "steps": "steps", "expansion": "expansion", "l1": "l1", "lr": "lr", "warmup": "warmup",
+    "batch_contexts": "batch_contexts", "n_clusters": "n_clusters", "beta": "beta", "alpha": "alpha",
+    "recluster_every": "recluster_every", "seed": "seed", "train_device": "device",
+}
+
+
+@main.command("train")
+@click.option("--store", required=True, type=click.Path(), help="Activation store made by `ff cache`.")
+@click.option("--unlearn-store", default=None, type=click.Path(),
+              help="Take the unlearn corpus from this store instead (same model and d_model).")
+@click.option("--layer", "layer", type=int, default=None, help="Train one layer of the store.")
+@click.option("--layers", "layers", default=None, callback=_layers_cb, metavar="L1,L2,...",
+              help="Train each of these layers, into OUT/layer_<L>. Default: every layer of the store.")
+@click.option("--out", required=True, type=click.Path(), metavar="RUN",
+              help="Run folder (one layer) or parent folder of layer_<L> run folders (several layers).")
+@click.option("--method", default="featureforget", type=click.Choice(["featureforget", "baseline"]),
+              help="featureforget: dual-objective SAE (two phases); baseline: ReLU + L1 SAE on both corpora mixed.")
+@click.option("--preset", default="paper", type=click.Choice(["paper", "demo"]),
+              help="paper: expansion 32, 32 clusters, L1 0.04, beta 0.9, lr 3e-4, warm-up 1000, batch 32x128; "
+                   "demo: sized for a few minutes on 2 CPU cores with the embedded model.")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Optimiser steps (both phases). [preset]")
+@click.option("--expansion", type=click.IntRange(1), default=None, help="d_sae = expansion x d_model. [preset]")
+@click.option("--l1", type=float, default=None, help="L1 coefficient lambda. [preset]")
+@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate (cosine schedule). [preset]")
+@click.option("--warmup", type=click.IntRange(0), default=None, help="Linear warm-up steps. [preset]")
+@click.option("--batch-contexts", type=click.IntRange(2), default=None, help="Contexts per step. [preset]")
+@click.option("--n-clusters", type=click.IntRange(1), default=None, help="k-means clusters. [preset]")
+@click.option("--beta", type=float, default=None, help="Threshold mix tau_c = beta*mean + (1-beta)*std. [preset]")
+@click.option("--alpha", type=float, default=None, help="Weight of the gated per-cluster objectives. [preset]")
+@click.option("--recluster-every", type=click.IntRange(1), default=None, help="Phase-2 steps between re-clusterings. [preset]")
+@click.option("--seed", type=int, default=None, help="Seed for init, data order and k-means. [preset]")
+@click.option("--device", "train_device", default=None, help="torch device for the SAE (cpu, cuda). [preset]")
+@click.option("--no-importance", is_flag=True,
+              help="Ablation: firing frequencies replace gradient importance in clustering and thresholds.")
+@click.option("--no-adaptive-threshold", is_flag=True,
+              help="Ablation: one global threshold replaces the per-cluster tau_c.")
+@click.option("--no-clustering", is_flag=True, help="Ablation: one cluster instead of k-means clusters.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(store, unlearn_store, layer, layers, out, method, preset, no_importance, no_adaptive_threshold,
+              no_clustering, resume, overwrite, quiet, **overrides):
+    """Train the FeatureForget SAE (or the baseline SAE) from a store, without loading the LLM.
+    Writes config.json, sae.safetensors, features.safetensors, clusters.json, metrics.jsonl,
+    eval.json (held-out FVU, L0, dead fraction) and checkpoints/ to the run folder."""
+    from pathlib import Path
+
+    from cache.store import open_store
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    changes = {_TRAIN_OVERRIDES[k]: v for k, v in overrides.items() if v is not None}
+    cfg = TrainConfig.preset(preset).replace(method=method, no_importance=no_importance,
+                                             no_adaptive_threshold=no_adaptive_threshold,
+                                             no_clustering=no_clustering, **changes)
+    if layer is not None and layers is not None:
+        raise click.UsageError("use --layer or --layers, not both")
+    todo = [layer] if layer is not None else list(layers or open_store(store).meta.layers)
+    for l in todo:
+        run_dir = out if len(todo) == 1 else str(Path(out) / f"layer_{l}")
+        summary = train(None if resume else cfg, store, l, run_dir, unlearn_store=unlearn_store,
+                        resume=resume, overwrite=overwrite, progress=not quiet)
+        click.echo(format_train_summary(l, summary))
+
+
+def format_train_summary(layer: int, s) -> str:
+    ev = s.eval
+    parts = [f"{s.out}: {s.method} layer {layer}, {s.steps} steps, d_sae {s.d_sae}, {s.seconds:.0f} s"]
+    for corpus in ("retain", "unlearn"):
+        m = ev.get(corpus, {})
+        if m:
+            parts.append(f"  held-out {corpus:<7} FVU {m.get('fvu', float('nan')):.3f}  L0 {m.get('l0', float('nan')):.1f}  "
+                         f"dead {m.get('dead_frac', float('nan')):.3f}")
+    parts.append(f"  feature set: {s.n_candidates} features")
+    return "\n".join(parts)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
