@@ -1,0 +1,151 @@
+"""`ff run`: cache, train (both methods, each layer), evaluate and report in one go.
+
+Every stage leaves its artifact in the output folder and is skipped when that artifact is
+already complete, so an interrupted `ff run` picks up where it stopped:
+
+```
+OUT/store.zarr                         the activation store (ff cache)
+OUT/runs/layer_<L>/<variant>/          run folders (ff train); eval.json marks a finished run
+OUT/runs/layer_<L>/<variant>/unlearning.json   the evaluation (ff eval --json)
+OUT/report/                            report.md, report.json, fig_*.png
+```
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from cache.build import CacheConfig, build_cache
+from cache.store import open_store
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str
+    flags: dict[str, bool] = field(default_factory=dict)
+
+
+BASE_VARIANTS = (Variant("featureforget", "featureforget"), Variant("baseline", "baseline"))
+ABLATIONS = (  # paper section 6.2
+    Variant("ff-no-importance", "featureforget", {"no_importance": True}),
+    Variant("ff-no-adaptive-threshold", "featureforget", {"no_adaptive_threshold": True}),
+    Variant("ff-no-clustering", "featureforget", {"no_clustering": True}),
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything `ff run --preset NAME` sets."""
+
+    cache: CacheConfig
+    train_preset: str
+    eval: dict[str, Any]
+    """EvalConfig overrides (files and sizes)."""
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    # The embedded Gemma 3 270M and the bundled corpora: about 15 minutes on 2 CPU cores.
+    "demo": Preset(
+        cache=CacheConfig(model="gemma-3-270m", retain="demo", unlearn="demo", contexts=512, ctx_len=128),
+        train_preset="demo",
+        eval={},
+        note="embedded Gemma 3 270M, bundled demo corpora and held-out evaluation files",
+    ),
+    # The paper's setting: needs a GPU and Hugging Face access (gemma-2-2b and the WMDP bio
+    # forget corpus are gated: accept their terms and `huggingface-cli login` first).
+    "paper": Preset(
+        cache=CacheConfig(model="google/gemma-2-2b", layers=(5, 12, 19), retain="monology/pile-uncopyrighted",
+                          unlearn="cais/wmdp-bio-forget-corpus", contexts=2048, ctx_len=128),
+        train_preset="paper",
+        eval={"forget_mcq": "cais/wmdp:wmdp-bio@test", "retain_mcq": "cais/mmlu:all@test"},
+        note="Gemma-2-2B, layers 5/12/19, Pile-uncopyrighted vs WMDP-bio; GPU and HF access required",
+    ),
+}
+
+
+def _train_one(store: Path, layer: int, run_dir: Path, variant: Variant, train_preset: str,
+               compare_n: int, progress: bool):
+    from trainer.config import TrainConfig
+    from trainer.train import train
+
+    if (run_dir / "eval.json").is_file():
+        return None  # finished earlier
+    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    cfg = TrainConfig.preset(train_preset).replace(method=variant.method, compare_n=compare_n, **variant.flags)
+    return train(None if resume else cfg, str(store), layer, str(run_dir), resume=resume,
+                 overwrite=not resume, progress=progress)
+
+
+def _n_candidates(run_dir: Path) -> int:
+    from safetensors.numpy import load_file
+
+    return int(load_file(str(run_dir / "features.safetensors"))["candidate"].sum())
+
+
+def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, progress: bool = True,
+            cache_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
+            log: Callable[[str], None] = print) -> Path:
+    """Run every stage of `preset_name` into `out`; return the report folder."""
+    from cache.models import load_model
+    from pipelines.evaluate import EvalConfig, evaluate_run
+    from pipelines.report import write_report
+
+    preset = PRESETS[preset_name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_cfg = replace(preset.cache, **(cache_overrides or {}))
+    t0 = time.perf_counter()
+    lm = None
+
+    def model():
+        nonlocal lm
+        if lm is None:
+            log(f"loading {cache_cfg.model} ...")
+            lm = load_model(cache_cfg.model, device=cache_cfg.device, dtype=cache_cfg.model_dtype)
+        return lm
+
+    store_path = out / "store.zarr"
+    log(f"[1/4] cache -> {store_path}")
+    complete = (store_path / "zarr.json").is_file() and open_store(store_path).meta.complete
+    build_cache(cache_cfg, store_path, progress=progress, lm=None if complete else model())
+    layers = open_store(store_path).meta.layers
+
+    variants = BASE_VARIANTS + (ABLATIONS if ablations else ())
+    runs: dict[str, dict[int, Path]] = {v.name: {} for v in variants}
+    log(f"[2/4] train {len(variants)} variants x {len(layers)} layers")
+    for layer in layers:
+        ff_dir = out / "runs" / f"layer_{layer}" / "featureforget"
+        for v in variants:
+            run_dir = out / "runs" / f"layer_{layer}" / v.name
+            # the baseline's feature set is sized like the FeatureForget candidate set
+            compare_n = _n_candidates(ff_dir) if v.method == "baseline" else 0
+            log(f"  layer {layer} {v.name}")
+            _train_one(store_path, layer, run_dir, v, preset.train_preset, compare_n, progress)
+            runs[v.name][layer] = run_dir
+
+    ecfg = EvalConfig(**{**preset.eval, **(eval_overrides or {})})
+    results: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
+    log("[3/4] evaluate")
+    for name, by_layer in runs.items():
+        for layer, run_dir in by_layer.items():
+            res_file = run_dir / "unlearning.json"
+            if not res_file.is_file():
+                log(f"  layer {layer} {name}")
+                res = evaluate_run(run_dir, model(), ecfg, progress=progress)
+                tmp = res_file.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(res, indent=2))
+                tmp.replace(res_file)
+            results[name][layer] = json.loads(res_file.read_text())
+
+    log("[4/4] report")
+    header = {"preset": preset_name, "model": cache_cfg.model, "store": str(store_path), "layers": list(layers),
+              "variants": [v.name for v in variants], "note": preset.note,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    report_dir = out / "report"
+    write_report(report_dir, results, runs, header)
+    return report_dir
