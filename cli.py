@@ -214,5 +214,29 @@ def format_train_summary(layer: int, s) -> str:
     return "\n".join(parts)
 
 
+@main.command("run")
+@click.option("--preset", default="demo", type=click.Choice(["demo", "paper"]),
+              help="demo: embedded Gemma 3 270M, bundled corpora, ~15 min on 2 CPU cores. "
+                   "paper: Gemma-2-2B, layers 5/12/19, Pile-uncopyrighted vs WMDP-bio (needs a GPU and "
+                   "Hugging Face access to the gated model and corpus).")
+@click.option("--out", default=None, type=click.Path(), help="Output folder. Default: ff-<preset>")
+@click.option("--model", default=None, help="Override the preset's model.")
+@click.option("--layers", default=None, callback=_layers_cb, metavar="L1,L2,...", help="Override the preset's layers.")
+@click.option("--contexts", default=None, type=click.IntRange(1), help="Override the preset's context count.")
+@click.option("--ablations", is_flag=True,
+              help="Also train and evaluate the paper's three ablations (no importance, no adaptive "
+                   "threshold, no clustering) and add them to the report.")
+@click.option("--quiet", is_flag=True, help="Stage lines only, no progress bars.")
+def run_cmd(preset, out, model, layers, contexts, ablations, quiet):
+    """Cache, train (FeatureForget and baseline, each layer), evaluate and write a report
+    (report.md, report.json, figures). Finished stages are reused, so rerunning resumes."""
+    from pipelines.workflow import run_all
+
+    overrides = {k: v for k, v in {"model": model, "layers": layers, "contexts": contexts}.items() if v is not None}
+    report = run_all(preset, out or f"ff-{preset}", ablations=ablations, progress=not quiet,
+                     cache_overrides=overrides, log=lambda m: click.echo(m, err=True))
+    click.echo(f"report: {report / 'report.md'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
