@@ -238,5 +238,111 @@ def run_cmd(preset, out, model, layers, contexts, ablations, quiet):
     click.echo(f"report: {report / 'report.md'}")
 
 
+def _load_for_run(run: str, model: str | None, device: str):
+    """The model named in RUN/config.json (or --model), loaded once."""
+    from pathlib import Path
+
+    from cache.errors import FFError
+    from cache.models import load_model
+
+    cfg_file = Path(run) / "config.json"
+    if not cfg_file.is_file():
+        raise FFError(f"'{run}' is not a run folder (no config.json); create one with `ff train`")
+    return load_model(model or json.loads(cfg_file.read_text())["model"], device=device)
+
+
+@main.command("eval")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`.")
+@click.option("--model", default=None, help="Model to splice into. Default: the one named in the run.")
+@click.option("--preset", default="full", type=click.Choice(["full", "demo"]),
+              help="full: 100 questions per file and the whole sweep; demo: a small sweep for CPUs.")
+@click.option("--forget-mcq", default=None, help="Unlearn-domain questions: 'demo', a JSONL file "
+              "({question, choices, answer} per line) or a dataset like cais/wmdp:wmdp-bio@test.")
+@click.option("--retain-mcq", default=None, help="Retain-domain questions: 'demo', JSONL, or e.g. cais/mmlu:all@test.")
+@click.option("--forget-text", default=None, help="Held-out unlearn-domain text (corpus spec; 'demo').")
+@click.option("--retain-text", default=None, help="Held-out retain-domain text (corpus spec; 'demo').")
+@click.option("--max-questions", default=None, type=click.IntRange(1), help="Questions per MCQ file. [preset]")
+@click.option("--max-text-tokens", default=None, type=click.IntRange(2), help="Held-out text tokens per file. [preset]")
+@click.option("--multipliers", default=None, metavar="M1,M2,...", help="Clamp multipliers to sweep. [preset]")
+@click.option("--top-n", default=None, metavar="N1,N2,...|all", help="Feature counts to sweep ('all' = every candidate). [preset]")
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, max_questions,
+             max_text_tokens, multipliers, top_n, device, as_json, quiet):
+    """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
+    zero ablation, loss recovered), CE loss change on held-out forget/retain text, MCQ accuracy
+    before/after, a sweep of clamp multipliers and feature counts, and the unlearning score
+    1 - acc_after/acc_before among settings keeping retain accuracy >= 0.99 of clean."""
+    from pipelines.config import EvalConfig
+    from pipelines.evaluate import evaluate_run
+
+    cfg = EvalConfig.preset(preset)
+    files = {"forget_mcq": forget_mcq, "retain_mcq": retain_mcq, "forget_text": forget_text,
+             "retain_text": retain_text, "max_questions": max_questions, "max_text_tokens": max_text_tokens}
+    cfg = cfg.replace(**{k: v for k, v in files.items() if v is not None})
+    grid = {}
+    if multipliers:
+        grid["multipliers"] = tuple(float(m) for m in multipliers.split(","))
+    if top_n:
+        grid["top_n"] = tuple(None if n == "all" else int(n) for n in top_n.split(","))
+    if grid:
+        from dataclasses import replace
+
+        cfg = cfg.replace(grid=replace(cfg.grid, **grid))
+    lm = _load_for_run(run_dir, model, device)
+    res = evaluate_run(run_dir, lm, cfg, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    b = res["best"]
+    click.echo(f"{res['method']} layer {res['layer']}: SAE fvu {res['sae']['fvu']:.3f}, L0 {res['sae']['l0']:.1f}, "
+               f"loss recovered {res['sae']['loss_recovered']}")
+    if b is None:
+        click.echo(f"no setting kept retain accuracy >= {cfg.retain_ratio} of clean: {res.get('best_reason')}")
+    else:
+        click.echo(f"best {b['setting']}: unlearning score {b['unlearning_score']:.3f}; forget MCQ "
+                   f"{b['forget_mcq']['before']:.3f} -> {b['forget_mcq']['after']:.3f}; retain MCQ "
+                   f"{b['retain_mcq']['before']:.3f} -> {b['retain_mcq']['after']:.3f}")
+
+
+@main.command("generate")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`.")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=40, type=click.IntRange(1), help="Tokens to generate (greedy).")
+@click.option("--mode", default=None, type=click.Choice(["clamp", "ablate"]), help="Intervention. Default: clamp.")
+@click.option("--multiplier", default=None, type=float, help="Clamp value m (features -> -m). Default: 50.")
+@click.option("--top-n", default=None, type=click.IntRange(1), help="Use only the top n features.")
+@click.option("--model", default=None, help="Model. Default: the one named in the run.")
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, model, device):
+    """Print the model's greedy continuation of PROMPT without and with the unlearning intervention."""
+    from pipelines.generate import default_setting, generate_pair
+
+    from pathlib import Path
+
+    lm = _load_for_run(run_dir, model, device)
+    run_cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    setting = default_setting(run_cfg.get("method", "featureforget"))
+    changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n}.items() if v is not None}
+    pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting.replace(**changes))
+    click.echo(f"clean:     {prompt}{pair.clean}")
+    click.echo(f"unlearned: {prompt}{pair.unlearned}")
+
+
+@main.command("export")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`.")
+@click.option("--format", "fmt", default="saelens", type=click.Choice(["saelens"]), help="Output format.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.argument("out", type=click.Path())
+def export_cmd(run_dir, fmt, overwrite, out):
+    """Write the run's SAE to OUT in SAELens's on-disk format (cfg.json + sae_weights.safetensors),
+    with the normalisation scale folded in so it takes raw activations."""
+    from pipelines.export import export_saelens
+
+    res = export_saelens(run_dir, out, overwrite=overwrite)
+    click.echo(f"wrote {res.out_dir} ({fmt})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -126,8 +126,12 @@ def fig_tradeoff(results: dict[str, dict[int, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def _fmt_pair(d: dict[str, float] | None, digits: int = 3) -> str:
-    return f"{d['before']:.{digits}f} -> {d['after']:.{digits}f}" if d else "n/a"
+def _num(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _fmt_pair(d: dict[str, float | None] | None, digits: int = 3) -> str:
+    return f"{_num(d.get('before'), digits)} -> {_num(d.get('after'), digits)}" if d else "n/a"
 
 
 def markdown_table(results: dict[str, dict[int, dict]]) -> str:
@@ -144,8 +148,8 @@ def markdown_table(results: dict[str, dict[int, dict]]) -> str:
             rows.append(
                 f"| {l} | {m} | {setting} | {_score(res):.3f} | {_fmt_pair((b or {}).get('forget_mcq'))} | "
                 f"{_fmt_pair((b or {}).get('retain_mcq'))} | {_fmt_pair((b or {}).get('forget_loss'))} | "
-                f"{_fmt_pair((b or {}).get('retain_loss'))} | {sae.get('fvu', float('nan')):.3f} | "
-                f"{sae.get('l0', float('nan')):.1f} | {sae.get('loss_recovered', float('nan')):.3f} |")
+                f"{_fmt_pair((b or {}).get('retain_loss'))} | {_num(sae.get('fvu'))} | "
+                f"{_num(sae.get('l0'), 1)} | {_num(sae.get('loss_recovered'))} |")
     return head + "\n" + "\n".join(rows)
 
 

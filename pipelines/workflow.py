@@ -43,8 +43,10 @@ class Preset:
 
     cache: CacheConfig
     train_preset: str
-    eval: dict[str, Any]
-    """EvalConfig overrides (files and sizes)."""
+    eval_preset: str
+    """EvalConfig preset ("demo": small sweep and question counts for CPU; "full")."""
+    eval: dict[str, Any] = field(default_factory=dict)
+    """EvalConfig overrides on top of the preset (files and sizes)."""
     note: str = ""
 
 
@@ -53,7 +55,7 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         cache=CacheConfig(model="gemma-3-270m", retain="demo", unlearn="demo", contexts=512, ctx_len=128),
         train_preset="demo",
-        eval={},
+        eval_preset="demo",
         note="embedded Gemma 3 270M, bundled demo corpora and held-out evaluation files",
     ),
     # The paper's setting: needs a GPU and Hugging Face access (gemma-2-2b and the WMDP bio
@@ -62,6 +64,7 @@ PRESETS: dict[str, Preset] = {
         cache=CacheConfig(model="google/gemma-2-2b", layers=(5, 12, 19), retain="monology/pile-uncopyrighted",
                           unlearn="cais/wmdp-bio-forget-corpus", contexts=2048, ctx_len=128),
         train_preset="paper",
+        eval_preset="full",
         eval={"forget_mcq": "cais/wmdp:wmdp-bio@test", "retain_mcq": "cais/mmlu:all@test"},
         note="Gemma-2-2B, layers 5/12/19, Pile-uncopyrighted vs WMDP-bio; GPU and HF access required",
     ),
@@ -128,7 +131,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, progr
             _train_one(store_path, layer, run_dir, v, preset.train_preset, compare_n, progress)
             runs[v.name][layer] = run_dir
 
-    ecfg = EvalConfig(**{**preset.eval, **(eval_overrides or {})})
+    ecfg = EvalConfig.preset(preset.eval_preset).replace(**{**preset.eval, **(eval_overrides or {})})
     results: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
     log("[3/4] evaluate")
     for name, by_layer in runs.items():

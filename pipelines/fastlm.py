@@ -1,0 +1,250 @@
+"""Fast scoring with an HF causal LM on CPU: log-probabilities of chosen next tokens only.
+
+Three savings, each checked against the plain HF forward by `verify_fast_path` (and tests):
+
+1. The LM head (640 x 262k on Gemma 3 270M, more FLOPs than all 18 blocks together) runs only
+   at the positions we score, not at every position.
+2. Resume at the intervention layer: the clean residual stream at the output of block `layer`
+   is the same for every setting, so it is computed once per dataset; each setting edits it and
+   reruns only the blocks after `layer`. Blocks 0..layer are temporarily replaced by stand-ins
+   (`_Skip`, `_Inject`) inside the model's own forward, so HF still builds position embeddings
+   and masks exactly as usual.
+3. Tree packing for multiple-choice questions: one row holds the prompt once and every choice
+   after it; each choice attends to the prompt and to itself only, with the positions it would
+   have alone (`seg` ids below), so the prompt is not recomputed per choice.
+
+Shape suffixes: B rows, T tokens, D d_model, N scored targets, V vocabulary.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cache.models import decoder_layers
+from pipelines.errors import EvalError
+
+
+class Batch(NamedTuple):
+    input_ids_BT: Tensor
+    position_ids_BT: Tensor
+    seg_BT: Tensor
+    """-1 padding, 0 shared prefix (prompt, or a whole text context), k > 0 branch k (choice k-1);
+    a token attends to earlier tokens of its own segment and of segment 0."""
+    editable_BT: Tensor
+    """Positions the intervention may edit: real tokens except BOS."""
+    row_N: Tensor
+    col_N: Tensor
+    """The output at (row, col) predicts target_N."""
+    target_N: Tensor
+
+    def select(self, rows_R: Tensor, first_col_B: Tensor | None = None) -> tuple["Batch", Tensor]:
+        """Rows `rows_R` only, trimmed to their length, scoring only targets at columns
+        >= first_col_B[row] (outputs before a row's first edit are unchanged: causality)
+        -> (batch, keep_N mask over this batch's targets)."""
+        keep_N = torch.isin(self.row_N, rows_R)
+        if first_col_B is not None:
+            keep_N &= self.col_N >= first_col_B[self.row_N]
+        new_row = torch.full((len(self.input_ids_BT),), -1, dtype=torch.long)
+        new_row[rows_R] = torch.arange(len(rows_R))
+        seg = self.seg_BT[rows_R]
+        T = int((seg >= 0).long().cumsum(1).argmax(1).max()) + 1 if len(rows_R) else 0
+        b = Batch(self.input_ids_BT[rows_R, :T], self.position_ids_BT[rows_R, :T], seg[:, :T],
+                  self.editable_BT[rows_R, :T], new_row[self.row_N[keep_N]], self.col_N[keep_N],
+                  self.target_N[keep_N])
+        return b, keep_N
+
+
+def text_config(model: Any) -> Any:
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def attention_masks(model: Any, b: Batch) -> Tensor | dict[str, Tensor]:
+    """Prepared 4D masks [B, 1, T, T] in the format of the model's attention implementation;
+    a dict per layer type for models that have one (Gemma 2/3: full and sliding)."""
+    cfg = text_config(model)
+    T = b.seg_BT.shape[1]
+    idx = torch.arange(T)
+    seg_q, seg_k = b.seg_BT[:, :, None], b.seg_BT[:, None, :]
+    ok_BTT = (idx[None, :] <= idx[:, None]) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+    ok_BTT |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+    window = getattr(cfg, "sliding_window", None)
+    dist_BTT = b.position_ids_BT[:, :, None] - b.position_ids_BT[:, None, :]
+    sliding_BTT = ok_BTT & (dist_BTT < window) if window else ok_BTT
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    dtype = next(model.parameters()).dtype
+
+    def fmt(m_BTT: Tensor) -> Tensor:
+        if impl == "sdpa":
+            return m_BTT[:, None]
+        if impl == "eager":
+            return torch.zeros(m_BTT.shape, dtype=dtype).masked_fill(~m_BTT, torch.finfo(dtype).min)[:, None]
+        raise EvalError(f"evaluation needs attn_implementation 'sdpa' or 'eager', the model uses '{impl}'")
+
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return fmt(sliding_BTT if window else ok_BTT)
+    by_type = {"full_attention": ok_BTT, "sliding_attention": sliding_BTT}
+    unknown = set(types) - set(by_type)
+    if unknown:
+        raise EvalError(f"evaluation does not support attention layer types {sorted(unknown)}")
+    return {t: fmt(by_type[t]) for t in set(types)}
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Skip(nn.Module):
+    """Stand-in for a block before the resume layer: passes its input through, computes nothing."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+class _Inject(_Skip):
+    """Stand-in for the resume block itself: returns the (edited) residual stream given to it."""
+
+    def __init__(self, h_BTD: Tensor, as_tuple: bool):
+        super().__init__(as_tuple)
+        self.h_BTD = h_BTD
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (self.h_BTD,) if self.as_tuple else self.h_BTD
+
+
+_RETURNS_TUPLE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+"""model -> whether its decoder blocks return tuples (older transformers) or tensors."""
+
+
+@contextmanager
+def _resumed(model: Any, layer: int, h_BTD: Tensor) -> Iterator[None]:
+    blocks = decoder_layers(model)
+    saved = [blocks[i] for i in range(layer + 1)]
+    as_tuple = _RETURNS_TUPLE.get(model, False)
+    try:
+        for i in range(layer):
+            blocks[i] = _Skip(as_tuple)
+        blocks[layer] = _Inject(h_BTD, as_tuple)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
+
+
+@torch.inference_mode()
+def final_hidden(model: Any, b: Batch, *, capture: Sequence[int] = (), stop: bool = False,
+                 resume: tuple[int, Tensor] | None = None) -> tuple[Tensor | None, dict[int, Tensor]]:
+    """Run the decoder stack -> (final normed hidden [B, T, D], or None when `stop` ends the
+    forward at the deepest captured block; {layer: resid [B, T, D]} for the `capture` layers).
+    `resume=(layer, h)` starts from h at the output of block `layer`."""
+    got: dict[int, Tensor] = {}
+    blocks, handles = decoder_layers(model), []
+
+    def make_hook(layer: int):
+        def hook(_module, _inputs, output):
+            _RETURNS_TUPLE[model] = isinstance(output, (tuple, list))
+            got[layer] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+            if stop and layer == max(capture):
+                raise _Stop
+        return hook
+
+    base = getattr(model, "model", model)
+    dev = next(model.parameters()).device
+    masks = attention_masks(model, b)
+    masks = {k: v.to(dev) for k, v in masks.items()} if isinstance(masks, dict) else masks.to(dev)
+    kwargs = dict(input_ids=b.input_ids_BT.to(dev), attention_mask=masks,
+                  position_ids=b.position_ids_BT.to(dev), use_cache=False)
+    out = None
+    try:
+        handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in set(capture)]
+        if resume is not None:
+            with _resumed(model, resume[0], resume[1].to(dev)):
+                out = base(**kwargs).last_hidden_state
+        else:
+            out = base(**kwargs).last_hidden_state
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out, got
+
+
+@torch.inference_mode()
+def head_logprobs(model: Any, hidden_BTD: Tensor, b: Batch, *, chunk: int = 256) -> Tensor:
+    """log p(target_N | prefix) [N] float32, running the LM head only at the scored positions
+    (each distinct position once, in chunks of `chunk` rows of V logits)."""
+    head = model.get_output_embeddings()
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    dev, (T, D) = hidden_BTD.device, hidden_BTD.shape[1:]
+    pos_U, inv_N = torch.unique((b.row_N * T + b.col_N).to(dev), return_inverse=True)
+    h_UD = hidden_BTD.reshape(-1, D)[pos_U]
+    tgt_N = b.target_N.to(dev)
+    lse_U = torch.empty(len(pos_U), dtype=torch.float32, device=dev)
+    out_N = torch.empty(len(tgt_N), dtype=torch.float32, device=dev)
+    for s in range(0, len(pos_U), chunk):
+        logits_UV = head(h_UD[s:s + chunk]).float()
+        if cap is not None:  # Gemma 2 final logit soft-capping, as in the HF forward
+            logits_UV = torch.tanh(logits_UV / cap) * cap
+        lse_U[s:s + chunk] = torch.logsumexp(logits_UV, dim=-1)
+        sel_N = (inv_N >= s) & (inv_N < s + chunk)
+        out_N[sel_N] = logits_UV[inv_N[sel_N] - s, tgt_N[sel_N]]
+    return (out_N - lse_U[inv_N]).cpu()
+
+
+def score(model: Any, b: Batch, *, capture: Sequence[int] = (),
+          resume: tuple[int, Tensor] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+    """-> (log p of every target [N], {layer: resid [B, T, D]} for the `capture` layers)."""
+    hidden_BTD, resid = final_hidden(model, b, capture=capture, resume=resume)
+    return head_logprobs(model, hidden_BTD, b), resid
+
+
+def resid_at(model: Any, b: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
+    """The residual stream at the output of blocks `layers`, stopping the forward at the deepest."""
+    return final_hidden(model, b, capture=layers, stop=True)[1]
+
+
+_VERIFIED: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
+"""model -> layers at which the fast path was checked against the plain forward."""
+
+
+@torch.inference_mode()
+def verify_fast_path(model: Any, layer: int) -> None:
+    """Once per (model, layer): check tree packing, the partial LM head and resuming at `layer`
+    against the plain HF forward on a tiny batch; an EvalError if this model is not supported."""
+    if layer in _VERIFIED.get(model, ()):
+        return
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prompt, branches = torch.randint(4, vocab, (6,), generator=g), [torch.randint(4, vocab, (n,), generator=g)
+                                                                   for n in (2, 3)]
+    ids = torch.cat([prompt, *branches])[None]
+    pos = torch.cat([torch.arange(6)] + [6 + torch.arange(len(c)) for c in branches])[None]
+    seg = torch.cat([torch.zeros(6, dtype=torch.long)] + [torch.full((len(c),), k + 1) for k, c in
+                                                          enumerate(branches)])[None]
+    cols = torch.tensor([5, 6, 5, 8, 9])  # prompt end -> b1[0], b1[0] -> b1[1], prompt end -> b2[0], ...
+    tgts = torch.tensor([branches[0][0], branches[0][1], branches[1][0], branches[1][1], branches[1][2]])
+    b = Batch(ids, pos, seg, torch.ones_like(ids, dtype=torch.bool), torch.zeros(5, dtype=torch.long), cols, tgts)
+    lp_N, resid = score(model, b, capture=[layer])
+    resumed_N, _ = score(model, b, resume=(layer, resid[layer]))
+    dev = next(model.parameters()).device
+    ref = []
+    for c, n in ((branches[0], 2), (branches[1], 3)):
+        logp = model(torch.cat([prompt, c])[None].to(dev)).logits[0].float().log_softmax(-1).cpu()
+        ref += [logp[5 + t, c[t]] for t in range(n)]
+    ref_N = torch.stack(ref)
+    tol = 2e-3 if next(model.parameters()).dtype == torch.float32 else 0.15
+    for name, got in (("tree-packed partial-head scoring", lp_N), ("resuming at the layer", resumed_N)):
+        err = float((got - ref_N).abs().max())
+        if not err <= tol:
+            raise EvalError(f"fast evaluation path '{name}' does not match the plain forward of "
+                            f"{type(model).__name__} (max |diff| {err:.3g}); this model is not supported")
+    _VERIFIED.setdefault(model, set()).add(layer)

@@ -1,0 +1,228 @@
+"""METHOD §8 evaluation on the tiny model: fast path == plain HF forward, MCQ scoring, best
+setting under the retain constraint, user errors, and one end-to-end evaluate_run."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from cache.models import load_model
+from conftest import WORDS
+from pipelines.config import EvalConfig, Setting, SweepGrid
+from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_scores
+from pipelines.errors import EvalError
+from pipelines.evaluate import evaluate_run, pick_best, unlearning_score
+from pipelines.evalsets import eval_data
+from pipelines.fastlm import verify_fast_path
+from pipelines.intervene import Intervention, load_run
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(tiny_model, device="cpu")
+
+
+def write_mcq(path, n, seed, n_choices=4):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+            choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3))) for _ in range(n_choices)]
+            f.write(json.dumps({"question": q, "choices": choices, "answer": rng.randrange(n_choices)}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, tiny_corpora):
+    d = tmp_path_factory.mktemp("mcq")
+    retain, unlearn = tiny_corpora
+    return EvalConfig(forget_mcq=write_mcq(d / "f.jsonl", 12, 1), retain_mcq=write_mcq(d / "r.jsonl", 12, 2),
+                      forget_text=unlearn, retain_text=retain, max_text_tokens=300, ctx_len=32,
+                      max_batch_tokens=200, text_batch_contexts=4,
+                      grid=SweepGrid(multipliers=(5.0,), top_n=(3, None), freq_thresholds=(0.01,)))
+
+
+@torch.no_grad()
+def _plain_choice_scores(lm, questions, template, iv=None):
+    """Reference: one plain HF forward per (question, choice), hooks for the intervention."""
+    def go():
+        out = torch.full((len(questions), max(len(q.choices) for q in questions)), float("-inf"),
+                         dtype=torch.float64)
+        for qi, q in enumerate(questions):
+            prompt = lm.tokenizer(template.format(question=q.question))["input_ids"]
+            for ci, c in enumerate(q.choices):
+                cont = lm.tokenizer(" " + c, add_special_tokens=False)["input_ids"]
+                logp = lm.model(torch.tensor([prompt + cont])).logits[0].log_softmax(-1)
+                out[qi, ci] = sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(cont))
+        return out
+    if iv is None:
+        return go()
+    with iv.hooked(lm.model):
+        return go()
+
+
+def test_fast_path_matches_plain_forward_with_hooks(lm, cfg, tmp_path):
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash))
+    verify_fast_path(lm.model, LAYER)
+    data = eval_data(lm, cfg)
+    data.prepare(lm.model, LAYER)
+    qs = load_mcq(cfg.forget_mcq, "forget")
+    ref = _plain_choice_scores(lm, qs, cfg.mcq_template)
+    torch.testing.assert_close(mcq_scores(torch.cat(data.forget_mcq.clean), data.forget_mcq.layout), ref,
+                               atol=1e-4, rtol=1e-5)
+    for setting in (Setting(mode="clamp", multiplier=5.0), Setting(mode="ablate", top_n=3), Setting(mode="zero")):
+        iv = Intervention(run, setting)
+        lp, rerun = data.forget_mcq.logprobs(lm.model, iv)
+        assert rerun > 0
+        fast = mcq_scores(torch.cat(lp), data.forget_mcq.layout)
+        torch.testing.assert_close(fast, _plain_choice_scores(lm, qs, cfg.mcq_template, iv), atol=1e-4, rtol=1e-5)
+        assert not torch.allclose(fast, ref)
+        # text: every next-token log-prob of the packed contexts, plain forward with hooks
+        lp, _ = data.retain_text.logprobs(lm.model, iv)
+        ids = torch.cat([b.input_ids_BT for b in data.retain_text.batches])
+        with torch.no_grad(), iv.hooked(lm.model):
+            logp = lm.model(ids).logits.log_softmax(-1)
+        ref_text = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].flatten()
+        torch.testing.assert_close(torch.cat(lp), ref_text, atol=1e-4, rtol=1e-5)
+
+
+def test_mcq_scoring_picks_the_max_likelihood_choice():
+    # q0: choice 0 has two tokens (-1 + -1.5 = -2.5), choice 1 one token (-2.0) -> pick 1
+    # q1: three choices only; choice 2 (-0.1) wins; the missing 4th choice is never picked
+    layout = McqLayout(question_N=torch.tensor([0, 0, 0, 1, 1, 1]), choice_N=torch.tensor([0, 0, 1, 0, 1, 2]),
+                       answer_Q=torch.tensor([1, 0]), n_choices_Q=torch.tensor([2, 3]))
+    lp = torch.tensor([-1.0, -1.5, -2.0, -3.0, -0.5, -0.1])
+    scores = mcq_scores(lp, layout)
+    assert scores.argmax(1).tolist() == [1, 2]
+    assert mcq_accuracy(lp, layout) == 0.5
+
+
+def test_mcq_accuracy_end_to_end_follows_the_model(lm, tmp_path):
+    qs = load_mcq(write_mcq(tmp_path / "q.jsonl", 8, 5), "forget")
+    template = EvalConfig().mcq_template
+    best = _plain_choice_scores(lm, qs, template).argmax(1).tolist()
+    path = tmp_path / "right.jsonl"
+    path.write_text("".join(json.dumps({"question": q.question, "choices": q.choices, "answer": a}) + "\n"
+                            for q, a in zip(qs, best)))
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("".join(json.dumps({"question": q.question, "choices": q.choices, "answer": (a + 1) % 4})
+                             + "\n" for q, a in zip(qs, best)))
+    for f, acc in ((path, 1.0), (wrong, 0.0)):
+        data = eval_data(lm, EvalConfig(forget_mcq=str(f), retain_mcq=str(f), forget_text="demo", retain_text="demo",
+                                        max_text_tokens=64, ctx_len=32))
+        data.forget_mcq.prepare(lm.model, LAYER)
+        assert data.forget_mcq.clean_value() == acc
+
+
+def _entry(label, n, forget, retain):
+    return {"label": label, "n_features": n, "unlearning_score": unlearning_score(*forget),
+            "forget_mcq": {"before": forget[0], "after": forget[1]},
+            "retain_mcq": {"before": retain[0], "after": retain[1]}}
+
+
+def test_best_setting_respects_the_retain_constraint():
+    sweep = [_entry("a", 10, (0.6, 0.2), (0.5, 0.49)),    # best score but retain 0.98 x clean
+             _entry("b", 10, (0.6, 0.3), (0.5, 0.495)),   # exactly 0.99 x clean: qualifies
+             _entry("c", 20, (0.6, 0.45), (0.5, 0.52)),
+             _entry("d", 0, (0.6, 0.6), (0.5, 0.5))]      # no features: never "best"
+    best, reason = pick_best(sweep, 0.99)
+    assert best["label"] == "b" and reason is None
+    assert best["unlearning_score"] == pytest.approx(0.5)
+    best, reason = pick_best(sweep[:1] + sweep[3:], 0.99)
+    assert best is None and "0.99" in reason and "a" in reason
+    assert pick_best(sweep[3:], 0.99)[0] is None
+    assert unlearning_score(0.0, 0.0) is None
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "'answer' must be an integer index"),
+    ('{"question": "q", "choices": ["a"], "answer": 0}', "at least 2"),
+    ('{"question": "q", "choices": ["a", "b"]}', "expected an object with"),
+    ('{"question": "q", "choices": ["a", "b"], "answer": 0', "not valid JSON"),
+])
+def test_malformed_mcq_line_names_file_and_line(tmp_path, line, message):
+    good = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1})
+    f = tmp_path / "bad.jsonl"
+    f.write_text(f"{good}\n\n{line}\n{good}\n")
+    with pytest.raises(EvalError, match=rf"bad\.jsonl:3: .*{message}"):
+        load_mcq(str(f), "forget")
+    assert len(load_mcq(str(f), "forget", limit=1)) == 1  # --max-questions stops before the bad line
+    with pytest.raises(EvalError, match="does not exist"):
+        load_mcq(str(tmp_path / "missing.jsonl"), "forget")
+
+
+def test_model_mismatch_names_both_models(lm, tmp_path, cfg):
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, "sha256:0123other", model="google/gemma-2-2b")
+    with pytest.raises(EvalError, match=r"gemma-2-2b.*sha256:0123other.*" + lm.info.weights_hash[:12]):
+        evaluate_run(run, lm, cfg, progress=False)
+    run = make_run(tmp_path / "deep", lm.info.d_model, 7, lm.info.weights_hash)
+    with pytest.raises(EvalError, match="layer 7 .* 4 layers"):
+        evaluate_run(run, lm, cfg, progress=False)
+
+
+def test_evaluate_run_end_to_end(lm, cfg, tmp_path):
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    res = evaluate_run(run, lm, cfg, progress=False)
+    json.dumps(res)  # JSON-able
+    assert res["layer"] == LAYER and res["method"] == "featureforget"
+    assert len(res["sweep"]) == 4  # clamp m=5 and ablate, at top 3 and all candidates
+    for e in res["sweep"]:
+        for m in ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss"):
+            assert set(e[m]) == {"before", "after"}
+    assert (res["best"] is None) == (res["best_reason"] is not None)
+    sae = res["sae"]
+    assert 0 <= sae["dead_fraction"] <= 1 and sae["l0"] > 0 and sae["fvu"] > 0
+    assert sae["ce_zero"] != sae["ce_clean"]
+    base = make_run(tmp_path / "base", lm.info.d_model, 2, lm.info.weights_hash, method="baseline")
+    res = evaluate_run(base, lm, cfg, progress=False)
+    assert [e["setting"]["selection"] for e in res["sweep"]] == ["saebench"] * 2  # top 3, m=5 / ablate
+
+
+def test_hub_mcq_is_mapped_like_jsonl(monkeypatch):
+    import datasets
+
+    rows = [{"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 2, "subject": "bio"},
+            {"question": "What?", "choices": ["e", "f", "g", "h"], "answer": 0, "subject": "bio"}]
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    qs = load_mcq("cais/wmdp:wmdp-bio", "forget", limit=1)
+    assert calls == [("cais/wmdp", "wmdp-bio", "test")]
+    assert [(q.question, q.choices, q.answer) for q in qs] == [("Which?", ["a", "b", "c", "d"], 2)]
+    load_mcq("cais/mmlu:college_biology@validation", "retain")
+    assert calls[-1] == ("cais/mmlu", "college_biology", "validation")
+
+    def offline(*_a, **_k):
+        raise ConnectionError("Couldn't reach 'cais/wmdp' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(EvalError, match=r"^cannot load MCQ dataset 'cais/wmdp:wmdp-bio': Couldn't reach [^\n]*$"):
+        load_mcq("cais/wmdp:wmdp-bio", "forget")
+
+
+def test_demo_preset_measures_losses_for_the_best_setting_only(lm, cfg, tmp_path):
+    demo = EvalConfig.preset("demo")
+    assert demo.max_questions == 50 and not demo.sweep_losses
+    assert EvalConfig.from_dict(json.loads(json.dumps(demo.to_dict()))) == demo
+    with pytest.raises(EvalError, match="unknown eval preset"):
+        EvalConfig.preset("huge")
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    res = evaluate_run(run, lm, cfg.replace(sweep_losses=False, retain_ratio=0.0), progress=False)
+    best = res["best"]
+    assert best is not None  # retain_ratio 0: every setting with features qualifies
+    others = [e for e in res["sweep"] if e["label"] != best["label"]]
+    assert others and all(e["forget_loss"]["after"] is None and e["retain_mcq"]["after"] is not None
+                          for e in others)
+    assert best["forget_loss"]["after"] is not None and best["retain_loss"]["after"] is not None
+    full = evaluate_run(run, lm, cfg.replace(retain_ratio=0.0), progress=False)
+    assert full["best"]["label"] == best["label"]
+    assert full["best"]["forget_loss"] == pytest.approx(best["forget_loss"])

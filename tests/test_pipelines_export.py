@@ -1,0 +1,64 @@
+"""SAELens export and generate_pair on the tiny model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cache.models import load_model
+from pipelines.config import Setting
+from pipelines.errors import EvalError
+from pipelines.export import export_saelens
+from pipelines.generate import generate_pair
+from pipelines.intervene import load_run, select_features
+from test_pipelines_helpers import make_run, set_encoder_bias, single_thread  # noqa: F401 (autouse fixture)
+
+
+def test_export_round_trip_on_raw_activations(tmp_path):
+    run_dir = make_run(tmp_path / "run", 32, 3, "sha256:abc", scale=0.037, model="gemma-3-270m")
+    out = export_saelens(run_dir, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "cfg.json").read_text())
+    assert cfg == out.cfg
+    assert cfg["architecture"] == "standard" and cfg["d_in"] == 32 and cfg["d_sae"] == 256
+    assert cfg["hook_name"] == "blocks.3.hook_resid_post" and cfg["hook_layer"] == 3
+    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
+    assert cfg["model_name"] == "google/gemma-3-270m" and cfg["context_size"] == 32
+    w = load_file(str(tmp_path / "out" / "sae_weights.safetensors"))
+    assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (32, 256), "b_enc": (256,),
+                                                         "W_dec": (256, 32), "b_dec": (32,)}
+    run = load_run(run_dir)
+    x = torch.randn(50, 32) / run.scale  # raw activations: about unit scale after * scale
+    with torch.no_grad():
+        f_ff = run.sae.encode(x * run.scale)
+        x_hat_ff = run.sae.decode(f_ff) / run.scale
+    # SAELens "standard" forward, written out: ReLU((x - b_dec) W_enc + b_enc), f W_dec + b_dec
+    f_sl = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    assert (f_ff > 0).any()
+    torch.testing.assert_close(f_sl, f_ff, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(f_sl @ w["W_dec"] + w["b_dec"], x_hat_ff, atol=1e-3, rtol=1e-4)
+    meta = json.loads((tmp_path / "out" / "ff_meta.json").read_text())
+    assert meta["candidates"] == run.features["candidate"].nonzero().flatten().tolist()
+    assert meta["scale_folded"] == pytest.approx(0.037)
+    with pytest.raises(EvalError, match="not empty"):
+        export_saelens(run_dir, tmp_path / "out")
+    export_saelens(run_dir, tmp_path / "out", overwrite=True)
+
+
+def test_generate_pair(tiny_model, tmp_path):
+    lm = load_model(tiny_model, device="cpu")
+    run_dir = make_run(tmp_path / "run", lm.info.d_model, 1, lm.info.weights_hash, n_candidates=200, b_enc=1.0)
+    prompt = "<bos> the cell gene protein"
+    strong = Setting(mode="clamp", multiplier=500.0)
+    pair = generate_pair(lm, run_dir, prompt, max_new_tokens=8, setting=strong.to_dict())
+    clean, unlearned = pair
+    assert isinstance(clean, str) and clean != unlearned
+    # with the selected features never firing, both continuations are identical
+    S = select_features(load_run(run_dir), Setting(top_n=5))
+    set_encoder_bias(run_dir, {int(i): -1e4 for i in S})
+    pair = generate_pair(lm, run_dir, prompt, max_new_tokens=8, setting=Setting(mode="ablate", top_n=5))
+    assert pair.clean == pair.unlearned
+    assert generate_pair(lm, run_dir, prompt, max_new_tokens=8).clean == pair.clean  # hooks were removed
+    with pytest.raises(EvalError, match="max_new_tokens"):
+        generate_pair(lm, run_dir, prompt, max_new_tokens=0)

@@ -1,0 +1,188 @@
+"""METHOD §7 intervention on the tiny model: exact edits, untouched features, clamp, hook cleanup."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cache.capture import capture_layers
+from cache.models import load_model
+from pipelines.config import Setting, SweepGrid
+from pipelines.errors import EvalError
+from pipelines.intervene import Intervention, load_run, select_features, unlearned
+from test_pipelines_helpers import make_run, set_encoder_bias, single_thread  # noqa: F401 (autouse fixture)
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(tiny_model, device="cpu")
+
+
+@pytest.fixture()
+def run_dir(lm, tmp_path):
+    return make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+
+
+def _ids(lm, n_rows=3, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, lm.model.config.vocab_size, (n_rows, T), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    return ids
+
+
+@torch.no_grad()
+def _resid(lm, ids, iv=None):
+    """Block-LAYER output as seen by a hook registered after the intervention's."""
+    def go():
+        with capture_layers(lm.model, [LAYER], stop=False) as acts:
+            lm.model.model(input_ids=ids)
+        return acts[LAYER]
+    if iv is None:
+        return go()
+    with iv.hooked(lm.model):
+        return go()
+
+
+def _selected_acts(run, S, h):
+    sae, s = run.sae, run.scale
+    with torch.no_grad():
+        f = torch.relu((h * s - sae.b_dec) @ sae.W_enc[:, S] + sae.b_enc[S])
+    f[:, 0] = 0  # BOS is never edited
+    return f
+
+
+def test_ablate_removes_exactly_the_selected_contributions(lm, run_dir):
+    run = load_run(run_dir)
+    iv = Intervention(run, Setting(mode="ablate"))
+    ids = _ids(lm)
+    h, h_new = _resid(lm, ids), _resid(lm, ids, iv)
+    f = _selected_acts(run, iv.features, h)
+    assert (f > 0).sum() > 5, "the test needs active selected features"
+    expected = h - (f @ run.sae.W_dec[iv.features].detach()) / run.scale
+    torch.testing.assert_close(h_new, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(h_new[:, 0], h[:, 0]), "BOS must pass unchanged"
+    assert not torch.allclose(h_new, h)
+    # what was removed lies in the span of the selected decoder rows: nothing else is touched
+    delta = (h - h_new).reshape(-1, h.shape[-1]).T
+    W = run.sae.W_dec[iv.features].detach().T
+    coef = torch.linalg.lstsq(W, delta).solution
+    torch.testing.assert_close(W @ coef, delta, atol=1e-4, rtol=1e-4)
+
+
+def test_inactive_selected_features_leave_h_and_logits_bit_identical(lm, run_dir):
+    S = select_features(load_run(run_dir), Setting(mode="ablate", top_n=5))
+    set_encoder_bias(run_dir, {int(i): -1e4 for i in S})
+    run = load_run(run_dir)
+    ids = _ids(lm)
+    for setting in (Setting(mode="ablate", top_n=5), Setting(mode="clamp", multiplier=200, top_n=5)):
+        iv = Intervention(run, setting)
+        assert torch.equal(_resid(lm, ids, iv), _resid(lm, ids))
+        edited = iv.edit(_resid(lm, ids))
+        assert not edited.changed_B.any()
+        with torch.no_grad(), iv.hooked(lm.model):
+            hooked = lm.model(ids).logits
+        assert torch.equal(hooked, lm.model(ids).logits)
+
+
+def test_clamp_sets_selected_active_features_to_minus_m(lm, run_dir):
+    run = load_run(run_dir)
+    m = 7.0
+    iv = Intervention(run, Setting(mode="clamp", multiplier=m, top_n=8))
+    ids = _ids(lm, seed=1)
+    h, h_new = _resid(lm, ids), _resid(lm, ids, iv)
+    sae, s, S = run.sae, run.scale, iv.features
+    with torch.no_grad():
+        x = h * s
+        f = sae.encode(x)
+        f_clamped = f.clone()
+        sel = f[..., S]
+        sel[:, 0] = 0  # BOS untouched
+        f_clamped[..., S] = torch.where(sel > 0, torch.full_like(sel, -m), f[..., S])
+        # re-encode: the edited h has the SAE decomposition decode(f') + the same error term
+        error = x - sae.decode(f)
+        expected = (sae.decode(f_clamped) + error) / s
+    assert (sel > 0).any()
+    torch.testing.assert_close(h_new, expected, atol=1e-4, rtol=1e-5)
+    # re-encode by solving for the selected coefficients of the edited h (W_dec[S] has full row
+    # rank): they are -m where the feature was active and 0 elsewhere
+    keep = torch.ones(sae.d_sae, dtype=torch.bool)
+    keep[S] = False
+    with torch.no_grad():
+        rest = h_new * s - error - sae.b_dec - f[..., keep] @ sae.W_dec[keep]
+        coef = torch.linalg.lstsq(sae.W_dec[S].T, rest.reshape(-1, h.shape[-1]).T).solution.T
+    torch.testing.assert_close(coef, f_clamped[..., S].reshape(-1, len(S)), atol=1e-3, rtol=1e-3)
+
+
+def test_context_manager_removes_its_hooks(lm, run_dir):
+    ids = _ids(lm)
+    block = lm.model.model.layers[LAYER]
+    n_hooks, n_pre = len(block._forward_hooks), len(lm.model.model._forward_pre_hooks)
+    with torch.no_grad():
+        clean = lm.model(ids).logits
+        with unlearned(lm.model, run_dir, mode="clamp", multiplier=50) as iv:
+            assert iv.n_features == 12
+            edited = lm.model(ids).logits
+        after = lm.model(ids).logits
+        with pytest.raises(RuntimeError):
+            with unlearned(lm.model, run_dir, mode="ablate"):
+                raise RuntimeError("boom")
+        after_error = lm.model(ids).logits
+    assert not torch.allclose(edited, clean)
+    assert torch.equal(after, clean) and torch.equal(after_error, clean)
+    assert len(block._forward_hooks) == n_hooks and len(lm.model.model._forward_pre_hooks) == n_pre
+
+
+def test_splice_and_zero_modes(lm, run_dir):
+    run = load_run(run_dir)
+    ids = _ids(lm)
+    h = _resid(lm, ids)
+    zero = _resid(lm, ids, Intervention(run, Setting(mode="zero")))
+    assert torch.equal(zero[:, 1:], torch.zeros_like(zero[:, 1:])) and torch.equal(zero[:, 0], h[:, 0])
+    splice = _resid(lm, ids, Intervention(run, Setting(mode="splice")))
+    with torch.no_grad():
+        expected = run.sae(h * run.scale).x_hat / run.scale
+    torch.testing.assert_close(splice[:, 1:], expected[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+def test_feature_selection_candidates_and_saebench():
+    F = 8
+    feats = {"candidate": torch.tensor([1, 1, 1, 0, 0, 1, 0, 0], dtype=torch.bool),
+             "alpha_u": torch.tensor([1.0, 4.0, 2.0, 9.0, 9.0, 3.0, 0.0, 0.0]),
+             "alpha_r": torch.tensor([1.0, 1.0, 0.5, 0.1, 0.1, 3.0, 1.0, 1.0]),
+             "freq_r": torch.tensor([0.0, 0.0005, 0.005, 0.02, 0.0001, 0.0, 0.0, 0.0009]),
+             "freq_u": torch.tensor([0.3, 0.2, 0.5, 0.9, 0.1, 0.0, 0.05, 0.4])}
+    run = SimpleNamespace(features=feats)
+    assert select_features(run, Setting(top_n=None)).tolist() == [0, 1, 2, 5]
+    assert select_features(run, Setting(top_n=2)).tolist() == [1, 2]  # ratios 4 and 4 > 1 > 1
+    sb = Setting(selection="saebench", freq_threshold=0.001, top_n=2)
+    assert select_features(run, sb).tolist() == [0, 7]  # freq_r < 0.001, by freq_u: 7 (0.4), 0 (0.3)
+    sb = Setting(selection="saebench", freq_threshold=0.01, top_n=2)
+    assert select_features(run, sb).tolist() == [2, 7]  # 2 (0.5) now passes the threshold
+    assert len(select_features(run, Setting(selection="saebench", top_n=20))) == 6  # never-firing excluded
+    assert F == len(feats["candidate"])
+
+
+def test_grid_settings_and_validation():
+    g = SweepGrid()
+    ff, base = g.settings("featureforget"), g.settings("baseline")
+    assert len(ff) == 15 and len(base) == 20
+    assert all(s.selection == "saebench" and s.top_n in (10, 20) for s in base)
+    assert {s.top_n for s in ff} == {10, 20, None}
+    assert Setting.from_dict(ff[3].to_dict()) == ff[3]
+    with pytest.raises(EvalError, match="mode"):
+        Setting(mode="erase")
+    with pytest.raises(EvalError, match="multiplier"):
+        Setting(mode="clamp", multiplier=0)
+
+
+def test_missing_run_files_and_wrong_model_are_one_line_errors(lm, run_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalError, match="no config.json"):
+        load_run(tmp_path / "empty")
+    other = make_run(tmp_path / "wide", 48, LAYER, "x")
+    with pytest.raises(EvalError, match="d_model 48 but the model has hidden size 32"):
+        with unlearned(lm.model, other):
+            pass
