@@ -75,7 +75,8 @@ class ArraySource:
         return self.x_ND[k * self.chunk_tokens : (k + 1) * self.chunk_tokens]
 
 
-def split_pieces(bounds: Sequence[tuple[int, int]], eval_frac: float) -> tuple[list[Piece], list[Piece]]:
+def split_pieces(bounds: Sequence[tuple[int, int]], eval_frac: float,
+                 ) -> tuple[list[Piece], list[Piece]]:
     """Deterministic train / held-out split of a corpus given its chunk bounds.
 
     Held out: the last round(eval_frac * n_chunks) whole chunks; with too few chunks for
@@ -100,7 +101,8 @@ def split_pieces(bounds: Sequence[tuple[int, int]], eval_frac: float) -> tuple[l
 
 def estimate_scale(source: ChunkSource, n_chunks: int) -> float:
     """s with E||x s||^2 = d on `source` (METHOD §0), from up to n_chunks evenly spaced chunks."""
-    ks = np.unique(np.linspace(0, len(source) - 1, num=min(n_chunks, len(source))).round().astype(int))
+    ks = np.linspace(0, len(source) - 1, num=min(n_chunks, len(source))).round().astype(int)
+    ks = np.unique(ks)
     sq, n = 0.0, 0
     for k in ks:
         x_ND = source.read(int(k)).astype(np.float64)
@@ -141,8 +143,9 @@ class TokenStream:
     def _groups(self, epoch: int) -> list[np.ndarray]:
         """This epoch's chunk order, cut into buffers of buffer_chunks chunks; a short last
         group joins the one before it, so no buffer is tiny."""
-        order = np.random.default_rng([self.seed, self.stream_id, epoch]).permutation(len(self.source))
-        groups = [order[i : i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
+        rng = np.random.default_rng([self.seed, self.stream_id, epoch])
+        order, n = rng.permutation(len(self.source)), self.buffer_chunks
+        groups = [order[i : i + n] for i in range(0, len(order), n)]
         if len(groups) > 1 and len(groups[-1]) < self.buffer_chunks:
             groups[-2:] = [np.concatenate(groups[-2:])]
         return groups
@@ -151,7 +154,8 @@ class TokenStream:
         """Read one buffer's chunks, scale, shuffle tokens: [N, D] (runs in the prefetch thread)."""
         ks = self._groups(epoch)[buffer]
         x_ND = np.concatenate([self.source.read(int(k)) for k in ks])
-        perm = np.random.default_rng([self.seed, self.stream_id, epoch, buffer, 1]).permutation(len(x_ND))
+        rng = np.random.default_rng([self.seed, self.stream_id, epoch, buffer, 1])
+        perm = rng.permutation(len(x_ND))
         x_ND = x_ND[perm]
         x_ND *= np.float32(self.scale)
         return torch.from_numpy(x_ND)
@@ -208,3 +212,66 @@ def iter_eval_batches(source: ChunkSource, *, scale: float, batch_size: int,
         yield from x_ND.split(batch_size)
         if left <= 0:
             return
+
+
+# ---- opening a store for training ------------------------------------------------------
+
+
+class CorpusData(NamedTuple):
+    train: StoreSource
+    """Training chunks (and the head of a partly held-out chunk)."""
+    held_out: StoreSource
+    """Held-out contexts for validation metrics (split_pieces)."""
+
+
+class TrainingData(NamedTuple):
+    retain: CorpusData
+    unlearn: CorpusData
+    ctx_len: int
+    d_model: int
+    meta: dict
+    """Store metadata for config.json: model, model_hash, tokenizer_hash, layer, d_model,
+    ctx_len, dtype, store (and unlearn_store when separate)."""
+
+
+def open_training_data(store_path: str, layer: int | None, eval_frac: float, *,
+                       unlearn_store: str | None = None) -> TrainingData:
+    """Open and check the store(s); every user mistake is a one-line TrainError.
+    `layer` None: the store's only layer."""
+    from cache.errors import StoreError
+    from cache.store import open_store
+
+    try:
+        r_store = open_store(store_path)
+        u_store = r_store if unlearn_store is None else open_store(unlearn_store)
+        if layer is None:
+            layers = r_store.meta.layers
+            if len(layers) != 1:
+                raise TrainError(f"store {store_path} holds layers {', '.join(map(str, layers))}; "
+                                 "choose one with --layer")
+            layer = layers[0]
+        for s in {id(r_store): r_store, id(u_store): u_store}.values():
+            s.require_complete()
+            s.require_layer(layer)
+        retain, unlearn = r_store.corpus("retain"), u_store.corpus("unlearn")
+    except StoreError as e:
+        raise TrainError(str(e)) from None
+    a, b = r_store.meta, u_store.meta
+    for key in ("model_hash", "d_model", "ctx_len"):
+        if getattr(a, key) != getattr(b, key):
+            raise TrainError(
+                f"retain store {store_path} and unlearn store {unlearn_store} differ in {key} "
+                f"({getattr(a, key)} vs {getattr(b, key)}); cache both with the same --model"
+            )
+    meta = dict(model=a.model, model_hash=a.model_hash, tokenizer_hash=a.tokenizer_hash,
+                layer=layer, d_model=a.d_model, ctx_len=a.ctx_len, hook=a.hook, dtype=a.dtype,
+                store=str(store_path), unlearn_store=str(unlearn_store or store_path))
+    corpora = []
+    for c in (retain, unlearn):
+        if c.n_contexts < 2:
+            raise TrainError(f"the {c.name} corpus has {c.n_contexts} context(s); at least 2 are "
+                             "needed (train + held-out): cache more contexts")
+        train, held = split_pieces([c.chunk_bounds(i) for i in range(c.n_chunks)], eval_frac)
+        corpora.append(CorpusData(StoreSource(c, layer, train), StoreSource(c, layer, held)))
+        meta[f"{c.name}_contexts"] = [sum(p.stop - p.start for p in ps) for ps in (train, held)]
+    return TrainingData(corpora[0], corpora[1], a.ctx_len, a.d_model, meta)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.config import TrainConfig
+from trainer.errors import TrainError
 
 LOG_EPS = 1e-8
 """Added before the log in importance vectors; features that never fire sit at log(1e-8)."""
@@ -45,20 +46,23 @@ class ClusterLosses(NamedTuple):
     """L_unlearn^c = 1 - m_u(U_c) / m_u(c) [C]."""
 
 
-def batch_stats(f_BF: Tensor, dldf_dec_BF: Tensor, l1: float) -> BatchStats:
+def batch_stats(f_BF: Tensor, dldf_dec_BF: Tensor, l1: float,
+                fired_BF: Tensor | None = None) -> BatchStats:
     """Importance and firing frequency of one dataset's batch (METHOD §2).
 
     `dldf_dec_BF` is the gradient that reached the decoder input from a loss holding
     `mean_b ||x_b - x_hat_b||^2`, i.e. 2 (x_hat_b - x_b) W_dec^T / B. The per-token derivative
-    of l_b = ||x_b - x_hat_b||^2 + l1 * sum_i f_bi is then B * dldf_dec + l1. It counts only
-    where f_i > 0 (a ReLU feature that does not fire takes no part), so features that never
-    fire keep importance 0, and alpha mixes how often and how much a feature matters.
+    of l_b = ||x_b - x_hat_b||^2 + l1 * sum_i f_bi is then B * dldf_dec + l1, so
+        alpha[i] = mean_b |B dldf_dec[b, i] + l1| 1[f_bi > 0]
+                 = sum_b |dldf_dec[b, i] + l1 / B| 1[f_bi > 0].
+    It counts only where f_i > 0 (a ReLU feature that does not fire takes no part), so
+    features that never fire keep importance 0, and alpha mixes how often and how much a
+    feature matters. `fired_BF` (f_BF > 0) may be passed in when already computed.
     """
     n = f_BF.shape[0]
-    fired_BF = f_BF > 0
-    g_BF = dldf_dec_BF * n
-    g_BF.add_(l1).abs_().mul_(fired_BF)
-    return BatchStats(g_BF.mean(0), fired_BF.sum(0, dtype=torch.float32) / n)
+    fired_BF = f_BF > 0 if fired_BF is None else fired_BF
+    alpha_F = dldf_dec_BF.add(l1 / n).abs_().mul_(fired_BF).sum(0)  # 4 passes, one buffer
+    return BatchStats(alpha_F, fired_BF.sum(0).float().div_(n))
 
 
 def importance_vectors(cols: list[Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -77,8 +81,10 @@ def kmeans(
     import faiss
 
     # No subsampling: F points in K <= 4 dims is cheap, and a subsample would move the
-    # fixed point that a warm start relies on.
-    km = faiss.Kmeans(v_FK.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=1 << 30)
+    # fixed point that a warm start relies on. Cold starts use k-means++ seeding.
+    km = faiss.Kmeans(v_FK.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=1 << 30,
+                      min_points_per_centroid=1,
+                      init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS)
     km.train(v_FK, init_centroids=None if init_CK is None else init_CK.astype(np.float32))
     _, assign_F1 = km.index.search(v_FK, 1)
     return assign_F1[:, 0].astype(np.int64), km.centroids.copy()
@@ -138,13 +144,17 @@ class FeatureForget(nn.Module):
         super().__init__()
         self.cfg = cfg
         n_c, n_k = cfg.clusters, 2 if cfg.no_importance else 4
+        if d_sae < n_c:
+            raise TrainError(f"the SAE has {d_sae} features, fewer than n_clusters={n_c}; "
+                             "raise expansion or lower n_clusters")
         for name in ("alpha_r", "alpha_u", "freq_r", "freq_u"):
             self.register_buffer(name, torch.zeros(d_sae))
         self.register_buffer("n_seen", torch.zeros((), dtype=torch.long))  # plain-mean count
         self.register_buffer("cluster", torch.zeros(d_sae, dtype=torch.long))
         self.register_buffer("candidate", torch.zeros(d_sae, dtype=torch.bool))
         self.register_buffer("tau", torch.zeros(n_c))
-        self.register_buffer("centroids_raw", torch.full((n_c, n_k), float("nan"), dtype=torch.float64))
+        nan_CK = torch.full((n_c, n_k), float("nan"), dtype=torch.float64)
+        self.register_buffer("centroids_raw", nan_CK)  # in log space; NaN: not clustered yet
         # g = exp(-s); s = 0 -> g = 1 (METHOD §5).
         self.s_r = nn.Parameter(torch.zeros(n_c))
         self.s_u = nn.Parameter(torch.zeros(n_c))

@@ -41,10 +41,12 @@ class SAE(nn.Module):
         super().__init__()
         self.d_model, self.d_sae = d_model, d_sae
         # Tied initialisation (dictionary_learning, Anthropic 2024): random unit decoder rows,
-        # encoder = decoder transpose; biases start at zero.
+        # encoder = decoder transpose, scaled by 2 d / F: with about half of F random features
+        # active, W_dec^T diag(active) W_dec ~ F / (2 d) I, so x_hat ~ x from the first step
+        # instead of overshooting F / 2d times. Biases start at zero.
         W_dec_FD = torch.randn(d_sae, d_model, generator=generator)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(W_dec_FD.T.clone())  # [D, F]
+        self.W_enc = nn.Parameter(W_dec_FD.T * min(1.0, 2 * d_model / d_sae))  # [D, F]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # [F]
         self.W_dec = nn.Parameter(W_dec_FD)  # [F, D]
         self.b_dec = nn.Parameter(torch.zeros(d_model))  # [D]

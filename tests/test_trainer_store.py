@@ -1,0 +1,127 @@
+"""Training from a real (tiny) Zarr activation store built with cache.store: masks, split,
+scale, user errors, run folder metadata, resume through `train()`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cache.store import create_store
+from trainer.config import TrainConfig
+from trainer.data import TokenStream, open_training_data
+from trainer.errors import TrainError
+from trainer.train import train
+
+D, CTX, BOS, PAD = 8, 6, 2, 0
+SENTINEL_BOS, SENTINEL_PAD = 1e4, -1e4  # any of these in a batch means the mask leaked
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, n_unlearn=24,
+               chunk_contexts=4, complete=True, seed=0):
+    attrs = dict(format_version=1, model="tiny", model_hash=model_hash, tokenizer_hash="t",
+                 ctx_len=CTX, layers=list(layers), hook="resid_post", d_model=d_model,
+                 dtype="float32", chunk_contexts=chunk_contexts, bos_token_id=BOS,
+                 pad_token_id=PAD, ff_version="test")
+    sizes = {"retain": n_retain, "unlearn": n_unlearn}
+    corpora = {k: dict(n_contexts=n, corpus=k, fingerprint=k) for k, n in sizes.items()}
+    root = create_store(path, attrs, corpora)
+    rng = np.random.default_rng(seed)
+    for name, n in sizes.items():
+        tok = rng.integers(3, 100, size=(n, CTX)).astype(np.int32)
+        tok[:, 0] = BOS
+        tok[-1, -2:] = PAD  # padding at the end of the last context
+        for layer in layers:
+            x = rng.normal(size=(n, CTX, d_model)).astype(np.float32)
+            x *= 3.0 if name == "unlearn" else 1.0
+            x[:, 0] = SENTINEL_BOS
+            x[tok == PAD] = SENTINEL_PAD
+            root[name][f"layer_{layer}"][:] = x
+        root[name]["tokens"][:] = tok
+    root.attrs.update({"complete": complete})
+    return path
+
+
+def test_streams_hold_only_masked_tokens_of_the_train_split(tmp_path):
+    data = open_training_data(str(make_store(tmp_path / "s.zarr")), 1, 0.2)
+    # retain: 10 chunks of 4 contexts -> the last 2 chunks held out
+    assert [p.chunk for p in data.retain.held_out.pieces] == [8, 9]
+    single = open_training_data(str(make_store(tmp_path / "one.zarr", layers=(3,))), None, 0.2)
+    assert single.meta["layer"] == 3
+    assert data.meta["retain_contexts"] == [32, 8] and data.meta["model_hash"] == "h1"
+    n_train = 32 * (CTX - 1)  # no padding in the train split
+    stream = TokenStream(data.retain.train, batch_size=n_train // 4, buffer_chunks=3, seed=0)
+    x = torch.cat([next(stream) for _ in range(4)])
+    stream.close()
+    assert len(x) == n_train and x.abs().max() < 100
+    held = torch.cat([torch.from_numpy(data.retain.held_out.read(k)) for k in range(2)])
+    assert len(held) == 8 * (CTX - 1) - 2 and held.abs().max() < 100  # padding removed
+
+
+def test_user_errors_are_one_line_train_errors(tmp_path):
+    good = str(make_store(tmp_path / "good.zarr"))
+    incomplete = str(make_store(tmp_path / "inc.zarr", complete=False))
+    other_model = str(make_store(tmp_path / "o.zarr", model_hash="h2"))
+    other_width = str(make_store(tmp_path / "d.zarr", d_model=4))
+    cases = [
+        ((incomplete, 1), {}, "incomplete"),
+        ((good, 5), {}, "layer 5 is not in"),
+        ((good, None), {}, "holds layers 1, 2; choose one"),
+        ((str(tmp_path), 1), {}, "not an activation store"),
+        ((good, 1), {"unlearn_store": other_model}, "differ in model_hash"),
+        ((good, 1), {"unlearn_store": other_width}, "differ in"),
+    ]
+    for args, kw, match in cases:
+        with pytest.raises(TrainError, match=match) as e:
+            open_training_data(*args, 0.2, **kw)
+        assert "\n" not in str(e.value)
+
+
+CFG = TrainConfig(expansion=2, n_clusters=3, steps=16, warmup=2, batch_contexts=4, lr=3e-3,
+                  recluster_every=4, importance_batches=2, log_every=2, checkpoint_every=3,
+                  buffer_chunks=2, eval_frac=0.2, scale_chunks=4)
+
+
+@pytest.mark.parametrize("method", ["featureforget", "baseline"])
+def test_train_from_store_writes_run_folder(tmp_path, method):
+    store = str(make_store(tmp_path / "s.zarr"))
+    summary = train(CFG.replace(method=method), store, 2, str(tmp_path / "run"), progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    for key in ("model", "model_hash", "layer", "d_model", "scale", "method", "ctx_len", "d_sae"):
+        assert key in config, key
+    assert config["layer"] == 2 and config["method"] == method and config["d_sae"] == 2 * D
+    assert config["scale"] == pytest.approx(1.0, rel=0.15)  # unit normal retain data: E||x||^2 = d
+    assert summary.eval["retain"]["tokens"] == 8 * (CTX - 1) - 2
+    assert summary.eval["unlearn"]["tokens"] == 4 * (CTX - 1) - 2  # 6 chunks -> 1 held out
+    assert set(load_file(str(tmp_path / "run" / "features.safetensors"))) >= {
+        "alpha_r", "alpha_u", "freq_r", "freq_u", "cluster", "candidate"}
+
+
+def test_resume_through_train_matches_uninterrupted(tmp_path):
+    store = str(make_store(tmp_path / "s.zarr"))
+    train(CFG, store, 1, str(tmp_path / "a"), progress=False)
+
+    def kill(step):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(CFG, store, 1, str(tmp_path / "b"), progress=False, on_step=kill)
+    with pytest.raises(TrainError, match="exists"):
+        train(CFG, store, 1, str(tmp_path / "b"), progress=False)
+    with pytest.raises(TrainError, match="layer"):
+        train(None, store, 2, str(tmp_path / "b"), resume=True, progress=False)
+    train(None, store, 1, str(tmp_path / "b"), resume=True, progress=False)
+    a, b = (load_file(str(tmp_path / r / "sae.safetensors")) for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = [(tmp_path / r / "metrics.jsonl").read_text() for r in "ab"]
+    assert metrics[0] == metrics[1]
