@@ -4,7 +4,7 @@ Usage (from the repository root):
 
     apt-get install wordnet-base                 # Debian package, files in /usr/share/wordnet/
     python scripts/make_demo_data.py             # writes cache/demo_data/*
-    python scripts/make_demo_data.py --evaluate  # also loads Gemma 3 270M: token counts, MCQ accuracy
+    python scripts/make_demo_data.py --evaluate  # + Gemma 3 270M token counts, MCQ accuracy
 
 Everything is deterministic: the same WordNet files always give byte-identical outputs.
 WordNet's data.* files are parsed directly (format: wndb(5WN)); nltk is not needed.
@@ -24,27 +24,23 @@ from pathlib import Path
 WN = Path("/usr/share/wordnet")
 OUT = Path(__file__).resolve().parent.parent / "cache" / "demo_data"
 # lexnames(5WN): lexicographer file number -> name (the Debian package does not ship the file).
-LEXNAMES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
-    "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
-    "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession "
-    "noun.process noun.quantity noun.relation noun.shape noun.state noun.substance noun.time "
-    "verb.body verb.change verb.cognition verb.communication verb.competition verb.consumption "
-    "verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession "
-    "verb.social verb.stative verb.weather adj.ppl"
-).split()
+LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
+            "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food "
+            "noun.group noun.location noun.motive noun.object noun.person noun.phenomenon "
+            "noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape "
+            "noun.state noun.substance noun.time verb.body verb.change verb.cognition "
+            "verb.communication verb.competition verb.consumption verb.contact verb.creation "
+            "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative "
+            "verb.weather adj.ppl").split()
 BIO_LEXFILES = {"noun.animal", "noun.plant", "noun.body", "verb.body"}
 # Biomedical subtrees that live in general lexfiles (disease is noun.state, medicine is
 # noun.artifact, ...): every hyponym of these roots is biology too.  Keys are "pos:offset".
-BIO_ROOTS = {
-    "n:14034177": "physical condition / physiological state (includes ill health, disease)",
-    "n:14299637": "symptom", "n:14285662": "injury, trauma", "n:13526110": "organic process",
-    "n:05263850": "body substance", "n:05407119": "hormone", "n:14728724": "protein",
-    "n:15089258": "vitamin", "n:03740161": "medicine, medication", "n:00006484": "cell",
-    "n:05436752": "gene", "n:00657604": "medical care", "n:01024392": "medical procedure",
-    "n:10165109": "health professional", "n:06037298": "life science",
-    "n:06043075": "medicine (specialty)", "n:00612160": "practice of medicine",
-}
+BIO_ROOTS = {  # physical condition (ill health, disease, ...), symptom, injury, organic process,
+    # body substance, hormone, protein, vitamin, medication, cell, gene, medical care, medical
+    # procedure, health professional, life science, medicine (specialty), practice of medicine
+    "n:14034177", "n:14299637", "n:14285662", "n:13526110", "n:05263850", "n:05407119",
+    "n:14728724", "n:15089258", "n:03740161", "n:00006484", "n:05436752", "n:00657604",
+    "n:01024392", "n:10165109", "n:06037298", "n:06043075", "n:00612160"}
 # Anything (in retain) whose text matches this is dropped: keeps retain free of biology.
 BIO_WORDS = re.compile(
     r"\b(animal|plant|disease|illness|infect|cell|tissue|organ|blood|medic|drug|bacteri|virus|"
@@ -57,13 +53,14 @@ HELDOUT_PCT = 15
 SEED = 1234
 TRAIN_CHARS, HELDOUT_CHARS = 1_150_000, 160_000   # ~250k / ~35k Gemma tokens
 N_MCQ = 200
+QA_FRAC = 0.12                                     # question/answer lines, share of TRAIN_CHARS
 PHRASING = "gloss2lemma"                           # chosen with --evaluate, see PROVENANCE.md
 TAXON = re.compile(r"\b(genus|family|order|class|subclass|phylum|division|subfamily|suborder|"
                    r"superfamily|superorder|tribe|subgenus|kingdom|subkingdom|infraorder) ")
-SUFFIX_MASS = ("ology", "ness", "ity", "tion", "sion", "ism", "ing", "ence", "ance", "ment", "ics", "ship")
+SUFFIX_MASS = ("ology", "ness", "ity", "tion", "sion", "ism", "ing", "ence", "ance", "ment", "ics")
 NOT_DOMAINS = {"usually", "often", "sometimes", "especially", "informal", "slang", "plural",
                "archaic", "obsolete", "colloquial", "formal", "literary", "used", "rare", "e",
-               "trademark", "british", "britain", "us", "chiefly", "plural"}
+               "trademark", "british", "britain", "us", "chiefly"}
 # Glosses that are sentence fragments ("widely distributed in ...") take no article.
 FRAGMENT_STARTS = {"widely", "commonly", "closely", "chiefly", "mostly", "usually", "often",
                    "typically", "generally", "especially", "formerly", "related", "found",
@@ -77,48 +74,40 @@ def clean(s):
 
 
 def parse_data(pos):
-    """Parse data.<pos> into {key: synset dict}.  See wndb(5WN) for the line format."""
+    """Parse data.<pos> (line format: wndb(5WN)) into {"pos:offset": synset dict}."""
     synsets = {}
     for line in open(WN / f"data.{pos}", encoding="utf-8"):
         if line.startswith("  "):                      # license header
             continue
         data, _, gloss = line.partition(" | ")
         f = data.split()
-        n_words = int(f[3], 16)
-        lemmas = [re.sub(r"\(\w+\)$", "", f[4 + 2 * i]) for i in range(n_words)]
-        i = 4 + 2 * n_words
-        n_ptrs = int(f[i])
-        ptrs = [(f[i + 1 + 4 * k], f"{f[i + 3 + 4 * k].replace('s', 'a')}:{f[i + 2 + 4 * k]}")
-                for k in range(n_ptrs)]
-        examples = re.findall(r'"([^"]+)"', gloss)
-        definition = gloss.split('"')[0].strip().rstrip(";").strip()
-        key = f"{pos[0]}:{f[0]}"
-        synsets[key] = dict(key=key, pos=pos, lexname=LEXNAMES[int(f[1])],
-                            lemmas=[clean(w) for w in lemmas], ptrs=ptrs,
-                            definition=clean(definition), examples=[clean(e) for e in examples])
+        p = 4 + 2 * int(f[3], 16)      # f[4:p] = word/lex_id pairs, f[p] = pointer count
+        s = synsets[f"{pos[0]}:{f[0]}"] = dict(
+            key=f"{pos[0]}:{f[0]}", pos=pos, lexname=LEXNAMES[int(f[1])],
+            lemmas=[clean(re.sub(r"\(\w+\)$", "", w)) for w in f[4:p:2]],  # drop "(a)" marks
+            ptrs=[(f[j], f"{f[j + 2].replace('s', 'a')}:{f[j + 1]}")    # (symbol, target key)
+                  for j in range(p + 1, p + 1 + 4 * int(f[p]), 4)],
+            definition=clean(gloss.split('"')[0].strip().rstrip(";").strip()),
+            examples=[clean(e) for e in re.findall(r'"([^"]+)"', gloss)])
+        s["text"] = " ".join(s["lemmas"] + [s["definition"]] + s["examples"])
     return synsets
 
 
 def tagged_senses():
-    """Synsets that are a SemCor-tagged (i.e. attested, reasonably common) sense of some lemma.
-
-    index.<pos> lists each lemma's synsets by frequency; the first tagsense_cnt are tagged."""
+    """Synsets that are a SemCor-tagged (attested, reasonably common) sense of some lemma:
+    index.<pos> lists a lemma's synsets by frequency, the first tagsense_cnt being tagged."""
     common = set()
     for pos in ("noun", "verb", "adj", "adv"):
-        for line in open(WN / f"index.{pos}", encoding="utf-8"):
-            if line.startswith("  "):
-                continue
-            f = line.split()
-            n_syn, n_ptr = int(f[2]), int(f[3])
-            offsets = f[4 + n_ptr + 2:]
-            common.update(f"{pos[0]}:{o}" for o in offsets[:int(f[4 + n_ptr + 1])])
+        for f in (line.split() for line in open(WN / f"index.{pos}") if line[0] != " "):
+            n_ptr = int(f[3])
+            common.update(f"{pos[0]}:{o}" for o in f[6 + n_ptr:][:int(f[5 + n_ptr])])
     return common
 
 
 def biology_keys(ss):
     """Biology = bio lexfiles + hyponym closure of BIO_ROOTS + members of bio topic domains."""
     bio = {k for k, s in ss.items() if s["lexname"] in BIO_LEXFILES}
-    stack, closure = list(BIO_ROOTS), set()
+    stack, closure = sorted(BIO_ROOTS), set()
     while stack:                                     # '~' hyponym, '~i' instance hyponym
         k = stack.pop()
         if k not in closure:
@@ -132,12 +121,8 @@ def biology_keys(ss):
     # verb.body also holds grooming/dressing/laughing verbs ("manicure", "overdress", "cackle"):
     # keep a body verb only if it is derived from a biological noun or its gloss says so.
     core = {k for k in bio if ss[k]["lexname"] != "verb.body"}
-    return {k for k in bio if ss[k]["lexname"] != "verb.body" or BIO_WORDS.search(text(ss[k]))
+    return {k for k in bio if ss[k]["lexname"] != "verb.body" or BIO_WORDS.search(ss[k]["text"])
             or any(p == "+" and t in core for p, t in ss[k]["ptrs"])}
-
-
-def text(s):
-    return " ".join(s["lemmas"] + [s["definition"]] + s["examples"])
 
 
 def is_heldout(key):
@@ -153,12 +138,9 @@ def sentence(s):
     lemma, syn, d = s["lemmas"][0], s["lemmas"][1:], s["definition"]
     # Glosses may open with a usage label, "(anatomy) the part ..." or "geology: cause ...".
     m = re.match(r"^(?:\((\w+)\)|(\w+(?:logy|ics|try|phy|my|ine)):) (.+)$", d)
-    label = m and (m[1] or m[2])
-    if label and label.lower() not in NOT_DOMAINS:
-        d = m[3]
-        label += " usage" if label.endswith(("al", "ary")) else ""   # "In nautical usage, "
-    else:
-        label = None
+    label = (m[1] or m[2]) if m and (m[1] or m[2]).lower() not in NOT_DOMAINS else None
+    if label:
+        d, label = m[3], label + (" usage" if label.endswith(("al", "ary")) else "")
     if s["pos"] == "noun":
         taxon = s["lexname"] in ("noun.animal", "noun.plant") and (
             re.fullmatch(r"[A-Z][a-z]+", lemma) or TAXON.match(lemma))
@@ -191,12 +173,10 @@ def budget(keys, ss, chars, rng, first=()):
     """Deterministic random subset of keys (those in `first` come first) under a char budget."""
     keys = sorted(keys)
     rng.shuffle(keys)
-    head = set(first)
-    keys = list(first) + [k for k in keys if k not in head]
-    out, total = [], 0
-    for k in keys:
+    out, total, head = [], 0, set(first)
+    for k in list(first) + [k for k in keys if k not in head]:
         if total >= chars:
-            break
+            return out
         out.append(k)
         total += len(sentence(ss[k])) + 1
     return out
@@ -209,9 +189,8 @@ def documents(keys, ss, rng):
         by_lex[ss[k]["lexname"]].append(k)
     lines = []
     for lex in sorted(by_lex):
-        group = by_lex[lex]
+        group, i = by_lex[lex], 0
         rng.shuffle(group)
-        i = 0
         while i < len(group):
             n = rng.randint(8, 15)
             lines.append(" ".join(sentence(ss[k]) for k in group[i:i + n]))
@@ -220,14 +199,40 @@ def documents(keys, ss, rng):
     return lines
 
 
+def with_qa_lines(lines, keys, ss, seed):
+    """Add question/answer lines ("Question: Which word means: ...? Answer: ...") written from
+    the corpus's own training synsets, in both corpora alike. Questions are a format the model
+    must keep handling: if only the evaluation used it, its tokens ("Question", "Which",
+    "Answer") would be unseen by the SAE, and a feature chosen for the unlearn domain could fire
+    on them and break every question, retain questions included. Own rng: the sentence lines,
+    held-out text and MCQs stay byte-identical."""
+    rng = random.Random(seed)
+    keys = sorted(k for k in keys if 3 <= len(ss[k]["definition"].split()) <= 25)
+    rng.shuffle(keys)
+    qa, budget_chars, i = [], int(TRAIN_CHARS * QA_FRAC), 0
+    while sum(map(len, qa)) < budget_chars and i < len(keys):
+        n = rng.randint(4, 8)
+        parts = []
+        for k in keys[i:i + n]:
+            s = ss[k]
+            kind = {"noun": "word", "verb": "verb", "adj": "adjective", "adv": "adverb"}[s["pos"]]
+            parts.append(f"Question: Which {kind} means: {s['definition']}? Answer: {s['lemmas'][0]}.")
+        qa.append(" ".join(parts))
+        i += n
+    out = lines + qa
+    rng.shuffle(out)
+    return out
+
+
 def stems(text):
     return {w[:max(4, len(w) - 2)] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3}
 
 
 def leaks(lemma, text):
-    """True if a word of `lemma` (or an obvious inflection of it) appears in `text`."""
+    """True if a word of `lemma` (or an obvious inflection of it) appears in `text`; long stems
+    also count inside words ("ordinate" in "coordinate")."""
     words = re.findall(r"[a-z]+", text.lower())
-    return any(w.startswith(st) for st in stems(lemma) for w in words)
+    return any(w.startswith(st) or (len(st) >= 5 and st in w) for st in stems(lemma) for w in words)
 
 
 def eligible(s, common_words):
@@ -254,20 +259,16 @@ def make_items(pool, ss, rng):
         rng.shuffle(cands)
         chosen = [k]
         for c in cands:
-            if len(chosen) == 4:
-                break
             lem, defs = [ss[x]["lemmas"][0] for x in chosen], [ss[x]["definition"] for x in chosen]
             cl, cd = ss[c]["lemmas"][0], ss[c]["definition"]
-            # distinct, no shared words, and no choice word inside any definition (in either phrasing)
-            if cd in defs or any(stems(cl) & stems(x) for x in lem) or \
-                    any(leaks(cl, x) for x in defs) or any(leaks(x, cd) for x in lem):
-                continue
-            chosen.append(c)
-        if len(chosen) < 4:
-            continue
-        pos = positions[len(items)]
-        chosen[0], chosen[pos] = chosen[pos], chosen[0]
-        items.append((chosen, pos))
+            # distinct, no shared words, no choice word inside any definition (either phrasing)
+            if len(chosen) < 4 and cd not in defs and not any(stems(cl) & stems(x) for x in lem) \
+                    and not any(leaks(cl, x) for x in defs) and not any(leaks(x, cd) for x in lem):
+                chosen.append(c)
+        if len(chosen) == 4:
+            pos = positions[len(items)]
+            chosen[0], chosen[pos] = chosen[pos], chosen[0]
+            items.append((chosen, pos))
     assert len(items) == N_MCQ, len(items)
     return items
 
@@ -299,26 +300,20 @@ def evaluate(out, sets):
         print(f"tokens {f.name}: {n}")
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                  dtype=torch.float32).eval()
-    torch.set_num_threads(2)
     for (name, phrasing), qs in sets.items():
-        hits = {"sum": 0, "mean": 0}
+        hits = {"sum": 0, "mean": 0}          # summed vs per-token-mean continuation log-prob
         for q in qs:
-            prompt = tok(f"Question: {q['question']}\nAnswer:", add_special_tokens=True)["input_ids"]
+            prompt = tok(f"Question: {q['question']}\nAnswer:")["input_ids"]   # with BOS
             conts = [tok(" " + c, add_special_tokens=False)["input_ids"] for c in q["choices"]]
-            width = max(len(c) for c in conts)
-            ids = torch.tensor([prompt + c + [0] * (width - len(c)) for c in conts])
-            with torch.no_grad():
-                logp = model(ids).logits.log_softmax(-1)
-            sums, means = [], []
-            for j, c in enumerate(conts):
-                pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
-                lp = logp[j, pos, torch.tensor(c)].sum().item()
-                sums.append(lp)
-                means.append(lp / len(c))
-            hits["sum"] += max(range(4), key=sums.__getitem__) == q["answer"]
-            hits["mean"] += max(range(4), key=means.__getitem__) == q["answer"]
-        print(f"accuracy {name:6s} {phrasing:12s} " +
-              " ".join(f"{k}={v / len(qs):.3f}" for k, v in hits.items()), flush=True)
+            width = max(map(len, conts))
+            with torch.no_grad():   # right-padding is harmless: the model is causal
+                ids = torch.tensor([prompt + c + [0] * (width - len(c)) for c in conts])
+                logp = model(ids, logits_to_keep=width + 1).logits.log_softmax(-1)  # choice span
+            lp = [logp[j, torch.arange(len(c)), c].sum().item() for j, c in enumerate(conts)]
+            hits["sum"] += max(range(4), key=lambda j: lp[j]) == q["answer"]
+            hits["mean"] += max(range(4), key=lambda j: lp[j] / len(conts[j])) == q["answer"]
+        print(f"accuracy {name:7s} {phrasing:11s} "
+              + " ".join(f"{k}={v / len(qs):.3f}" for k, v in hits.items()), flush=True)
 
 
 def main():
@@ -334,10 +329,10 @@ def main():
     common = {w for k in tagged_senses() for w in ss[k]["lemmas"]}
     # Retain: not biology, and no biological vocabulary at all; ambiguous verb.body left out.
     general = {k for k, s in ss.items() if k not in bio and s["lexname"] != "verb.body"
-               and not BIO_WORDS.search(text(s))}
+               and not BIO_WORDS.search(s["text"])}
     OUT.mkdir(parents=True, exist_ok=True)
     sets = {}
-    for name, keys in (("unlearn", bio), ("retain", general)):
+    for name, mcq_name, keys in (("unlearn", "forget_mcq", bio), ("retain", "retain_mcq", general)):
         rng = random.Random(f"{SEED}-{name}")        # str seeds are hashed deterministically
         train = [k for k in keys if not is_heldout(k)]
         held = [k for k in keys if is_heldout(k)]
@@ -347,9 +342,10 @@ def main():
                                   (f"{name}_heldout.txt", held, HELDOUT_CHARS)):
             first = mcq_keys if sel is held else ()   # held-out text covers every MCQ synset
             lines = documents(budget(sel, ss, chars, rng, first), ss, rng)
+            if sel is train:
+                lines = with_qa_lines(lines, train, ss, f"{SEED}-{name}-qa")
             (OUT / fname).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        mcq_name = {"unlearn": "forget_mcq.jsonl", "retain": "retain_mcq.jsonl"}[name]
-        (OUT / mcq_name).write_text("".join(json.dumps(render(it, ss, PHRASING)) + "\n"
+        (OUT / f"{mcq_name}.jsonl").write_text("".join(json.dumps(render(it, ss, PHRASING)) + "\n"
                                             for it in items), encoding="utf-8")
         for ph in ("gloss2lemma", "lemma2gloss"):
             sets[(name, ph)] = [render(it, ss, ph) for it in items]
