@@ -1,21 +1,26 @@
 """Trainer benchmarks: ratios measured in one run (STYLE habit 11), not timed tests.
 
-    python -m trainer.bench                              # step cost, d_model 640, expansion 4
-    python -m trainer.bench --store stores/demo.zarr --layer 6 --expansion 8
+    python benchmarks/bench_train.py                                  # step cost only
+    python benchmarks/bench_train.py --store ff-demo/store.zarr --layer 8
 
 Prints:
-- step: FeatureForget phase-2 step / baseline step, same tokens per step (target <= 1.3);
-- data (with --store): a training step fed by the store's TokenStream / the same step fed
-  from a tensor already in memory (target ~1.0: the prefetch thread hides the reads).
+- step: FeatureForget phase-2 step time / baseline step time, same tokens (target <= 1.3);
+- data (with --store): training steps/s fed by the store's TokenStream / steps/s fed from the
+  same tokens already in memory (target >= 0.9: the prefetch thread hides the reads);
+- memory (with --store): peak resident memory while streaming through the whole store with a
+  small shuffle buffer, against the size of the store's float32 activations (bounded).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import threading
 import time
 
 import torch
 
+from cache.store import open_store
 from trainer.config import TrainConfig
 from trainer.featureforget import FeatureForget
 from trainer.sae import SAE
@@ -69,8 +74,47 @@ def bench_data(store: str, layer: int, expansion: int, n: int) -> None:
     for s in streams:
         s.close()
     print(f"data  {B} tokens per stream batch, buffer {cfg.buffer_chunks} chunks")
-    print(f"      from memory {t_mem * 1e3:.1f} ms  from store {t_store * 1e3:.1f} ms  "
-          f"ratio {t_store / t_mem:.3f} (target ~1.0)")
+    print(f"      from memory {1 / t_mem:.2f} steps/s  from store {1 / t_store:.2f} steps/s  "
+          f"ratio {t_mem / t_store:.3f} (target >= 0.9)")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_memory(store: str, layer: int, expansion: int, buffer_chunks: int = 2) -> None:
+    """Stream every retain and unlearn token of `layer` once through training steps."""
+    from trainer.data import TokenStream, open_training_data
+
+    cfg = TrainConfig.preset("demo").replace(expansion=expansion, method="baseline", buffer_chunks=buffer_chunks)
+    data = open_training_data(store, layer, cfg.eval_frac)
+    B = cfg.tokens_per_half_batch(data.ctx_len)
+    sae = SAE(data.d_model, expansion * data.d_model)
+    opt = make_optimizer(cfg, sae, None)
+    streams = [TokenStream(c.train, batch_size=B, buffer_chunks=buffer_chunks, seed=0, stream_id=i)
+               for i, c in enumerate((data.retain, data.unlearn))]
+    st = open_store(store)
+    store_bytes = sum(c.n_contexts * c.ctx_len * c.d_model * 4 for c in (st.corpus(n) for n in st.corpora))
+    steps = max(1, store_bytes // (4 * data.d_model * 2 * B))  # about one pass over the store
+    base, peak, stop = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    for _ in range(steps):
+        train_step(sae, None, opt, cfg, next(streams[0]), next(streams[1]), phase2=False)
+    stop.set()
+    t.join()
+    for s in streams:
+        s.close()
+    print(f"memory {steps} steps over layer {layer} of the store, buffer {buffer_chunks} chunks per stream")
+    print(f"      store activations (float32) {store_bytes / 2**20:.0f} MiB; peak RSS growth while training "
+          f"{(peak[0] - base) / 2**20:.0f} MiB (ratio {(peak[0] - base) / store_bytes:.2f})")
 
 
 def main() -> None:
@@ -85,6 +129,7 @@ def main() -> None:
     bench_step(a.d_model, a.expansion, a.half_batch, a.steps)
     if a.store is not None:
         bench_data(a.store, a.layer, a.expansion, a.steps)
+        bench_memory(a.store, a.layer, a.expansion)
 
 
 if __name__ == "__main__":
