@@ -81,8 +81,10 @@ class Setting:
 
 @dataclass(frozen=True)
 class SweepGrid:
-    multipliers: tuple[float, ...] = (25.0, 50.0, 100.0, 200.0)
-    """Clamp multipliers m to try (SAEBench: 25, 50, 100, 200)."""
+    multipliers: tuple[float, ...] = (2.0, 5.0, 10.0, 25.0, 50.0)
+    """Clamp multipliers m to try. SAEBench uses 25-200 on SAEs of raw Gemma-2 activations;
+    ours work on activations normalised to E||x s||^2 = d_model (||x s|| ~ sqrt(d), 25 on
+    Gemma 3 270M), where m = 25 already moves h by about its own norm, so the grid starts lower."""
 
     ablate: bool = True
     """Also try plain ablation (t = 0) at every feature count."""
@@ -120,8 +122,8 @@ class SweepGrid:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-DEMO_GRID = SweepGrid(multipliers=(50.0, 200.0), ablate=False, top_n=(20, None), freq_thresholds=(0.01,))
-"""A small grid for `ff run --preset demo` on CPU: 4 FeatureForget settings, 2 baseline ones."""
+DEMO_GRID = SweepGrid(multipliers=(2.0, 5.0, 10.0), ablate=True, top_n=(10, 20), freq_thresholds=(0.01,))
+"""A small grid for `ff run --preset demo` on CPU: ablation and three clamp values, top 10 / 20."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},

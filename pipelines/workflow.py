@@ -53,7 +53,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # The embedded Gemma 3 270M and the bundled corpora: about 15 minutes on 2 CPU cores.
     "demo": Preset(
-        cache=CacheConfig(model="gemma-3-270m", retain="demo", unlearn="demo", contexts=512, ctx_len=128),
+        cache=CacheConfig(model="gemma-3-270m", retain="demo", unlearn="demo", contexts=384, ctx_len=128),
         train_preset="demo",
         eval_preset="demo",
         note="embedded Gemma 3 270M, bundled demo corpora and held-out evaluation files",

@@ -229,10 +229,12 @@ def stems(text):
 
 
 def leaks(lemma, text):
-    """True if a word of `lemma` (or an obvious inflection of it) appears in `text`; long stems
-    also count inside words ("ordinate" in "coordinate")."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return any(w.startswith(st) or (len(st) >= 5 and st in w) for st in stems(lemma) for w in words)
+    """True if a word of `lemma` (or an inflection or derivation) appears in `text`: long stems
+    also count inside words ("ordinate" in "coordinate") and the other way round
+    ("directional" in the question gives away "directionality")."""
+    words, lw = re.findall(r"[a-z]+", text.lower()), re.findall(r"[a-z]+", lemma.lower())
+    return any(w.startswith(st) or (len(st) >= 5 and st in w) for st in stems(lemma) for w in words) \
+        or any(x.startswith(st) for st in stems(text) if len(st) >= 5 for x in lw)
 
 
 def eligible(s, common_words):
@@ -300,7 +302,7 @@ def evaluate(out, sets):
         print(f"tokens {f.name}: {n}")
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                  dtype=torch.float32).eval()
-    for (name, phrasing), qs in sets.items():
+    for (name, phrasing), qs in sorted(sets.items(), key=lambda kv: kv[0][1]):
         hits = {"sum": 0, "mean": 0}          # summed vs per-token-mean continuation log-prob
         for q in qs:
             prompt = tok(f"Question: {q['question']}\nAnswer:")["input_ids"]   # with BOS

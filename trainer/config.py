@@ -199,7 +199,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # AdamW 3e-4, 1000 warm-up steps, 32 contexts x 128 tokens. The paper gives no step
     # count; 10k steps is 20 epochs of its 2048-context retain corpus.
     "paper": {},
-    # Gemma 3 270M (d_model 640) on 2 CPU cores: d_sae 2560 and 1016-token steps, 300 steps
+    # Gemma 3 270M (d_model 640) on 2 CPU cores: d_sae 2560 and 1016-token steps, 500 steps
     # per run so that `ff run --preset demo` (2 methods x 3 layers) fits in about 15 minutes.
     # Warm-up, recluster period, EMA window and dead window are scaled down with the step
     # count. l1: on activations normalised to E||x||^2 = d, the paper's 0.04 leaves the SAE
@@ -208,8 +208,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         expansion=4,
         l1=2.0,
         batch_contexts=8,
-        steps=300,
-        warmup=30,
+        steps=500,
+        warmup=50,
         recluster_every=50,
         importance_decay=0.95,
         importance_batches=4,
