@@ -168,7 +168,7 @@ def test_feature_selection_candidates_and_saebench():
 def test_grid_settings_and_validation():
     g = SweepGrid()
     ff, base = g.settings("featureforget"), g.settings("baseline")
-    assert len(ff) == 15 and len(base) == 20
+    assert len(ff) == 18 and len(base) == 24  # (5 clamp values + ablate) x counts (x thresholds)
     assert all(s.selection == "saebench" and s.top_n in (10, 20) for s in base)
     assert {s.top_n for s in ff} == {10, 20, None}
     assert Setting.from_dict(ff[3].to_dict()) == ff[3]

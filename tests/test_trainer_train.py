@@ -196,10 +196,3 @@ def test_any_iterator_works_and_nan_in_phase_1_stops(tmp_path):
     with pytest.raises(NonFiniteLossError, match="loss is not finite at step 9.*step 8"):
         train_on_streams(cfg, batches(x_r, bad_from=10), batches(x_u), d_model=D,
                          out=tmp_path / "bad")
-
-
-def test_benchmark_script_runs(capsys):
-    from trainer.bench import bench_step
-
-    bench_step(d_model=D, expansion=2, half_batch=16, n=1)
-    assert "ratio" in capsys.readouterr().out
