@@ -216,7 +216,7 @@ def format_train_summary(layer: int, s) -> str:
 
 @main.command("run")
 @click.option("--preset", default="demo", type=click.Choice(["demo", "paper"]),
-              help="demo: embedded Gemma 3 270M, bundled corpora, ~15 min on 2 CPU cores. "
+              help="demo: embedded Gemma 3 270M, bundled corpora, about 20-25 min on 2 CPU cores. "
                    "paper: Gemma-2-2B, layers 5/12/19, Pile-uncopyrighted vs WMDP-bio (needs a GPU and "
                    "Hugging Face access to the gated model and corpus).")
 @click.option("--out", default=None, type=click.Path(), help="Output folder. Default: ff-<preset>")
