@@ -196,7 +196,6 @@ def pick_dtype(dtype: str | None, device: str):
 
 def load_model(spec: str, *, device: str = "auto", dtype: str | None = None) -> LoadedModel:
     """Load model and tokenizer for `spec` in eval mode on `device`."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_model(spec)

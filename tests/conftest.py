@@ -48,6 +48,17 @@ def build_tiny_model(folder: Path, n_layers: int = 4, hidden: int = 32) -> Path:
     return folder
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: extra torch threads only add contention (use with pytest.mark.usefixtures)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny_model")))

@@ -14,12 +14,7 @@ from trainer.sae import SAE
 from trainer.steps import make_optimizer, recon_stats, train_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def per_token_importance(sae: SAE, x_BD: torch.Tensor, l1: float):

@@ -18,12 +18,7 @@ D, CTX, BOS, PAD = 8, 6, 2, 0
 SENTINEL_BOS, SENTINEL_PAD = 1e4, -1e4  # any of these in a batch means the mask leaked
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, n_unlearn=24,

@@ -16,12 +16,7 @@ from trainer.train import HeldOut, train_on_streams
 D = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_data(n: int = 6000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
