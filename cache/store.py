@@ -110,6 +110,11 @@ class BackgroundWriter:
     never waits on compression or disk unless the queue is full."""
 
     def __init__(self, root: zarr.Group, max_pending: int = 4):
+        import numcodecs.blosc
+
+        # One compression thread: the forward pass already uses every core, and Blosc's own
+        # threads would compete with it (the writer only has to keep up, not be fast alone).
+        numcodecs.blosc.set_nthreads(1)
         self.root = root
         self.q: queue.Queue[ChunkWrite | None] = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
