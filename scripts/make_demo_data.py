@@ -51,7 +51,7 @@ BIO_WORDS = re.compile(
     re.I)
 HELDOUT_PCT = 15
 SEED = 1234
-TRAIN_CHARS, HELDOUT_CHARS = 1_150_000, 160_000   # ~250k / ~35k Gemma tokens
+TRAIN_CHARS, HELDOUT_CHARS = 1_150_000, 160_000   # ~255k (+QA lines: ~285k) / ~35k tokens
 N_MCQ = 200
 QA_FRAC = 0.12                                     # question/answer lines, share of TRAIN_CHARS
 PHRASING = "gloss2lemma"                           # chosen with --evaluate, see PROVENANCE.md
@@ -65,6 +65,7 @@ NOT_DOMAINS = {"usually", "often", "sometimes", "especially", "informal", "slang
 FRAGMENT_STARTS = {"widely", "commonly", "closely", "chiefly", "mostly", "usually", "often",
                    "typically", "generally", "especially", "formerly", "related", "found",
                    "native", "similar", "resembling"}
+KIND = {"noun": "word", "verb": "verb", "adj": "adjective", "adv": "adverb"}   # "Which verb means"
 DETERMINERS = {"a", "an", "the", "any", "one", "some", "someone", "something", "each", "every",
                "all", "either", "its", "his", "her", "their", "two", "several", "anything"}
 
@@ -215,8 +216,8 @@ def with_qa_lines(lines, keys, ss, seed):
         parts = []
         for k in keys[i:i + n]:
             s = ss[k]
-            kind = {"noun": "word", "verb": "verb", "adj": "adjective", "adv": "adverb"}[s["pos"]]
-            parts.append(f"Question: Which {kind} means: {s['definition']}? Answer: {s['lemmas'][0]}.")
+            parts.append(f"Question: Which {KIND[s['pos']]} means: {s['definition']}? "
+                         f"Answer: {s['lemmas'][0]}.")
         qa.append(" ".join(parts))
         i += n
     out = lines + qa
@@ -233,7 +234,8 @@ def leaks(lemma, text):
     also count inside words ("ordinate" in "coordinate") and the other way round
     ("directional" in the question gives away "directionality")."""
     words, lw = re.findall(r"[a-z]+", text.lower()), re.findall(r"[a-z]+", lemma.lower())
-    return any(w.startswith(st) or (len(st) >= 5 and st in w) for st in stems(lemma) for w in words) \
+    return any(w.startswith(st) or (len(st) >= 5 and st in w)
+               for st in stems(lemma) for w in words) \
         or any(x.startswith(st) for st in stems(text) if len(st) >= 5 for x in lw)
 
 
@@ -280,8 +282,7 @@ def render(item, ss, phrasing):
     keys, ans = item
     s = ss[keys[ans]]
     if phrasing == "gloss2lemma":
-        kind = {"noun": "word", "verb": "verb", "adj": "adjective", "adv": "adverb"}[s["pos"]]
-        return dict(question=f"Which {kind} means: {s['definition']}?",
+        return dict(question=f"Which {KIND[s['pos']]} means: {s['definition']}?",
                     choices=[ss[k]["lemmas"][0] for k in keys], answer=ans)
     lemma = s["lemmas"][0]
     q = {"noun": f"What is {article(lemma)} {lemma}?", "verb": f"What does it mean to {lemma}?",

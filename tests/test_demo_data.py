@@ -98,8 +98,9 @@ def bio_rate(name):
 
 
 def test_unlearn_is_about_biology_and_retain_is_not():
-    for train, held in (("unlearn.txt", "retain.txt"), ("unlearn_heldout.txt", "retain_heldout.txt")):
-        assert bio_rate(train) > 10 * bio_rate(held) + 0.01, (bio_rate(train), bio_rate(held))
+    for bio, general in (("unlearn.txt", "retain.txt"),
+                         ("unlearn_heldout.txt", "retain_heldout.txt")):
+        assert bio_rate(bio) > 10 * bio_rate(general) + 0.01, (bio_rate(bio), bio_rate(general))
     forget = " ".join(json.loads(x)["question"] for x in lines("forget_mcq.jsonl"))
     retain = " ".join(json.loads(x)["question"] for x in lines("retain_mcq.jsonl"))
     assert len(BIO.findall(forget)) > 5 * len(BIO.findall(retain)) + 10
