@@ -103,6 +103,13 @@ def test_candidate_selection():
     # 4: yes (cluster 1 threshold); 5: r > tau -> no
     expected = torch.tensor([True, True, False, False, True, False])
     assert torch.equal(candidates(alpha_r, alpha_u, tau, cluster), expected)
+    # The retain-frequency bound drops feature 0 (fires on 5% of retain tokens) and keeps
+    # 1 and 4; max_freq_r 1 is the rule as written.
+    freq_r = torch.tensor([0.05, 0.009, 0.0, 0.0, 0.0, 0.0])
+    bounded = candidates(alpha_r, alpha_u, tau, cluster, freq_r_F=freq_r, max_freq_r=0.01)
+    assert torch.equal(bounded, expected & torch.tensor([False, True, True, True, True, True]))
+    unbounded = candidates(alpha_r, alpha_u, tau, cluster, freq_r_F=freq_r, max_freq_r=1.0)
+    assert torch.equal(unbounded, expected)
 
 
 def blob_stats(n_per: int, n_blobs: int, seed: int = 0) -> torch.Tensor:

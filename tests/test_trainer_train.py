@@ -32,9 +32,11 @@ def toy_data(n: int = 6000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return make(0, 24), make(12, 36)
 
 
+# candidate_max_freq_r: the toy SAE is dense after 40 steps (freq_r 0.3-0.7); 0.4 binds and
+# still leaves candidates.
 CFG = TrainConfig(expansion=4, n_clusters=4, steps=40, warmup=5, batch_contexts=4, lr=3e-3, l1=0.05,
                   recluster_every=5, importance_batches=2, importance_decay=0.9, log_every=3,
-                  checkpoint_every=4, eval_max_tokens=1000)
+                  checkpoint_every=4, eval_max_tokens=1000, candidate_max_freq_r=0.4)
 
 
 def streams(x_r, x_u, B=64):
@@ -86,7 +88,8 @@ def test_end_to_end_featureforget_run_folder(tmp_path):
     assert len(clusters["tau"]) == len(clusters["gate_r"]) == len(clusters["gate_u"]) == 4
     # candidates are exactly what §4 says for the saved statistics
     tau_F = torch.tensor(clusters["tau"])[feats["cluster"]]
-    expected = (feats["alpha_u"] > tau_F) & (feats["alpha_r"] <= tau_F)
+    expected = ((feats["alpha_u"] > tau_F) & (feats["alpha_r"] <= tau_F)
+                & (feats["freq_r"] < CFG.candidate_max_freq_r))
     assert torch.equal(feats["candidate"], expected) and expected.any()
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == list(range(3, 40, 3)) + [40]

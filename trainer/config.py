@@ -34,6 +34,11 @@ class TrainConfig:
     beta: float = 0.9
     """tau_c = beta * mean + (1 - beta) * std of alpha_r within cluster c (METHOD §4)."""
 
+    candidate_max_freq_r: float = 0.01
+    """Unlearn candidates must also fire on fewer than this fraction of retain tokens
+    (1: no bound, METHOD §4 as written). 0.01 is SAEBench's retain-frequency threshold; it
+    keeps dense general features out of U (docs/method.md, "Candidate rule")."""
+
     alpha: float = 1.0
     """Weight `a` of the gated per-cluster objectives in L_total (METHOD §5; paper eq. 2)."""
 
@@ -74,6 +79,11 @@ class TrainConfig:
 
     kmeans_niter: int = 100
     """faiss k-means iterations (it stops early once assignments are stable)."""
+
+    gate_lr: float = 3e-2
+    """Peak AdamW learning rate of the gate parameters s (same schedule as lr). Gates must
+    reach their balance g = 1/L within a recluster period or two; at the SAE's lr they move
+    by less than 0.1 in a few hundred steps and stay at 1."""
 
     gate_log_max: float = 4.0
     """Gates g = exp(-s) are kept in [exp(-gate_log_max), exp(gate_log_max)]: s is clamped

@@ -106,10 +106,21 @@ def thresholds(score_r_F: Tensor, cluster_F: Tensor, n_clusters: int, beta: floa
     return beta * mean_C + (1 - beta) * std_C
 
 
-def candidates(score_r_F: Tensor, score_u_F: Tensor, tau_C: Tensor, cluster_F: Tensor) -> Tensor:
-    """U_c = {i in c : score_u[i] > tau_c and score_r[i] <= tau_c} (METHOD §4) -> bool [F]."""
+def candidates(score_r_F: Tensor, score_u_F: Tensor, tau_C: Tensor, cluster_F: Tensor, *,
+               freq_r_F: Tensor | None = None, max_freq_r: float = 1.0) -> Tensor:
+    """U_c = {i in c : score_u[i] > tau_c and score_r[i] <= tau_c} (METHOD §4) -> bool [F],
+    further restricted to features with freq_r[i] < max_freq_r when freq_r_F is given.
+
+    The cluster-relative test alone admits dense, general features: in a cluster of features
+    that fire on a third of all tokens, one whose alpha_u is a little above the cluster's
+    retain mean passes, and a handful of those carry most of the set's retain mass. The
+    retain-frequency bound keeps U to features that are rare on retain data (docs/method.md
+    has the measurements)."""
     tau_F = tau_C[cluster_F]
-    return (score_u_F > tau_F) & (score_r_F <= tau_F)
+    mask_F = (score_u_F > tau_F) & (score_r_F <= tau_F)
+    if freq_r_F is not None and max_freq_r < 1.0:
+        mask_F &= freq_r_F < max_freq_r
+    return mask_F
 
 
 def cluster_losses(mass_r_F: Tensor, mass_u_F: Tensor, cluster_F: Tensor, cand_F: Tensor,
@@ -197,7 +208,9 @@ class FeatureForget(nn.Module):
         tau_C = thresholds(score_r, cluster, cfg.clusters, cfg.beta,
                            per_cluster=not cfg.no_adaptive_threshold)
         self.tau.copy_(tau_C)
-        self.candidate.copy_(candidates(score_r, score_u, tau_C, cluster))
+        self.candidate.copy_(candidates(score_r, score_u, tau_C, cluster,
+                                        freq_r_F=self.freq_r.float().cpu(),
+                                        max_freq_r=cfg.candidate_max_freq_r))
 
     # ---- §5: objective and gates -----------------------------------------------------
 

@@ -30,10 +30,18 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def make_optimizer(cfg: TrainConfig, sae: SAE, ff: FeatureForget | None) -> torch.optim.AdamW:
     """AdamW; weight decay (if any) on the two weight matrices only, never biases or gates."""
-    rest = [sae.b_enc, sae.b_dec] + ([ff.s_r, ff.s_u] if ff is not None else [])
     groups = [{"params": [sae.W_enc, sae.W_dec], "weight_decay": cfg.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
+              {"params": [sae.b_enc, sae.b_dec], "weight_decay": 0.0}]
+    if ff is not None:
+        groups.append({"params": [ff.s_r, ff.s_u], "weight_decay": 0.0,
+                       "lr_scale": cfg.gate_lr / cfg.lr})
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr for the SAE; the gates follow it scaled to cfg.gate_lr."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class Forward(NamedTuple):

@@ -29,7 +29,7 @@ from trainer.featureforget import FeatureForget
 from trainer.run import (MetricsLog, RunFolder, load_checkpoint, open_run, save_checkpoint,
                          write_features, write_json)
 from trainer.sae import SAE
-from trainer.steps import importance_passes, lr_at, make_optimizer, train_step
+from trainer.steps import importance_passes, lr_at, make_optimizer, set_lr, train_step
 
 
 class RunSummary(NamedTuple):
@@ -185,8 +185,7 @@ def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Ite
         elif phase2 and (step - n1) % cfg.recluster_every == 0:  # METHOD §3
             ff.refresh()
         lr = lr_at(cfg, step)
-        for group in t.opt.param_groups:
-            group["lr"] = lr
+        set_lr(t.opt, lr)
         if ff is not None and not phase2:  # phase 1: retain only, a whole step's worth
             x_r, x_u = torch.cat([next(retain), next(retain)]).to(dev), None
         else:
