@@ -139,7 +139,7 @@ def inspect_cmd(store, as_json):
 _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's value
     "steps": "steps", "expansion": "expansion", "l1": "l1", "lr": "lr", "warmup": "warmup",
     "batch_contexts": "batch_contexts", "n_clusters": "n_clusters", "beta": "beta", "alpha": "alpha",
-    "recluster_every": "recluster_every", "seed": "seed", "train_device": "device",
+    "gate_lr": "gate_lr", "candidate_max_freq_r": "candidate_max_freq_r", "recluster_every": "recluster_every", "seed": "seed", "train_device": "device",
 }
 
 
@@ -166,6 +166,10 @@ _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's v
 @click.option("--n-clusters", type=click.IntRange(1), default=None, help="k-means clusters. [preset]")
 @click.option("--beta", type=float, default=None, help="Threshold mix tau_c = beta*mean + (1-beta)*std. [preset]")
 @click.option("--alpha", type=float, default=None, help="Weight of the gated per-cluster objectives. [preset]")
+@click.option("--gate-lr", type=float, default=None, help="Peak learning rate of the gate parameters. [preset]")
+@click.option("--candidate-max-freq-r", type=click.FloatRange(0, 1), default=None,
+              help="Unlearn candidates must fire on fewer than this fraction of retain tokens "
+                   "(1: no bound, the cluster thresholds alone). [preset]")
 @click.option("--recluster-every", type=click.IntRange(1), default=None, help="Phase-2 steps between re-clusterings. [preset]")
 @click.option("--seed", type=int, default=None, help="Seed for init, data order and k-means. [preset]")
 @click.option("--device", "train_device", default=None, help="torch device for the SAE (cpu, cuda). [preset]")

@@ -11,7 +11,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.featureforget import FeatureForget, candidates, cluster_losses, thresholds
 from trainer.sae import SAE
-from trainer.steps import make_optimizer, recon_stats, train_step
+from trainer.steps import make_optimizer, recon_stats, set_lr, train_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,6 +184,16 @@ def test_gates_stay_bounded_and_do_not_collapse():
     assert g_r[1].item() == pytest.approx(4.0, rel=0.02)
     assert g_u[1].item() == pytest.approx(2.0, rel=0.02)
     assert g_r[2].item() == 1.0 and g_u[2].item() == 1.0  # inactive cluster: untouched
+
+
+def test_gates_follow_the_schedule_at_their_own_learning_rate():
+    cfg = TrainConfig(n_clusters=3, lr=3e-4, gate_lr=3e-2)
+    sae, ff = SAE(4, 8), FeatureForget(8, cfg)
+    opt = make_optimizer(cfg, sae, ff)
+    set_lr(opt, 1.5e-4)  # halfway down the schedule
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(ff.s_r)] == lr_of[id(ff.s_u)] == pytest.approx(1.5e-2)
+    assert lr_of[id(sae.W_enc)] == lr_of[id(sae.b_dec)] == pytest.approx(1.5e-4)
 
 
 def test_ablation_no_clustering_and_no_adaptive_threshold():

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from trainer import sae as sae_module
 from trainer.sae import SAE
 
 
@@ -25,6 +26,39 @@ def test_forward_shapes_and_formula():
     torch.testing.assert_close(f_BF, expected_f)
     torch.testing.assert_close(x_hat_BD, expected_f @ sae.W_dec + sae.b_dec)
     assert (f_BF >= 0).all()
+
+
+@pytest.mark.parametrize("active", [0.03, 0.5], ids=["sparse", "dense"])
+def test_training_gradients_equal_the_plain_formula(active):
+    """encode/decode under autograd take sparse paths while f is sparse; every gradient (the
+    parameters', and dL/df seen by the importance) equals the plain dense computation."""
+    torch.manual_seed(0)
+    sae = SAE(16, 256)
+    x_BD = 2 * torch.randn(64, 16)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        pre = (x_BD - sae.b_dec) @ sae.W_enc
+        sae.b_enc.fill_(-float(torch.quantile(pre.flatten(), 1 - active)))  # that share fires
+
+    def grads(f_BF, f_dec_BF, x_hat_BD):
+        loss = (x_hat_BD - x_BD).pow(2).sum(1).mean() + 0.3 * f_BF.sum(1).mean() + f_BF[:, :7].pow(2).mean()
+        params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+        return torch.autograd.grad(loss, params + [f_dec_BF])
+
+    f_BF = sae.encode(x_BD)
+    f_dec = f_BF.view_as(f_BF)
+    got = grads(f_BF, f_dec, sae.decode(f_dec))
+    density = float((f_BF > 0).float().mean())
+    assert density == pytest.approx(active, rel=0.1)
+    assert (density <= sae_module.SPARSE_MAX_DENSITY) == (active < 0.1)  # the path under test
+    ref_f = torch.relu((x_BD - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    ref_dec = ref_f.view_as(ref_f)
+    want = grads(ref_f, ref_dec, ref_dec @ sae.W_dec + sae.b_dec)
+    torch.testing.assert_close(f_BF, ref_f)
+    for g, w in zip(got[:4], want[:4]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    active = ref_f > 0  # dL/df matters only where f fires (a ReLU feature that is off takes no part)
+    torch.testing.assert_close(got[4][active], want[4][active], rtol=1e-4, atol=1e-5)
 
 
 def test_parallel_gradient_removed():

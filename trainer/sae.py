@@ -17,7 +17,62 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+SPARSE_MAX_DENSITY = 0.05
+"""Training takes the sparse paths below while at most this fraction of f is non-zero (the
+demo's SAEs run at 1-2% once past the first steps); above it, dense matmuls are faster."""
+
+
+class _Encode(torch.autograd.Function):
+    """f = ReLU((x - b_dec) W_enc + b_enc), with a backward that only touches the active
+    entries of f. A ReLU passes no gradient where f = 0, so
+
+        dW_enc = (x - b_dec)^T G,   db_enc = sum_b G,   db_dec = -W_enc db_enc
+
+    with G = dL/df masked to the active entries: a sparse [B, F] matrix at 1-2% density, which
+    turns the B x D x F weight-gradient matmul into a sparse one. Dense when f is not sparse."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor) -> Tensor:
+        xc_BD = x_BD - b_dec_D
+        f_BF = torch.relu(torch.addmm(b_enc_F, xc_BD, W_enc_DF))
+        ctx.save_for_backward(xc_BD, W_enc_DF, f_BF)
+        return f_BF
+
+    @staticmethod
+    def backward(ctx, grad_BF: Tensor):
+        xc_BD, W_enc_DF, f_BF = ctx.saved_tensors
+        active_BF = f_BF > 0
+        n_active = int(active_BF.sum())
+        if n_active <= SPARSE_MAX_DENSITY * f_BF.numel():
+            rows, cols = active_BF.nonzero(as_tuple=True)
+            g = grad_BF[rows, cols]
+            G_FB = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, f_BF.shape[::-1],
+                                           check_invariants=False)
+            dW_enc_DF = torch.sparse.mm(G_FB, xc_BD).T
+            db_enc_F = torch.zeros_like(f_BF[0]).index_add_(0, cols, g)
+            G_BF = None
+        else:
+            G_BF = grad_BF * active_BF
+            dW_enc_DF = xc_BD.T @ G_BF
+            db_enc_F = G_BF.sum(0)
+        db_dec_D = -(W_enc_DF @ db_enc_F)
+        dx_BD = None
+        if ctx.needs_input_grad[0]:
+            G_BF = grad_BF * active_BF if G_BF is None else G_BF
+            dx_BD = G_BF @ W_enc_DF.T
+            db_dec_D = -dx_BD.sum(0)
+        return dx_BD, dW_enc_DF, db_enc_F, db_dec_D
+
+
+def _decode_sparse(f_BF: Tensor, W_dec_FD: Tensor) -> Tensor:
+    """f W_dec as a weighted sum of the active rows of W_dec (embedding_bag, as in sparsify):
+    forward and both gradients cost O(active entries x D) instead of O(B x F x D)."""
+    rows, cols = f_BF.nonzero(as_tuple=True)  # row-major: rows sorted
+    offsets_B = torch.searchsorted(rows, torch.arange(f_BF.shape[0], device=f_BF.device))
+    return F.embedding_bag(cols, W_dec_FD, offsets_B, mode="sum", per_sample_weights=f_BF[rows, cols])
 
 
 class ForwardOutput(NamedTuple):
@@ -56,9 +111,14 @@ class SAE(nn.Module):
         return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x_BD: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and self.W_enc.requires_grad:
+            return _Encode.apply(x_BD, self.W_enc, self.b_enc, self.b_dec)
         return torch.relu(self.pre_acts(x_BD))
 
     def decode(self, f_BF: Tensor) -> Tensor:
+        if (torch.is_grad_enabled() and f_BF.requires_grad and f_BF.dim() == 2
+                and int((f_BF > 0).sum()) <= SPARSE_MAX_DENSITY * f_BF.numel()):
+            return _decode_sparse(f_BF, self.W_dec) + self.b_dec
         return f_BF @ self.W_dec + self.b_dec
 
     def forward(self, x_BD: Tensor) -> ForwardOutput:
