@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cache.store import from_storage
 from trainer.errors import TrainError
 
 
@@ -32,6 +33,11 @@ class ChunkSource(Protocol):
 
     def read(self, k: int) -> np.ndarray:
         """Masked tokens of chunk k, unscaled: float32 [n_k, D]."""
+        ...
+
+    def read_stored(self, k: int) -> tuple[np.ndarray, str]:
+        """The same tokens in their storage dtype, and that dtype's name for `from_storage`
+        (bfloat16 stores: uint16 bit patterns, half the bytes to shuffle)."""
         ...
 
 
@@ -55,10 +61,13 @@ class StoreSource:
         return len(self.pieces)
 
     def read(self, k: int) -> np.ndarray:
+        return from_storage(*self.read_stored(k))
+
+    def read_stored(self, k: int) -> tuple[np.ndarray, str]:
         p = self.pieces[k]
         c_start, _ = self.corpus.chunk_bounds(p.chunk)
-        x_NTD = self.corpus.read_chunk(self.layer, p.chunk)[p.start - c_start : p.stop - c_start]
-        return x_NTD[self.corpus.mask(p.start, p.stop)]
+        raw_NTD = self.corpus.read_chunk_stored(self.layer, p.chunk)[p.start - c_start : p.stop - c_start]
+        return raw_NTD[self.corpus.mask(p.start, p.stop)], self.corpus.meta.dtype
 
 
 class ArraySource:
@@ -73,6 +82,9 @@ class ArraySource:
 
     def read(self, k: int) -> np.ndarray:
         return self.x_ND[k * self.chunk_tokens : (k + 1) * self.chunk_tokens]
+
+    def read_stored(self, k: int) -> tuple[np.ndarray, str]:
+        return self.read(k), "float32"
 
 
 def split_pieces(bounds: Sequence[tuple[int, int]], eval_frac: float,
@@ -126,8 +138,9 @@ class TokenStream:
         self.buffer_chunks = max(1, min(buffer_chunks, len(source)))
         self.epoch, self.buffer, self.batch = 0, 0, 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ff-prefetch") if prefetch else None
-        self._current: tuple[tuple[int, int], Tensor] | None = None
-        self._next: tuple[tuple[int, int], Future | Tensor] | None = None
+        Buffer = tuple[np.ndarray, str]  # shuffled tokens in the storage dtype, dtype name
+        self._current: tuple[tuple[int, int], Buffer] | None = None
+        self._next: tuple[tuple[int, int], Future | Buffer] | None = None
 
     # ---- position ------------------------------------------------------------------
 
@@ -150,20 +163,30 @@ class TokenStream:
             groups[-2:] = [np.concatenate(groups[-2:])]
         return groups
 
-    def _load(self, epoch: int, buffer: int) -> Tensor:
-        """Read one buffer's chunks, scale, shuffle tokens: [N, D] (runs in the prefetch thread)."""
+    def _load(self, epoch: int, buffer: int) -> tuple[np.ndarray, str]:
+        """Read one buffer's chunks and shuffle their tokens -> ([N, D] in the storage dtype,
+        dtype name). Runs in the prefetch thread; batches are converted and scaled on the way
+        out, so the buffer holds (and the shuffle moves) bfloat16 stores at 2 bytes a value."""
         ks = self._groups(epoch)[buffer]
-        x_ND = np.concatenate([self.source.read(int(k)) for k in ks])
+        parts = [self.source.read_stored(int(k)) for k in ks]
+        dtype = parts[0][1]
+        n = sum(len(x) for x, _ in parts)
         rng = np.random.default_rng([self.seed, self.stream_id, epoch, buffer, 1])
-        perm = rng.permutation(len(x_ND))
-        x_ND = x_ND[perm]
-        x_ND *= np.float32(self.scale)
-        return torch.from_numpy(x_ND)
+        perm = rng.permutation(n)
+        # buf = concatenate(parts)[perm] in one copy: scatter each part where perm sends it.
+        dest = np.empty_like(perm)
+        dest[perm] = np.arange(n)
+        buf_ND = np.empty((n, self.source.d_model), dtype=parts[0][0].dtype)
+        start = 0
+        for x, _ in parts:
+            buf_ND[dest[start : start + len(x)]] = x
+            start += len(x)
+        return buf_ND, dtype
 
     def _after(self, epoch: int, buffer: int) -> tuple[int, int]:
         return (epoch, buffer + 1) if buffer + 1 < len(self._groups(epoch)) else (epoch + 1, 0)
 
-    def _get(self, key: tuple[int, int]) -> Tensor:
+    def _get(self, key: tuple[int, int]) -> tuple[np.ndarray, str]:
         if self._next is not None and self._next[0] == key:
             x = self._next[1]
             return x.result() if isinstance(x, Future) else x
@@ -185,11 +208,12 @@ class TokenStream:
             if self._current is None or self._current[0] != key:
                 self._current = (key, self._get(key))
                 self._prefetch(self._after(*key))
-            x_ND = self._current[1]
-            if (self.batch + 1) * self.B <= len(x_ND):
+            buf_ND, dtype = self._current[1]
+            if (self.batch + 1) * self.B <= len(buf_ND):
                 self.batch += 1
-                return x_ND[(self.batch - 1) * self.B : self.batch * self.B]
-            empty = empty + 1 if len(x_ND) < self.B else 0
+                x_BD = from_storage(buf_ND[(self.batch - 1) * self.B : self.batch * self.B], dtype)
+                return torch.from_numpy(np.multiply(x_BD, np.float32(self.scale), dtype=np.float32))
+            empty = empty + 1 if len(buf_ND) < self.B else 0
             if empty > len(self.source):
                 raise TrainError(f"stream buffers hold fewer than one batch ({self.B} tokens); "
                                  "raise buffer_chunks or lower batch_contexts")
