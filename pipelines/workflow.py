@@ -51,7 +51,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The embedded Gemma 3 270M and the bundled corpora: 17 min measured on 2 idle CPU cores
+    # The embedded Gemma 3 270M and the bundled corpora: 13.5 min measured on 2 idle CPU cores
     # (docs/benchmarks.md).
     "demo": Preset(
         cache=CacheConfig(model="gemma-3-270m", retain="demo", unlearn="demo", contexts=384, ctx_len=128),

@@ -210,7 +210,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # count; 10k steps is 20 epochs of its 2048-context retain corpus.
     "paper": {},
     # Gemma 3 270M (d_model 640) on 2 CPU cores: d_sae 2560 and 1016-token steps, 500 steps
-    # per run so that `ff run --preset demo` (2 methods x 3 layers) takes about 17 minutes
+    # per run so that `ff run --preset demo` (2 methods x 3 layers) takes about 14 minutes
     # (docs/benchmarks.md).
     # Warm-up, recluster period, EMA window and dead window are scaled down with the step
     # count. l1: on activations normalised to E||x||^2 = d, the paper's 0.04 leaves the SAE
