@@ -139,7 +139,8 @@ def inspect_cmd(store, as_json):
 _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's value
     "steps": "steps", "expansion": "expansion", "l1": "l1", "lr": "lr", "warmup": "warmup",
     "batch_contexts": "batch_contexts", "n_clusters": "n_clusters", "beta": "beta", "alpha": "alpha",
-    "gate_lr": "gate_lr", "candidate_max_freq_r": "candidate_max_freq_r", "recluster_every": "recluster_every", "seed": "seed", "train_device": "device",
+    "gate_lr": "gate_lr", "candidate_max_freq_r": "candidate_max_freq_r",
+    "recluster_every": "recluster_every", "seed": "seed", "train_device": "device",
 }
 
 
