@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache.store import create_store
+from cache.store import create_store, from_storage, to_storage
 from trainer.config import TrainConfig
 from trainer.data import TokenStream, open_training_data
 from trainer.errors import TrainError
@@ -22,10 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, n_unlearn=24,
-               chunk_contexts=4, complete=True, seed=0):
+               chunk_contexts=4, complete=True, seed=0, dtype="float32"):
     attrs = dict(format_version=1, model="tiny", model_hash=model_hash, tokenizer_hash="t",
                  ctx_len=CTX, layers=list(layers), hook="resid_post", d_model=d_model,
-                 dtype="float32", chunk_contexts=chunk_contexts, bos_token_id=BOS,
+                 dtype=dtype, chunk_contexts=chunk_contexts, bos_token_id=BOS,
                  pad_token_id=PAD, ff_version="test")
     sizes = {"retain": n_retain, "unlearn": n_unlearn}
     corpora = {k: dict(n_contexts=n, corpus=k, fingerprint=k) for k, n in sizes.items()}
@@ -40,7 +40,7 @@ def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, 
             x *= 3.0 if name == "unlearn" else 1.0
             x[:, 0] = SENTINEL_BOS
             x[tok == PAD] = SENTINEL_PAD
-            root[name][f"layer_{layer}"][:] = x
+            root[name][f"layer_{layer}"][:] = to_storage(x, dtype)
         root[name]["tokens"][:] = tok
     root.attrs.update({"complete": complete})
     return path
@@ -60,6 +60,22 @@ def test_streams_hold_only_masked_tokens_of_the_train_split(tmp_path):
     assert len(x) == n_train and x.abs().max() < 100
     held = torch.cat([torch.from_numpy(data.retain.held_out.read(k)) for k in range(2)])
     assert len(held) == 8 * (CTX - 1) - 2 and held.abs().max() < 100  # padding removed
+
+
+def test_bfloat16_store_streams_the_stored_values_scaled(tmp_path):
+    """Buffers keep bf16 bit patterns and convert per batch: every train token comes out once
+    per epoch, equal to the stored value (as float32) times the scale."""
+    data = open_training_data(str(make_store(tmp_path / "s.zarr", dtype="bfloat16")), 1, 0.2)
+    src = data.retain.train
+    want = np.concatenate([from_storage(*src.read_stored(k)) for k in range(len(src))]) * np.float32(0.5)
+    assert src.read_stored(0)[0].dtype == np.uint16 and src.read_stored(0)[1] == "bfloat16"
+    assert len(want) % 4 == 0  # one buffer of the whole split, four whole batches
+    stream = TokenStream(src, batch_size=len(want) // 4, buffer_chunks=len(src), seed=0, scale=0.5)
+    got = torch.cat([next(stream) for _ in range(4)]).numpy()
+    stream.close()
+    assert got.dtype == np.float32 and not np.array_equal(got, want)  # shuffled
+    order = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731 (rows sorted, for a multiset compare)
+    np.testing.assert_array_equal(order(got), order(want))
 
 
 def test_user_errors_are_one_line_train_errors(tmp_path):
@@ -99,6 +115,23 @@ def test_train_from_store_writes_run_folder(tmp_path, method):
     assert summary.eval["unlearn"]["tokens"] == 4 * (CTX - 1) - 2  # 6 chunks -> 1 held out
     assert set(load_file(str(tmp_path / "run" / "features.safetensors"))) >= {
         "alpha_r", "alpha_u", "freq_r", "freq_u", "cluster", "candidate"}
+
+
+def test_cli_train_options_reach_the_run_config(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    store = str(make_store(tmp_path / "s.zarr"))
+    args = ["train", "--store", store, "--layer", "2", "--out", str(tmp_path / "run"), "--steps", "8",
+            "--expansion", "2", "--n-clusters", "2", "--batch-contexts", "4", "--warmup", "2",
+            "--recluster-every", "2", "--candidate-max-freq-r", "1", "--gate-lr", "0.1", "--quiet"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["candidate_max_freq_r"] == 1.0 and config["gate_lr"] == 0.1 and config["steps"] == 8
+    r = CliRunner().invoke(main, args[:-3] + ["--candidate-max-freq-r", "2", "--overwrite"])
+    assert r.exit_code == 2 and "candidate-max-freq-r" in r.output
 
 
 def test_resume_through_train_matches_uninterrupted(tmp_path):
