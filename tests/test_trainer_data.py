@@ -1,5 +1,6 @@
 """Streaming token batches (trainer/data.py): split, shuffle buffers, prefetch, resume, scale."""
 
+import os
 import threading
 
 import numpy as np
@@ -76,14 +77,18 @@ def test_prefetch_runs_in_a_background_thread():
 
     class Recording(ArraySource):
         def read(self, k):
-            calls.append(threading.current_thread().name)
+            nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            calls.append((threading.current_thread().name, nice))
             return super().read(k)
 
     src = Recording(np.ones((64, 4), np.float32), 8)
     stream = TokenStream(src, batch_size=8, buffer_chunks=2, seed=0)
     next(stream)
     stream.close()
-    assert any(name.startswith("ff-prefetch") for name in calls)
+    prefetched = [nice for name, nice in calls if name.startswith("ff-prefetch")]
+    assert prefetched
+    # it yields the CPU to the training step's threads (Linux: niceness is per thread)
+    assert all(nice > os.getpriority(os.PRIO_PROCESS, 0) for nice in prefetched)
 
 
 def test_too_small_buffers_are_an_error():

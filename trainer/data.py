@@ -124,6 +124,23 @@ def estimate_scale(source: ChunkSource, n_chunks: int) -> float:
     return math.sqrt(source.d_model / (sq / n))
 
 
+PREFETCH_NICE = 10
+"""Niceness of the prefetch thread (Linux: per thread). The buffer after the current one is
+due only when the current one is used up, so the thread can take the CPU time the training
+step leaves over instead of competing with torch's threads; if it falls behind, the step
+waits on it, its competition stops, and it catches up."""
+
+
+def _lower_priority() -> None:
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREFETCH_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
 class TokenStream:
     """Endless iterator of shuffled [B, D] float32 batches (scaled by `scale`) from a source.
 
@@ -137,7 +154,8 @@ class TokenStream:
         self.seed, self.stream_id = seed, stream_id
         self.buffer_chunks = max(1, min(buffer_chunks, len(source)))
         self.epoch, self.buffer, self.batch = 0, 0, 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ff-prefetch") if prefetch else None
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="ff-prefetch", initializer=_lower_priority)
+                      if prefetch else None)
         Buffer = tuple[np.ndarray, str]  # shuffled tokens in the storage dtype, dtype name
         self._current: tuple[tuple[int, int], Buffer] | None = None
         self._next: tuple[tuple[int, int], Future | Buffer] | None = None
