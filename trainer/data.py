@@ -124,6 +124,9 @@ def estimate_scale(source: ChunkSource, n_chunks: int) -> float:
     return math.sqrt(source.d_model / (sq / n))
 
 
+Buffer = tuple[np.ndarray, str]
+"""A shuffle buffer: tokens [N, D] in the store's storage dtype, and that dtype's name."""
+
 PREFETCH_NICE = 10
 """Niceness of the prefetch thread (Linux: per thread). The buffer after the current one is
 due only when the current one is used up, so the thread can take the CPU time the training
@@ -156,7 +159,6 @@ class TokenStream:
         self.epoch, self.buffer, self.batch = 0, 0, 0
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="ff-prefetch", initializer=_lower_priority)
                       if prefetch else None)
-        Buffer = tuple[np.ndarray, str]  # shuffled tokens in the storage dtype, dtype name
         self._current: tuple[tuple[int, int], Buffer] | None = None
         self._next: tuple[tuple[int, int], Future | Buffer] | None = None
 
@@ -181,7 +183,7 @@ class TokenStream:
             groups[-2:] = [np.concatenate(groups[-2:])]
         return groups
 
-    def _load(self, epoch: int, buffer: int) -> tuple[np.ndarray, str]:
+    def _load(self, epoch: int, buffer: int) -> Buffer:
         """Read one buffer's chunks and shuffle their tokens -> ([N, D] in the storage dtype,
         dtype name). Runs in the prefetch thread; batches are converted and scaled on the way
         out, so the buffer holds (and the shuffle moves) bfloat16 stores at 2 bytes a value."""
@@ -204,7 +206,7 @@ class TokenStream:
     def _after(self, epoch: int, buffer: int) -> tuple[int, int]:
         return (epoch, buffer + 1) if buffer + 1 < len(self._groups(epoch)) else (epoch + 1, 0)
 
-    def _get(self, key: tuple[int, int]) -> tuple[np.ndarray, str]:
+    def _get(self, key: tuple[int, int]) -> Buffer:
         if self._next is not None and self._next[0] == key:
             x = self._next[1]
             return x.result() if isinstance(x, Future) else x

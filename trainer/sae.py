@@ -44,33 +44,39 @@ class _Encode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BF: Tensor):
         xc_BD, W_enc_DF, f_BF = ctx.saved_tensors
-        active_BF = f_BF > 0
-        n_active = int(active_BF.sum())
-        if n_active <= SPARSE_MAX_DENSITY * f_BF.numel():
-            rows, cols = active_BF.nonzero(as_tuple=True)
+        G_BF = None
+        if (active := sparse_entries(f_BF)) is not None:
+            rows, cols = active
             g = grad_BF[rows, cols]
             G_FB = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, f_BF.shape[::-1],
                                            check_invariants=False)
             dW_enc_DF = torch.sparse.mm(G_FB, xc_BD).T
             db_enc_F = torch.zeros_like(f_BF[0]).index_add_(0, cols, g)
-            G_BF = None
         else:
-            G_BF = grad_BF * active_BF
+            G_BF = grad_BF * (f_BF > 0)
             dW_enc_DF = xc_BD.T @ G_BF
             db_enc_F = G_BF.sum(0)
         db_dec_D = -(W_enc_DF @ db_enc_F)
         dx_BD = None
         if ctx.needs_input_grad[0]:
-            G_BF = grad_BF * active_BF if G_BF is None else G_BF
+            G_BF = grad_BF * (f_BF > 0) if G_BF is None else G_BF
             dx_BD = G_BF @ W_enc_DF.T
             db_dec_D = -dx_BD.sum(0)
         return dx_BD, dW_enc_DF, db_enc_F, db_dec_D
 
 
-def _decode_sparse(f_BF: Tensor, W_dec_FD: Tensor) -> Tensor:
+def sparse_entries(f_BF: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(rows, cols) of the non-zero entries of f [B, F], row-major, when at most
+    SPARSE_MAX_DENSITY of f is non-zero; None when f is dense enough for dense matmuls."""
+    if int(torch.count_nonzero(f_BF)) > SPARSE_MAX_DENSITY * f_BF.numel():
+        return None
+    return f_BF.nonzero(as_tuple=True)
+
+
+def _decode_sparse(f_BF: Tensor, rows: Tensor, cols: Tensor, W_dec_FD: Tensor) -> Tensor:
     """f W_dec as a weighted sum of the active rows of W_dec (embedding_bag, as in sparsify):
-    forward and both gradients cost O(active entries x D) instead of O(B x F x D)."""
-    rows, cols = f_BF.nonzero(as_tuple=True)  # row-major: rows sorted
+    forward and both gradients cost O(active entries x D) instead of O(B x F x D).
+    `rows` must be sorted (as `sparse_entries` returns them)."""
     offsets_B = torch.searchsorted(rows, torch.arange(f_BF.shape[0], device=f_BF.device))
     return F.embedding_bag(cols, W_dec_FD, offsets_B, mode="sum", per_sample_weights=f_BF[rows, cols])
 
@@ -116,9 +122,9 @@ class SAE(nn.Module):
         return torch.relu(self.pre_acts(x_BD))
 
     def decode(self, f_BF: Tensor) -> Tensor:
-        if (torch.is_grad_enabled() and f_BF.requires_grad and f_BF.dim() == 2
-                and int((f_BF > 0).sum()) <= SPARSE_MAX_DENSITY * f_BF.numel()):
-            return _decode_sparse(f_BF, self.W_dec) + self.b_dec
+        if torch.is_grad_enabled() and f_BF.requires_grad and f_BF.dim() == 2:
+            if (active := sparse_entries(f_BF)) is not None:
+                return _decode_sparse(f_BF, *active, self.W_dec) + self.b_dec
         return f_BF @ self.W_dec + self.b_dec
 
     def forward(self, x_BD: Tensor) -> ForwardOutput:
