@@ -136,6 +136,20 @@ def inspect_cmd(store, as_json):
     click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
+@main.command("verify")
+@click.argument("path", metavar="STORE|RUN", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def verify_cmd(path, as_json):
+    """Check a store (read every chunk: present, checksum, finite, tokens in range, metadata) or
+    a run folder (files, shapes, checkpoint, the store's model). Exit 0: healthy; 1: problems
+    found, each named; 2: not a store or run folder."""
+    from trainer.verify import verify
+
+    report = verify(path)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
+    sys.exit(0 if report.ok else 1)
+
+
 _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's value
     "steps": "steps", "expansion": "expansion", "l1": "l1", "lr": "lr", "warmup": "warmup",
     "batch_contexts": "batch_contexts", "n_clusters": "n_clusters", "beta": "beta", "alpha": "alpha",

@@ -2,6 +2,8 @@
 
 Resumable: chunks already written are skipped, so an interrupted run (Ctrl-C, kill -9)
 rerun with the same arguments continues and ends with the same store as an uninterrupted run.
+A resume must also compute the same way (weights, revision, compute dtype, device kind), and
+one writer at a time holds the store's lock (cache/lock.py).
 """
 from __future__ import annotations
 
@@ -16,12 +18,22 @@ import zarr
 
 from . import __version__
 from .corpora import pack, resolve_corpus
+from .chunks import remove_partial_files
 from .errors import StoreError
+from .lock import LOCK_FILE, WriterLock, check_unlocked
 from .store import (CORPORA, FORMAT_VERSION, HOOK, BackgroundWriter, ChunkWrite, chunk_contexts_for,
                     create_store, open_store, to_storage)
 
 PAPER_LAYERS = (5, 12, 19)  # of Gemma-2-2B's 26 blocks
 _PAPER_DEPTH = 26
+RESUME_MUST_MATCH = {  # store attribute -> (what it is, what to do about a mismatch)
+    "model_hash": ("model weights hash", "the model changed; use --overwrite to rebuild"),
+    "model_revision": ("model revision", "pin that revision with --model ID@REV, or --overwrite"),
+    "compute_dtype": ("compute dtype", "rerun with --model-dtype {old}, or --overwrite"),
+    "device_kind": ("device kind", "rerun with --device {old}, or --overwrite"),
+}
+"""How the stored chunks were computed: chunks added by a resume computed otherwise would not
+match the others. Stores written before an attribute was recorded are not checked on it."""
 
 
 @dataclass
@@ -89,7 +101,7 @@ def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> str:
     if not out.exists():
         return "new"
     if not (out / "zarr.json").is_file():
-        if out.is_dir() and not any(out.iterdir()):
+        if out.is_dir() and not any(p.name != LOCK_FILE for p in out.iterdir()):
             return "new"
         raise StoreError(f"'{out}' exists and is not an activation store; choose another path")
     if overwrite:
@@ -110,9 +122,9 @@ def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, p
     out = Path(out)
     t0 = time.perf_counter()
     spec = cfg.spec()
-    state = _check_existing(out, spec, overwrite)
-    if state == "complete":
+    if _check_existing(out, spec, overwrite) == "complete":
         return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
+    check_unlocked(out)  # a second writer is refused before it loads a model
 
     from .models import load_model  # heavy imports only when there is work to do
 
@@ -127,31 +139,71 @@ def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, p
     sizes = {"retain": cfg.contexts, "unlearn": cfg.unlearn_contexts or cfg.contexts}
     packed = {name: pack(specs[name], lm.tokenizer, n_contexts=sizes[name], ctx_len=cfg.ctx_len) for name in CORPORA}
 
-    if state == "resume":
-        store = open_store(out)
-        for name in CORPORA:
-            old = store.corpus(name).attrs["fingerprint"]
-            if old != packed[name].fingerprint:
-                raise StoreError(f"the {name} corpus now tokenizes differently than in store '{out}'; use --overwrite")
-    if state == "overwrite":
-        shutil.rmtree(out)
-    if state in {"new", "overwrite"}:
-        attrs = {
-            "format_version": FORMAT_VERSION, "model": cfg.model, "model_hash": lm.info.weights_hash,
-            "tokenizer_hash": lm.info.tokenizer_hash, "architecture": lm.info.architecture,
-            "n_model_layers": n_layers, "ctx_len": cfg.ctx_len, "layers": list(layers), "hook": HOOK,
-            "d_model": lm.info.d_model, "dtype": cfg.dtype,
-            "chunk_contexts": cfg.chunk_contexts or chunk_contexts_for(cfg.ctx_len, lm.info.d_model, cfg.dtype),
-            "bos_token_id": int(packed["retain"].tokens[0, 0]), "pad_token_id": lm.tokenizer.pad_token_id,
-            "ff_version": __version__, "spec": spec,
-        }
-        create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
-                                      "fingerprint": packed[n].fingerprint} for n in CORPORA})
-    t1 = time.perf_counter()
-    done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
-    zarr.open_group(str(out), mode="r+").attrs["complete"] = True  # last, after every chunk is on disk
+    with WriterLock(out):
+        state = _check_existing(out, spec, overwrite)  # again, now that no other writer can change it
+        if state == "complete":
+            return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
+        if state == "resume":
+            _check_resume(out, _run_attrs(lm), packed)
+            remove_partial_files(out)  # temp files of chunk writes a kill interrupted
+        if state == "overwrite":
+            _clear(out)
+        if state in {"new", "overwrite"}:
+            attrs = _store_attrs(cfg, lm, layers, packed)
+            create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
+                                          "fingerprint": packed[n].fingerprint} for n in CORPORA})
+        t1 = time.perf_counter()
+        done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
+        zarr.open_group(str(out), mode="r+").attrs["complete"] = True  # last, after every chunk is on disk
     t2 = time.perf_counter()
     return CacheResult(str(out), False, done, t2 - t0, layers, forward_seconds=t2 - t1)
+
+
+def _store_attrs(cfg: CacheConfig, lm, layers: tuple[int, ...], packed) -> dict[str, Any]:
+    """The root attributes of a new store (README, "The store")."""
+    d_model = lm.info.d_model
+    return {
+        "format_version": FORMAT_VERSION, "model": cfg.model, **_run_attrs(lm),
+        "tokenizer_hash": lm.info.tokenizer_hash, "architecture": lm.info.architecture,
+        "n_model_layers": lm.info.n_layers, "ctx_len": cfg.ctx_len, "layers": list(layers), "hook": HOOK,
+        "d_model": d_model, "dtype": cfg.dtype,
+        "chunk_contexts": cfg.chunk_contexts or chunk_contexts_for(cfg.ctx_len, d_model, cfg.dtype),
+        "bos_token_id": int(packed["retain"].tokens[0, 0]), "pad_token_id": lm.tokenizer.pad_token_id,
+        "ff_version": __version__, "spec": cfg.spec(),
+    }
+
+
+def _run_attrs(lm) -> dict[str, Any]:
+    """How this run computes activations (RESUME_MUST_MATCH), and the vocabulary size that
+    `ff verify` checks tokens against."""
+    config = lm.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    return {"model_hash": lm.info.weights_hash, "model_revision": getattr(config, "_commit_hash", None),
+            "compute_dtype": str(lm.dtype).removeprefix("torch."),
+            "device_kind": str(lm.device).split(":")[0], "vocab_size": int(vocab) if vocab else None}
+
+
+def _check_resume(out: Path, now: dict[str, Any], packed) -> None:
+    """Refuse to add chunks computed otherwise than the stored ones, naming both values."""
+    stored = dict(zarr.open_group(str(out), mode="r").attrs)
+    for key, (what, todo) in RESUME_MUST_MATCH.items():
+        if key in stored and stored[key] != now[key]:
+            raise StoreError(f"cannot resume store '{out}': it was written with {what} {stored[key]}, "
+                             f"this run has {now[key]}; {todo.format(old=stored[key])}")
+    store = open_store(out)
+    for name in CORPORA:
+        if store.corpus(name).attrs["fingerprint"] != packed[name].fingerprint:
+            raise StoreError(f"the {name} corpus now tokenizes differently than in store '{out}'; use --overwrite")
+
+
+def _clear(out: Path) -> None:
+    """Delete the store's contents for --overwrite, keeping the lock file we hold."""
+    for p in out.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.name != LOCK_FILE:
+            p.unlink()
 
 
 def _run_forward(lm, out: Path, packed, layers, dtype: str, progress: bool, batch_contexts: int | None) -> int:

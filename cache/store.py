@@ -11,6 +11,8 @@ STORE/<corpus>/layer_<L> (n_contexts, ctx_len, d_model) in the storage dtype
 Completion is tracked per chunk without shared state: the writer stores every layer chunk
 first and the tokens chunk last, and zarr's local store writes each chunk file atomically
 (temp file, then rename). So a chunk is complete exactly when its tokens row 0 is not -1.
+Every chunk is written even when it equals the fill value (`write_empty_chunks`), so in a complete
+store a chunk missing on disk is damage, and readers say so (cache/chunks.py).
 bfloat16 is kept as uint16 bit patterns with the array attribute `logical_dtype: "bfloat16"`.
 """
 from __future__ import annotations
@@ -25,12 +27,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from .chunks import read_range, read_rows
 from .errors import StoreError
 
 FORMAT_VERSION = 1
 HOOK = "resid_post"
 CORPORA = ("retain", "unlearn")
 _NUMPY_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+_WRITE_ALL = {"write_empty_chunks": True}
 
 
 def layer_name(layer: int) -> str:
@@ -85,7 +89,8 @@ def create_store(path: str | Path, attrs: dict[str, Any], corpora: dict[str, dic
     """Create the group and empty arrays. `corpora[name]` has n_contexts, corpus, fingerprint."""
     ctx_len, d_model, dtype = attrs["ctx_len"], attrs["d_model"], attrs["dtype"]
     cc = attrs["chunk_contexts"]
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3, attributes={**attrs, "complete": False})
+    # create_group, not open_group(mode="w-"): the folder may already hold the writer's lock file
+    root = zarr.create_group(str(path), zarr_format=3, attributes={**attrs, "complete": False})
     for name, c in corpora.items():
         n = c["n_contexts"]
         g = root.create_group(name, attributes={k: c[k] for k in ("corpus", "fingerprint", "n_contexts")})
@@ -131,8 +136,9 @@ class BackgroundWriter:
                 g = self.root[item.corpus]
                 stop = item.start + item.tokens.shape[0]
                 for layer, block in item.layers.items():
-                    g[layer_name(layer)][item.start:stop] = block
-                g["tokens"][item.start:stop] = item.tokens  # last: marks the chunk complete
+                    g[layer_name(layer)].with_config(_WRITE_ALL)[item.start:stop] = block
+                # last: marks the chunk complete
+                g["tokens"].with_config(_WRITE_ALL)[item.start:stop] = item.tokens
             except BaseException as e:  # surfaced to the caller on put()/close()
                 self.error = e
 
@@ -183,8 +189,9 @@ class StoreMeta:
 class CorpusReader:
     """Read access to one corpus of a store: tokens, masks, whole chunks as float32."""
 
-    def __init__(self, group: zarr.Group, meta: StoreMeta, name: str):
+    def __init__(self, group: zarr.Group, meta: StoreMeta, name: str, *, path: str | Path | None = None):
         self.name, self.group, self.meta = name, group, meta
+        self.path = path if path is not None else getattr(group.store, "root", "STORE")  # for messages
         self.attrs = dict(group.attrs)
         self.n_contexts = int(self.attrs["n_contexts"])
         self.ctx_len, self.d_model = meta.ctx_len, meta.d_model
@@ -198,7 +205,11 @@ class CorpusReader:
         return start, min(start + self.chunk_contexts, self.n_contexts)
 
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return np.asarray(self.group["tokens"][start:stop])
+        """int32 [n, ctx_len]. In a complete store a missing or corrupt chunk is a StoreError;
+        in an incomplete one, chunks not written yet read as -1."""
+        stop = self.n_contexts if stop is None else min(stop, self.n_contexts)
+        return read_range(self.group["tokens"], self.name, start, stop, store=self.path,
+                          must_exist=self.meta.complete)
 
     def mask(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """True for tokens used in training and metrics: not BOS (position 0), not padding."""
@@ -220,12 +231,13 @@ class CorpusReader:
 
     def read_chunk_stored(self, layer: int, i: int) -> np.ndarray:
         """Whole chunk `i` of `layer` in its storage dtype (uint16 bit patterns for bfloat16);
-        `from_storage` converts. Selecting tokens before converting halves the work."""
+        `from_storage` converts. Selecting tokens before converting halves the work.
+        A missing or corrupt chunk is a StoreError naming it (cache/chunks.py)."""
         name = layer_name(layer)
         if name not in self.group:
             raise StoreError(f"layer {layer} is not in the store (layers: {', '.join(map(str, self.meta.layers))})")
         start, stop = self.chunk_bounds(i)
-        return np.asarray(self.group[name][start:stop])
+        return read_rows(self.group[name], self.name, start, stop, store=self.path)
 
 
 class Store:
@@ -245,7 +257,7 @@ class Store:
     def corpus(self, name: str) -> CorpusReader:
         if name not in self.corpora:
             raise StoreError(f"store '{self.path}' has no corpus '{name}' (has: {', '.join(self.corpora)})")
-        return CorpusReader(self.root[name], self.meta, name)
+        return CorpusReader(self.root[name], self.meta, name, path=self.path)
 
     def require_complete(self) -> None:
         if not self.meta.complete:

@@ -112,3 +112,28 @@ def test_eval_batches_are_capped_and_scaled():
     batches = list(iter_eval_batches(src, scale=2.0, batch_size=8, max_tokens=30))
     flat = torch.cat(batches)
     assert len(flat) == 30 and flat[:, 0].tolist() == [2.0 * t for t in range(30)]
+
+
+class FailingSource(ArraySource):
+    """Chunk `bad` fails to read, as a missing or corrupt store chunk does (StoreSource)."""
+
+    def __init__(self, x, chunk_tokens: int, bad: int):
+        super().__init__(x, chunk_tokens)
+        self.bad = bad
+
+    def read_stored(self, k: int):
+        if k == self.bad:
+            raise TrainError(f"chunk {k} is corrupt")
+        return super().read_stored(k)
+
+
+def test_a_failed_prefetch_stops_the_stream_at_the_next_batch():
+    x = ids_source(400, 100).x_ND
+    order = TokenStream(ArraySource(x, 100), batch_size=10, buffer_chunks=1, seed=0)._groups(0)
+    second = int(order[1][0])  # the chunk of buffer 1
+    stream = TokenStream(FailingSource(x, 100, second), batch_size=10, buffer_chunks=1, seed=0)
+    next(stream)  # buffer 0 is fine (10 batches); buffer 1 is being prefetched
+    stream._next[1].exception(timeout=30)  # let the prefetch thread fail
+    with pytest.raises(TrainError, match=f"chunk {second} is corrupt"):
+        next(stream)  # raised now, not after the 9 batches left in buffer 0
+    stream.close()

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_trainer_store import make_store
     import trainer, trainer.config, trainer.data, trainer.evaluate, trainer.featureforget
-    import trainer.run, trainer.sae, trainer.steps, trainer.train
+    import trainer.run, trainer.sae, trainer.steps, trainer.train, trainer.verify
     from trainer.config import TrainConfig
     from trainer.train import train
     from trainer.sae import SAE

@@ -8,42 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cache.store import create_store, from_storage, to_storage
+from cache.store import from_storage
 from trainer.config import TrainConfig
 from trainer.data import TokenStream, open_training_data
 from trainer.errors import TrainError
 from trainer.train import train
 
-D, CTX, BOS, PAD = 8, 6, 2, 0
-SENTINEL_BOS, SENTINEL_PAD = 1e4, -1e4  # any of these in a batch means the mask leaked
-
+from conftest import CTX, D, make_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, n_unlearn=24,
-               chunk_contexts=4, complete=True, seed=0, dtype="float32"):
-    attrs = dict(format_version=1, model="tiny", model_hash=model_hash, tokenizer_hash="t",
-                 ctx_len=CTX, layers=list(layers), hook="resid_post", d_model=d_model,
-                 dtype=dtype, chunk_contexts=chunk_contexts, bos_token_id=BOS,
-                 pad_token_id=PAD, ff_version="test")
-    sizes = {"retain": n_retain, "unlearn": n_unlearn}
-    corpora = {k: dict(n_contexts=n, corpus=k, fingerprint=k) for k, n in sizes.items()}
-    root = create_store(path, attrs, corpora)
-    rng = np.random.default_rng(seed)
-    for name, n in sizes.items():
-        tok = rng.integers(3, 100, size=(n, CTX)).astype(np.int32)
-        tok[:, 0] = BOS
-        tok[-1, -2:] = PAD  # padding at the end of the last context
-        for layer in layers:
-            x = rng.normal(size=(n, CTX, d_model)).astype(np.float32)
-            x *= 3.0 if name == "unlearn" else 1.0
-            x[:, 0] = SENTINEL_BOS
-            x[tok == PAD] = SENTINEL_PAD
-            root[name][f"layer_{layer}"][:] = to_storage(x, dtype)
-        root[name]["tokens"][:] = tok
-    root.attrs.update({"complete": complete})
-    return path
 
 
 def test_streams_hold_only_masked_tokens_of_the_train_split(tmp_path):

@@ -161,7 +161,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="step 20"):
         run(out, data=(x_r, x_u))
-    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ck["step"] == 20 and torch.isfinite(ck["sae"]["W_dec"]).all()
     assert not (out / "sae.safetensors").exists()
 

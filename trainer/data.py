@@ -8,6 +8,9 @@ prepares the next buffer. Memory is bounded by two buffers.
 
 Every shuffle is seeded by (seed, stream id, epoch, buffer), so the stream's position is
 three integers and a resumed run sees exactly the batches an uninterrupted run would.
+A missing or corrupt chunk stops training with a one-line TrainError naming it (corpus, layer,
+contexts): held-out chunks are read once when the data is opened, and a failure in the
+prefetch thread is raised on the next batch.
 The trainer takes any iterator of [B, D] tensors (the dictionary_learning seam);
 `ArraySource` feeds in-memory data through the same stream for tests.
 """
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cache.errors import StoreError
 from cache.store import from_storage
 from trainer.errors import TrainError
 
@@ -66,8 +70,18 @@ class StoreSource:
     def read_stored(self, k: int) -> tuple[np.ndarray, str]:
         p = self.pieces[k]
         c_start, _ = self.corpus.chunk_bounds(p.chunk)
-        raw_NTD = self.corpus.read_chunk_stored(self.layer, p.chunk)[p.start - c_start : p.stop - c_start]
-        return raw_NTD[self.corpus.mask(p.start, p.stop)], self.corpus.meta.dtype
+        try:  # a missing or corrupt chunk: one line naming it (cache/chunks.py)
+            chunk_NTD = self.corpus.read_chunk_stored(self.layer, p.chunk)
+            mask_NT = self.corpus.mask(p.start, p.stop)
+        except StoreError as e:
+            raise TrainError(str(e)) from None
+        return chunk_NTD[p.start - c_start : p.stop - c_start][mask_NT], self.corpus.meta.dtype
+
+    def check(self) -> None:
+        """Read every piece once (its chunks exist and decode), so that a bad chunk stops the
+        run when it starts rather than when it is reached."""
+        for k in range(len(self)):
+            self.read_stored(k)
 
 
 class ArraySource:
@@ -216,12 +230,19 @@ class TokenStream:
         job = self._pool.submit(self._load, *key) if self._pool else None
         self._next = (key, job) if job else None
 
+    def _raise_prefetch_error(self) -> None:
+        """A prefetch that failed (a bad chunk) stops the run now, not when its buffer is due."""
+        job = self._next[1] if self._next is not None else None
+        if isinstance(job, Future) and job.done() and not job.cancelled() and job.exception():
+            raise job.exception()
+
     # ---- iteration -----------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Tensor]:
         return self
 
     def __next__(self) -> Tensor:
+        self._raise_prefetch_error()
         empty = 0  # consecutive buffers too small for one batch
         while True:
             key = (self.epoch, self.buffer)
@@ -317,5 +338,6 @@ def open_training_data(store_path: str, layer: int | None, eval_frac: float, *,
                              "needed (train + held-out): cache more contexts")
         train, held = split_pieces([c.chunk_bounds(i) for i in range(c.n_chunks)], eval_frac)
         corpora.append(CorpusData(StoreSource(c, layer, train), StoreSource(c, layer, held)))
+        corpora[-1].held_out.check()  # evaluated at the end: a bad chunk must stop us now
         meta[f"{c.name}_contexts"] = [sum(p.stop - p.start for p in ps) for ps in (train, held)]
     return TrainingData(corpora[0], corpora[1], a.ctx_len, a.d_model, meta)

@@ -4,7 +4,10 @@
 RUN/config.json           TrainConfig + store metadata (model, model_hash, layer, d_model,
                           scale, method)
 RUN/sae.safetensors       written by SAE.save
-RUN/features.safetensors  alpha_r, alpha_u, freq_r, freq_u, cluster, candidate (+ eval_mass_r/u)
+RUN/features.safetensors  {freq,mean,mean_sq,act,alpha}_{r,u} over every training token, cluster,
+                          candidate, eval_mass_r/u (held-out mass per feature)
+RUN/gate.safetensors      per selection: its features and each retain training context's max
+                          firing share (the sequence gate's calibration, trainer/selection.py)
 RUN/clusters.json         tau, gate_r, gate_u per cluster
 RUN/metrics.jsonl         one JSON object per logged step
 RUN/eval.json             held-out metrics; written last, so its presence marks a finished run
@@ -38,6 +41,7 @@ class RunFolder:
         self.config = self.path / "config.json"
         self.sae = self.path / "sae.safetensors"
         self.features = self.path / "features.safetensors"
+        self.gate = self.path / "gate.safetensors"
         self.clusters = self.path / "clusters.json"
         self.metrics = self.path / "metrics.jsonl"
         self.eval = self.path / "eval.json"
@@ -55,6 +59,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic torch.save of a state made of tensors, dicts, lists, tuples, numbers, strings and
+    None only, so that `load_checkpoint` can load it with weights_only=True."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -62,7 +68,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """weights_only=True: a checkpoint is data, and loading one must not run code (a run folder
+    may come from someone else). A file that fails to load is a one-line TrainError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainError(f"cannot load checkpoint {path}: {first[:200]}; run `ff verify "
+                         f"{path.parent.parent}`, or start again with --overwrite") from e
 
 
 def open_run(out: str | Path, cfg: TrainConfig | None, meta: dict[str, Any], *, resume: bool,

@@ -1,0 +1,85 @@
+"""The writer lock of a store: one `ff cache` at a time writes to it.
+
+An advisory `fcntl.flock` on `STORE/.ff-writer.lock`, which also records the holder's host and
+pid for the message a second writer gets. The kernel drops a flock when its process dies
+(Ctrl-C, kill -9, a crash), so a lock file left behind by a dead writer never blocks; the file
+itself is kept, because deleting a lock file that another process may be opening races.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from .errors import StoreError
+
+LOCK_FILE = ".ff-writer.lock"
+
+
+def _holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+    except (ValueError, UnicodeDecodeError):
+        info = {}
+    return f"host {info.get('host', '?')}, pid {info.get('pid', '?')}"
+
+
+def _flock_or_refuse(fd: int, store: Path) -> None:
+    """Take the flock on `fd` without waiting; if another process holds it, close `fd` and
+    raise StoreError naming the holder."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise StoreError(f"store '{store}' is being written by another `ff cache` ({holder}); "
+                         "wait for it to finish, or stop it and rerun") from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class WriterLock:
+    """`with WriterLock(store):` holds the store's writer lock, or raises StoreError (one line,
+    naming the holder's host and pid) if another process holds it. Creates the store folder."""
+
+    def __init__(self, store: str | Path):
+        self.store = Path(store)
+        self.path = self.store / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        _flock_or_refuse(fd, self.store)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # no stale holder named after us
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "WriterLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_unlocked(store: str | Path) -> None:
+    """Refuse early, before loading a model, if a live writer holds the store's lock (a probe:
+    takes and drops the lock at once; writes nothing)."""
+    path = Path(store) / LOCK_FILE
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        _flock_or_refuse(fd, Path(store))
+        os.close(fd)

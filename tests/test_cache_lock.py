@@ -1,0 +1,120 @@
+"""`ff cache` as the only writer of its store: the writer lock, and resume refusing chunks that
+would be computed differently (weights, dtype, device), naming both values."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from cache.errors import StoreError
+from cache.lock import LOCK_FILE, WriterLock
+from cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = ("import sys, time; from cache.lock import WriterLock; WriterLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(120)")
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output.strip()
+
+
+def cache_args(model, corpora, out, *extra):
+    return ("cache", "--model", model, "--retain", corpora[0], "--unlearn", corpora[1],
+            "--contexts", "8", "--ctx-len", "16", "--layers", "1", "--chunk-contexts", "2",
+            "--quiet", "--out", out, *extra)
+
+
+def assert_one_line_error(code, out, *needles):
+    assert code == 2 and "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("error:")]  # not the loading bar
+    assert len(lines) == 1, out
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_held_lock_refuses_a_second_writer_until_its_process_dies(tmp_path, tiny_model,
+                                                                    tiny_corpora):
+    out = tmp_path / "s.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT,
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        code, msg = run(*cache_args(tiny_model, tiny_corpora, out))
+        assert_one_line_error(code, msg, "being written by another `ff cache`",
+                              f"host {socket.gethostname()}, pid {holder.pid}")
+        with pytest.raises(StoreError, match=f"pid {holder.pid}"):
+            WriterLock(out).acquire()
+    finally:
+        holder.kill()  # like kill -9: the lock file keeps naming the dead holder
+        holder.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid
+    code, msg = run(*cache_args(tiny_model, tiny_corpora, out))
+    assert code == 0, msg
+    assert (out / LOCK_FILE).read_text() == ""  # released: names no one
+    assert run("verify", out)[0] == 0
+
+
+def test_stale_lock_file_does_not_block(tmp_path):
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    (store / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+    with WriterLock(store):
+        assert json.loads((store / LOCK_FILE).read_text())["pid"] == os.getpid()
+        with pytest.raises(StoreError, match=f"pid {os.getpid()}"):  # a second writer, same process
+            WriterLock(store).acquire()
+
+
+def test_resume_refuses_another_compute_dtype_and_cleans_partial_writes(tmp_path, tiny_model,
+                                                                         tiny_corpora):
+    out = tmp_path / "s.zarr"
+    assert run(*cache_args(tiny_model, tiny_corpora, out))[0] == 0
+    root = zarr.open_group(str(out), mode="r+")
+    attrs = dict(root.attrs)
+    recorded = attrs["compute_dtype"], attrs["device_kind"], attrs["vocab_size"]
+    assert recorded == ("float32", "cpu", 45)  # 45: the tiny tokenizer's vocabulary
+    root.attrs["complete"] = False  # an interrupted run: chunk 3 of retain was being written
+    for f in (out / "retain" / "tokens" / "c" / "3").rglob("*"):
+        f.unlink()
+    partial = out / "retain" / "layer_1" / "c" / "3" / "0" / ("0." + "ab" * 16 + ".partial")
+    partial.write_bytes(b"half a chunk")
+
+    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--model-dtype", "bfloat16"))
+    assert_one_line_error(code, msg, "compute dtype float32", "this run has bfloat16",
+                          "--model-dtype float32")
+    assert partial.exists()  # refused before anything was touched
+    assert "temp file(s) of an interrupted write" in run("verify", out)[1]
+
+    del root.attrs["compute_dtype"]  # a store from before the attribute: not checked
+    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--model-dtype", "bfloat16"))
+    assert code == 0, msg
+    assert not partial.exists()
+    assert zarr.open_group(str(out)).attrs["complete"] and run("verify", out)[0] == 0
+
+
+@pytest.mark.parametrize("key,value,needles", [
+    ("model_hash", "sha256:0123", ("model weights hash sha256:0123", "the model changed")),
+    ("model_revision", "abc123", ("model revision abc123", "this run has None", "--model ID@REV")),
+    ("device_kind", "cuda", ("device kind cuda", "this run has cpu", "--device cuda")),
+])
+def test_resume_refuses_chunks_computed_otherwise(tmp_path, tiny_model, tiny_corpora, key, value,
+                                                  needles):
+    out = tmp_path / "s.zarr"
+    assert run(*cache_args(tiny_model, tiny_corpora, out))[0] == 0
+    zarr.open_group(str(out), mode="r+").attrs.update({"complete": False, key: value})
+    code, msg = run(*cache_args(tiny_model, tiny_corpora, out))
+    assert_one_line_error(code, msg, "cannot resume store", *needles)
