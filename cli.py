@@ -96,12 +96,15 @@ def main() -> None:
               help="Contexts per stored chunk. Default: whole contexts filling about 4 MiB.")
 @click.option("--text-field", default="text", help="Text field of .jsonl/.parquet files and datasets.")
 @click.option("--overwrite", is_flag=True, help="Rebuild the store even if it exists.")
+@click.option("--repair", is_flag=True,
+              help="Recompute exactly the chunks `ff verify` finds bad (missing, corrupt, non-finite, "
+                   "tokens out of range); give the arguments the store was built with.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def cache_cmd(out, model, layers, retain, unlearn, contexts, unlearn_contexts, ctx_len, dtype, model_dtype,
-              device, chunk_contexts, text_field, overwrite, quiet):
+              device, chunk_contexts, text_field, overwrite, repair, quiet):
     """Run the model once over the retain and unlearn corpora and write the activations of the
     chosen layers to a Zarr store. Interrupted runs resume when rerun with the same arguments;
-    rerunning on a complete store does nothing."""
+    rerunning on a complete store does nothing; --repair recomputes damaged chunks."""
     from cache.build import CacheConfig, build_cache
 
     cfg = CacheConfig(model=model, layers=layers, retain=retain, unlearn=unlearn, contexts=contexts,
@@ -109,10 +112,13 @@ def cache_cmd(out, model, layers, retain, unlearn, contexts, unlearn_contexts, c
                       chunk_contexts=chunk_contexts, text_field=text_field,
                       model_dtype=None if model_dtype == "auto" else model_dtype, device=device)
     out = out or default_store_path(model)
-    res = build_cache(cfg, out, overwrite=overwrite, progress=not quiet)
+    res = build_cache(cfg, out, overwrite=overwrite, repair=repair, progress=not quiet)
     if res.skipped:
-        click.echo(f"{out}: already complete, nothing to do (use --overwrite to rebuild)")
+        click.echo(f"{out}: every chunk verifies, nothing to repair" if repair else
+                   f"{out}: already complete, nothing to do (use --overwrite to rebuild)")
     else:
+        if res.repaired:
+            click.echo(f"{out}: recomputed {len(res.repaired)} damaged chunk(s): {', '.join(res.repaired)}")
         rate = res.tokens_done / res.seconds if res.seconds else 0.0
         click.echo(f"{out}: wrote {res.tokens_done:,} tokens x {len(res.layers)} layers in {res.seconds:.1f} s "
                    f"({rate:,.0f} tok/s)")
@@ -156,6 +162,27 @@ _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's v
     "gate_lr": "gate_lr", "candidate_max_freq_r": "candidate_max_freq_r",
     "recluster_every": "recluster_every", "seed": "seed", "train_device": "device",
 }
+_TRAIN_FLAGS = ("method", "no_importance", "no_adaptive_threshold", "no_clustering")
+"""Options of `ff train` that are TrainConfig fields of the same name."""
+
+
+def _positive(_ctx, param, value):
+    """A learning rate of 0 (or less, or nan) is a one-line error, not a ZeroDivisionError."""
+    if value is not None and not value > 0:
+        from cache.errors import FFError
+
+        raise FFError(f"--{param.name.replace('_', '-')} must be > 0, got {value}")
+    return value
+
+
+def _given_train_options(ctx: click.Context) -> dict:
+    """The TrainConfig fields set on the command line, not left at their defaults: what a
+    `--resume` applies to the saved config (trainer/run.py, RESUME_MAY_CHANGE)."""
+    from click.core import ParameterSource
+
+    flags = {**_TRAIN_OVERRIDES, **{k: k for k in _TRAIN_FLAGS}}
+    return {field: ctx.params[flag] for flag, field in flags.items()
+            if ctx.get_parameter_source(flag) not in (None, ParameterSource.DEFAULT)}
 
 
 @main.command("train")
@@ -172,16 +199,19 @@ _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's v
 @click.option("--preset", default="paper", type=click.Choice(["paper", "demo"]),
               help="paper: expansion 32, 32 clusters, L1 0.04, beta 0.9, lr 3e-4, warm-up 1000, batch 32x128; "
                    "demo: sized for a few minutes on 2 CPU cores with the embedded model.")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Optimiser steps (both phases). [preset]")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="Optimiser steps (both phases); a larger value on --resume extends the run. [preset]")
 @click.option("--expansion", type=click.IntRange(1), default=None, help="d_sae = expansion x d_model. [preset]")
 @click.option("--l1", type=float, default=None, help="L1 coefficient lambda. [preset]")
-@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate (cosine schedule). [preset]")
+@click.option("--lr", type=float, default=None, callback=_positive,
+              help="Peak AdamW learning rate (cosine schedule); may change on --resume. [preset]")
 @click.option("--warmup", type=click.IntRange(0), default=None, help="Linear warm-up steps. [preset]")
 @click.option("--batch-contexts", type=click.IntRange(2), default=None, help="Contexts per step. [preset]")
 @click.option("--n-clusters", type=click.IntRange(1), default=None, help="k-means clusters. [preset]")
 @click.option("--beta", type=float, default=None, help="Threshold mix tau_c = beta*mean + (1-beta)*std. [preset]")
 @click.option("--alpha", type=float, default=None, help="Weight of the gated per-cluster objectives. [preset]")
-@click.option("--gate-lr", type=float, default=None, help="Peak learning rate of the gate parameters. [preset]")
+@click.option("--gate-lr", type=float, default=None, callback=_positive,
+              help="Peak learning rate of the gate parameters. [preset]")
 @click.option("--candidate-max-freq-r", type=click.FloatRange(0, 1), default=None,
               help="Unlearn candidates must fire on fewer than this fraction of retain tokens "
                    "(1: no bound, the cluster thresholds alone). [preset]")
@@ -193,7 +223,9 @@ _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's v
 @click.option("--no-adaptive-threshold", is_flag=True,
               help="Ablation: one global threshold replaces the per-cluster tau_c.")
 @click.option("--no-clustering", is_flag=True, help="Ablation: one cluster instead of k-means clusters.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run from its last checkpoint, with its saved options; --steps and "
+                   "--lr may change, any other option given must equal the saved one.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(store, unlearn_store, layer, layers, out, method, preset, no_importance, no_adaptive_threshold,
@@ -205,18 +237,26 @@ def train_cmd(store, unlearn_store, layer, layers, out, method, preset, no_impor
 
     from cache.store import open_store
     from trainer.config import TrainConfig
+    from trainer.errors import TrainError
+    from trainer.run import resume_config
     from trainer.train import train
 
+    ctx = click.get_current_context()
     changes = {_TRAIN_OVERRIDES[k]: v for k, v in overrides.items() if v is not None}
     cfg = TrainConfig.preset(preset).replace(method=method, no_importance=no_importance,
                                              no_adaptive_threshold=no_adaptive_threshold,
                                              no_clustering=no_clustering, **changes)
     if layer is not None and layers is not None:
         raise click.UsageError("use --layer or --layers, not both")
+    if resume and overwrite:
+        raise TrainError("use --resume or --overwrite, not both")
+    named_preset = ctx.get_parameter_source("preset") is not click.core.ParameterSource.DEFAULT
+    base = cfg if named_preset else None  # a resume checks a preset named again against the run
     todo = [layer] if layer is not None else list(layers or open_store(store).meta.layers)
     for l in todo:
         run_dir = out if len(todo) == 1 else str(Path(out) / f"layer_{l}")
-        summary = train(None if resume else cfg, store, l, run_dir, unlearn_store=unlearn_store,
+        run_cfg = resume_config(run_dir, _given_train_options(ctx), base=base) if resume else cfg
+        summary = train(run_cfg, store, l, run_dir, unlearn_store=unlearn_store,
                         resume=resume, overwrite=overwrite, progress=not quiet)
         click.echo(format_train_summary(l, summary))
 
@@ -245,14 +285,16 @@ def format_train_summary(layer: int, s) -> str:
 @click.option("--ablations", is_flag=True,
               help="Also train and evaluate the paper's three ablations (no importance, no adaptive "
                    "threshold, no clustering) and add them to the report.")
+@click.option("--seeds", default=1, type=click.IntRange(1),
+              help="Training seeds per method and layer; the report adds mean and spread of the test score.")
 @click.option("--quiet", is_flag=True, help="Stage lines only, no progress bars.")
-def run_cmd(preset, out, model, layers, contexts, ablations, quiet):
+def run_cmd(preset, out, model, layers, contexts, ablations, seeds, quiet):
     """Cache, train (FeatureForget and baseline, each layer), evaluate and write a report
     (report.md, report.json, figures). Finished stages are reused, so rerunning resumes."""
     from pipelines.workflow import run_all
 
     overrides = {k: v for k, v in {"model": model, "layers": layers, "contexts": contexts}.items() if v is not None}
-    report = run_all(preset, out or f"ff-{preset}", ablations=ablations, progress=not quiet,
+    report = run_all(preset, out or f"ff-{preset}", ablations=ablations, seeds=seeds, progress=not quiet,
                      cache_overrides=overrides, log=lambda m: click.echo(m, err=True))
     click.echo(f"report: {report / 'report.md'}")
 
@@ -280,31 +322,62 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--retain-mcq", default=None, help="Retain-domain questions: 'demo', JSONL, or e.g. cais/mmlu:all@test.")
 @click.option("--forget-text", default=None, help="Held-out unlearn-domain text (corpus spec; 'demo').")
 @click.option("--retain-text", default=None, help="Held-out retain-domain text (corpus spec; 'demo').")
-@click.option("--max-questions", default=None, type=click.IntRange(1), help="Questions per MCQ file. [preset]")
+@click.option("--ood/--no-ood", default=True, help="Also evaluate the out-of-distribution sets (bundled textbook "
+              "biology / general questions and prose, or --ood-forget-mcq etc.).")
+@click.option("--ood-forget-mcq", default=None, help="Out-of-distribution forget questions ('demo-ood', JSONL, dataset).")
+@click.option("--ood-retain-mcq", default=None, help="Out-of-distribution retain questions.")
+@click.option("--ood-forget-text", default=None, help="Out-of-distribution held-out forget text (corpus spec).")
+@click.option("--ood-retain-text", default=None, help="Out-of-distribution held-out retain text (corpus spec).")
+@click.option("--max-questions", default=None, type=click.IntRange(2),
+              help="A seeded random sample of N questions per MCQ file (split into dev and test halves). [all]")
+@click.option("--sample-seed", default=None, type=click.IntRange(0), help="Seed of the question sample and split. [0]")
 @click.option("--max-text-tokens", default=None, type=click.IntRange(2), help="Held-out text tokens per file. [preset]")
-@click.option("--multipliers", default=None, metavar="M1,M2,...", help="Clamp multipliers to sweep. [preset]")
+@click.option("--multipliers", default=None, metavar="M1,M2,...",
+              help="Clamp strengths m to sweep, in units of each feature's mean firing value. [preset]")
 @click.option("--top-n", default=None, metavar="N1,N2,...|all", help="Feature counts to sweep ('all' = every candidate). [preset]")
+@click.option("--selections", default=None, metavar="S1,S2,...",
+              help="Selection rules to sweep: candidates (FeatureForget runs), saebench, ratio. [preset]")
+@click.option("--gate", default=None, type=click.Choice(["none", "sequence", "both"]),
+              help="Static clamp (none), the sequence gate, or both, each with its own best setting. [both]")
+@click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100),
+              help="The gate's threshold: this percentile of retain contexts' firing share. [95]")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, max_questions,
-             max_text_tokens, multipliers, top_n, device, as_json, quiet):
+def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
+             ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
+             multipliers, top_n, selections, gate, gate_percentile, device, as_json, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
-    zero ablation, loss recovered), CE loss change on held-out forget/retain text, MCQ accuracy
-    before/after, a sweep of clamp multipliers and feature counts, and the unlearning score
-    1 - acc_after/acc_before among settings keeping retain accuracy >= 0.99 of clean."""
+    zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
+    and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
+    1 - acc_after/acc_before among settings keeping retain accuracy >= 0.99 of clean) and
+    reported on the test half with a 95% bootstrap interval; in and out of distribution."""
     from pipelines.config import EvalConfig
+    from pipelines.errors import EvalError
     from pipelines.evaluate import evaluate_run
 
     cfg = EvalConfig.preset(preset)
     files = {"forget_mcq": forget_mcq, "retain_mcq": retain_mcq, "forget_text": forget_text,
-             "retain_text": retain_text, "max_questions": max_questions, "max_text_tokens": max_text_tokens}
+             "retain_text": retain_text, "max_questions": max_questions, "max_text_tokens": max_text_tokens,
+             "sample_seed": sample_seed, "ood_forget_mcq": ood_forget_mcq, "ood_retain_mcq": ood_retain_mcq,
+             "ood_forget_text": ood_forget_text, "ood_retain_text": ood_retain_text}
     cfg = cfg.replace(**{k: v for k, v in files.items() if v is not None})
+    if not ood:
+        cfg = cfg.replace(ood_forget_mcq=None, ood_retain_mcq=None, ood_forget_text=None, ood_retain_text=None)
     grid = {}
-    if multipliers:
-        grid["multipliers"] = tuple(float(m) for m in multipliers.split(","))
-    if top_n:
-        grid["top_n"] = tuple(None if n == "all" else int(n) for n in top_n.split(","))
+    try:
+        if multipliers:
+            grid["multipliers"] = tuple(float(m) for m in multipliers.split(","))
+        if top_n:
+            grid["top_n"] = tuple(None if n.strip() == "all" else int(n) for n in top_n.split(","))
+    except ValueError as e:
+        raise EvalError(f"--multipliers and --top-n take comma-separated numbers: {e}") from None
+    if selections:
+        grid["selections"] = tuple(x.strip() for x in selections.split(",") if x.strip())
+    if gate:
+        grid["gates"] = ("none", "sequence") if gate == "both" else (gate,)
+    if gate_percentile is not None:
+        grid["gate_percentile"] = gate_percentile
     if grid:
         from dataclasses import replace
 
@@ -314,37 +387,58 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    b = res["best"]
-    click.echo(f"{res['method']} layer {res['layer']}: SAE fvu {res['sae']['fvu']:.3f}, L0 {res['sae']['l0']:.1f}, "
-               f"loss recovered {res['sae']['loss_recovered']}")
-    if b is None:
-        click.echo(f"no setting kept retain accuracy >= {cfg.retain_ratio} of clean: {res.get('best_reason')}")
-    else:
-        click.echo(f"best {b['setting']}: unlearning score {b['unlearning_score']:.3f}; forget MCQ "
-                   f"{b['forget_mcq']['before']:.3f} -> {b['forget_mcq']['after']:.3f}; retain MCQ "
-                   f"{b['retain_mcq']['before']:.3f} -> {b['retain_mcq']['after']:.3f}")
+    click.echo(format_eval(res))
+
+
+def format_eval(res: dict) -> str:
+    """The human summary of `ff eval`: SAE quality, then the best setting per gate and OOD."""
+    lines = [f"{res['method']} layer {res['layer']}: SAE fvu {res['sae']['fvu']:.3f}, L0 {res['sae']['l0']:.1f}, "
+             f"loss recovered {res['sae']['loss_recovered']}"]
+
+    def one(name: str, b: dict | None, reason: str | None, part: str = "") -> str:
+        if b is None:
+            return f"{name}: {reason}"
+        p = b[part] if part else b
+        t, ci = p["test"], p["test"].get("ci95") or [float("nan")] * 2
+        return (f"{name}: {b['label']} -> test score {t['unlearning_score']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                f"(dev {p['dev']['unlearning_score']:.3f}); forget MCQ {t['forget_mcq']['before']:.3f} -> "
+                f"{t['forget_mcq']['after']:.3f}, retain MCQ {t['retain_mcq']['before']:.3f} -> "
+                f"{t['retain_mcq']['after']:.3f}")
+
+    for gate, g in res.get("best_by_gate", {}).items():
+        lines.append(one(f"best, gate {gate}", g["best"], g["reason"]))
+    if res.get("best_ood") is not None or res.get("best_ood_reason") != "no out-of-distribution sets configured":
+        lines.append(one("best out of distribution", res.get("best_ood"), res.get("best_ood_reason"), "ood"))
+    return "\n".join(lines)
 
 
 @main.command("generate")
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`.")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=40, type=click.IntRange(1), help="Tokens to generate (greedy).")
-@click.option("--mode", default=None, type=click.Choice(["clamp", "ablate"]), help="Intervention. Default: clamp.")
-@click.option("--multiplier", default=None, type=float, help="Clamp value m (features -> -m). Default: 50.")
+@click.option("--mode", default=None, type=click.Choice(["clamp", "ablate"]), help="Intervention. [clamp]")
+@click.option("--multiplier", default=None, type=click.FloatRange(0, min_open=True),
+              help="Clamp strength m, in units of each feature's mean firing value.")
 @click.option("--top-n", default=None, type=click.IntRange(1), help="Use only the top n features.")
+@click.option("--selection", default=None, type=click.Choice(["candidates", "saebench", "ratio"]),
+              help="Feature selection rule.")
+@click.option("--gate", default=None, type=click.Choice(["none", "sequence"]), help="Static clamp or the sequence gate.")
+@click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100), help="The gate's retain percentile.")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
-def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, model, device):
-    """Print the model's greedy continuation of PROMPT without and with the unlearning intervention."""
-    from pipelines.generate import default_setting, generate_pair
-
-    from pathlib import Path
+def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,
+                 model, device):
+    """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
+    The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
+    else a gated clamp; the options override single fields."""
+    from pipelines.generate import run_setting, generate_pair
 
     lm = _load_for_run(run_dir, model, device)
-    run_cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    setting = default_setting(run_cfg.get("method", "featureforget"))
-    changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n}.items() if v is not None}
+    setting = run_setting(run_dir)
+    changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
+                                  "gate": gate, "gate_percentile": gate_percentile}.items() if v is not None}
     pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting.replace(**changes))
+    click.echo(f"setting:   {setting.replace(**changes).label}")
     click.echo(f"clean:     {prompt}{pair.clean}")
     click.echo(f"unlearned: {prompt}{pair.unlearned}")
 

@@ -1,8 +1,10 @@
 """Corpora: resolve `--retain` / `--unlearn` specs, tokenize, and pack fixed-length contexts.
 
 A spec is one of:
-- `demo`: the bundled demo corpus for the role (general text for retain, biology for unlearn);
-  `demo:NAME` picks `cache/demo_data/NAME.txt` explicitly;
+- `demo`: the bundled demo corpus for the role (general text for retain, biology for unlearn):
+  written prose and WordNet-derived text, interleaved (`DEMO_MIX`, see demo_data/PROVENANCE.md);
+  `demo:NAME` picks `cache/demo_data/NAME.txt` explicitly, and `demo:A+B+C` interleaves the
+  named files one document at a time (A, B, C, A, B, C, ...; a file that runs out is skipped);
 - a local file: `.txt` (one document per line), `.jsonl` (a text field), `.parquet` (a text column);
 - a local folder of such files (read in sorted name order);
 - a Hugging Face dataset id, `ID[:CONFIG][@SPLIT]`, e.g. `monology/pile-uncopyrighted@train`
@@ -25,6 +27,12 @@ from .errors import CorpusError
 
 DEMO_DIR = Path(__file__).parent / "demo_data"
 _SUFFIXES = {".txt", ".jsonl", ".parquet"}
+DEMO_MIX = {
+    "unlearn": "prose_unlearn_a+prose_unlearn_b+unlearn",
+    "retain": "prose_retain_a+prose_retain_b+retain",
+}
+"""What `demo` means per role: natural prose written for the project (topic features that
+transfer beyond one template) interleaved with the WordNet-derived text (docs/method.md)."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,13 @@ class PackedCorpus:
 
 def resolve_corpus(spec: str, role: str, *, text_field: str = "text") -> CorpusSpec:
     if spec == "demo" or spec.startswith("demo:"):
-        name = role if spec == "demo" else spec.split(":", 1)[1]
-        path = DEMO_DIR / f"{name}.txt"
-        if not path.is_file():
-            names = sorted(p.stem for p in DEMO_DIR.glob("*.txt"))
-            raise CorpusError(f"no bundled demo corpus '{name}' (available: {', '.join(names)})")
-        return CorpusSpec(spec, "demo", str(path), text_field=text_field)
+        names = (DEMO_MIX.get(role, role) if spec == "demo" else spec.split(":", 1)[1]).split("+")
+        paths = [DEMO_DIR / f"{name}.txt" for name in names]
+        for name, path in zip(names, paths):
+            if not path.is_file():
+                have = sorted(p.stem for p in DEMO_DIR.glob("*.txt"))
+                raise CorpusError(f"no bundled demo corpus '{name}' (available: {', '.join(have)})")
+        return CorpusSpec(spec, "demo", "+".join(str(p) for p in paths), text_field=text_field)
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix not in _SUFFIXES:
@@ -89,9 +98,13 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
                     if not line.strip():
                         continue
                     try:
-                        yield json.loads(line)[text_field]
+                        text = json.loads(line)[text_field]
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
                         raise CorpusError(f"{path}:{n}: not a JSON object with a '{text_field}' field") from e
+                    if not isinstance(text, str):  # null or a number: the tokenizer would fail far away
+                        raise CorpusError(f"{path}:{n}: the '{text_field}' field is "
+                                          f"{json.dumps(text)[:40]}, not a string")
+                    yield text
         else:
             import pyarrow.parquet as pq
 
@@ -103,8 +116,23 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
         raise CorpusError(f"cannot read corpus file '{path}': {e.__class__.__name__}: {e}") from e
 
 
+def _interleave(paths: list[Path], text_field: str) -> Iterator[str]:
+    """One document from each file in turn; a file that runs out drops out of the rotation."""
+    its = [_read_file(p, text_field) for p in paths]
+    while its:
+        alive = []
+        for it in its:
+            doc = next(it, None)
+            if doc is not None:
+                alive.append(it)
+                yield doc
+        its = alive
+
+
 def iter_documents(cs: CorpusSpec) -> Iterator[str]:
-    if cs.kind in {"demo", "file"}:
+    if cs.kind == "demo":
+        yield from _interleave([Path(p) for p in cs.location.split("+")], cs.text_field)
+    elif cs.kind == "file":
         yield from _read_file(Path(cs.location), cs.text_field)
     elif cs.kind == "folder":
         for p in sorted(Path(cs.location).iterdir()):

@@ -13,7 +13,8 @@ from typing import Any
 from pipelines.errors import EvalError
 
 MODES = ("ablate", "clamp", "splice", "zero")
-SELECTIONS = ("candidates", "saebench")
+SELECTIONS = ("candidates", "saebench", "ratio")
+GATES = ("none", "sequence")
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,10 @@ class Setting:
     (SAEBench, Farrell et al. 2024); "splice": h -> full SAE reconstruction (no feature edit);
     "zero": h -> 0. The last two are CE-loss references (METHOD §8), not unlearning settings."""
 
-    multiplier: float = 50.0
-    """Clamp value m: active selected features are set to -m (mode "clamp" only)."""
+    multiplier: float = 10.0
+    """Clamp strength m: an active selected feature i is set to -m * act_u[i], its mean firing
+    value on unlearn training tokens (mode "clamp" only). In these units m = 1 turns the
+    feature's typical contribution around; the sweep goes from there to where retain breaks."""
 
     top_n: int | None = None
     """Keep the top n selected features (candidates ranked by alpha_u / alpha_r, SAEBench
@@ -37,6 +40,18 @@ class Setting:
     freq_threshold: float = 0.01
     """Retain firing-frequency threshold of the "saebench" selection (SAEBench: 0.001, 0.01)."""
 
+    ratio_percentile: float = 90.0
+    """"ratio" selection: only features whose unlearn mean squared activation is at or above
+    this percentile of all features' are ranked (by unlearn / retain mean squared activation)."""
+
+    gate: str = "sequence"
+    """"none": edit wherever a selected feature fires (static clamp); "sequence": edit only
+    where the share of tokens so far on which a selected feature fired exceeds the run's
+    retain-calibrated threshold (causal; trainer/selection.py)."""
+
+    gate_percentile: float = 95.0
+    """The gate's threshold: this percentile of the retain training contexts' firing shares."""
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise EvalError(f"unknown intervention mode '{self.mode}': use {', '.join(MODES)}")
@@ -46,6 +61,10 @@ class Setting:
             raise EvalError(f"top_n must be a positive number of features or None, got {self.top_n}")
         if self.mode == "clamp" and not self.multiplier > 0:
             raise EvalError(f"the clamp multiplier must be positive, got {self.multiplier}")
+        if self.gate not in GATES:
+            raise EvalError(f"unknown gate '{self.gate}': use {', '.join(GATES)}")
+        if not 0 <= self.gate_percentile <= 100 or not 0 <= self.ratio_percentile <= 100:
+            raise EvalError("gate_percentile and ratio_percentile must be within [0, 100]")
 
     @property
     def edits_features(self) -> bool:
@@ -59,15 +78,29 @@ class Setting:
             return self.mode
         head = f"clamp m={self.multiplier:g}" if self.mode == "clamp" else "ablate"
         n = "all" if self.top_n is None and self.selection == "candidates" else f"top{self.top_n or 20}"
-        sel = "candidates" if self.selection == "candidates" else f"saebench freq_r<{self.freq_threshold:g}"
-        return f"{head} {n} {sel}"
+        sel = {"candidates": "candidates", "saebench": f"saebench freq_r<{self.freq_threshold:g}",
+               "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
+        gate = f" gate p{self.gate_percentile:g}" if self.gate == "sequence" else " static"
+        return f"{head} {n} {sel}{gate}"
+
+    @property
+    def set_key(self) -> str:
+        """The selection's name in the run's gate.safetensors (trainer/selection.py)."""
+        from trainer.selection import set_key
+
+        return set_key(self.selection, self.top_n, freq_threshold=self.freq_threshold,
+                       ratio_percentile=self.ratio_percentile)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if self.mode != "clamp":
             d.pop("multiplier")
-        if self.selection != "saebench":
+        if self.selection == "candidates":
             d.pop("freq_threshold")
+        if self.selection != "ratio":
+            d.pop("ratio_percentile")
+        if self.gate != "sequence":
+            d.pop("gate_percentile")
         return d
 
     @classmethod
@@ -81,20 +114,27 @@ class Setting:
 
 @dataclass(frozen=True)
 class SweepGrid:
-    multipliers: tuple[float, ...] = (2.0, 5.0, 10.0, 25.0, 50.0)
-    """Clamp multipliers m to try. SAEBench uses 25-200 on SAEs of raw Gemma-2 activations;
-    ours work on activations normalised to E||x s||^2 = d_model (||x s|| ~ sqrt(d), 25 on
-    Gemma 3 270M), where m = 25 already moves h by about its own norm, so the grid starts lower."""
+    multipliers: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+    """Clamp strengths m, in units of each feature's mean firing value on unlearn tokens
+    (Setting.multiplier): from turning the feature around (1) to far past it (30)."""
 
-    ablate: bool = True
+    ablate: bool = False
     """Also try plain ablation (t = 0) at every feature count."""
 
-    top_n: tuple[int | None, ...] = (10, 20, None)
-    """Feature counts; None = all FeatureForget candidates (skipped for baseline runs, whose
-    SAEBench selection has no natural "all")."""
+    top_n: tuple[int | None, ...] = (10, 20, 50)
+    """Feature counts; None = all FeatureForget candidates (candidates selection only)."""
 
-    freq_thresholds: tuple[float, ...] = (0.001, 0.01)
-    """Retain-frequency thresholds of the SAEBench selection (baseline runs; SAEBench values)."""
+    freq_thresholds: tuple[float, ...] = (0.01,)
+    """Retain-frequency thresholds of the SAEBench selection (SAEBench: 0.001, 0.01)."""
+
+    selections: tuple[str, ...] = ("candidates", "saebench", "ratio")
+    """Selection rules to try; "candidates" applies to FeatureForget runs only."""
+
+    gates: tuple[str, ...] = ("none", "sequence")
+    """Gate modes to try; each gets its own best setting in the result."""
+
+    gate_percentile: float = 95.0
+    """Percentile of retain contexts' max firing share that sets the gate threshold."""
 
     def settings(self, method: str) -> list[Setting]:
         """Every setting to evaluate for a run of `method` ("featureforget" | "baseline")."""
@@ -102,13 +142,17 @@ class SweepGrid:
         if self.ablate:
             modes.append(Setting(mode="ablate"))
         out: list[Setting] = []
-        if method == "baseline":
-            for thr in self.freq_thresholds:
-                for n in (n for n in self.top_n if n is not None):
-                    out += [s.replace(selection="saebench", freq_threshold=float(thr), top_n=n) for s in modes]
-        else:
-            for n in self.top_n:
-                out += [s.replace(top_n=n) for s in modes]
+        for gate in self.gates:
+            for sel in self.selections:
+                if sel == "candidates" and method == "baseline":
+                    continue
+                thresholds = self.freq_thresholds if sel != "candidates" else (0.01,)
+                for thr in thresholds:
+                    for n in self.top_n:
+                        if n is None and sel != "candidates":
+                            continue
+                        out += [s.replace(selection=sel, freq_threshold=float(thr), top_n=n, gate=gate,
+                                          gate_percentile=self.gate_percentile) for s in modes]
         if not out:
             raise EvalError(f"the sweep grid gives no settings for a {method} run")
         return out
@@ -122,12 +166,12 @@ class SweepGrid:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-DEMO_GRID = SweepGrid(multipliers=(2.0, 5.0, 10.0), ablate=True, top_n=(10, 20), freq_thresholds=(0.01,))
-"""A small grid for `ff run --preset demo` on CPU: ablation and three clamp values, top 10 / 20."""
+DEMO_GRID = SweepGrid(multipliers=(1.0, 3.0, 10.0, 30.0), top_n=(10, 20))
+"""The demo's grid on CPU: four clamp strengths, 10 or 20 features, each rule, gated and not."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
-    "demo": {"max_questions": 50, "max_text_tokens": 1024, "grid": DEMO_GRID, "sweep_losses": False},
+    "demo": {"max_text_tokens": 2048, "grid": DEMO_GRID},
 }
 """EvalConfig overrides per preset ("full" = the dataclass defaults)."""
 
@@ -148,8 +192,32 @@ class EvalConfig:
     retain_text: str = "demo"
     """Held-out retain-domain text ("demo" = retain_heldout.txt); also used for loss recovered."""
 
-    max_questions: int | None = 100
-    """Use the first N questions of each MCQ source (None: all)."""
+    ood_forget_mcq: str | None = "demo-ood"
+    """Out-of-distribution unlearn-domain questions (another style than the training corpora;
+    "demo-ood" = the bundled textbook biology set); None: no out-of-distribution evaluation."""
+
+    ood_retain_mcq: str | None = "demo-ood"
+    """Out-of-distribution retain-domain (general knowledge) questions; None: skip."""
+
+    ood_forget_text: str | None = "demo-ood"
+    """Out-of-distribution held-out unlearn-domain prose; None: skip."""
+
+    ood_retain_text: str | None = "demo-ood"
+    """Out-of-distribution held-out general prose; None: skip."""
+
+    max_questions: int | None = None
+    """A seeded random sample of N questions per MCQ source (None: all), split into a dev half
+    (the sweep picks its best setting there) and a test half (the reported score)."""
+
+    sample_seed: int = 0
+    """Seed of the question sample and of its dev/test split."""
+
+    bootstrap: int = 2000
+    """Bootstrap resamples (over test questions) for the 95% intervals."""
+
+    max_retain_ce_rise: float = 0.01
+    """A retain-safe setting also raises held-out retain CE by at most this fraction, where the
+    sweep measured it (sweep_losses)."""
 
     max_text_tokens: int = 4096
     """Tokens of held-out text per text source (packed into contexts of ctx_len)."""
@@ -165,6 +233,9 @@ class EvalConfig:
 
     retain_ratio: float = 0.99
     """A setting qualifies for "best" if retain MCQ accuracy after >= retain_ratio * before."""
+
+    max_ood_retain_ce_rise: float = 0.02
+    """The same bound for the out-of-distribution general prose (best_ood)."""
 
     sweep_losses: bool = True
     """Measure CE loss on held-out text for every setting of the sweep. False: only for the
@@ -185,8 +256,9 @@ class EvalConfig:
 
     def data_key(self) -> tuple:
         """The fields that decide the evaluation data (and so the cached clean passes)."""
-        return (self.forget_mcq, self.retain_mcq, self.forget_text, self.retain_text, self.max_questions,
-                self.max_text_tokens, self.ctx_len, self.mcq_template, self.max_batch_tokens,
+        return (self.forget_mcq, self.retain_mcq, self.forget_text, self.retain_text, self.ood_forget_mcq,
+                self.ood_retain_mcq, self.ood_forget_text, self.ood_retain_text, self.max_questions,
+                self.sample_seed, self.max_text_tokens, self.ctx_len, self.mcq_template, self.max_batch_tokens,
                 self.text_batch_contexts)
 
     def to_dict(self) -> dict[str, Any]:

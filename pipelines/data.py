@@ -26,6 +26,20 @@ from pipelines.fastlm import Batch
 
 DEMO_MCQ = {"forget": "forget_mcq.jsonl", "retain": "retain_mcq.jsonl"}
 DEMO_TEXT = {"forget": "unlearn_heldout", "retain": "retain_heldout"}
+OOD_MCQ = {"forget": "ood_forget_mcq.jsonl", "retain": "ood_retain_mcq.jsonl"}
+OOD_TEXT = {"forget": "ood_forget_text", "retain": "ood_retain_text"}
+
+
+def sample_split(questions: list[Question], n: int | None, seed: int) -> tuple[list[Question], Tensor]:
+    """A seeded random sample of n questions (all when None), and a bool [n] mask: True for the
+    test half, False for the dev half (the first half of the permutation is dev)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(questions), generator=g)
+    if n is not None:
+        order = order[:n]
+    test_Q = torch.zeros(len(order), dtype=torch.bool)
+    test_Q[len(order) // 2:] = True
+    return [questions[i] for i in order.tolist()], test_Q
 
 
 class Question(NamedTuple):
@@ -93,9 +107,17 @@ def _load_hub(spec: str, limit: int | None) -> list[Question]:
 
 
 def load_mcq(spec: str, role: str, *, limit: int | None = None) -> list[Question]:
-    """The first `limit` questions of an MCQ spec; `role` ("forget" | "retain") picks the demo file."""
-    if spec == "demo":
-        return _load_jsonl(DEMO_DIR / DEMO_MCQ[role], limit)
+    """The first `limit` questions of an MCQ spec; `role` ("forget" | "retain") picks the demo
+    file ("demo", or "demo-ood" for the out-of-distribution set). A comma-separated list of
+    specs is read in order and concatenated (e.g. several MMLU subjects)."""
+    if "," in spec:
+        out: list[Question] = []
+        for part in (p.strip() for p in spec.split(",")):
+            if part:
+                out += load_mcq(part, role, limit=None)
+        return out if limit is None else out[:limit]
+    if spec in ("demo", "demo-ood"):
+        return _load_jsonl(DEMO_DIR / (DEMO_MCQ if spec == "demo" else OOD_MCQ)[role], limit)
     p = Path(spec).expanduser()
     if p.is_file():
         return _load_jsonl(p, limit)
@@ -179,15 +201,20 @@ def mcq_scores(logprob_N: Tensor, layout: McqLayout) -> Tensor:
     return score_QC
 
 
+def mcq_correct(logprob_N: Tensor, layout: McqLayout) -> Tensor:
+    """bool [Q]: whether each question's highest summed-log-likelihood choice is the answer."""
+    return mcq_scores(logprob_N, layout).argmax(1) == layout.answer_Q
+
+
 def mcq_accuracy(logprob_N: Tensor, layout: McqLayout) -> float:
     """Share of questions whose highest summed-log-likelihood choice is the answer."""
-    return float((mcq_scores(logprob_N, layout).argmax(1) == layout.answer_Q).double().mean())
+    return float(mcq_correct(logprob_N, layout).double().mean())
 
 
 def text_batches(tokenizer: Any, spec: str, role: str, *, max_tokens: int, ctx_len: int,
                  batch_contexts: int) -> list[Batch]:
     """Held-out text packed into BOS-prefixed contexts of ctx_len; every next token is scored."""
-    spec = f"demo:{DEMO_TEXT[role]}" if spec == "demo" else spec
+    spec = {"demo": f"demo:{DEMO_TEXT[role]}", "demo-ood": f"demo:{OOD_TEXT[role]}"}.get(spec, spec)
     n = max(1, max_tokens // (ctx_len - 1))
     try:
         tokens = torch.from_numpy(pack(resolve_corpus(spec, role), tokenizer, n_contexts=n,

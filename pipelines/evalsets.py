@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from pipelines.config import EvalConfig
-from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_batches, text_batches
+from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_correct, sample_split, text_batches
 from pipelines.errors import EvalError
 from pipelines.fastlm import Batch, resid_at, score, text_config
 from pipelines.intervene import Intervention
@@ -29,11 +29,16 @@ class SetResult(NamedTuple):
     """MCQ accuracy, or mean next-token CE loss (nats) for text."""
     rows_rerun: int
     rows: int
+    correct_Q: Tensor | None = None
+    """MCQ: bool [Q], whether each question is answered correctly."""
 
 
 class EvalSet:
-    def __init__(self, name: str, batches: list[Batch], layout: McqLayout | None = None):
+    def __init__(self, name: str, batches: list[Batch], layout: McqLayout | None = None,
+                 test_Q: Tensor | None = None):
         self.name, self.batches, self.layout = name, batches, layout
+        self.test_Q = test_Q
+        """MCQ: bool [Q], True for the test half (the sweep picks settings on the dev half)."""
         self.clean: list[Tensor] | None = None
         self.resid: dict[int, list[Tensor]] = {}
 
@@ -78,6 +83,27 @@ class EvalSet:
         assert self.clean is not None, "prepare() first"
         return self.metric(self.clean)
 
+    def correct(self, logprobs: list[Tensor]) -> Tensor:
+        """MCQ: bool [Q] correctness of every question."""
+        return mcq_correct(torch.cat(logprobs), self.layout)
+
+    def clean_result(self) -> SetResult:
+        assert self.clean is not None, "prepare() first"
+        return SetResult(self.metric(self.clean), 0, self.n_rows,
+                         self.correct(self.clean) if self.is_mcq else None)
+
+    def row_shares(self, iv: Intervention) -> tuple[Tensor, Tensor]:
+        """Per row, on the clean residuals: (share of its prompt/context tokens on which a
+        selected feature fires [rows], whether the gate opens anywhere in the row [rows])."""
+        shares, opened = [], []
+        for b, h_BTD in zip(self.batches, self.resid[iv.layer]):
+            ed = iv.edit(h_BTD, b.editable_BT, b.seg_BT)
+            prompt_BT = b.editable_BT & (b.seg_BT == 0)
+            fires_BT = (iv.selected_acts(h_BTD) > 0).any(-1) & prompt_BT
+            shares.append(fires_BT.sum(1) / prompt_BT.sum(1).clamp_min(1))
+            opened.append((ed.open_BT & b.editable_BT).any(1))
+        return torch.cat(shares).float(), torch.cat(opened)
+
     def logprobs(self, model: Any, iv: Intervention) -> tuple[list[Tensor], int]:
         """Per batch, log p of every target with `iv` applied at its layer -> (list, rows rerun).
         Call prepare(model, iv.layer) first."""
@@ -86,7 +112,7 @@ class EvalSet:
         iv.to(dev)
         out, rerun = [], 0
         for b, clean_N, h_BTD in zip(self.batches, self.clean, self.resid[iv.layer]):
-            edited = iv.edit(h_BTD.to(dev), b.editable_BT.to(dev))
+            edited = iv.edit(h_BTD.to(dev), b.editable_BT.to(dev), b.seg_BT.to(dev))
             # A target whose position precedes its row's first edit keeps its clean score (causal
             # model); rows with no such target are not rerun at all.
             changed_BT = edited.changed_BT.cpu()
@@ -108,25 +134,38 @@ class EvalSet:
     def run(self, model: Any, iv: Intervention) -> SetResult:
         """The metric with `iv` applied at its layer (prepare(model, iv.layer) first)."""
         logprobs, rerun = self.logprobs(model, iv)
-        return SetResult(self.metric(logprobs), rerun, self.n_rows)
+        return SetResult(self.metric(logprobs), rerun, self.n_rows,
+                         self.correct(logprobs) if self.is_mcq else None)
 
     def activations(self, layer: int) -> list[Tensor]:
         """Clean residuals at `layer` at editable positions (no BOS, no padding), [n_i, D] each."""
         return [h_BTD[b.editable_BT] for b, h_BTD in zip(self.batches, self.resid[layer])]
 
 
-class EvalData:
-    """The four evaluation sets of one (model, data config), plus per-layer CE references."""
+SET_NAMES = ("forget_mcq", "retain_mcq", "forget_text", "retain_text",
+             "ood_forget_mcq", "ood_retain_mcq", "ood_forget_text", "ood_retain_text")
 
-    def __init__(self, forget_mcq: EvalSet, retain_mcq: EvalSet, forget_text: EvalSet, retain_text: EvalSet):
-        self.forget_mcq, self.retain_mcq = forget_mcq, retain_mcq
-        self.forget_text, self.retain_text = forget_text, retain_text
+
+class EvalData:
+    """The evaluation sets of one (model, data config), plus per-layer CE references. The four
+    in-distribution sets are always there; the `ood_` ones when the config names them."""
+
+    def __init__(self, sets: dict[str, EvalSet]):
+        self.by_name = sets
         self.zero_ce: dict[int, float] = {}
         """layer -> retain-text CE with the layer's output zeroed (shared by every run there)."""
 
+    def __getattr__(self, name: str) -> EvalSet:
+        if name in SET_NAMES:
+            return self.__dict__["by_name"][name]
+        raise AttributeError(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.by_name
+
     @property
     def sets(self) -> tuple[EvalSet, ...]:
-        return self.forget_mcq, self.retain_mcq, self.forget_text, self.retain_text
+        return tuple(self.by_name.values())
 
     def prepare(self, model: Any, layers: int | Sequence[int]) -> None:
         """Clean passes and residual streams at `layers`. Call it once with every layer an
@@ -140,25 +179,34 @@ _MEMO: "weakref.WeakKeyDictionary[Any, dict[tuple, EvalData]]" = weakref.WeakKey
 
 def eval_data(lm: Any, cfg: EvalConfig) -> EvalData:
     """Tokenized evaluation sets for `lm`; memoised per model and data config, so the clean
-    passes of one `ff run` are shared by all of its runs and layers."""
+    passes of one `ff run` are shared by all of its runs and layers. Questions are a seeded
+    random sample (cfg.max_questions, cfg.sample_seed), split into dev and test halves."""
     per_model = _MEMO.setdefault(lm.model, {})
     key = (lm.info.weights_hash, lm.info.tokenizer_hash, cfg.data_key())
     if key in per_model:
         return per_model[key]
     tok = lm.tokenizer
     window = getattr(text_config(lm.model), "sliding_window", None)
-    sets = []
-    for role in ("forget", "retain"):
-        qs = load_mcq(getattr(cfg, f"{role}_mcq"), role, limit=cfg.max_questions)
-        if not qs:
-            raise EvalError(f"{role} MCQ source '{getattr(cfg, f'{role}_mcq')}' holds no questions")
-        batches, layout = mcq_batches(tok, qs, template=cfg.mcq_template,
-                                      max_batch_tokens=cfg.max_batch_tokens, window=window)
-        sets.append(EvalSet(f"{role}_mcq", batches, layout))
-    for role in ("forget", "retain"):
-        batches = text_batches(tok, getattr(cfg, f"{role}_text"), role, max_tokens=cfg.max_text_tokens,
-                               ctx_len=cfg.ctx_len, batch_contexts=cfg.text_batch_contexts)
-        sets.append(EvalSet(f"{role}_text", batches))
-    data = EvalData(*sets)
+    sets: dict[str, EvalSet] = {}
+    for prefix in ("", "ood_"):
+        for role in ("forget", "retain"):
+            spec = getattr(cfg, f"{prefix}{role}_mcq")
+            if spec is None:
+                continue
+            qs, test_Q = sample_split(load_mcq(spec, role), cfg.max_questions, cfg.sample_seed)
+            if len(qs) < 2:
+                raise EvalError(f"{role} MCQ source '{spec}' holds {len(qs)} question(s); "
+                                "at least 2 are needed (dev and test halves)")
+            batches, layout = mcq_batches(tok, qs, template=cfg.mcq_template,
+                                          max_batch_tokens=cfg.max_batch_tokens, window=window)
+            sets[f"{prefix}{role}_mcq"] = EvalSet(f"{prefix}{role}_mcq", batches, layout, test_Q)
+        for role in ("forget", "retain"):
+            spec = getattr(cfg, f"{prefix}{role}_text")
+            if spec is None:
+                continue
+            batches = text_batches(tok, spec, role, max_tokens=cfg.max_text_tokens,
+                                   ctx_len=cfg.ctx_len, batch_contexts=cfg.text_batch_contexts)
+            sets[f"{prefix}{role}_text"] = EvalSet(f"{prefix}{role}_text", batches)
+    data = EvalData(sets)
     per_model[key] = data
     return data

@@ -22,14 +22,18 @@ import torch
 
 from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-exported for the CLI)
 from pipelines.errors import EvalError
-from pipelines.evalsets import EvalData, eval_data
+from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import Intervention, LoadedRun, load_run
+from pipelines.scoring import auroc, half, pick_best, unlearning_score
 from trainer.evaluate import eval_corpus
 
 METRICS = ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")
 _SETS = {"forget_mcq": "forget_mcq", "retain_mcq": "retain_mcq",
          "forget_loss": "forget_text", "retain_loss": "retain_text"}
+OOD_METRICS = ("ood_forget_mcq", "ood_retain_mcq", "ood_forget_loss", "ood_retain_loss")
+_SETS.update({"ood_forget_mcq": "ood_forget_mcq", "ood_retain_mcq": "ood_retain_mcq",
+              "ood_forget_loss": "ood_forget_text", "ood_retain_loss": "ood_retain_text"})
 
 
 def check_model(run: LoadedRun, lm: Any) -> None:
@@ -47,36 +51,15 @@ def check_model(run: LoadedRun, lm: Any) -> None:
                         f"{lm.info.n_layers} layers")
 
 
-def unlearning_score(before: float, after: float) -> float | None:
-    """SAEBench: 1 - acc_after / acc_before on forget questions; None when acc_before is 0."""
-    return 1.0 - after / before if before > 0 else None
-
-
-def pick_best(sweep: list[dict[str, Any]], retain_ratio: float) -> tuple[dict[str, Any] | None, str | None]:
-    """The highest unlearning score among settings that edit at least one feature and keep
-    retain MCQ accuracy >= retain_ratio * clean -> (entry, None), or (None, reason)."""
-    real = [e for e in sweep if e["n_features"] > 0 and e["unlearning_score"] is not None]
-    if not real:
-        return None, "no setting selected any feature (the run has no candidates?)"
-    ok = [e for e in real  # the 1e-9 keeps e.g. 0.495 >= 0.99 * 0.5 true despite float rounding
-          if e["retain_mcq"]["after"] >= retain_ratio * e["retain_mcq"]["before"] - 1e-9]
-    if not ok:
-        top = max(real, key=lambda e: e["retain_mcq"]["after"])
-        return None, (f"no setting kept retain MCQ accuracy >= {retain_ratio:g} x clean "
-                      f"({top['retain_mcq']['before']:.3f}); the closest was {top['label']} "
-                      f"at {top['retain_mcq']['after']:.3f}")
-    return max(ok, key=lambda e: e["unlearning_score"]), None  # max keeps the first of ties
-
-
 def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> dict[str, Any]:
     """On held-out text at the run's layer (METHOD §8): FVU, MSE, L0, dead fraction of the
     activations, and CE loss clean / SAE spliced / zero-ablated -> loss recovered."""
     acts = data.forget_text.activations(run.layer) + data.retain_text.activations(run.layer)
     dev = run.sae.W_dec.device
     ev = eval_corpus(run.sae, (a.to(dev, torch.float32) * run.scale for a in acts))
-    ce_sae = data.retain_text.run(model, Intervention(run, Setting(mode="splice"))).value
+    ce_sae = data.retain_text.run(model, Intervention(run, Setting(mode="splice", gate="none"))).value
     if run.layer not in data.zero_ce:  # independent of the SAE: shared by every run at the layer
-        data.zero_ce[run.layer] = data.retain_text.run(model, Intervention(run, Setting(mode="zero"))).value
+        data.zero_ce[run.layer] = data.retain_text.run(model, Intervention(run, Setting(mode="zero", gate="none"))).value
     ce_zero = data.zero_ce[run.layer]
     denom = ce_zero - ce_clean
     return {"fvu": ev.fvu, "mse": ev.mse, "l0": ev.l0, "tokens": ev.tokens,
@@ -85,25 +68,77 @@ def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> 
             "loss_recovered": (ce_zero - ce_sae) / denom if denom > 0 else None}
 
 
-def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, float],
-            metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
-    """One sweep entry: `metrics` before/after `iv` (the others get "after": None)."""
+def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any], cfg: EvalConfig,
+            metrics: tuple[str, ...]) -> dict[str, Any]:
+    """One sweep entry: `metrics` before/after `iv` (the others get "after": None), with the
+    dev and test halves of the MCQ sets (scoring.half)."""
     t0 = time.perf_counter()
-    values: dict[str, float | None] = {m: None for m in METRICS}
+    res: dict[str, SetResult | None] = {m: None for m in clean}
     rerun = 0
     for m in metrics:
-        if iv.n_features == 0:  # nothing to edit: the clean values are exact
-            values[m] = clean[m]
+        if m not in clean:
             continue
-        res = getattr(data, _SETS[m]).run(model, iv)
-        values[m], rerun = res.value, rerun + res.rows_rerun
-    e: dict[str, Any] = {"setting": iv.setting.to_dict(), "label": iv.setting.label,
-                         "n_features": iv.n_features}
-    e.update({m: {"before": clean[m], "after": values[m]} for m in METRICS})
-    after = values["forget_mcq"]
-    e["unlearning_score"] = None if after is None else unlearning_score(clean["forget_mcq"], after)
+        res[m] = clean[m] if iv.n_features == 0 else getattr(data, _SETS[m]).run(model, iv)
+        rerun += res[m].rows_rerun
+    e: dict[str, Any] = {"setting": iv.setting.to_dict(), "label": iv.setting.label, "n_features": iv.n_features}
+    for prefix in ("", "ood_"):
+        keys = [f"{prefix}{k}" for k in ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")]
+        if keys[0] not in clean:
+            continue
+        part = {k[len(prefix):]: {"before": clean[k].value, "after": None if res[k] is None else res[k].value}
+                for k in keys if k in clean}
+        f_set, r_set = getattr(data, keys[0].replace("_loss", "")), getattr(data, keys[1])
+        if res[keys[0]] is not None and res[keys[1]] is not None:
+            fc = (clean[keys[0]].correct_Q, res[keys[0]].correct_Q)
+            rc = (clean[keys[1]].correct_Q, res[keys[1]].correct_Q)
+            e.setdefault("_correct", {})[prefix] = (fc, rc, f_set.test_Q, r_set.test_Q)
+            part["dev"] = half(fc, rc, ~f_set.test_Q, ~r_set.test_Q)
+            part["test"] = half(fc, rc, f_set.test_Q, r_set.test_Q)
+        if prefix:
+            e["ood"] = part
+        else:
+            e.update(part)
+            f = part["forget_mcq"]
+            e["unlearning_score"] = None if f["after"] is None else unlearning_score(f["before"], f["after"])
     e["rows_rerun"], e["seconds"] = rerun, round(time.perf_counter() - t0, 2)
     return e
+
+
+def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,
+              selection: dict[str, Any]) -> dict[str, Any]:
+    """The chosen entry with intervals on both halves, the gate's open rates and the selection's
+    topic-detection AUROCs (the report's and `ff eval --json`'s `best`)."""
+    fc, rc, f_test, r_test = best["_correct"][key]
+    out = {k: v for k, v in best.items() if k != "_correct"}
+    part = out[key.rstrip("_")] if key else out
+    for name, mask, rmask in (("dev", ~f_test, ~r_test), ("test", f_test, r_test)):
+        part[name] = half(fc, rc, mask, rmask, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
+    if not key:
+        out["unlearning_score"] = out["test"]["unlearning_score"]
+    iv = Intervention(run, Setting.from_dict(best["setting"]))
+    rates = {}
+    for name in ("retain_text", "forget_text", "ood_retain_text", "ood_forget_text"):
+        if data.has(name):
+            rates[f"open_rate_{name.replace('_text', '')}"] = float(getattr(data, name).row_shares(iv)[1].double().mean())
+    out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
+                   else None, "threshold": iv.threshold, **rates}
+    out["selection"] = selection[iv.setting.set_key]
+    return out
+
+
+def selection_quality(data: EvalData, iv: Intervention) -> dict[str, Any]:
+    """Topic detection by the selected features: AUROC of the per-sequence firing share between
+    forget and retain held-out sequences (text contexts; MCQ prompts), in and out of distribution."""
+    out: dict[str, Any] = {"n_features": iv.n_features}
+    for prefix in ("", "ood"):
+        for kind in ("text", "mcq"):
+            f, r = f"{prefix + '_' if prefix else ''}forget_{kind}", f"{prefix + '_' if prefix else ''}retain_{kind}"
+            name = f"auroc_{kind}" + (f"_{prefix}" if prefix else "")
+            if data.has(f) and data.has(r) and iv.n_features:
+                out[name] = auroc(getattr(data, f).row_shares(iv)[0], getattr(data, r).row_shares(iv)[0])
+            else:
+                out[name] = None
+    return out
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -112,10 +147,14 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def _describe(e: dict[str, Any]) -> str:
-    f, r = e["forget_mcq"], e["retain_mcq"]
-    score = "n/a" if e["unlearning_score"] is None else f"{e['unlearning_score']:.3f}"
-    return (f"{e['label']} ({e['n_features']} features): forget MCQ {f['before']:.3f}->{f['after']:.3f}, "
-            f"retain MCQ {r['before']:.3f}->{r['after']:.3f}, score {score} ({e['seconds']:.1f} s)")
+    f, r = e["dev"]["forget_mcq"], e["dev"]["retain_mcq"]
+    score = e["dev"]["unlearning_score"]
+    ood = e.get("ood") or {}
+    ood_s = "" if "dev" not in ood or ood["dev"]["unlearning_score"] is None else \
+        f", ood dev score {ood['dev']['unlearning_score']:.3f} (general {ood['dev']['retain_mcq']['after']:.3f})"
+    return (f"{e['label']} ({e['n_features']} features): dev forget MCQ {f['before']:.3f}->{f['after']:.3f}, "
+            f"retain MCQ {r['before']:.3f}->{r['after']:.3f}, score "
+            f"{'n/a' if score is None else f'{score:.3f}'}{ood_s} ({e['seconds']:.1f} s)")
 
 
 def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *, progress: bool = True,
@@ -136,28 +175,51 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     data = data or eval_data(lm, cfg)
     _log(progress, f"{tag} clean passes ...")
     data.prepare(model, run.layer)
-    clean = {m: getattr(data, _SETS[m]).clean_value() for m in METRICS}
-    _log(progress, f"{tag} clean: " + " ".join(f"{m} {v:.3f}" for m, v in clean.items())
+    clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}
+    _log(progress, f"{tag} clean: " + " ".join(f"{m} {v.value:.3f}" for m, v in clean.items())
          + f" ({time.perf_counter() - t0:.0f} s)")
-    sae = sae_quality(run, data, model, clean["retain_loss"])
+    sae = sae_quality(run, data, model, clean["retain_loss"].value)
     _log(progress, f"{tag} SAE: fvu {sae['fvu']:.3f} l0 {sae['l0']:.1f} dead {sae['dead_fraction']:.3f} "
                    f"loss recovered {sae['loss_recovered']} ({time.perf_counter() - t0:.0f} s)")
     settings = cfg.grid.settings(run.method)
-    metrics = METRICS if cfg.sweep_losses else ("forget_mcq", "retain_mcq")
-    sweep = []
+    all_metrics = tuple(clean)
+    metrics = all_metrics if cfg.sweep_losses else tuple(m for m in all_metrics if m.endswith("_mcq"))
+    sweep, selection = [], {}
     for i, setting in enumerate(settings, 1):
-        sweep.append(measure(data, model, Intervention(run, setting), clean, metrics))
+        iv = Intervention(run, setting)
+        if setting.set_key not in selection:
+            selection[setting.set_key] = selection_quality(data, iv)
+        sweep.append(measure(data, model, iv, clean, cfg, metrics))
         _log(progress, f"{tag} {i}/{len(settings)} {_describe(sweep[-1])}")
-    best, reason = pick_best(sweep, cfg.retain_ratio)
-    if best is not None and not cfg.sweep_losses:  # CE losses for the best setting only
-        iv = Intervention(run, Setting.from_dict(best["setting"]))
-        losses = measure(data, model, iv, clean, ("forget_loss", "retain_loss"))
-        best.update({m: losses[m] for m in ("forget_loss", "retain_loss")})
+    out: dict[str, Any] = {}
+    for name, key, subset, ce in (("best", "", sweep, cfg.max_retain_ce_rise),
+                                  ("best_ood", "ood_", sweep, cfg.max_ood_retain_ce_rise)):
+        if key and not any(e.get("ood") for e in sweep):
+            out[name], out[f"{name}_reason"] = None, "no out-of-distribution sets configured"
+            continue
+        best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"))
+        if best is not None and not cfg.sweep_losses:  # CE losses for the best setting only
+            best = measure(data, model, Intervention(run, Setting.from_dict(best["setting"])), clean, cfg,
+                           all_metrics)
+        out[name] = None if best is None else _finalize(best, key, data, run, cfg, selection)
+        out[f"{name}_reason"] = reason
+    by_gate = {}
+    for gate in cfg.grid.gates:
+        b, reason = pick_best([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
+                              cfg.max_retain_ce_rise)
+        by_gate[gate] = {"best": None if b is None else _finalize(b, "", data, run, cfg, selection),
+                         "reason": reason}
+    if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:
+        fc, rc, f_test, r_test = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]["ood_"]
+        out["best"]["ood"]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
+    for e in sweep:
+        e.pop("_correct", None)
     return {
         "run": str(run.path), "layer": run.layer, "method": run.method, "model": lm.info.name,
-        "best": best, "best_reason": reason, "clean": clean, "sweep": sweep, "sae": sae,
-        "data": {"forget_questions": data.forget_mcq.size, "retain_questions": data.retain_mcq.size,
-                 "forget_tokens": data.forget_text.size, "retain_tokens": data.retain_text.size},
+        "best": out["best"], "best_reason": out["best_reason"],
+        "best_ood": out["best_ood"], "best_ood_reason": out["best_ood_reason"], "best_by_gate": by_gate,
+        "clean": {m: v.value for m, v in clean.items()}, "sweep": sweep, "selection": selection, "sae": sae,
+        "data": {name: s.size for name, s in data.by_name.items()},
         "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 1),
         "cpu_seconds": round(time.process_time() - c0, 1),
     }

@@ -26,10 +26,29 @@ class GenerationPair(NamedTuple):
 
 
 def default_setting(method: str) -> Setting:
-    """Clamp m=50 on all candidates (FeatureForget) or the SAEBench top 20 (baseline)."""
+    """A gated clamp (m = 10) of the top 20 candidates (FeatureForget) or SAEBench features (baseline)."""
     if method == "baseline":
-        return Setting(mode="clamp", multiplier=50.0, top_n=20, selection="saebench")
-    return Setting(mode="clamp", multiplier=50.0)
+        return Setting(mode="clamp", multiplier=10.0, top_n=20, selection="saebench", gate="sequence")
+    return Setting(mode="clamp", multiplier=10.0, top_n=20, gate="sequence")
+
+
+def run_setting(run_dir: str | Path) -> Setting:
+    """The best setting that `ff run` / `ff eval --json > RUN/unlearning.json` found for the run,
+    else `default_setting` of its method."""
+    import json
+
+    run_dir = Path(run_dir)
+    res = run_dir / "unlearning.json"
+    if res.is_file():
+        try:
+            best = json.loads(res.read_text()).get("best")
+        except json.JSONDecodeError:
+            best = None
+        if best:
+            return Setting.from_dict(best["setting"])
+    cfg = run_dir / "config.json"
+    method = json.loads(cfg.read_text()).get("method", "featureforget") if cfg.is_file() else "featureforget"
+    return default_setting(method)
 
 
 @torch.inference_mode()

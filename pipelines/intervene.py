@@ -2,9 +2,12 @@
 
     h <- h - sum_{i in S} (f_i(h) - t_i(h)) * W_dec[i] / scale
 
-`ablate`: t = 0; `clamp`: t = -m wherever f_i > 0. Everything else, the SAE's reconstruction
-error included, passes unchanged, so a token on which no selected feature fires is left exactly
-as it was. Only the encoder columns of S are kept (W_enc[:, S]), so the edit costs d x |S|.
+`ablate`: t = 0; `clamp`: t = -m * act_u[i] wherever f_i > 0 (act_u: the feature's mean firing
+value on unlearn tokens). Everything else, the SAE's reconstruction error included, passes
+unchanged, so a token on which no selected feature fires is left exactly as it was. With the
+sequence gate (trainer/selection.py) a position is edited only where the share of the row's
+tokens so far on which a selected feature fired exceeds the run's retain-calibrated threshold;
+the decision at a position depends on it and earlier positions only (causal). Only the encoder columns of S are kept (W_enc[:, S]), so the edit costs d x |S|.
 Two reference modes for CE loss (METHOD §8): `splice` (h <- SAE reconstruction) and `zero`.
 
 BOS positions are never edited: the SAE never saw them in training (METHOD §0) and their
@@ -27,10 +30,10 @@ from torch import Tensor
 from cache.models import decoder_layers
 from pipelines.errors import EvalError
 from pipelines.config import Setting
-from trainer.evaluate import saebench_select
 from trainer.sae import SAE
+from trainer.selection import firing_share, gate_open, select, threshold_at
 
-FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate")
+FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
 
 
 class LoadedRun(NamedTuple):
@@ -43,12 +46,16 @@ class LoadedRun(NamedTuple):
     """features.safetensors: alpha_r, alpha_u, freq_r, freq_u [F] float, candidate [F] bool, ..."""
     layer: int
     method: str
+    gate: dict[str, Tensor]
+    """gate.safetensors: "<set>/features" and "<set>/share" per calibrated selection."""
 
 
 class Edited(NamedTuple):
     h_BTD: Tensor
     changed_BT: Tensor
     """bool [B, T]: positions that were edited (the others are bit-identical)."""
+    open_BT: Tensor
+    """bool [B, T]: where the gate was open (all True without a gate)."""
 
     @property
     def changed_B(self) -> Tensor:
@@ -70,26 +77,36 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     feats = load_file(str(path / "features.safetensors"))
     for key in FEATURE_KEYS:
         if key not in feats or feats[key].shape != (sae.d_sae,):
-            raise EvalError(f"{path}/features.safetensors: '{key}' is missing or not of shape [{sae.d_sae}]")
+            raise EvalError(f"{path}/features.safetensors: '{key}' is missing or not of shape "
+                            f"[{sae.d_sae}] (a run from an older ff: retrain it)")
+    gate = load_file(str(path / "gate.safetensors")) if (path / "gate.safetensors").is_file() else {}
     if "layer" not in config:
         raise EvalError(f"{path}/config.json has no 'layer'")
     feats["candidate"] = feats["candidate"].bool()
     method = str(config.get("method", "featureforget"))
-    return LoadedRun(path, sae.eval(), scale, config, feats, int(config["layer"]), method)
+    return LoadedRun(path, sae.eval(), scale, config, feats, int(config["layer"]), method, gate)
 
 
 def select_features(run: LoadedRun, setting: Setting) -> Tensor:
-    """The feature set S of a setting, as sorted indices [S] (METHOD §7)."""
-    f = run.features
-    if setting.selection == "saebench":
-        mask_F = saebench_select(f["freq_r"].float(), f["freq_u"].float(), setting.top_n or 20,
-                                 setting.freq_threshold)
-        return mask_F.nonzero().flatten()
-    idx_S = f["candidate"].nonzero().flatten()
-    if setting.top_n is not None and len(idx_S) > setting.top_n:
-        ratio_S = f["alpha_u"][idx_S].double() / (f["alpha_r"][idx_S].double() + 1e-12)
-        idx_S = idx_S[torch.argsort(ratio_S, descending=True, stable=True)[: setting.top_n]]
-    return idx_S.sort().values
+    """The feature set S of a setting, as sorted indices [S] (METHOD §7, trainer/selection.py)."""
+    if setting.selection == "candidates" and run.method == "baseline":
+        raise EvalError(f"{run.path} is a baseline run: it has no FeatureForget candidates; "
+                        "use the saebench or ratio selection")
+    return select(run.features, setting.selection, setting.top_n, freq_threshold=setting.freq_threshold,
+                  ratio_percentile=setting.ratio_percentile)
+
+
+def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> float:
+    """The sequence gate's threshold for the setting's selection, from the run's calibration."""
+    key = setting.set_key
+    if f"{key}/share" not in run.gate:
+        raise EvalError(f"{run.path} has no gate calibration for selection '{key}' (calibrated: "
+                        f"{', '.join(sorted(k.split('/')[0] for k in run.gate if k.endswith('/features'))) or 'none'}); "
+                        "use one of those, or --gate none")
+    if not torch.equal(run.gate[f"{key}/features"].long().sort().values, features_S):
+        raise EvalError(f"{run.path}: the gate of selection '{key}' was calibrated on other features "
+                        "than the run's statistics select now; retrain the run")
+    return threshold_at(run.gate[f"{key}/share"].numpy(), setting.gate_percentile)
 
 
 class Intervention:
@@ -100,6 +117,12 @@ class Intervention:
         self.d_model = run.sae.d_model
         sae = run.sae
         self.features = select_features(run, setting) if setting.edits_features else torch.arange(0)
+        gated = setting.edits_features and setting.gate == "sequence" and len(self.features) > 0
+        self.threshold = gate_threshold(run, setting, self.features) if gated else None
+        """The sequence gate's threshold; None: no gate."""
+        self.t_S = (setting.multiplier * run.features["act_u"][self.features].float()
+                    if setting.mode == "clamp" else torch.zeros(len(self.features)))
+        """Clamp targets -t_S: m times each feature's mean firing value on unlearn tokens."""
         with torch.no_grad():
             self.W_enc_DS = sae.W_enc[:, self.features].detach().clone()
             self.b_enc_S = sae.b_enc[self.features].detach().clone()
@@ -112,7 +135,7 @@ class Intervention:
         return len(self.features)
 
     def to(self, device: Any) -> "Intervention":
-        for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D"):
+        for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D", "t_S"):
             setattr(self, name, getattr(self, name).to(device))
         if self.sae is not None:
             self.sae = self.sae.to(device)
@@ -125,22 +148,37 @@ class Intervention:
         return torch.relu((x_BTD - self.b_dec_D) @ self.W_enc_DS + self.b_enc_S)
 
     @torch.no_grad()
-    def edit(self, h_BTD: Tensor, editable_BT: Tensor | None = None) -> Edited:
-        """Apply the setting to h [B, T, D]; positions where editable_BT is False are kept."""
+    def edit(self, h_BTD: Tensor, editable_BT: Tensor | None = None, seg_BT: Tensor | None = None,
+             start: tuple[Tensor, Tensor] | None = None) -> Edited:
+        """Apply the setting to h [B, T, D]; positions where editable_BT is False are kept.
+        `seg_BT`: tree-packed rows (the gate counts a branch after the shared prompt only);
+        `start`: gate counts carried in from earlier calls on the same rows (KV cache)."""
         if editable_BT is None:
             editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
         mode = self.setting.mode
+        all_BT = torch.ones_like(editable_BT)
         if mode == "zero":
-            return Edited(torch.where(editable_BT[..., None], 0.0, h_BTD).to(h_BTD.dtype), editable_BT)
+            return Edited(torch.where(editable_BT[..., None], 0.0, h_BTD).to(h_BTD.dtype), editable_BT, all_BT)
         if mode == "splice":
             x_hat_BTD = self.sae(h_BTD.to(self.b_dec_D.dtype) * self.scale).x_hat / self.scale
-            return Edited(torch.where(editable_BT[..., None], x_hat_BTD.to(h_BTD.dtype), h_BTD), editable_BT)
+            return Edited(torch.where(editable_BT[..., None], x_hat_BTD.to(h_BTD.dtype), h_BTD),
+                          editable_BT, all_BT)
         f_BTS = self.selected_acts(h_BTD) * editable_BT[..., None]
         active_BTS = f_BTS > 0
-        # clamp: t = -m where f > 0 (SAEBench); ablate: t = 0. Inactive features: f - t = 0.
-        t_BTS = -self.setting.multiplier * active_BTS if mode == "clamp" else torch.zeros_like(f_BTS)
-        delta_BTD = ((f_BTS - t_BTS) @ self.W_dec_SD) / self.scale
-        return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1))
+        open_BT = self.gate(active_BTS.any(-1), editable_BT, seg_BT, start)
+        active_BTS &= open_BT[..., None]
+        # clamp: t = -m act_u where f > 0 (SAEBench); ablate: t = 0. Elsewhere f - t = 0.
+        t_BTS = -self.t_S * active_BTS
+        delta_BTD = (((f_BTS * active_BTS) - t_BTS) @ self.W_dec_SD) / self.scale
+        return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1), open_BT)
+
+    def gate(self, fires_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
+             start: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """bool [B, T]: where the edit may act (all True without a gate)."""
+        if self.threshold is None:
+            return torch.ones_like(editable_BT)
+        share_BT, seen_BT = firing_share(fires_BT, editable_BT, seg_BT, start)
+        return gate_open(share_BT, seen_BT, self.threshold)
 
     def attach(self, model: Any, *, skip_bos: bool = True) -> "Hooks":
         """Install the edit on `model` (forward hook on block `layer`); call .remove() to undo."""
@@ -152,18 +190,27 @@ class Intervention:
             raise EvalError(f"the run's SAE has d_model {self.d_model} but the model has hidden size "
                             f"{cfg.hidden_size}: it was trained on another model")
         bos = getattr(cfg, "bos_token_id", None) if skip_bos else None
-        state: dict[str, Tensor | None] = {"editable": None}
+        state: dict[str, Any] = {"editable": None, "counts": None}
 
         def pre_hook(_module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             state["editable"] = (ids != bos) if (bos is not None and isinstance(ids, Tensor)) else None
+            if not _continues(kwargs):
+                state["counts"] = None  # a new sequence: the gate starts counting afresh
 
         def hook(_module, _inputs, output):
             h_BTD = output[0] if isinstance(output, (tuple, list)) else output
             editable_BT = state["editable"]
-            if editable_BT is not None and editable_BT.shape != h_BTD.shape[:2]:
-                editable_BT = None
-            new_BTD = self.to(h_BTD.device).edit(h_BTD, editable_BT).h_BTD
+            if editable_BT is None or editable_BT.shape != h_BTD.shape[:2]:
+                editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
+            iv = self.to(h_BTD.device)
+            start = state["counts"]  # KV-cached generation: the gate's counts so far
+            new_BTD = iv.edit(h_BTD, editable_BT, start=start).h_BTD
+            if iv.threshold is not None:
+                fires_B1 = ((iv.selected_acts(h_BTD) > 0).any(-1) & editable_BT).sum(1, keepdim=True)
+                seen_B1 = editable_BT.sum(1, keepdim=True)
+                prev = start or (0, 0)
+                state["counts"] = (prev[0] + fires_B1.float(), prev[1] + seen_B1.float())
             return (new_BTD, *output[1:]) if isinstance(output, (tuple, list)) else new_BTD
 
         base = getattr(model, "model", model)
@@ -177,6 +224,16 @@ class Intervention:
             yield self
         finally:
             hooks.remove()
+
+
+def _continues(kwargs: dict[str, Any]) -> bool:
+    """Whether a forward continues a KV-cached sequence (its first position is not 0)."""
+    for key in ("cache_position", "position_ids"):
+        pos = kwargs.get(key)
+        if isinstance(pos, Tensor) and pos.numel():
+            return int(pos.reshape(-1)[0]) > 0
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    return bool(cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0)
 
 
 class Hooks:
@@ -193,16 +250,18 @@ class Hooks:
 
 @contextmanager
 def unlearned(model: Any, run_dir: str | Path | LoadedRun, *, mode: str = "clamp",
-              multiplier: float = 50.0, top_n: int | None = None, selection: str | None = None,
-              freq_threshold: float = 0.01, skip_bos: bool = True) -> Iterator[Intervention]:
+              multiplier: float = 10.0, top_n: int | None = 20, selection: str | None = None,
+              freq_threshold: float = 0.01, gate: str = "sequence", gate_percentile: float = 95.0,
+              skip_bos: bool = True) -> Iterator[Intervention]:
     """Context manager: `model` with the run's features edited (METHOD §7); clean again on exit.
 
     `selection` defaults to "candidates" for FeatureForget runs and "saebench" for baseline runs.
+    The sequence gate keeps its counts across KV-cached forwards of one sequence (generate).
     """
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
     if selection is None:
         selection = "saebench" if run.method == "baseline" else "candidates"
     setting = Setting(mode=mode, multiplier=multiplier, top_n=top_n, selection=selection,
-                      freq_threshold=freq_threshold)
+                      freq_threshold=freq_threshold, gate=gate, gate_percentile=gate_percentile)
     with Intervention(run, setting).hooked(model, skip_bos=skip_bos) as iv:
         yield iv

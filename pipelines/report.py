@@ -29,23 +29,46 @@ def _plt():
     return plt
 
 
-def _score(res: dict[str, Any]) -> float:
-    best = res.get("best")
-    return float(best["unlearning_score"]) if best else 0.0
+def _test(b: dict[str, Any] | None) -> tuple[float, list[float] | None]:
+    """(test-half score, its 95% interval); (nan, None) where no setting was retain-safe."""
+    if not b or b["test"]["unlearning_score"] is None:
+        return float("nan"), None
+    return float(b["test"]["unlearning_score"]), b["test"].get("ci95")
+
+
+def configurations(results: dict[str, dict[int, dict]], layer: int) -> list[tuple[str, dict | None, str | None]]:
+    """The four compared configurations at a layer: (name, best entry or None, reason)."""
+    out = []
+    for variant, label in (("baseline", "baseline SAE"), ("featureforget", "FeatureForget")):
+        res = results.get(variant, {}).get(layer)
+        if res is None:
+            continue
+        for gate, how in (("none", "static"), ("sequence", "gated")):
+            g = res.get("best_by_gate", {}).get(gate)
+            if g is not None:
+                out.append((f"{label}, {how}", g["best"], g["reason"]))
+    return out
 
 
 def fig_scores(results: dict[str, dict[int, dict]], path: Path) -> None:
     plt = _plt()
-    methods = sorted(results, key=lambda m: (m != "featureforget", m))
     layers = sorted({l for r in results.values() for l in r})
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    width = 0.8 / max(1, len(methods))
+    names = sorted({n for l in layers for n, _, _ in configurations(results, l)})
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))
+    width = 0.8 / max(1, len(names))
     x = np.arange(len(layers))
-    for k, m in enumerate(methods):
-        ax.bar(x + k * width, [_score(results[m].get(l, {})) for l in layers], width, label=m)
-    ax.set_xticks(x + width * (len(methods) - 1) / 2, [f"layer {l}" for l in layers])
-    ax.set_ylabel("unlearning score (1 - acc_after/acc_before)")
-    ax.set_title("Unlearning score, retain MCQ kept >= 0.99 of clean")
+    for k, name in enumerate(names):
+        vals, errs = [], [[], []]
+        for l in layers:
+            b = next((b for n, b, _ in configurations(results, l) if n == name), None)
+            v, ci = _test(b)
+            vals.append(0.0 if v != v else v)
+            errs[0].append(0.0 if ci is None else max(0.0, v - ci[0]))
+            errs[1].append(0.0 if ci is None else max(0.0, ci[1] - v))
+        ax.bar(x + k * width, vals, width, yerr=errs, capsize=2, label=name)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, [f"layer {l}" for l in layers])
+    ax.set_ylabel("test-half unlearning score")
+    ax.set_title("Unlearning score (dev-selected, retain MCQ >= 0.99 of clean), 95% CI")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -106,20 +129,34 @@ def _drop(entry: dict[str, Any], key: str) -> float:
     return float(entry[key]["before"] - entry[key]["after"])
 
 
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The upper-left frontier of (retain drop, forget drop) points: no other point has a
+    smaller retain drop and a larger forget drop."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points):
+        if not out or y > out[-1][1]:
+            out.append((x, y))
+    return out
+
+
 def fig_tradeoff(results: dict[str, dict[int, dict]], path: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     markers = "os^vD"
     for k, (m, by_layer) in enumerate(sorted(results.items())):
         for l, res in sorted(by_layer.items()):
-            pts = sorted((_drop(e, "retain_mcq"), _drop(e, "forget_mcq")) for e in res.get("sweep", []))
-            if pts:
-                ax.plot(*zip(*pts), marker=markers[k % len(markers)], ms=4, lw=0.8, label=f"{m} L{l}")
+            for gate, ls in (("none", ":"), ("sequence", "-")):
+                pts = [(_drop(e, "retain_mcq"), _drop(e, "forget_mcq")) for e in res.get("sweep", [])
+                       if e["setting"].get("gate", "none") == gate and e["forget_mcq"]["after"] is not None]
+                if pts:
+                    ax.scatter(*zip(*pts), marker=markers[k % len(markers)], s=8, alpha=0.4)
+                    ax.plot(*zip(*frontier(pts)), ls=ls, marker=markers[k % len(markers)], ms=4, lw=1,
+                            label=f"{m} L{l} {'gated' if gate == 'sequence' else 'static'}")
     ax.axvline(0, color="k", lw=0.5)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("retain MCQ accuracy drop")
     ax.set_ylabel("forget MCQ accuracy drop")
-    ax.set_title("Trade-off over the sweep (up-left is better)")
+    ax.set_title("Forget vs retain over the sweep, with each run's frontier (up-left is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -134,37 +171,95 @@ def _fmt_pair(d: dict[str, float | None] | None, digits: int = 3) -> str:
     return f"{_num(d.get('before'), digits)} -> {_num(d.get('after'), digits)}" if d else "n/a"
 
 
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _change(d: dict[str, Any] | None) -> str:
+    if not d or d.get("after") is None or not d.get("before"):
+        return "n/a"
+    return f"{d['before']:.2f} -> {d['after']:.2f} ({d['after'] / d['before'] - 1:+.1%})"
+
+
 def markdown_table(results: dict[str, dict[int, dict]]) -> str:
-    head = ("| layer | method | best setting | unlearning score | forget MCQ | retain MCQ | forget loss | "
-            "retain loss | FVU | L0 | loss recovered |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    """Per layer, the four configurations: test score with interval, MCQ, CE and gate."""
+    head = ("| layer | configuration | setting | test score [95% CI] | correct-subset score | forget MCQ (test) | "
+            "retain MCQ (test) | forget CE | retain CE | gate open: retain / forget text | AUROC text / MCQ |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for l in sorted({l for r in results.values() for l in r}):
+        for name, b, reason in configurations(results, l):
+            if b is None:
+                rows.append(f"| {l} | {name} | no retain-safe setting | n/a | n/a | | | | | | |")
+                continue
+            t, g, sel = b["test"], b.get("gate", {}), b.get("selection", {})
+            rows.append(
+                f"| {l} | {name} | {b['label']} | {_num(t['unlearning_score'])}{_ci(t.get('ci95'))} | "
+                f"{_num(t.get('correct_subset_score'))} | {_fmt_pair(t['forget_mcq'], 2)} | "
+                f"{_fmt_pair(t['retain_mcq'], 2)} | {_change(b.get('forget_loss'))} | {_change(b.get('retain_loss'))} | "
+                f"{_num(g.get('open_rate_retain'), 2)} / {_num(g.get('open_rate_forget'), 2)} | "
+                f"{_num(sel.get('auroc_text'), 2)} / {_num(sel.get('auroc_mcq'), 2)} |")
+    return head + "\n" + "\n".join(rows)
+
+
+def ood_table(results: dict[str, dict[int, dict]]) -> str:
+    """Out of distribution: the setting chosen on the OOD dev half, scored on its test half."""
+    head = ("| layer | method | setting (OOD dev-selected) | OOD test score [95% CI] | biology MCQ (test) | "
+            "general MCQ (test) | biology CE | general CE | AUROC OOD text / MCQ | ID-selected setting's OOD test score |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for l in sorted({l for r in results.values() for l in r}):
         for m in sorted(results, key=lambda m: (m != "featureforget", m)):
             res = results[m].get(l)
             if res is None:
                 continue
-            b, sae = res.get("best"), res.get("sae", {})
-            setting = ", ".join(f"{k}={v}" for k, v in (b or {}).get("setting", {}).items()) or "none kept retain"
+            b, best = res.get("best_ood"), res.get("best") or {}
+            transfer = (best.get("ood") or {}).get("test", {})
+            tr = f"{_num(transfer.get('unlearning_score'))}{_ci(transfer.get('ci95'))}" if transfer else "n/a"
+            if b is None:
+                rows.append(f"| {l} | {m} | {res.get('best_ood_reason') or 'n/a'} | n/a | | | | | | {tr} |")
+                continue
+            o, sel = b["ood"], b.get("selection", {})
             rows.append(
-                f"| {l} | {m} | {setting} | {_score(res):.3f} | {_fmt_pair((b or {}).get('forget_mcq'))} | "
-                f"{_fmt_pair((b or {}).get('retain_mcq'))} | {_fmt_pair((b or {}).get('forget_loss'))} | "
-                f"{_fmt_pair((b or {}).get('retain_loss'))} | {_num(sae.get('fvu'))} | "
-                f"{_num(sae.get('l0'), 1)} | {_num(sae.get('loss_recovered'))} |")
+                f"| {l} | {m} | {b['label']} | {_num(o['test']['unlearning_score'])}{_ci(o['test'].get('ci95'))} | "
+                f"{_fmt_pair(o['test']['forget_mcq'], 2)} | {_fmt_pair(o['test']['retain_mcq'], 2)} | "
+                f"{_change(o.get('forget_loss'))} | {_change(o.get('retain_loss'))} | "
+                f"{_num(sel.get('auroc_text_ood'), 2)} / {_num(sel.get('auroc_mcq_ood'), 2)} | {tr} |")
     return head + "\n" + "\n".join(rows)
 
 
 def verdict(results: dict[str, dict[int, dict]]) -> str:
-    ff, base = results.get("featureforget", {}), results.get("baseline", {})
+    """FeatureForget vs the baseline SAE under the same gate, by test-half intervals."""
+    from pipelines.scoring import verdict as compare
+
     lines = []
-    for l in sorted(set(ff) & set(base)):
-        a, b = _score(ff[l]), _score(base[l])
-        word = "beats" if a > b else ("ties" if a == b else "does NOT beat")
-        lines.append(f"- layer {l}: FeatureForget {a:.3f} {word} the baseline SAE {b:.3f}.")
+    for l in sorted({l for r in results.values() for l in r}):
+        conf = {n: b for n, b, _ in configurations(results, l)}
+        for how in ("static", "gated"):
+            a, b = conf.get(f"FeatureForget, {how}"), conf.get(f"baseline SAE, {how}")
+            if f"FeatureForget, {how}" not in conf or f"baseline SAE, {how}" not in conf:
+                continue
+            line = compare(_test(a)[1], _test(b)[1], f"FeatureForget ({how})", f"the baseline SAE ({how})")
+            lines.append(f"- layer {l}, {how}: {line}; test scores {_num(_test(a)[0])} vs {_num(_test(b)[0])}.")
     return "\n".join(lines)
 
 
+def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
+    """Mean and spread of the test score over training seeds, per method, layer and gate."""
+    rows = ["| layer | method | gate | seeds | test score mean | min - max |", "|---|---|---|---|---|---|"]
+    for m, by_layer in sorted(seeds.items()):
+        for l, res_list in sorted(by_layer.items()):
+            for gate in ("none", "sequence"):
+                vals = [_test(r.get("best_by_gate", {}).get(gate, {}).get("best"))[0] for r in res_list]
+                vals = [v for v in vals if v == v]
+                if vals:
+                    rows.append(f"| {l} | {m} | {gate} | {len(res_list)} ({len(vals)} retain-safe) | "
+                                f"{np.mean(vals):.3f} | {min(vals):.3f} - {max(vals):.3f} |")
+    return "\n".join(rows)
+
+
 def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str, dict[int, Path]],
-                 header: dict[str, Any]) -> dict[str, Path]:
+                 header: dict[str, Any], seeds: dict[str, dict[int, list[dict]]] | None = None) -> dict[str, Path]:
     """Write report.json, report.md and the figures into `out`; return the figure paths."""
     out.mkdir(parents=True, exist_ok=True)
     figs = {k: out / v for k, v in FIGURES.items()}
@@ -173,13 +268,26 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
     fig_importance(runs.get("featureforget", {}), figs["importance"])
     fig_tradeoff(results, figs["tradeoff"])
     payload = {**header, "results": {m: {str(l): r for l, r in by.items()} for m, by in results.items()}}
-    (out / "report.json").write_text(json.dumps(payload, indent=2))
+    if seeds:
+        payload["seeds"] = {m: {str(l): [r["best_by_gate"] for r in rs] for l, rs in by.items()}
+                            for m, by in seeds.items()}
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(out / "report.json")
     md = [f"# FeatureForget report: {header.get('model')}", "",
           f"Store `{header.get('store')}`, layers {', '.join(map(str, header.get('layers', [])))}, "
           f"training preset `{header.get('preset')}`.", "",
-          "Best setting per run = the highest unlearning score `1 - acc_after/acc_before` on the forget questions "
-          "among the sweep settings that keep retain-question accuracy >= 0.99 of clean (METHOD section 8).", "",
-          markdown_table(results), "", "## Verdict", "", verdict(results) or "n/a", ""]
+          "Questions are a seeded random sample split into a dev half and a test half. Per configuration, the "
+          "setting is chosen on the dev half (highest unlearning score `1 - acc_after/acc_before` among settings that "
+          "keep retain-question accuracy >= 0.99 of clean and held-out retain CE within the configured rise) and "
+          "reported on the test half, with a 95% bootstrap interval over questions. The correct-subset score is "
+          "SAEBench's protocol: the score on the test questions the clean model answers correctly.", "",
+          "## In distribution", "", markdown_table(results), "", "## Verdict", "",
+          verdict(results) or "n/a", "", "## Out of distribution", "",
+          "Textbook-style biology and general-knowledge questions and prose that the training corpora never "
+          "contain; general accuracy must stay >= 0.99 of clean.", "", ood_table(results), ""]
+    if seeds:
+        md += ["## Training seeds", "", seeds_table(seeds), ""]
     md += [f"![{k}]({p.name})" for k, p in figs.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return figs

@@ -37,6 +37,11 @@ ABLATIONS = (  # paper section 6.2
 )
 
 
+PAPER_RETAIN_MCQ = ",".join(f"cais/mmlu:{s}@test" for s in (
+    "high_school_us_history", "college_computer_science", "high_school_geography", "human_aging"))
+"""SAEBench's retain subjects; questions are sampled across all four (EvalConfig.max_questions)."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything `ff run --preset NAME` sets."""
@@ -66,21 +71,23 @@ PRESETS: dict[str, Preset] = {
                           unlearn="cais/wmdp-bio-forget-corpus", contexts=2048, ctx_len=128),
         train_preset="paper",
         eval_preset="full",
-        eval={"forget_mcq": "cais/wmdp:wmdp-bio@test", "retain_mcq": "cais/mmlu:all@test"},
+        eval={"forget_mcq": "cais/wmdp:wmdp-bio@test", "retain_mcq": PAPER_RETAIN_MCQ, "max_questions": 200,
+              "ood_forget_mcq": None, "ood_retain_mcq": None, "ood_forget_text": None, "ood_retain_text": None},
         note="Gemma-2-2B, layers 5/12/19, Pile-uncopyrighted vs WMDP-bio; GPU and HF access required",
     ),
 }
 
 
 def _train_one(store: Path, layer: int, run_dir: Path, variant: Variant, train_preset: str,
-               compare_n: int, progress: bool):
+               compare_n: int, progress: bool, seed: int = 0):
     from trainer.config import TrainConfig
     from trainer.train import train
 
     if (run_dir / "eval.json").is_file():
         return None  # finished earlier
     resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    cfg = TrainConfig.preset(train_preset).replace(method=variant.method, compare_n=compare_n, **variant.flags)
+    cfg = TrainConfig.preset(train_preset).replace(method=variant.method, compare_n=compare_n, seed=seed,
+                                                   **variant.flags)
     return train(None if resume else cfg, str(store), layer, str(run_dir), resume=resume,
                  overwrite=not resume, progress=progress)
 
@@ -91,10 +98,16 @@ def _n_candidates(run_dir: Path) -> int:
     return int(load_file(str(run_dir / "features.safetensors"))["candidate"].sum())
 
 
-def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, progress: bool = True,
+def run_dir_of(out: Path, layer: int, variant: str, seed: int) -> Path:
+    """OUT/runs/layer_<L>/<variant>[-seed<k>]: seed 0 keeps the plain name."""
+    return out / "runs" / f"layer_{layer}" / (variant if seed == 0 else f"{variant}-seed{seed}")
+
+
+def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds: int = 1, progress: bool = True,
             cache_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
             log: Callable[[str], None] = print) -> Path:
-    """Run every stage of `preset_name` into `out`; return the report folder."""
+    """Run every stage of `preset_name` into `out` (`seeds` training seeds per method and layer);
+    return the report folder."""
     from cache.models import load_model
     from pipelines.evaluate import EvalConfig, evaluate_run
     from pipelines.report import write_report
@@ -120,36 +133,40 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, progr
     layers = open_store(store_path).meta.layers
 
     variants = BASE_VARIANTS + (ABLATIONS if ablations else ())
-    runs: dict[str, dict[int, Path]] = {v.name: {} for v in variants}
-    log(f"[2/4] train {len(variants)} variants x {len(layers)} layers")
+    runs: dict[str, dict[int, list[Path]]] = {v.name: {} for v in variants}
+    log(f"[2/4] train {len(variants)} variants x {len(layers)} layers x {seeds} seed(s)")
     for layer in layers:
-        ff_dir = out / "runs" / f"layer_{layer}" / "featureforget"
-        for v in variants:
-            run_dir = out / "runs" / f"layer_{layer}" / v.name
-            # the baseline's feature set is sized like the FeatureForget candidate set
-            compare_n = _n_candidates(ff_dir) if v.method == "baseline" else 0
-            log(f"  layer {layer} {v.name}")
-            _train_one(store_path, layer, run_dir, v, preset.train_preset, compare_n, progress)
-            runs[v.name][layer] = run_dir
+        for seed in range(seeds):
+            ff_dir = run_dir_of(out, layer, "featureforget", seed)
+            for v in variants:
+                run_dir = run_dir_of(out, layer, v.name, seed)
+                # the baseline's feature set is sized like the FeatureForget candidate set
+                compare_n = _n_candidates(ff_dir) if v.method == "baseline" else 0
+                log(f"  layer {layer} {v.name} seed {seed}")
+                _train_one(store_path, layer, run_dir, v, preset.train_preset, compare_n, progress, seed)
+                runs[v.name].setdefault(layer, []).append(run_dir)
 
     ecfg = EvalConfig.preset(preset.eval_preset).replace(**{**preset.eval, **(eval_overrides or {})})
-    results: dict[str, dict[int, dict]] = {v.name: {} for v in variants}
+    seeded: dict[str, dict[int, list[dict]]] = {v.name: {} for v in variants}
     log("[3/4] evaluate")
     for name, by_layer in runs.items():
-        for layer, run_dir in by_layer.items():
-            res_file = run_dir / "unlearning.json"
-            if not res_file.is_file():
-                log(f"  layer {layer} {name}")
-                res = evaluate_run(run_dir, model(), ecfg, progress=progress)
-                tmp = res_file.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(res, indent=2))
-                tmp.replace(res_file)
-            results[name][layer] = json.loads(res_file.read_text())
+        for layer, run_dirs in by_layer.items():
+            for run_dir in run_dirs:
+                res_file = run_dir / "unlearning.json"
+                if not res_file.is_file():
+                    log(f"  layer {layer} {run_dir.name}")
+                    res = evaluate_run(run_dir, model(), ecfg, progress=progress)
+                    tmp = res_file.with_suffix(".json.tmp")
+                    tmp.write_text(json.dumps(res, indent=2))
+                    tmp.replace(res_file)
+                seeded[name].setdefault(layer, []).append(json.loads(res_file.read_text()))
 
     log("[4/4] report")
+    results = {name: {l: rs[0] for l, rs in by.items()} for name, by in seeded.items()}
     header = {"preset": preset_name, "model": cache_cfg.model, "store": str(store_path), "layers": list(layers),
-              "variants": [v.name for v in variants], "note": preset.note,
+              "variants": [v.name for v in variants], "seeds": seeds, "note": preset.note,
               "seconds": round(time.perf_counter() - t0, 1)}
     report_dir = out / "report"
-    write_report(report_dir, results, runs, header)
+    write_report(report_dir, results, {n: {l: ds[0] for l, ds in by.items()} for n, by in runs.items()}, header,
+                 seeds=seeded if seeds > 1 else None)
     return report_dir

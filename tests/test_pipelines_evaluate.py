@@ -11,9 +11,10 @@ import torch
 from cache.models import load_model
 from conftest import WORDS
 from pipelines.config import EvalConfig, Setting, SweepGrid
-from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_scores
+from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_scores, sample_split
 from pipelines.errors import EvalError
-from pipelines.evaluate import evaluate_run, pick_best, unlearning_score
+from pipelines.evaluate import evaluate_run
+from pipelines.scoring import pick_best, unlearning_score
 from pipelines.evalsets import eval_data
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import Intervention, load_run
@@ -41,10 +42,13 @@ def write_mcq(path, n, seed, n_choices=4):
 def cfg(tmp_path_factory, tiny_corpora):
     d = tmp_path_factory.mktemp("mcq")
     retain, unlearn = tiny_corpora
-    return EvalConfig(forget_mcq=write_mcq(d / "f.jsonl", 12, 1), retain_mcq=write_mcq(d / "r.jsonl", 12, 2),
+    return EvalConfig(forget_mcq=write_mcq(d / "f.jsonl", 24, 1), retain_mcq=write_mcq(d / "r.jsonl", 12, 2),
                       forget_text=unlearn, retain_text=retain, max_text_tokens=300, ctx_len=32,
                       max_batch_tokens=200, text_batch_contexts=4,
-                      grid=SweepGrid(multipliers=(5.0,), top_n=(3, None), freq_thresholds=(0.01,)))
+                      ood_forget_mcq=None, ood_retain_mcq=None, ood_forget_text=None, ood_retain_text=None,
+                      bootstrap=200,
+                      grid=SweepGrid(multipliers=(5.0,), ablate=True, top_n=(10, None), freq_thresholds=(0.01,),
+                                     selections=("candidates", "saebench"), gates=("none",)))
 
 
 @torch.no_grad()
@@ -71,11 +75,11 @@ def test_fast_path_matches_plain_forward_with_hooks(lm, cfg, tmp_path):
     verify_fast_path(lm.model, LAYER)
     data = eval_data(lm, cfg)
     data.prepare(lm.model, LAYER)
-    qs = load_mcq(cfg.forget_mcq, "forget")
+    qs = sample_split(load_mcq(cfg.forget_mcq, "forget"), cfg.max_questions, cfg.sample_seed)[0]
     ref = _plain_choice_scores(lm, qs, cfg.mcq_template)
     torch.testing.assert_close(mcq_scores(torch.cat(data.forget_mcq.clean), data.forget_mcq.layout), ref,
                                atol=1e-4, rtol=1e-5)
-    for setting in (Setting(mode="clamp", multiplier=5.0), Setting(mode="ablate", top_n=3), Setting(mode="zero")):
+    for setting in (Setting(gate="none", mode="clamp", multiplier=5.0), Setting(gate="none", mode="ablate", top_n=3), Setting(gate="none", mode="zero")):
         iv = Intervention(run, setting)
         lp, rerun = data.forget_mcq.logprobs(lm.model, iv)
         assert rerun > 0
@@ -114,29 +118,38 @@ def test_mcq_accuracy_end_to_end_follows_the_model(lm, tmp_path):
                              + "\n" for q, a in zip(qs, best)))
     for f, acc in ((path, 1.0), (wrong, 0.0)):
         data = eval_data(lm, EvalConfig(forget_mcq=str(f), retain_mcq=str(f), forget_text="demo", retain_text="demo",
-                                        max_text_tokens=64, ctx_len=32))
+                                        max_text_tokens=64, ctx_len=32, ood_forget_mcq=None, ood_retain_mcq=None,
+                                        ood_forget_text=None, ood_retain_text=None))
         data.forget_mcq.prepare(lm.model, LAYER)
         assert data.forget_mcq.clean_value() == acc
 
 
-def _entry(label, n, forget, retain):
-    return {"label": label, "n_features": n, "unlearning_score": unlearning_score(*forget),
-            "forget_mcq": {"before": forget[0], "after": forget[1]},
-            "retain_mcq": {"before": retain[0], "after": retain[1]}}
+def _entry(label, n, forget, retain, retain_loss=None):
+    part = {"forget_mcq": {"before": forget[0], "after": forget[1]},
+            "retain_mcq": {"before": retain[0], "after": retain[1]},
+            "unlearning_score": unlearning_score(*forget)}
+    return {"label": label, "n_features": n, "dev": part, "test": part,
+            "retain_loss": {"before": 2.0, "after": retain_loss}}
 
 
-def test_best_setting_respects_the_retain_constraint():
+def test_best_setting_is_chosen_on_dev_and_respects_the_retain_constraints():
     sweep = [_entry("a", 10, (0.6, 0.2), (0.5, 0.49)),    # best score but retain 0.98 x clean
              _entry("b", 10, (0.6, 0.3), (0.5, 0.495)),   # exactly 0.99 x clean: qualifies
              _entry("c", 20, (0.6, 0.45), (0.5, 0.52)),
-             _entry("d", 0, (0.6, 0.6), (0.5, 0.5))]      # no features: never "best"
-    best, reason = pick_best(sweep, 0.99)
+             _entry("d", 0, (0.6, 0.6), (0.5, 0.5)),      # no features: never "best"
+             _entry("e", 10, (0.6, 0.0), (0.5, 0.5), retain_loss=2.03)]  # retain CE +1.5%: too much
+    best, reason = pick_best(sweep, 0.99, 0.01)
     assert best["label"] == "b" and reason is None
-    assert best["unlearning_score"] == pytest.approx(0.5)
-    best, reason = pick_best(sweep[:1] + sweep[3:], 0.99)
-    assert best is None and "0.99" in reason and "a" in reason
-    assert pick_best(sweep[3:], 0.99)[0] is None
+    assert best["dev"]["unlearning_score"] == pytest.approx(0.5)
+    assert pick_best(sweep, 0.99, 0.02)[0]["label"] == "e"  # within a 2% CE bound it qualifies
+    best, reason = pick_best(sweep[:1] + sweep[3:4], 0.99, 0.01)
+    assert best is None and reason.startswith("no retain-safe setting") and "a" in reason
+    assert pick_best(sweep[3:4], 0.99, 0.01)[0] is None
     assert unlearning_score(0.0, 0.0) is None
+    # the dev half decides: a setting that is best on test but not on dev is not chosen
+    x, y = _entry("x", 10, (0.6, 0.3), (0.5, 0.5)), _entry("y", 10, (0.6, 0.4), (0.5, 0.5))
+    y["test"] = {**y["test"], "unlearning_score": 0.9}
+    assert pick_best([x, y], 0.99, 0.01)[0]["label"] == "x"
 
 
 @pytest.mark.parametrize("line, message", [
@@ -151,7 +164,7 @@ def test_malformed_mcq_line_names_file_and_line(tmp_path, line, message):
     f.write_text(f"{good}\n\n{line}\n{good}\n")
     with pytest.raises(EvalError, match=rf"bad\.jsonl:3: .*{message}"):
         load_mcq(str(f), "forget")
-    assert len(load_mcq(str(f), "forget", limit=1)) == 1  # --max-questions stops before the bad line
+    assert len(load_mcq(str(f), "forget", limit=1)) == 1  # a limit stops before the bad line
     with pytest.raises(EvalError, match="does not exist"):
         load_mcq(str(tmp_path / "missing.jsonl"), "forget")
 
@@ -170,7 +183,7 @@ def test_evaluate_run_end_to_end(lm, cfg, tmp_path):
     res = evaluate_run(run, lm, cfg, progress=False)
     json.dumps(res)  # JSON-able
     assert res["layer"] == LAYER and res["method"] == "featureforget"
-    assert len(res["sweep"]) == 4  # clamp m=5 and ablate, at top 3 and all candidates
+    assert len(res["sweep"]) == 6  # clamp m=5 and ablate: top 10 and all candidates, saebench top 10
     for e in res["sweep"]:
         for m in ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss"):
             assert set(e[m]) == {"before", "after"}
@@ -180,7 +193,7 @@ def test_evaluate_run_end_to_end(lm, cfg, tmp_path):
     assert sae["ce_zero"] != sae["ce_clean"]
     base = make_run(tmp_path / "base", lm.info.d_model, 2, lm.info.weights_hash, method="baseline")
     res = evaluate_run(base, lm, cfg, progress=False)
-    assert [e["setting"]["selection"] for e in res["sweep"]] == ["saebench"] * 2  # top 3, m=5 / ablate
+    assert [e["setting"]["selection"] for e in res["sweep"]] == ["saebench"] * 2  # top 10, m=5 / ablate
 
 
 def test_hub_mcq_is_mapped_like_jsonl(monkeypatch):
@@ -211,14 +224,14 @@ def test_hub_mcq_is_mapped_like_jsonl(monkeypatch):
 
 def test_demo_preset_measures_losses_for_the_best_setting_only(lm, cfg, tmp_path):
     demo = EvalConfig.preset("demo")
-    assert demo.max_questions == 50 and not demo.sweep_losses
+    assert demo.max_questions is None and demo.ood_forget_mcq == "demo-ood"
     assert EvalConfig.from_dict(json.loads(json.dumps(demo.to_dict()))) == demo
     with pytest.raises(EvalError, match="unknown eval preset"):
         EvalConfig.preset("huge")
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     res = evaluate_run(run, lm, cfg.replace(sweep_losses=False, retain_ratio=0.0), progress=False)
     best = res["best"]
-    assert best is not None  # retain_ratio 0: every setting with features qualifies
+    assert best is not None, res["best_reason"]  # retain_ratio 0: every setting with features qualifies
     others = [e for e in res["sweep"] if e["label"] != best["label"]]
     assert others and all(e["forget_loss"]["after"] is None and e["retain_mcq"]["after"] is not None
                           for e in others)

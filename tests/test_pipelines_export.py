@@ -50,14 +50,14 @@ def test_generate_pair(tiny_model, tmp_path):
     lm = load_model(tiny_model, device="cpu")
     run_dir = make_run(tmp_path / "run", lm.info.d_model, 1, lm.info.weights_hash, n_candidates=200, b_enc=1.0)
     prompt = "<bos> the cell gene protein"
-    strong = Setting(mode="clamp", multiplier=500.0)
+    strong = Setting(gate="none", mode="clamp", multiplier=500.0)
     pair = generate_pair(lm, run_dir, prompt, max_new_tokens=8, setting=strong.to_dict())
     clean, unlearned = pair
     assert isinstance(clean, str) and clean != unlearned
     # with the selected features never firing, both continuations are identical
     S = select_features(load_run(run_dir), Setting(top_n=5))
     set_encoder_bias(run_dir, {int(i): -1e4 for i in S})
-    pair = generate_pair(lm, run_dir, prompt, max_new_tokens=8, setting=Setting(mode="ablate", top_n=5))
+    pair = generate_pair(lm, run_dir, prompt, max_new_tokens=8, setting=Setting(gate="none", mode="ablate", top_n=5))
     assert pair.clean == pair.unlearned
     assert generate_pair(lm, run_dir, prompt, max_new_tokens=8).clean == pair.clean  # hooks were removed
     with pytest.raises(EvalError, match="max_new_tokens"):

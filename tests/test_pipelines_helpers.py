@@ -32,11 +32,28 @@ def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: in
     feats = {"alpha_r": torch.rand(d_sae, generator=g), "alpha_u": torch.rand(d_sae, generator=g),
              "freq_r": torch.rand(d_sae, generator=g) * 0.02, "freq_u": torch.rand(d_sae, generator=g) * 0.1,
              "cluster": torch.randint(0, 4, (d_sae,), generator=g), "candidate": cand}
+    for k in ("mean", "mean_sq", "act"):
+        for c in ("r", "u"):
+            feats[f"{k}_{c}"] = torch.rand(d_sae, generator=g)
     save_file(feats, str(path / "features.safetensors"))
+    write_gate(path, feats, method, g)
     cfg = {"method": method, "layer": layer, "model": model, "model_hash": model_hash,
            "d_model": d_model, "d_sae": d_sae, "scale": scale, "ctx_len": 32}
     (path / "config.json").write_text(json.dumps(cfg))
     return path
+
+
+def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, share: float = 0.1) -> None:
+    """RUN/gate.safetensors for every selection `ff train` calibrates, with retain shares drawn
+    uniformly in [0, share) over 40 contexts."""
+    from safetensors.torch import save_file
+
+    from trainer.selection import calibration_sets
+
+    sets = calibration_sets(feats, method)
+    gate = {f"{k}/features": v for k, v in sets.items()}
+    gate.update({f"{k}/share": torch.rand(40, generator=g) * share for k in sets})
+    save_file(gate, str(path / "gate.safetensors"))
 
 
 def set_encoder_bias(run: Path, values: dict[int, float]) -> None:

@@ -56,7 +56,7 @@ def _selected_acts(run, S, h):
 
 def test_ablate_removes_exactly_the_selected_contributions(lm, run_dir):
     run = load_run(run_dir)
-    iv = Intervention(run, Setting(mode="ablate"))
+    iv = Intervention(run, Setting(gate="none", mode="ablate"))
     ids = _ids(lm)
     h, h_new = _resid(lm, ids), _resid(lm, ids, iv)
     f = _selected_acts(run, iv.features, h)
@@ -73,11 +73,11 @@ def test_ablate_removes_exactly_the_selected_contributions(lm, run_dir):
 
 
 def test_inactive_selected_features_leave_h_and_logits_bit_identical(lm, run_dir):
-    S = select_features(load_run(run_dir), Setting(mode="ablate", top_n=5))
+    S = select_features(load_run(run_dir), Setting(gate="none", mode="ablate", top_n=5))
     set_encoder_bias(run_dir, {int(i): -1e4 for i in S})
     run = load_run(run_dir)
     ids = _ids(lm)
-    for setting in (Setting(mode="ablate", top_n=5), Setting(mode="clamp", multiplier=200, top_n=5)):
+    for setting in (Setting(gate="none", mode="ablate", top_n=5), Setting(gate="none", mode="clamp", multiplier=200, top_n=5)):
         iv = Intervention(run, setting)
         assert torch.equal(_resid(lm, ids, iv), _resid(lm, ids))
         edited = iv.edit(_resid(lm, ids))
@@ -90,7 +90,7 @@ def test_inactive_selected_features_leave_h_and_logits_bit_identical(lm, run_dir
 def test_clamp_sets_selected_active_features_to_minus_m(lm, run_dir):
     run = load_run(run_dir)
     m = 7.0
-    iv = Intervention(run, Setting(mode="clamp", multiplier=m, top_n=8))
+    iv = Intervention(run, Setting(gate="none", mode="clamp", multiplier=m, top_n=8))
     ids = _ids(lm, seed=1)
     h, h_new = _resid(lm, ids), _resid(lm, ids, iv)
     sae, s, S = run.sae, run.scale, iv.features
@@ -100,7 +100,8 @@ def test_clamp_sets_selected_active_features_to_minus_m(lm, run_dir):
         f_clamped = f.clone()
         sel = f[..., S]
         sel[:, 0] = 0  # BOS untouched
-        f_clamped[..., S] = torch.where(sel > 0, torch.full_like(sel, -m), f[..., S])
+        t = m * run.features["act_u"][S]  # m in units of each feature's mean firing value
+        f_clamped[..., S] = torch.where(sel > 0, -t.expand_as(sel), f[..., S])
         # re-encode: the edited h has the SAE decomposition decode(f') + the same error term
         error = x - sae.decode(f)
         expected = (sae.decode(f_clamped) + error) / s
@@ -139,9 +140,9 @@ def test_splice_and_zero_modes(lm, run_dir):
     run = load_run(run_dir)
     ids = _ids(lm)
     h = _resid(lm, ids)
-    zero = _resid(lm, ids, Intervention(run, Setting(mode="zero")))
+    zero = _resid(lm, ids, Intervention(run, Setting(gate="none", mode="zero")))
     assert torch.equal(zero[:, 1:], torch.zeros_like(zero[:, 1:])) and torch.equal(zero[:, 0], h[:, 0])
-    splice = _resid(lm, ids, Intervention(run, Setting(mode="splice")))
+    splice = _resid(lm, ids, Intervention(run, Setting(gate="none", mode="splice")))
     with torch.no_grad():
         expected = run.sae(h * run.scale).x_hat / run.scale
     torch.testing.assert_close(splice[:, 1:], expected[:, 1:], atol=1e-5, rtol=1e-5)
@@ -154,7 +155,7 @@ def test_feature_selection_candidates_and_saebench():
              "alpha_r": torch.tensor([1.0, 1.0, 0.5, 0.1, 0.1, 3.0, 1.0, 1.0]),
              "freq_r": torch.tensor([0.0, 0.0005, 0.005, 0.02, 0.0001, 0.0, 0.0, 0.0009]),
              "freq_u": torch.tensor([0.3, 0.2, 0.5, 0.9, 0.1, 0.0, 0.05, 0.4])}
-    run = SimpleNamespace(features=feats)
+    run = SimpleNamespace(features=feats, method="featureforget")
     assert select_features(run, Setting(top_n=None)).tolist() == [0, 1, 2, 5]
     assert select_features(run, Setting(top_n=2)).tolist() == [1, 2]  # ratios 4 and 4 > 1 > 1
     sb = Setting(selection="saebench", freq_threshold=0.001, top_n=2)
@@ -168,14 +169,18 @@ def test_feature_selection_candidates_and_saebench():
 def test_grid_settings_and_validation():
     g = SweepGrid()
     ff, base = g.settings("featureforget"), g.settings("baseline")
-    assert len(ff) == 18 and len(base) == 24  # (5 clamp values + ablate) x counts (x thresholds)
-    assert all(s.selection == "saebench" and s.top_n in (10, 20) for s in base)
-    assert {s.top_n for s in ff} == {10, 20, None}
+    # 4 clamp strengths x 3 counts x (candidates, saebench, ratio) x 2 gates; baseline: no candidates
+    assert len(ff) == 72 and len(base) == 48
+    assert {s.selection for s in base} == {"saebench", "ratio"}
+    assert {s.gate for s in ff} == {"none", "sequence"} and {s.top_n for s in ff} == {10, 20, 50}
     assert Setting.from_dict(ff[3].to_dict()) == ff[3]
+    assert Setting.from_dict(ff[-1].to_dict()) == ff[-1]
     with pytest.raises(EvalError, match="mode"):
-        Setting(mode="erase")
+        Setting(gate="none", mode="erase")
     with pytest.raises(EvalError, match="multiplier"):
-        Setting(mode="clamp", multiplier=0)
+        Setting(gate="none", mode="clamp", multiplier=0)
+    with pytest.raises(EvalError, match="gate"):
+        Setting(gate="sometimes")
 
 
 def test_missing_run_files_and_wrong_model_are_one_line_errors(lm, run_dir, tmp_path):

@@ -194,3 +194,76 @@ def test_any_iterator_works_and_nan_in_phase_1_stops(tmp_path):
     with pytest.raises(NonFiniteLossError, match="loss is not finite at step 9.*step 8"):
         train_on_streams(cfg, batches(x_r, bad_from=10), batches(x_u), d_model=D,
                          out=tmp_path / "bad")
+
+
+# `kill -9` of `ff train` itself (a subprocess), mid phase 1 and then mid phase 2 of the resumed
+# run, then `ff train --resume`: the same weights as an uninterrupted run. A shim around the CLI
+# checkpoints and logs every few steps (the demo preset does so every 100) and slows each step
+# down, so that the kills land where they are aimed.
+KILL_SHIM = """
+import sys, time
+import trainer.config as c, trainer.steps as s
+c.PRESETS["demo"] = {**c.PRESETS["demo"], "checkpoint_every": 3, "log_every": 1}
+step = s.train_step
+s.train_step = lambda *a, **k: (time.sleep(0.05), step(*a, **k))[1]
+from cli import main
+main(prog_name="ff")
+"""
+
+
+def _last_logged_step(metrics) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
+
+
+def _kill_when_logged(args, out, step, cwd):
+    """Run `ff ARGS` in a subprocess and SIGKILL it once metrics.jsonl reaches `step`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SHIM, *args], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if _last_logged_step(out / "metrics.jsonl") >= step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    return torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"]
+
+
+def test_kill_9_of_ff_train_in_both_phases_then_resume_matches(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from cli import main
+    from conftest import make_store
+    from trainer.config import PRESETS
+
+    monkeypatch.setitem(PRESETS, "demo", {**PRESETS["demo"], "checkpoint_every": 3, "log_every": 1})
+    store = make_store(tmp_path / "s.zarr")
+    args = ["train", "--store", str(store), "--layer", "1", "--preset", "demo", "--steps", "20",
+            "--expansion", "2", "--n-clusters", "2", "--batch-contexts", "4", "--warmup", "2",
+            "--recluster-every", "4", "--quiet"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert CliRunner().invoke(main, [*args, "--out", str(straight)]).exit_code == 0
+    root = Path(__file__).resolve().parents[1]
+    saved = _kill_when_logged([*args, "--out", str(killed)], killed, 4, root)
+    assert 3 <= saved < 10  # phase 1 is steps 0-9
+    saved = _kill_when_logged([*args, "--out", str(killed), "--resume"], killed, 14, root)
+    assert 12 <= saved < 20  # in phase 2, after the importance passes and clustering
+    r = CliRunner().invoke(main, [*args, "--out", str(killed), "--resume"])
+    assert r.exit_code == 0, r.output
+    for name in ("sae.safetensors", "features.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(killed / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert (straight / "metrics.jsonl").read_text() == (killed / "metrics.jsonl").read_text()

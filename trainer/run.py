@@ -28,9 +28,14 @@ import torch
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
 
-RESUME_MAY_CHANGE = {"log_every", "checkpoint_every", "device", "lr"}
-"""Options that may differ between a run and its resumption: bookkeeping, and lr so that a
-run stopped by a non-finite loss can go on from its last checkpoint with a lower one."""
+RESUME_MAY_CHANGE = ("steps", "lr", "log_every", "checkpoint_every", "device")
+"""The options that may differ between a run and its resumption; a resume refuses any other
+change, naming it. `steps` extends a run, even a finished one (it may only grow; the phase-1
+boundary stays where it was, so the extra steps are phase-2 steps, and the cosine schedule
+stretches over the new total); `lr` lets a run stopped by a non-finite loss go on from its last
+checkpoint with a lower one (the gates keep their lr's ratio to it, as in the checkpoint's
+optimiser); the rest is bookkeeping. config.json records the options in effect and, under
+`resumed_with`, each resume's changes."""
 STORE_KEYS = ("model_hash", "layer", "d_model", "ctx_len")
 """Store metadata that must match when a run is resumed."""
 
@@ -48,7 +53,15 @@ class RunFolder:
         self.checkpoint = self.path / "checkpoints" / "last.pt"
 
     def read_config(self) -> dict[str, Any]:
-        return json.loads(self.config.read_text())
+        try:
+            config = json.loads(self.config.read_text())
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes
+            raise TrainError(f"cannot read {self.config} ({_first_line(e)}); run `ff verify "
+                             f"{self.path}`, or start again with --overwrite") from e
+        if not isinstance(config, dict):
+            raise TrainError(f"{self.config} is not a JSON object; run `ff verify {self.path}`, "
+                             "or start again with --overwrite")
+        return config
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -73,9 +86,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TrainError(f"cannot load checkpoint {path}: {first[:200]}; run `ff verify "
+        raise TrainError(f"cannot load checkpoint {path}: {_first_line(e)}; run `ff verify "
                          f"{path.parent.parent}`, or start again with --overwrite") from e
+
+
+def _first_line(e: BaseException, limit: int = 100) -> str:
+    """The first sentence of an error's message, for a one-line error of our own."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def open_run(out: str | Path, cfg: TrainConfig | None, meta: dict[str, Any], *, resume: bool,
@@ -94,7 +112,16 @@ def open_run(out: str | Path, cfg: TrainConfig | None, meta: dict[str, Any], *, 
     exists = run.path.exists() and any(run.path.iterdir())
     if resume and run.config.is_file():
         saved = run.read_config()
-        return run, _check_resume(run, cfg, saved, meta), saved
+        then, cfg = TrainConfig.from_dict(saved), _check_resume(run, cfg, saved, meta)
+        if run.eval.is_file() and cfg.steps == then.steps:  # the loop only reads its files back
+            _check_finished(run, then, cfg)
+            return run, cfg, saved
+        if run.eval.is_file():  # a finished run extended: it goes on from its final checkpoint
+            if not run.checkpoint.is_file():
+                raise TrainError(f"cannot extend {run.path}: its final checkpoint "
+                                 f"{run.checkpoint} is missing; train a new run with more steps")
+            run.eval.unlink()  # no longer finished; its other files are rewritten at the new end
+        return run, cfg, _record_changes(run, saved, cfg)
     if cfg is None:
         raise TrainError(f"nothing to resume in {run.path} (no config.json); start a new run")
     if exists:
@@ -114,6 +141,21 @@ def open_run(out: str | Path, cfg: TrainConfig | None, meta: dict[str, Any], *, 
     return run, cfg, meta
 
 
+def resume_config(out: str | Path, given: dict[str, Any], *,
+                  base: TrainConfig | None = None) -> TrainConfig | None:
+    """The config to resume the run folder `out` with, from the options `given` on the command
+    line: its saved config (or `base`, e.g. the preset named again) with `given` applied; the
+    options in RESUME_MAY_CHANGE keep their saved values unless given. open_run then refuses
+    any other difference from the saved config. None: `out` has no config.json to resume."""
+    run = RunFolder(out)
+    if not run.config.is_file():
+        return None
+    saved = TrainConfig.from_dict(run.read_config())
+    # phase1_frac is no CLI option, but a resume that adds steps adjusts it (_check_resume)
+    keep = [k for k in (*RESUME_MAY_CHANGE, "phase1_frac") if k not in given]
+    return (base or saved).replace(**given).replace(**{k: getattr(saved, k) for k in keep})
+
+
 def _check_resume(run: RunFolder, cfg: TrainConfig | None, saved: dict, meta: dict) -> TrainConfig:
     saved_cfg = TrainConfig.from_dict(saved)
     for key in STORE_KEYS:
@@ -126,8 +168,53 @@ def _check_resume(run: RunFolder, cfg: TrainConfig | None, saved: dict, meta: di
     for key in then:
         if key not in RESUME_MAY_CHANGE and now[key] != then[key]:
             raise TrainError(f"cannot resume {run.path} with {key}={now[key]!r}: the run used "
-                             f"{then[key]!r}; pass the same options or omit them")
-    return saved_cfg.replace(**{k: now[k] for k in RESUME_MAY_CHANGE})
+                             f"{then[key]!r}; only {', '.join(RESUME_MAY_CHANGE)} may change on "
+                             "resume")
+    new = saved_cfg.replace(**{k: now[k] for k in RESUME_MAY_CHANGE})
+    if new.steps == saved_cfg.steps:
+        return new
+    if new.steps < saved_cfg.steps:
+        raise TrainError(f"cannot resume {run.path} with steps={new.steps}: the run has "
+                         f"steps={saved_cfg.steps}, and steps may only grow on resume")
+    if new.method == "baseline":  # one phase only
+        return new
+    # the phase-1 boundary stays at its step: the extra steps are phase-2 steps
+    return new.replace(phase1_frac=saved_cfg.phase1_steps / new.steps)
+
+
+def _record_changes(run: RunFolder, saved: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """Rewrite config.json with the options in effect after a resume that changed some, and
+    list the changes under `resumed_with` -> the updated config."""
+    old = TrainConfig.from_dict(saved).to_dict()
+    changed = {k: [old[k], v] for k, v in cfg.to_dict().items() if v != old[k]}
+    if not changed:
+        return saved
+    updated = {**saved, **cfg.to_dict(), "resumed_with": [*saved.get("resumed_with", []), changed]}
+    write_json(run.config, updated)
+    return updated
+
+
+def _check_finished(run: RunFolder, saved: TrainConfig, cfg: TrainConfig) -> None:
+    """Resuming a finished run reads its files back: they must read, and a new lr (which would
+    train nothing) is refused."""
+    from safetensors import safe_open
+
+    if cfg.lr != saved.lr:
+        raise TrainError(f"run {run.path} is finished: lr={cfg.lr!r} would train nothing; pass "
+                         f"--steps above {saved.steps} to train on with it")
+    for f in (run.sae, run.features, run.eval):
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            else:
+                with safe_open(str(f), framework="pt") as st:
+                    for k in st.keys():
+                        st.get_tensor(k)
+        except Exception as e:  # missing, truncated, overwritten: safetensors' own error types
+            redo = (f"to rebuild its files from the final checkpoint, delete {run.eval} and resume"
+                    if run.checkpoint.is_file() else "start again with --overwrite")
+            raise TrainError(f"run {run.path} is finished but {f.name} does not read "
+                             f"({_first_line(e)}); {redo}") from e
 
 
 class MetricsLog:
@@ -135,8 +222,7 @@ class MetricsLog:
     dropped first, so a resumed run's log equals an uninterrupted one's."""
 
     def __init__(self, path: Path, *, keep_until: int):
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= keep_until]
+        kept = [ln for ln, step in _read_metrics(path) if step <= keep_until]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         os.replace(tmp, path)
@@ -148,6 +234,24 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _read_metrics(path: Path) -> list[tuple[str, int]]:
+    """(line, step) per record of metrics.jsonl. A last line that does not parse was torn by a
+    kill mid-write: it is dropped, as it is past the last checkpoint; any other is a TrainError."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    last = max((n for n, ln in enumerate(lines) if ln.strip()), default=-1)
+    records = []
+    for n, ln in enumerate(lines):
+        try:
+            if ln.strip():
+                records.append((ln, int(json.loads(ln)["step"])))
+        except (ValueError, KeyError, TypeError) as e:
+            if n == last:
+                break
+            raise TrainError(f"{path} line {n + 1} is not a metrics record ({_first_line(e)}); "
+                             "delete that line and resume again") from e
+    return records
 
 
 def write_features(path: Path, tensors: dict[str, torch.Tensor]) -> None:

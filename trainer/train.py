@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -26,6 +27,7 @@ from trainer.config import TrainConfig
 from trainer.errors import NonFiniteLossError, TrainError
 from trainer.evaluate import evaluate, saebench_select, set_shares
 from trainer.featureforget import FeatureForget
+from trainer.selection import calibrate, calibration_sets, corpus_stats, iter_contexts
 from trainer.run import (MetricsLog, RunFolder, load_checkpoint, open_run, save_checkpoint,
                          write_features, write_json)
 from trainer.sae import SAE
@@ -49,6 +51,14 @@ class RunSummary(NamedTuple):
     """The content of RUN/eval.json."""
     seconds: float
     """Wall time of this call."""
+
+
+class StatsData(NamedTuple):
+    retain: Callable[[], Iterable[Tensor]]
+    """Every training token of the retain corpus, as [B, D] normalised batches."""
+    unlearn: Callable[[], Iterable[Tensor]]
+    retain_contexts: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None
+    """Retain training contexts (x [C, T, D] normalised, editable [C, T]) for the gate."""
 
 
 class HeldOut(NamedTuple):
@@ -88,8 +98,12 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     held = HeldOut(*(lambda c=c: iter_eval_batches(c.held_out, scale=meta["scale"], batch_size=B,
                                                    max_tokens=cfg.eval_max_tokens)
                      for c in corpora))
+    full = (lambda c=c: iter_eval_batches(c.train, scale=meta["scale"], batch_size=B,
+                                          max_tokens=1 << 62) for c in corpora)
+    stats = StatsData(*full, lambda: iter_contexts(data.retain.train, meta["scale"]))
     try:
-        return run_loop(cfg, run, meta, *streams, held_out=held, progress=progress, on_step=on_step)
+        return run_loop(cfg, run, meta, *streams, held_out=held, progress=progress, on_step=on_step,
+                        stats_data=stats)
     finally:
         for s in streams:
             s.close()
@@ -160,7 +174,8 @@ class Training:
 
 def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Iterator[Tensor],
              unlearn: Iterator[Tensor], *, held_out: HeldOut | None, progress: bool,
-             on_step: Callable[[int], None] | None = None) -> RunSummary:
+             on_step: Callable[[int], None] | None = None,
+             stats_data: StatsData | None = None) -> RunSummary:
     """Phase 1, then phase 2 (METHOD §6), then the run folder's final artifacts."""
     t0 = time.time()
     if run.eval.is_file():  # resuming a finished run: nothing left to do
@@ -211,7 +226,7 @@ def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Ite
             on_step(t.step)
     bar.close()
     metrics.close()
-    _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out)
+    _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data)
     return _summary(cfg, run, meta, t0)
 
 
@@ -242,29 +257,41 @@ def _log_record(log: dict[str, float], step: int, lr: float, phase2: bool,
     return record
 
 
-def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out) -> None:
+def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=None) -> None:
     """Final statistics and clusters, held-out evaluation, then the run folder's artifacts."""
     sae.eval()
     if ff is not None:
         ff.refresh()  # clusters, tau and U for the final weights, warm-started
-        stats, cluster_F, cand_F = ff, ff.cluster, ff.candidate
-    else:  # the baseline's statistics: plain means over a few training batches
-        stats = FeatureForget(sae.d_sae, cfg).to(sae.W_dec.device)
-        importance_passes(sae, stats, retain, unlearn, cfg)
-        cluster_F = torch.full((sae.d_sae,), -1, dtype=torch.long)
-        cand_F = saebench_select(stats.freq_r.cpu(), stats.freq_u.cpu(), cfg.compare_n or 20,
+        cluster_F, cand_F = ff.cluster.cpu(), ff.candidate.cpu()
+    else:
+        cluster_F, cand_F = torch.full((sae.d_sae,), -1, dtype=torch.long), None
+    # Both methods' statistics come from one estimator over the same tokens (selection.py):
+    # every training token of each corpus, or a few stream batches without a store.
+    sd = stats_data or StatsData(lambda: islice(retain, cfg.importance_batches),
+                                 lambda: islice(unlearn, cfg.importance_batches), None)
+    feats: dict[str, Tensor] = {}
+    for suffix, batches in (("r", sd.retain), ("u", sd.unlearn)):
+        for k, v in corpus_stats(sae, batches(), cfg.l1).items():
+            feats[f"{k}_{suffix}"] = v
+    if cand_F is None:
+        cand_F = saebench_select(feats["freq_r"], feats["freq_u"], cfg.compare_n or 20,
                                  cfg.saebench_retain_freq)
-    feats = {k: getattr(stats, k).float().cpu() for k in ("alpha_r", "alpha_u", "freq_r", "freq_u")}
     held = held_out or HeldOut(lambda: (), lambda: ())
     report, r, u = evaluate(sae, held.retain(), held.unlearn(),
-                            candidate_F=cand_F.cpu() if ff is not None else None,
+                            candidate_F=cand_F if ff is not None else None,
                             freq_r_F=feats["freq_r"], freq_u_F=feats["freq_u"],
                             retain_threshold=cfg.saebench_retain_freq, extra_sizes=[cfg.compare_n])
     if ff is None:
-        report["candidates"] = set_shares("saebench", cand_F.cpu(), r, u)
+        report["candidates"] = set_shares("saebench", cand_F, r, u)
+    feats.update({"cluster": cluster_F, "candidate": cand_F, "eval_mass_r": r.mass_F,
+                  "eval_mass_u": u.mass_F})
     sae.save(run.sae)
-    write_features(run.features, {**feats, "cluster": cluster_F.cpu(), "candidate": cand_F.cpu(),
-                                  "eval_mass_r": r.mass_F, "eval_mass_u": u.mass_F})
+    write_features(run.features, feats)
+    if sd.retain_contexts is not None:  # the sequence gate's thresholds (selection.py)
+        sets = calibration_sets(feats, cfg.method)
+        shares = calibrate(sae, sd.retain_contexts(), sets)
+        write_features(run.gate, {**{f"{k}/features": v for k, v in sets.items()},
+                                  **{f"{k}/share": torch.from_numpy(shares[k]) for k in sets}})
     write_json(run.clusters, _clusters_json(ff))
     write_json(run.eval, {"method": cfg.method, "layer": meta.get("layer"), **report})
 

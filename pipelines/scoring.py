@@ -1,0 +1,116 @@
+"""Scores, intervals and the choice of the best setting (METHOD §8), on per-question results.
+
+No model here: everything works on bool [Q] correctness vectors and per-row scores, so it is
+tested against known cases.
+
+- `unlearning_score`: SAEBench's 1 - acc_after / acc_before on the forget questions.
+- `bootstrap_ci`: a percentile bootstrap over questions (paired before/after), seeded.
+- `half`: one half (dev or test) of a sweep entry: accuracies, score, interval, and the score on
+  the questions the clean model answers correctly (SAEBench protocol: there acc_before = 1).
+- `pick_best`: the highest dev score among retain-safe settings; None with a reason otherwise.
+- `auroc`: how well a per-sequence score separates forget from retain sequences.
+- `verdict`: "beats" only when two intervals do not overlap, else "within noise".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def unlearning_score(before: float, after: float) -> float | None:
+    """SAEBench: 1 - acc_after / acc_before on forget questions; None when acc_before is 0."""
+    return 1.0 - after / before if before > 0 else None
+
+
+def bootstrap_ci(before_Q: Tensor, after_Q: Tensor, *, n: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap interval of the unlearning score, resampling questions (paired)."""
+    Q = len(before_Q)
+    if Q == 0 or n < 1:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    idx_NQ = torch.randint(0, Q, (n, Q), generator=g)
+    b_N = before_Q.double()[idx_NQ].mean(1)
+    a_N = after_Q.double()[idx_NQ].mean(1)
+    ok = b_N > 0
+    if not bool(ok.any()):
+        return None
+    s_N = 1 - a_N[ok] / b_N[ok]
+    lo, hi = torch.quantile(s_N, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return [float(lo), float(hi)]
+
+
+def _acc(x_Q: Tensor) -> float:
+    return float(x_Q.double().mean()) if len(x_Q) else float("nan")
+
+
+def half(forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor], mask_Q: Tensor,
+         retain_mask_Q: Tensor, *, bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
+    """One half of an entry. `forget` / `retain` = (correct before [Q], correct after [Q]);
+    the masks pick the half's questions in each file."""
+    fb, fa = forget[0][mask_Q], forget[1][mask_Q]
+    rb, ra = retain[0][retain_mask_Q], retain[1][retain_mask_Q]
+    known = fb.bool()
+    out = {"questions": int(mask_Q.sum()), "forget_mcq": {"before": _acc(fb), "after": _acc(fa)},
+           "retain_mcq": {"before": _acc(rb), "after": _acc(ra)},
+           "unlearning_score": unlearning_score(_acc(fb), _acc(fa)),
+           "correct_subset_score": 1.0 - _acc(fa[known]) if bool(known.any()) else None}
+    if bootstrap:
+        out["ci95"] = bootstrap_ci(fb, fa, n=bootstrap, seed=seed)
+    return out
+
+
+def retain_safe(e: dict[str, Any], ratio: float, max_ce_rise: float, *, part: str = "dev",
+                loss_key: str = "retain_loss") -> bool:
+    """Retain MCQ on the `part` half kept >= ratio x clean (and the retain CE rise <= max_ce_rise
+    where the entry measured it)."""
+    r = e[part]["retain_mcq"]
+    ok = r["after"] >= ratio * r["before"] - 1e-9  # 1e-9: 0.495 >= 0.99 * 0.5 despite rounding
+    loss = e.get(loss_key) or {}
+    if ok and loss.get("after") is not None and loss.get("before"):
+        ok = loss["after"] <= loss["before"] * (1 + max_ce_rise) + 1e-12
+    return ok
+
+
+def pick_best(sweep: list[dict[str, Any]], ratio: float, max_ce_rise: float, *, key: str = "",
+              ) -> tuple[dict[str, Any] | None, str | None]:
+    """The highest dev-half unlearning score among retain-safe settings that edit at least one
+    feature -> (entry, None), or (None, reason). `key` "ood": use the entry's "ood" part."""
+    def part(e):
+        return e[key] if key else e
+
+    edits = [e for e in sweep if e["n_features"] > 0 and (not key or e.get(key))]
+    if not edits:
+        return None, "no setting selected any feature (the run has no candidates?)"
+    real = [e for e in edits if part(e)["dev"]["unlearning_score"] is not None]
+    if not real:
+        return None, "the clean model answers no dev-half forget question correctly: nothing to unlearn"
+    ok = [e for e in real if retain_safe(part(e), ratio, max_ce_rise)]
+    if not ok:
+        top = max(real, key=lambda e: part(e)["dev"]["retain_mcq"]["after"])
+        r = part(top)["dev"]["retain_mcq"]
+        return None, (f"no retain-safe setting: none kept retain MCQ >= {ratio:g} x clean "
+                      f"({r['before']:.3f}) with retain CE rise <= {max_ce_rise:.0%} on the dev half; "
+                      f"the closest was {top['label']} at {r['after']:.3f}")
+    return max(ok, key=lambda e: part(e)["dev"]["unlearning_score"]), None  # max keeps the first tie
+
+
+def auroc(pos: Tensor, neg: Tensor) -> float | None:
+    """P(score of a forget sequence > score of a retain sequence), ties counting one half."""
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    p, n = pos.double()[:, None], neg.double()[None, :]
+    return float(((p > n).double() + 0.5 * (p == n).double()).mean())
+
+
+def verdict(a: list[float] | None, b: list[float] | None, name_a: str, name_b: str) -> str:
+    """"A beats B" only when A's interval lies wholly above B's; "within noise" otherwise."""
+    if not a or not b:
+        return f"{name_a} vs {name_b}: not comparable (no retain-safe setting for one of them)"
+    if a[0] > b[1]:
+        return f"{name_a} beats {name_b} (intervals do not overlap)"
+    if b[0] > a[1]:
+        return f"{name_b} beats {name_a} (intervals do not overlap)"
+    return f"{name_a} vs {name_b}: within noise (intervals overlap)"

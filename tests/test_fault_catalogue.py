@@ -1,0 +1,308 @@
+"""The fault catalogue of docs/reliability.md, one row per case: a user mistake or a fault, then
+the command through the CLI. Each user error is one line on stderr starting with "error:" and
+exit status 2 (`ff verify` reports problems on stdout with exit status 1), never a traceback,
+and nothing on disk changes. The tiny random model and tiny stores only."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from conftest import make_store
+from test_verify import CFG, chunk_file, flip_bits
+from trainer.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # transformers' "Loading weights" bar
+
+
+class World(NamedTuple):
+    """Fresh copies, per case, of what a user has on disk."""
+
+    root: Path
+    store: Path
+    """A complete tiny store written without a model (conftest.make_store)."""
+    cached: Path
+    """A complete store made by `ff cache` from the tiny model (`cache_args` rebuild it)."""
+    run: Path
+    """A finished run of CFG on `store`, layer 1."""
+    stopped: Path
+    """The same run stopped after step 5 (checkpoint at step 3)."""
+    model: str
+    corpora: tuple[str, str]
+
+    def cache_args(self, out, *extra) -> list:
+        return ["cache", "--model", self.model, "--retain", self.corpora[0], "--unlearn",
+                self.corpora[1], "--contexts", 8, "--ctx-len", 16, "--layers", 1,
+                "--chunk-contexts", 2, "--quiet", "--out", out, *extra]
+
+    def train_args(self, out, *extra) -> list:
+        return ["train", "--store", self.store, "--layer", 1, "--quiet", "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory, tiny_model, tiny_corpora) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("originals")
+    store = make_store(d / "s.zarr")
+    train(CFG, str(store), 1, str(d / "run"), progress=False)
+
+    def stop(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(CFG, str(store), 1, str(d / "stopped"), progress=False, on_step=stop)
+    w = World(d, store, d / "cached.zarr", d / "run", d / "stopped", tiny_model, tiny_corpora)
+    assert invoke(*w.cache_args(w.cached)).exit_code == 0
+    return {k: getattr(w, k) for k in ("store", "cached", "run", "stopped")}
+
+
+@pytest.fixture
+def world(tmp_path, originals, tiny_model, tiny_corpora) -> World:
+    copies = {}
+    for name, src in originals.items():
+        copies[name] = tmp_path / "w" / src.name
+        shutil.copytree(src, copies[name])
+    return World(tmp_path / "w", **copies, model=tiny_model, corpora=tiny_corpora)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def snapshot(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def garble(path: Path, text: str = '{"zarr_format": 3, "node_ty') -> None:
+    path.write_text(text)
+
+
+def append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
+def check_result(r, code: int, needle: str) -> None:
+    """Exit status; no traceback; one `error:` line on stderr holding `needle` (status 2), or
+    `needle` in the stdout report (status 1) or output (status 0)."""
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info
+    assert "Traceback" not in r.output
+    assert r.exit_code == code, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip() and not PROGRESS_BAR.search(ln)]
+    if code == 2:
+        assert len(errors) == 1 and errors[0].startswith("error: "), r.stderr
+        assert needle in errors[0], errors[0]
+    else:
+        assert errors == [] and needle in r.stdout, r.output
+
+
+class Fault(NamedTuple):
+    id: str
+    make: Callable[[World], list]
+    """Does the damage (or nothing), and returns the command's arguments."""
+    code: int
+    needle: str
+    """The message, or the part of it that does not name paths or values of this test."""
+
+
+def _jsonl(w: World, line: str) -> list:
+    bad = w.root / "bad.jsonl"
+    bad.write_text('{"text": "the cell gene protein"}\n' + line + "\n")
+    return w.cache_args(w.root / "new.zarr")[:4] + [bad, *w.cache_args(w.root / "new.zarr")[5:]]
+
+
+def _incomplete_with_corrupt_tokens(w: World) -> list:
+    root = json.loads((w.cached / "zarr.json").read_text())
+    root["attributes"]["complete"] = False
+    (w.cached / "zarr.json").write_text(json.dumps(root))
+    flip_bits(w.cached, "retain", "tokens", 1)
+    return w.cache_args(w.cached)
+
+
+def _finished_without_checkpoint(w: World) -> list:
+    shutil.rmtree(w.run / "checkpoints")
+    return w.train_args(w.run, "--resume", "--steps", 20)
+
+
+def _model(w: World, spec: Path) -> list:
+    args = w.cache_args(w.root / "new.zarr")
+    return [*args[:2], spec, *args[3:]]
+
+
+FAULTS = [
+    # ff cache / ff inspect: models, corpora and stores
+    Fault("cache-model-folder-without-config",
+          lambda w: ((w.root / "m").mkdir(), _model(w, w.root / "m"))[1], 2,
+          "has no config.json: not a Hugging Face model folder"),
+    Fault("cache-model-file-not-gguf",
+          lambda w: ((w.root / "m.bin").write_text("x"), _model(w, w.root / "m.bin"))[1], 2,
+          "is a file but not a .gguf file"),
+    Fault("cache-jsonl-null-text", lambda w: _jsonl(w, '{"text": null}'), 2,
+          "bad.jsonl:2: the 'text' field is null, not a string"),
+    Fault("cache-jsonl-number-text", lambda w: _jsonl(w, '{"text": 42}'), 2,
+          "bad.jsonl:2: the 'text' field is 42, not a string"),
+    Fault("cache-corrupt-root-zarr-json",
+          lambda w: (garble(w.cached / "zarr.json"), w.cache_args(w.cached))[1], 2,
+          "zarr.json does not parse"),
+    Fault("cache-resume-corrupt-tokens-chunk", _incomplete_with_corrupt_tokens, 2,
+          "retain/tokens chunk 1 (contexts 2-3) of store"),
+    Fault("cache-repair-no-store", lambda w: w.cache_args(w.root / "none.zarr", "--repair"), 2,
+          "nothing to repair"),
+    Fault("cache-repair-and-overwrite",
+          lambda w: w.cache_args(w.cached, "--repair", "--overwrite"), 2,
+          "use --repair or --overwrite, not both"),
+    Fault("cache-repair-healthy", lambda w: w.cache_args(w.cached, "--repair"), 0,
+          "every chunk verifies, nothing to repair"),
+    Fault("inspect-corrupt-group-zarr-json",
+          lambda w: (garble(w.store / "retain" / "zarr.json"), ["inspect", w.store])[1], 2,
+          "retain/zarr.json does not parse"),
+    Fault("inspect-corrupt-tokens-chunk",
+          lambda w: (flip_bits(w.store, "retain", "tokens", 1), ["inspect", w.store])[1], 2,
+          "retain/tokens chunk 1 (contexts 4-7) of store"),
+    Fault("verify-corrupt-root-zarr-json",
+          lambda w: (garble(w.store / "zarr.json"), ["verify", w.store])[1], 1,
+          "BAD  zarr.json: corrupt: does not parse"),
+    Fault("verify-corrupt-array-zarr-json",
+          lambda w: (garble(w.store / "retain" / "layer_1" / "zarr.json", "[1, 2"),
+                     ["verify", w.store])[1], 1, "BAD  retain/layer_1/zarr.json: corrupt"),
+    # ff train: options, stores, run folders, resumes
+    Fault("train-corrupt-root-zarr-json",
+          lambda w: (garble(w.store / "zarr.json"), w.train_args(w.root / "r"))[1], 2,
+          "zarr.json does not parse"),
+    Fault("train-store-missing",
+          lambda w: ["train", "--store", w.root / "no.zarr", "--layer", 1, "--out", w.root / "r"],
+          2, "is not an activation store (no zarr.json)"),
+    Fault("train-lr-0", lambda w: w.train_args(w.root / "r", "--lr", 0), 2,
+          "--lr must be > 0, got 0.0"),
+    Fault("train-lr-negative", lambda w: w.train_args(w.root / "r", "--lr", -1e-3), 2,
+          "--lr must be > 0, got -0.001"),
+    Fault("train-gate-lr-0", lambda w: w.train_args(w.root / "r", "--gate-lr", 0), 2,
+          "--gate-lr must be > 0, got 0.0"),
+    Fault("train-out-is-a-file",
+          lambda w: ((w.root / "f").write_text("x"), w.train_args(w.root / "f"))[1], 2,
+          "is a file, not a run folder"),
+    Fault("train-run-exists", lambda w: w.train_args(w.stopped), 2,
+          "exists; pass --resume to continue it or --overwrite to start again"),
+    Fault("train-resume-changed-l1", lambda w: w.train_args(w.stopped, "--resume", "--l1", 0.5), 2,
+          "with l1=0.5: the run used 0.04; only steps, lr, log_every, checkpoint_every, device"),
+    Fault("train-resume-changed-seed", lambda w: w.train_args(w.stopped, "--resume", "--seed", 7),
+          2, "with seed=7: the run used 0"),
+    Fault("train-resume-changed-method",
+          lambda w: w.train_args(w.stopped, "--resume", "--method", "baseline"), 2,
+          "with method='baseline': the run used 'featureforget'"),
+    Fault("train-resume-fewer-steps", lambda w: w.train_args(w.stopped, "--resume", "--steps", 4),
+          2, "steps may only grow on resume"),
+    Fault("train-resume-finished-new-lr",
+          lambda w: w.train_args(w.run, "--resume", "--lr", 1e-3), 2,
+          "is finished: lr=0.001 would train nothing; pass --steps above 6"),
+    Fault("train-resume-nothing", lambda w: w.train_args(w.root / "none", "--resume"), 2,
+          "nothing to resume"),
+    Fault("train-resume-and-overwrite",
+          lambda w: w.train_args(w.stopped, "--resume", "--overwrite"), 2,
+          "use --resume or --overwrite, not both"),
+    Fault("train-resume-corrupt-checkpoint",
+          lambda w: ((w.stopped / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 half"),
+                     w.train_args(w.stopped, "--resume"))[1], 2, "cannot load checkpoint"),
+    Fault("train-resume-corrupt-config",
+          lambda w: (garble(w.stopped / "config.json"), w.train_args(w.stopped, "--resume"))[1],
+          2, "config.json (Unterminated string"),
+    Fault("train-resume-finished-truncated-sae",
+          lambda w: ((w.run / "sae.safetensors").write_bytes(b"\x10"),
+                     w.train_args(w.run, "--resume"))[1], 2,
+          "is finished but sae.safetensors does not read"),
+    Fault("train-extend-without-checkpoint", _finished_without_checkpoint, 2,
+          "its final checkpoint"),
+    Fault("train-resume-damaged-metrics-line",
+          lambda w: (garble(w.stopped / "metrics.jsonl", '{"step": 2}\n{"st\n{"step": 4}\n'),
+                     w.train_args(w.stopped, "--resume"))[1], 2,
+          "metrics.jsonl line 2 is not a metrics record"),
+    # ff verify RUN
+    Fault("verify-run-truncated-sae",
+          lambda w: ((w.run / "sae.safetensors").write_bytes(b"\x10"), ["verify", w.run])[1], 1,
+          "BAD  sae.safetensors: corrupt: does not read"),
+    Fault("verify-run-corrupt-checkpoint",
+          lambda w: ((w.run / "checkpoints" / "last.pt").write_bytes(b"garbage"),
+                     ["verify", w.run])[1], 1, "BAD  checkpoints/last.pt: corrupt"),
+    Fault("verify-run-torn-metrics-line",
+          lambda w: (append(w.run / "metrics.jsonl", '{"step": 7, "lo'), ["verify", w.run])[1], 1,
+          "BAD  metrics.jsonl: corrupt: line 4 does not parse"),
+    # ff eval / generate / export on a folder that is not a run
+    Fault("eval-not-a-run", lambda w: ["eval", "--run", w.store], 2,
+          "is not a run folder (no config.json)"),
+    Fault("generate-not-a-run", lambda w: ["generate", "--run", w.store, "--prompt", "hi"], 2,
+          "is not a run folder (no config.json)"),
+    Fault("export-not-a-run", lambda w: ["export", "--run", w.store, w.root / "out"], 2,
+          "has no config.json"),
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
+def test_fault(fault: Fault, world: World):
+    args = fault.make(world)
+    before = snapshot(world.root)
+    check_result(invoke(*args), fault.code, fault.needle)
+    if fault.code:
+        assert snapshot(world.root) == before  # nothing complete is damaged
+
+
+def test_torn_metrics_line_is_dropped_on_resume(world: World):
+    """kill -9 mid-write leaves half a line: the resume drops it, as every line past its
+    checkpoint, and ends with the log of an uninterrupted run."""
+    append(world.stopped / "metrics.jsonl", '{"step": 6, "pha')
+    check_result(invoke(*world.train_args(world.stopped, "--resume")), 0, "feature set:")
+    resumed, straight = world.stopped / "metrics.jsonl", world.run / "metrics.jsonl"
+    assert resumed.read_text() == straight.read_text()
+
+
+@contextmanager
+def read_only(path: Path):
+    """`path` and the folders in it read-only to this process: chmod for a user, a read-only bind
+    mount for root (whom permissions do not stop)."""
+    if os.geteuid() != 0:
+        folders = [path, *(p for p in path.rglob("*") if p.is_dir())]
+        for f in folders:
+            f.chmod(0o555)
+        try:
+            yield
+        finally:
+            for f in folders:
+                f.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", path, path], capture_output=True).returncode:
+        pytest.skip("running as root without mount: no read-only folder can be made")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", path], check=True)
+
+
+@pytest.mark.parametrize("where", ["store", "parent"])
+def test_read_only_store_folder_fails_before_the_model_loads(world: World, monkeypatch, where):
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cache.models.load_model", no_model)
+    if where == "store":  # an interrupted store to resume
+        root = json.loads((world.cached / "zarr.json").read_text())
+        root["attributes"]["complete"] = False
+        (world.cached / "zarr.json").write_text(json.dumps(root))
+        folder, out = world.cached, world.cached
+    else:  # a new store in a read-only folder
+        folder = world.root / "ro"
+        folder.mkdir()
+        out = folder / "new.zarr"
+    before = snapshot(world.root)
+    with read_only(folder):
+        r = invoke(*world.cache_args(out))
+    check_result(r, 2, "(read-only or no permission); make it writable or choose another --out")
+    assert snapshot(world.root) == before

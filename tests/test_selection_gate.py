@@ -1,0 +1,185 @@
+"""Feature selection, the sequence gate and its calibration (trainer/selection.py), sound
+evaluation (pipelines/scoring.py, the dev/test split) and the equal-statistics rule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cache.models import load_model
+from pipelines.config import Setting
+from pipelines.data import Question, sample_split
+from pipelines.intervene import Intervention, load_run
+from pipelines.scoring import auroc, bootstrap_ci, half, verdict
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
+from trainer.sae import SAE
+from trainer.selection import (calibrate, corpus_stats, firing_share, gate_open, prefix_counts, row_share,
+                               select, threshold_at)
+
+LAYER = 1
+
+
+# ---- the gate ----------------------------------------------------------------------------
+
+
+def test_prefix_counts_follow_tree_packed_segments():
+    x = torch.tensor([[1, 0, 1, 1, 1, 0, 1, 0]], dtype=torch.float32)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, -1]])
+    # prompt: 1, 1, 2; branch 1 continues from the prompt's 2: 3, 4; branch 2 from 2: 2, 3
+    assert prefix_counts(x, seg)[0, :7].tolist() == [1, 1, 2, 3, 4, 2, 3]
+    assert prefix_counts(x)[0].tolist() == [1, 1, 2, 3, 4, 4, 5, 5]
+
+
+def test_gate_opens_only_above_threshold_after_enough_tokens():
+    fires = torch.tensor([[1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    editable = torch.ones_like(fires)
+    share, seen = firing_share(fires, editable)
+    assert share[0].tolist() == pytest.approx([1, 1, 2 / 3, 0.5, 0.4, 1 / 3, 3 / 7, 0.5])
+    open_ = gate_open(share, seen, threshold=0.45, min_tokens=4)
+    assert open_[0].tolist() == [False, False, False, True, False, False, False, True]
+    # counts carried in from earlier KV-cached calls continue the same sequence
+    share2, seen2 = firing_share(fires[:, 4:], editable[:, 4:], start=(share[:, 3:4] * 4, seen[:, 3:4]))
+    torch.testing.assert_close(share2, share[:, 4:])
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(tiny_model, device="cpu")
+
+
+def test_gate_is_causal_a_later_token_never_changes_an_earlier_output(lm, tmp_path):
+    """Changing token t changes no output at positions < t, with the gate in the model."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    setting = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="sequence", gate_percentile=0.0)
+    iv = Intervention(run, setting)
+    assert iv.threshold is not None
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    with torch.no_grad(), iv.hooked(lm.model):
+        base = lm.model(ids).logits
+        opened = False
+        for t in (6, 12, 20):
+            alt = ids.clone()
+            alt[:, t] = (alt[:, t] + 7) % (lm.model.config.vocab_size - 4) + 4
+            out = lm.model(alt).logits
+            assert torch.equal(out[:, :t], base[:, :t]), f"a change at {t} leaked backwards"
+            opened |= not torch.allclose(out[:, t:], base[:, t:])
+    with torch.no_grad():
+        clean = lm.model(ids).logits
+    assert opened and not torch.allclose(clean, base), "the gate must open somewhere for the test to mean anything"
+
+
+def test_gated_generation_with_kv_cache_equals_full_recompute(lm, tmp_path):
+    """The hook keeps the gate's counts across KV-cached steps: greedy generation with the cache
+    gives the tokens that a full forward per step gives."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    iv = Intervention(run, Setting(mode="clamp", multiplier=30.0, top_n=20, gate="sequence", gate_percentile=50.0))
+    ids = torch.tensor([[lm.model.config.bos_token_id, 5, 9, 11, 7, 13, 6]])
+    with torch.no_grad(), iv.hooked(lm.model):
+        cached = lm.model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        seq = ids
+        for _ in range(8):
+            nxt = lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(cached, seq)
+
+
+def test_calibration_threshold_is_the_retain_percentile():
+    sae = SAE(4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_enc[0, 0] = 1.0  # feature 0 fires exactly where x[..., 0] > 0
+        sae.b_enc.zero_()
+    x = torch.zeros(3, 5, 4)
+    x[0, 1:5, 0] = 1.0  # context 0: fires on 4 of 4 editable tokens
+    x[1, 1:3, 0] = 1.0  # context 1: 2 of 4
+    editable = torch.ones(3, 5, dtype=torch.bool)
+    editable[:, 0] = False  # BOS
+    shares = calibrate(sae, [(x, editable)], {"s": torch.tensor([0])})["s"]
+    assert shares.tolist() == [1.0, 0.5, 0.0]
+    assert threshold_at(shares, 50) == 0.5
+    assert row_share(torch.tensor([[True, False]]), torch.tensor([[True, True]])).item() == 0.5
+
+
+# ---- selection and statistics -------------------------------------------------------------
+
+
+def test_ratio_selection_needs_rare_retain_firing_and_ranks_by_ratio():
+    feats = {"mean_sq_u": torch.tensor([9.0, 8.0, 1.0, 7.0, 0.0]), "mean_sq_r": torch.tensor([9.0, 1.0, 0.1, 0.5, 0.0]),
+             "freq_r": torch.tensor([0.5, 0.001, 0.001, 0.002, 0.0])}
+    # feature 0 fires on half of retain tokens: excluded however large its forget score
+    assert select(feats, "ratio", 2, freq_threshold=0.01, ratio_percentile=0.0).tolist() == [2, 3]  # ratios 10, 14
+    assert select(feats, "ratio", 2, freq_threshold=0.01, ratio_percentile=50.0).tolist() == [1, 3]
+
+
+def test_both_methods_get_the_same_statistics_estimator(tmp_path):
+    """The equal-statistics rule: `ff train` measures every method's features with one pass of
+    corpus_stats over every training token; check that estimator against the formula."""
+    from trainer.config import TrainConfig
+    from trainer.train import train_on_streams
+
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(8, 16, generator=g)
+    x = torch.randn(50, 8, generator=g)
+    st = corpus_stats(sae, x.split(7), l1=0.5)
+    f = sae.encode(x).detach()
+    grad = 2 * (sae.decode(f) - x) @ sae.W_dec.T + 0.5
+    torch.testing.assert_close(st["freq"], (f > 0).float().mean(0))
+    torch.testing.assert_close(st["mean_sq"], f.pow(2).mean(0))
+    torch.testing.assert_close(st["alpha"], (grad.abs() * (f > 0)).mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(st["act"], f.sum(0) / (f > 0).sum(0).clamp_min(1))
+    # through the trainer: both methods write the same keys from the same estimator
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig.preset("demo").replace(steps=6, warmup=1, batch_contexts=2, expansion=2, n_clusters=2,
+                                             recluster_every=2, importance_batches=2, log_every=1,
+                                             checkpoint_every=100)
+    keys = []
+    for method in ("featureforget", "baseline"):
+        r = (x[torch.randint(0, 50, (16,), generator=g)] for _ in iter(int, 1))
+        u = (x[torch.randint(0, 50, (16,), generator=g)] + 1 for _ in iter(int, 1))
+        out = tmp_path / method
+        train_on_streams(cfg.replace(method=method), r, u, d_model=8, out=out)
+        keys.append(set(load_file(str(out / "features.safetensors"))) - {"candidate", "cluster"})
+    assert keys[0] == keys[1] and {"freq_r", "mean_sq_u", "act_u", "alpha_r"} <= keys[0]
+
+
+# ---- sound evaluation -----------------------------------------------------------------------
+
+
+def test_dev_and_test_halves_are_disjoint_seeded_samples():
+    qs = [Question(f"q{i}", ["a", "b"], i % 2) for i in range(41)]
+    sample, test = sample_split(qs, None, seed=0)
+    assert sorted(q.question for q in sample) == sorted(q.question for q in qs)
+    dev_q = {q.question for q, t in zip(sample, test) if not t}
+    test_q = {q.question for q, t in zip(sample, test) if t}
+    assert not dev_q & test_q and len(dev_q) == 20 and len(test_q) == 21
+    assert [q.question for q in sample][:5] != [f"q{i}" for i in range(5)], "a random sample, not the first rows"
+    again, _ = sample_split(qs, None, seed=0)
+    assert [q.question for q in again] == [q.question for q in sample]
+    sub, sub_test = sample_split(qs, 10, seed=1)
+    assert len(sub) == 10 and int(sub_test.sum()) == 5
+
+
+def test_bootstrap_interval_on_known_cases():
+    before = torch.ones(100, dtype=torch.bool)
+    after = torch.zeros(100, dtype=torch.bool)
+    assert bootstrap_ci(before, after, n=500) == [1.0, 1.0]  # everything forgotten: no spread
+    after[:50] = True  # score 0.5; the interval of a mean of 100 Bernoulli(0.5) is about +-0.1
+    lo, hi = bootstrap_ci(before, after, n=4000, seed=1)
+    assert 0.38 < lo < 0.42 and 0.58 < hi < 0.62
+    h = half((before, after), (before, before), torch.ones(100, dtype=torch.bool),
+             torch.ones(100, dtype=torch.bool), bootstrap=500)
+    assert h["unlearning_score"] == 0.5 and h["correct_subset_score"] == 0.5 and len(h["ci95"]) == 2
+
+
+def test_auroc_and_verdict():
+    assert auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    assert auroc(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 3.0])) == 0.25
+    assert "beats" in verdict([0.5, 0.7], [0.1, 0.4], "A", "B")
+    assert "within noise" in verdict([0.3, 0.7], [0.1, 0.4], "A", "B")
+    assert "not comparable" in verdict(None, [0.1, 0.4], "A", "B")
+    assert np.isclose(auroc(torch.arange(10.0), torch.arange(10.0) + 100), 0.0)

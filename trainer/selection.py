@@ -1,0 +1,222 @@
+"""Feature statistics, feature selection and the sequence gate: one module that `ff train`
+(which measures and stores) and the intervention in `pipelines/` (which selects and gates) share.
+
+Statistics (METHOD §2, §7) are measured the same way for every method: one pass over every
+training token of each corpus after training, with the final weights. Per feature and corpus
+(suffix `_r` retain, `_u` unlearn): `freq` (share of tokens where f > 0), `mean` (E f),
+`mean_sq` (E f^2), `act` (E[f | f > 0], the feature's typical firing value) and `alpha`
+(E |dL_recon/df| over tokens where f fires, METHOD §2, eq. 5).
+
+Selection rules (`select`):
+- "candidates": the FeatureForget candidate set U (METHOD §4), ranked by alpha_u / alpha_r;
+- "saebench": freq_r below a threshold, ranked by freq_u (SAEBench, METHOD §7);
+- "ratio": among features rare on retain tokens (freq_r below the threshold), those whose
+  forget score (mean squared activation on unlearn tokens) is at or above a percentile of
+  their forget scores, ranked by forget / retain score (the feature selection of
+  sequence-gated SAE unlearning, Muhamed et al. 2025, with the retain-frequency cap: without
+  it the rule picks features that fire on every token, only more strongly on unlearn text,
+  and a gate that counts firing tokens cannot use those).
+
+The sequence gate (`gate_open`) is causal: at position t it compares the share of the
+editable tokens up to t on which any selected feature fires with a threshold. The threshold
+is a percentile, over retain training contexts, of that share over the whole context
+(`calibrate`; Muhamed et al. 2025 use the same sequence-level share). Tree-packed rows
+(prompt, then branches) count a branch's tokens after the shared prompt only (`seg`).
+
+Shape suffixes: B rows/tokens, T positions, D d_model, F d_sae, S selected features.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+RULES = ("candidates", "saebench", "ratio")
+STATS = ("freq", "mean", "mean_sq", "act", "alpha")
+GATE_MIN_TOKENS = 4
+"""The gate stays shut until a row has this many editable tokens: a share over 1-3 tokens is
+too noisy to call a topic."""
+
+
+# ---- statistics ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def corpus_stats(sae, batches: Iterable[Tensor], l1: float) -> dict[str, Tensor]:
+    """STATS of one corpus over every [B, D] batch of normalised activations -> {name: [F]}."""
+    dev = sae.W_dec.device
+    F = sae.d_sae
+    acc = {k: torch.zeros(F, dtype=torch.float64, device=dev) for k in ("cnt", "sum", "sq", "alpha")}
+    n = 0
+    for x_BD in batches:
+        x_BD = x_BD.to(dev, torch.float32)
+        f_BF = sae.encode(x_BD)
+        fired_BF = f_BF > 0
+        # dL_recon/df for l = ||x - x_hat||^2 + l1 * sum f (per token, METHOD §1-§2)
+        g_BF = 2 * (sae.decode(f_BF) - x_BD) @ sae.W_dec.T + l1
+        acc["cnt"] += fired_BF.sum(0)
+        acc["sum"] += f_BF.sum(0)
+        acc["sq"] += f_BF.pow(2).sum(0)
+        acc["alpha"] += (g_BF.abs() * fired_BF).sum(0)
+        n += len(x_BD)
+    n = max(n, 1)
+    out = {"freq": acc["cnt"] / n, "mean": acc["sum"] / n, "mean_sq": acc["sq"] / n,
+           "act": acc["sum"] / acc["cnt"].clamp_min(1), "alpha": acc["alpha"] / n}
+    return {k: v.float().cpu() for k, v in out.items()}
+
+
+# ---- selection -----------------------------------------------------------------------
+
+
+def set_key(rule: str, top_n: int | None, *, freq_threshold: float = 0.01,
+            ratio_percentile: float = 90.0) -> str:
+    """The name of a selection, e.g. "candidates_top10", "saebench0.01_top20", "ratio90_top20"."""
+    n = "all" if top_n is None else f"top{top_n}"
+    if rule == "saebench":
+        return f"saebench{freq_threshold:g}_{n}"
+    if rule == "ratio":
+        return f"ratio{ratio_percentile:g}_{freq_threshold:g}_{n}"
+    return f"candidates_{n}"
+
+
+def select(feats: dict[str, Tensor], rule: str, top_n: int | None, *, freq_threshold: float = 0.01,
+           ratio_percentile: float = 90.0) -> Tensor:
+    """The selected features as sorted indices [S] (METHOD §7). `feats` holds the run's
+    features.safetensors (freq_r, ..., and `candidate` for FeatureForget runs)."""
+    if rule not in RULES:
+        raise ValueError(f"unknown selection rule '{rule}': use {', '.join(RULES)}")
+    if rule == "candidates":
+        if "candidate" not in feats:
+            raise ValueError("the run has no FeatureForget candidate set (a baseline run?)")
+        idx_S = feats["candidate"].bool().nonzero().flatten()
+        score_S = feats["alpha_u"][idx_S].double() / (feats["alpha_r"][idx_S].double() + 1e-12)
+    elif rule == "saebench":
+        ok_F = (feats["freq_r"] < freq_threshold) & (feats["freq_u"] > 0)
+        idx_S = ok_F.nonzero().flatten()
+        score_S = feats["freq_u"][idx_S].double()
+        top_n = 20 if top_n is None else top_n
+    else:
+        forget_F, retain_F = feats["mean_sq_u"].double(), feats["mean_sq_r"].double()
+        ok_F = (forget_F > 0) & (feats["freq_r"] < freq_threshold)
+        if not bool(ok_F.any()):
+            return torch.zeros(0, dtype=torch.long)
+        floor = torch.quantile(forget_F[ok_F], ratio_percentile / 100.0)
+        idx_S = (ok_F & (forget_F >= floor)).nonzero().flatten()
+        score_S = forget_F[idx_S] / (retain_F[idx_S] + 1e-12)
+        top_n = 20 if top_n is None else top_n
+    order = torch.argsort(score_S, descending=True, stable=True)
+    if top_n is not None:
+        order = order[:top_n]
+    return idx_S[order].sort().values
+
+
+# ---- the sequence gate ---------------------------------------------------------------
+
+
+def prefix_counts(x_BT: Tensor, seg_BT: Tensor | None = None) -> Tensor:
+    """Causal running sums of x along T. With tree-packed rows (seg 0 = shared prompt, k > 0 =
+    branch k, -1 padding; the prompt comes first), a branch token counts the whole prompt and
+    the earlier tokens of its own branch only."""
+    x_BT = x_BT.to(torch.float32)
+    if seg_BT is None or not bool((seg_BT > 0).any()):
+        return x_BT.cumsum(1)
+    seg_BT = seg_BT.to(x_BT.device)
+    prompt_BT = x_BT * (seg_BT == 0)
+    out_BT = prompt_BT.cumsum(1)
+    base_B1 = prompt_BT.sum(1, keepdim=True)
+    for k in torch.unique(seg_BT[seg_BT > 0]).tolist():
+        m_BT = seg_BT == k
+        out_BT = torch.where(m_BT, base_B1 + (x_BT * m_BT).cumsum(1), out_BT)
+    return out_BT
+
+
+def firing_share(fires_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
+                 start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(share of editable tokens so far on which a selected feature fired, editable tokens so
+    far), each [B, T]. `start` = (fired, seen) counts carried in from earlier calls (the
+    KV-cached generation of one sequence)."""
+    e_BT = editable_BT.to(torch.float32)
+    fired_BT = prefix_counts(fires_BT.to(torch.float32) * e_BT, seg_BT)
+    seen_BT = prefix_counts(e_BT, seg_BT)
+    if start is not None:
+        fired_BT, seen_BT = fired_BT + start[0], seen_BT + start[1]
+    return fired_BT / seen_BT.clamp_min(1), seen_BT
+
+
+def gate_open(share_BT: Tensor, seen_BT: Tensor, threshold: float,
+              min_tokens: int = GATE_MIN_TOKENS) -> Tensor:
+    """bool [B, T]: where the gate is open (strictly above the threshold, enough tokens)."""
+    return (share_BT > threshold) & (seen_BT >= min_tokens)
+
+
+def row_share(fires_BT: Tensor, editable_BT: Tensor) -> Tensor:
+    """The share of a row's editable tokens on which a selected feature fires [B]."""
+    e_BT = editable_BT.to(torch.float32)
+    return (fires_BT.to(torch.float32) * e_BT).sum(1) / e_BT.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def calibrate(sae, contexts: Iterable[tuple[Tensor, Tensor]],
+              sets: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Per selection in `sets` ({key: indices [S]}), the firing share of every retain context
+    -> {key: float32 [n_contexts]}. `contexts` yields (x [B, T, D] normalised, editable
+    mask [B, T])."""
+    union = torch.unique(torch.cat([s for s in sets.values()] + [torch.zeros(0, dtype=torch.long)]))
+    pos = {int(f): i for i, f in enumerate(union.tolist())}
+    W_DS = sae.W_enc[:, union].detach()
+    b_S = sae.b_enc[union].detach()
+    out: dict[str, list[Tensor]] = {k: [] for k in sets}
+    for x_BTD, m_BT in contexts:
+        f_BTS = torch.relu((x_BTD.to(W_DS.device) - sae.b_dec) @ W_DS + b_S) > 0
+        for k, idx in sets.items():
+            cols = torch.tensor([pos[int(i)] for i in idx.tolist()], dtype=torch.long)
+            fires_BT = f_BTS[..., cols].any(-1) if len(cols) else torch.zeros(m_BT.shape, dtype=torch.bool)
+            out[k].append(row_share(fires_BT.cpu(), m_BT))
+    return {k: torch.cat(v).numpy().astype(np.float32) if v else np.zeros(0, np.float32)
+            for k, v in out.items()}
+
+
+def threshold_at(share_C: np.ndarray, percentile: float) -> float:
+    """The gate threshold: the `percentile` of the retain contexts' firing shares."""
+    if len(share_C) == 0:
+        raise ValueError("no retain contexts to calibrate the gate on")
+    return float(np.percentile(share_C.astype(np.float64), percentile))
+
+
+def iter_contexts(source, scale: float) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x [C, T, D] * scale, editable [C, T]) per piece of a store source (trainer/data.py)."""
+    from cache.store import from_storage
+
+    corpus = source.corpus
+    for p in source.pieces:
+        c_start, _ = corpus.chunk_bounds(p.chunk)
+        raw = corpus.read_chunk_stored(source.layer, p.chunk)[p.start - c_start: p.stop - c_start]
+        x = torch.from_numpy(from_storage(raw, corpus.meta.dtype)) * scale
+        yield x, torch.from_numpy(corpus.mask(p.start, p.stop))
+
+
+GATE_TOP_N = (10, 20, 50)
+"""Feature counts whose gate thresholds `ff train` calibrates (with every candidate for
+FeatureForget runs)."""
+SAEBENCH_THRESHOLDS = (0.001, 0.01)
+RATIO_PERCENTILES = (90.0,)
+
+
+def calibration_sets(feats: dict[str, Tensor], method: str) -> dict[str, Tensor]:
+    """Every selection whose gate `ff train` calibrates -> {set_key: indices}."""
+    out: dict[str, Tensor] = {}
+    for n in GATE_TOP_N:
+        for thr in SAEBENCH_THRESHOLDS:
+            out[set_key("saebench", n, freq_threshold=thr)] = select(feats, "saebench", n, freq_threshold=thr)
+        for p in RATIO_PERCENTILES:
+            for thr in SAEBENCH_THRESHOLDS:
+                out[set_key("ratio", n, freq_threshold=thr, ratio_percentile=p)] = select(
+                    feats, "ratio", n, freq_threshold=thr, ratio_percentile=p)
+        if method == "featureforget":
+            out[set_key("candidates", n)] = select(feats, "candidates", n)
+    if method == "featureforget":
+        out[set_key("candidates", None)] = select(feats, "candidates", None)
+    return out
