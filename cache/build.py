@@ -3,7 +3,8 @@
 Resumable: chunks already written are skipped, so an interrupted run (Ctrl-C, kill -9)
 rerun with the same arguments continues and ends with the same store as an uninterrupted run.
 A resume must also compute the same way (weights, revision, compute dtype, device kind), and
-one writer at a time holds the store's lock (cache/lock.py).
+one writer at a time holds the store's lock (cache/lock.py). `repair=True` first clears the
+chunks that `ff verify` finds bad (cache/repair.py), so the resume recomputes exactly those.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from . import __version__
 from .corpora import pack, resolve_corpus
 from .chunks import remove_partial_files
 from .errors import StoreError
-from .lock import LOCK_FILE, WriterLock, check_unlocked
+from .lock import LOCK_FILE, WriterLock, check_unlocked, check_writable
+from .repair import clear_chunks, plan_repair
 from .store import (CORPORA, FORMAT_VERSION, HOOK, BackgroundWriter, ChunkWrite, chunk_contexts_for,
-                    create_store, open_store, to_storage)
+                    create_store, open_root, open_store, to_storage)
 
 PAPER_LAYERS = (5, 12, 19)  # of Gemma-2-2B's 26 blocks
 _PAPER_DEPTH = 26
@@ -89,6 +91,7 @@ class CacheResult:
     seconds: float
     layers: tuple[int, ...] = field(default_factory=tuple)
     forward_seconds: float = 0.0  # the forward + write loop alone, without model loading
+    repaired: tuple[str, ...] = ()  # chunks --repair recomputed: "retain chunk 3 (contexts 12-15)"
 
 
 def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -106,26 +109,59 @@ def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> str:
         raise StoreError(f"'{out}' exists and is not an activation store; choose another path")
     if overwrite:
         return "overwrite"
-    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    attrs = dict(open_root(out).attrs)
     diff = _spec_diff(attrs.get("spec", {}), spec)
     if diff:
         raise StoreError(f"store '{out}' was built with other arguments ({diff}); use --overwrite or another path")
     return "complete" if attrs.get("complete") else "resume"
 
 
-def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, progress: bool = True,
-                batch_contexts: int | None = None, lm=None) -> CacheResult:
+def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, repair: bool = False,
+                progress: bool = True, batch_contexts: int | None = None, lm=None) -> CacheResult:
     """Fill (or finish) the store at `out`; a complete store with the same spec is a no-op.
 
+    `repair`: recompute the chunks `ff verify` finds bad (missing, corrupt, non-finite, tokens
+    out of range) and any not yet written; a healthy complete store is a no-op.
     `lm` is an already loaded `cache.models.LoadedModel` for `cfg.model`, to skip loading it again.
     """
     out = Path(out)
     t0 = time.perf_counter()
     spec = cfg.spec()
-    if _check_existing(out, spec, overwrite) == "complete":
+    if repair and overwrite:
+        raise StoreError("use --repair or --overwrite, not both")
+    state = _check_existing(out, spec, overwrite)
+    damaged = plan_repair(out, state) if repair else []
+    if state == "complete" and not damaged:
         return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
-    check_unlocked(out)  # a second writer is refused before it loads a model
+    check_writable(out)  # a read-only store and a second writer are refused before a model loads
+    check_unlocked(out)
+    lm, layers, specs, sizes, packed = _load_inputs(cfg, lm)
 
+    with WriterLock(out):
+        state = _check_existing(out, spec, overwrite)  # again, now that no other writer can change it
+        if state == "complete" and not damaged:
+            return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
+        repaired = ()
+        if state in {"resume", "complete"}:  # "complete" only when repairing
+            _check_resume(out, _run_attrs(lm), packed)
+            remove_partial_files(out)  # temp files of chunk writes a kill interrupted
+            repaired = tuple(clear_chunks(out, damaged)) if damaged else ()
+        if state == "overwrite":
+            _clear(out)
+        if state in {"new", "overwrite"}:
+            attrs = _store_attrs(cfg, lm, layers, packed)
+            create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
+                                          "fingerprint": packed[n].fingerprint} for n in CORPORA})
+        t1 = time.perf_counter()
+        done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
+        zarr.open_group(str(out), mode="r+").attrs["complete"] = True  # last, after every chunk is on disk
+    t2 = time.perf_counter()
+    return CacheResult(str(out), False, done, t2 - t0, layers, forward_seconds=t2 - t1,
+                       repaired=repaired)
+
+
+def _load_inputs(cfg: CacheConfig, lm):
+    """-> (model, layers, corpus specs, contexts per corpus, packed corpora)."""
     from .models import load_model  # heavy imports only when there is work to do
 
     specs = {"retain": resolve_corpus(cfg.retain, "retain", text_field=cfg.text_field),
@@ -138,25 +174,7 @@ def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, p
         raise StoreError(f"layer {bad[0]} is out of range: model '{cfg.model}' has {n_layers} layers (0..{n_layers - 1})")
     sizes = {"retain": cfg.contexts, "unlearn": cfg.unlearn_contexts or cfg.contexts}
     packed = {name: pack(specs[name], lm.tokenizer, n_contexts=sizes[name], ctx_len=cfg.ctx_len) for name in CORPORA}
-
-    with WriterLock(out):
-        state = _check_existing(out, spec, overwrite)  # again, now that no other writer can change it
-        if state == "complete":
-            return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
-        if state == "resume":
-            _check_resume(out, _run_attrs(lm), packed)
-            remove_partial_files(out)  # temp files of chunk writes a kill interrupted
-        if state == "overwrite":
-            _clear(out)
-        if state in {"new", "overwrite"}:
-            attrs = _store_attrs(cfg, lm, layers, packed)
-            create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
-                                          "fingerprint": packed[n].fingerprint} for n in CORPORA})
-        t1 = time.perf_counter()
-        done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
-        zarr.open_group(str(out), mode="r+").attrs["complete"] = True  # last, after every chunk is on disk
-    t2 = time.perf_counter()
-    return CacheResult(str(out), False, done, t2 - t0, layers, forward_seconds=t2 - t1)
+    return lm, layers, specs, sizes, packed
 
 
 def _store_attrs(cfg: CacheConfig, lm, layers: tuple[int, ...], packed) -> dict[str, Any]:
@@ -186,7 +204,7 @@ def _run_attrs(lm) -> dict[str, Any]:
 
 def _check_resume(out: Path, now: dict[str, Any], packed) -> None:
     """Refuse to add chunks computed otherwise than the stored ones, naming both values."""
-    stored = dict(zarr.open_group(str(out), mode="r").attrs)
+    stored = dict(open_root(out).attrs)
     for key, (what, todo) in RESUME_MUST_MATCH.items():
         if key in stored and stored[key] != now[key]:
             raise StoreError(f"cannot resume store '{out}': it was written with {what} {stored[key]}, "

@@ -1,5 +1,6 @@
 """Chunk-level integrity of a store: where a chunk lives, whether it is on disk, reading it
-with errors that name it, and the temp files an interrupted write leaves behind.
+with errors that name it, the temp files an interrupted write leaves behind, and the metadata
+files (zarr.json) that must parse before zarr is asked to open anything.
 
 zarr returns the fill value for a chunk that is not on disk, so a deleted chunk would read as
 zeros (activations) or -1 (tokens) without any error: readers check that it exists first. A
@@ -7,6 +8,7 @@ corrupted chunk fails its crc32c checksum on decode; the error is re-raised nami
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -96,3 +98,21 @@ def remove_partial_files(path: str | Path) -> int:
     for p in files:
         p.unlink(missing_ok=True)
     return len(files)
+
+
+def bad_metadata_files(path: str | Path) -> list[tuple[str, str]]:
+    """(file relative to the store, why) for each zarr.json of the store's root, groups and
+    arrays that does not parse as a JSON object. zarr reads these lazily and fails with a bare
+    JSONDecodeError far from the cause; reading them first lets the error name the file."""
+    root = Path(path)
+    found = []
+    for f in [root / "zarr.json", *sorted(root.glob("*/zarr.json")),
+              *sorted(root.glob("*/*/zarr.json"))]:
+        try:
+            if not isinstance(json.loads(f.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            found.append((str(f.relative_to(root)), first_line(e)))
+    return found

@@ -4,6 +4,7 @@ An advisory `fcntl.flock` on `STORE/.ff-writer.lock`, which also records the hol
 pid for the message a second writer gets. The kernel drops a flock when its process dies
 (Ctrl-C, kill -9, a crash), so a lock file left behind by a dead writer never blocks; the file
 itself is kept, because deleting a lock file that another process may be opening races.
+`check_unlocked` and `check_writable` refuse a store early, before a model is loaded.
 """
 from __future__ import annotations
 
@@ -83,3 +84,19 @@ def check_unlocked(store: str | Path) -> None:
         fd = os.open(path, os.O_RDONLY)
         _flock_or_refuse(fd, Path(store))
         os.close(fd)
+
+
+def check_writable(store: str | Path) -> None:
+    """Refuse early, before loading a model, a store that cannot be written: the store folder
+    and its group and array folders, or for a new store the nearest existing folder above it,
+    on a read-only file system or without write permission (writes nothing)."""
+    path = Path(store)
+    if path.is_dir():
+        folders = [path, *(p for p in sorted(path.glob("*")) if p.is_dir()),
+                   *(p for p in sorted(path.glob("*/*")) if p.is_dir())]
+    else:
+        folders = [next(p for p in path.absolute().parents if p.exists())]
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write to '{folder}' (read-only or no permission); make it "
+                             "writable or choose another --out")

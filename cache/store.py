@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from .chunks import read_range, read_rows
+from .chunks import bad_metadata_files, first_line, read_range, read_rows
 from .errors import StoreError
 
 FORMAT_VERSION = 1
@@ -221,8 +221,16 @@ class CorpusReader:
         return m
 
     def completed_chunks(self) -> np.ndarray:
-        """Bool [n_chunks]: which chunks were fully written."""
-        first_rows = np.asarray(self.group["tokens"][:: self.chunk_contexts, 0])
+        """Bool [n_chunks]: which chunks were fully written. A tokens chunk that does not decode
+        is a StoreError naming it."""
+        tokens = self.group["tokens"]
+        try:
+            first_rows = np.asarray(tokens[:: self.chunk_contexts, 0])
+        except Exception:  # find and name the chunk that fails (checksum, Blosc, unreadable)
+            for i in range(self.n_chunks):
+                start = self.chunk_bounds(i)[0]
+                read_rows(tokens, self.name, start, start + 1, store=self.path, must_exist=False)
+            raise
         return first_rows >= 0
 
     def read_chunk(self, layer: int, i: int) -> np.ndarray:
@@ -245,10 +253,7 @@ class Store:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise StoreError(f"'{path}' is not an activation store (no zarr.json); create one with `ff cache`")
-        try:
-            self.root = zarr.open_group(str(self.path), mode="r")
-        except Exception as e:
-            raise StoreError(f"cannot open store '{path}': {e}") from e
+        self.root = open_root(self.path, mode="r")
         self.meta = StoreMeta.from_attrs(dict(self.root.attrs))
         if self.meta.format_version > FORMAT_VERSION:
             raise StoreError(f"store format {self.meta.format_version} is newer than this ff ({FORMAT_VERSION})")
@@ -266,6 +271,21 @@ class Store:
     def require_layer(self, layer: int) -> None:
         if layer not in self.meta.layers:
             raise StoreError(f"layer {layer} is not in store '{self.path}' (layers: {', '.join(map(str, self.meta.layers))})")
+
+
+def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The store's root group, after checking that its metadata files parse: a damaged one is a
+    StoreError naming it (zarr would fail later, with a bare JSON error)."""
+    bad = bad_metadata_files(path)
+    if bad:
+        name, why = bad[0]
+        raise StoreError(f"cannot open store '{path}': {name} does not parse ({why}); "
+                         f"run `ff verify {path}`; a store with damaged metadata must be rebuilt "
+                         "(`ff cache --overwrite`)")
+    try:
+        return zarr.open_group(str(path), mode=mode)
+    except Exception as e:
+        raise StoreError(f"cannot open store '{path}': {first_line(e)}") from e
 
 
 def open_store(path: str | Path) -> Store:

@@ -15,7 +15,8 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from .chunks import ChunkRef, chunk_exists, chunk_ref, first_line, partial_files
+from .chunks import (ChunkRef, bad_metadata_files, chunk_exists, chunk_ref, first_line,
+                     partial_files)
 from .store import _NUMPY_DTYPE, CORPORA, Store, from_storage, layer_name, open_store
 
 
@@ -66,10 +67,19 @@ class Report:
         return "\n".join(lines)
 
 
+REPAIR_HINT = ("rerun the `ff cache` command that built the store with --repair to recompute "
+               "the bad chunks")
+
+
 def verify_store(path: str | Path) -> Report:
     """Check the store at `path`; raises StoreError (a user error) if it is not a store."""
-    store = open_store(path)
     report = Report(str(path), "store", checked={"arrays": 0, "chunks": 0})
+    bad_files = bad_metadata_files(path)
+    if bad_files:  # nothing else can be read; --repair cannot rebuild metadata
+        report.problems += [Problem("corrupt", f"does not parse: {why}; rebuild the store with "
+                                    "`ff cache --overwrite`", name) for name, why in bad_files]
+        return report
+    store = open_store(path)
     vocab = store.meta.extra.get("vocab_size")
     if not vocab:
         report.notes.append("the store does not record its vocabulary size: "
@@ -88,6 +98,8 @@ def verify_store(path: str | Path) -> Report:
             report.checked["arrays"] += 1
             report.checked["chunks"] += arr.cdata_shape[0]
             report.problems += _check_chunks(store, name, arr, done, vocab)
+    if any(p.chunk for p in report.problems):
+        report.notes.append(REPAIR_HINT)
     leftovers = partial_files(path)
     if leftovers:
         report.notes.append(f"{len(leftovers)} temp file(s) of an interrupted write (e.g. "

@@ -1,5 +1,6 @@
-"""`ff cache` as the only writer of its store: the writer lock, and resume refusing chunks that
-would be computed differently (weights, dtype, device), naming both values."""
+"""`ff cache` as the only writer of its store: the writer lock, a read-only store refused before the
+model loads, and resume refusing chunks that would be computed differently (weights, dtype,
+device), naming both values."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,51 @@ def test_resume_refuses_chunks_computed_otherwise(tmp_path, tiny_model, tiny_cor
     zarr.open_group(str(out), mode="r+").attrs.update({"complete": False, key: value})
     code, msg = run(*cache_args(tiny_model, tiny_corpora, out))
     assert_one_line_error(code, msg, "cannot resume store", *needles)
+
+
+@contextmanager
+def read_only(path: Path):
+    """`path` and the folders in it read-only to this process: chmod for a user, a read-only bind
+    mount for root (whom permissions do not stop)."""
+    if os.geteuid() != 0:
+        folders = [path, *(p for p in path.rglob("*") if p.is_dir())]
+        for f in folders:
+            f.chmod(0o555)
+        try:
+            yield
+        finally:
+            for f in folders:
+                f.chmod(0o755)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", path, path], capture_output=True).returncode:
+        pytest.skip("running as root without mount: no read-only folder can be made")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", path], check=True)
+
+
+@pytest.mark.parametrize("where", ["store", "parent"])
+def test_read_only_store_folder_fails_before_the_model_loads(tmp_path, tiny_model, tiny_corpora,
+                                                             monkeypatch, where):
+    if where == "store":  # an interrupted store to resume
+        folder = out = tmp_path / "s.zarr"
+        assert run(*cache_args(tiny_model, tiny_corpora, out))[0] == 0
+        zarr.open_group(str(out), mode="r+").attrs["complete"] = False
+    else:  # a new store in a read-only folder
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        out = folder / "new.zarr"
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cache.models.load_model", no_model)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with read_only(folder):
+        r = CliRunner().invoke(main, [str(a) for a in cache_args(tiny_model, tiny_corpora, out)])
+    assert isinstance(r.exception, SystemExit) and r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr  # one line
+    assert r.stderr.startswith(f"error: cannot write to '{folder}' (read-only or no permission); "
+                               "make it writable or choose another --out"), r.stderr
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

@@ -5,11 +5,8 @@ and nothing on disk changes. The tiny random model and tiny stores only."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -18,7 +15,7 @@ from click.testing import CliRunner
 
 from cli import main
 from conftest import make_store
-from test_verify import CFG, chunk_file, flip_bits
+from test_verify import CFG, flip_bits
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,6 +234,8 @@ FAULTS = [
           lambda w: (append(w.run / "metrics.jsonl", '{"step": 7, "lo'), ["verify", w.run])[1], 1,
           "BAD  metrics.jsonl: corrupt: line 4 does not parse"),
     # ff eval / generate / export on a folder that is not a run
+    Fault("eval-multipliers-not-numbers", lambda w: ["eval", "--run", w.run, "--multipliers", "abc"],
+          2, "--multipliers and --top-n take comma-separated numbers"),
     Fault("eval-not-a-run", lambda w: ["eval", "--run", w.store], 2,
           "is not a run folder (no config.json)"),
     Fault("generate-not-a-run", lambda w: ["generate", "--run", w.store, "--prompt", "hi"], 2,
@@ -264,45 +263,16 @@ def test_torn_metrics_line_is_dropped_on_resume(world: World):
     assert resumed.read_text() == straight.read_text()
 
 
-@contextmanager
-def read_only(path: Path):
-    """`path` and the folders in it read-only to this process: chmod for a user, a read-only bind
-    mount for root (whom permissions do not stop)."""
-    if os.geteuid() != 0:
-        folders = [path, *(p for p in path.rglob("*") if p.is_dir())]
-        for f in folders:
-            f.chmod(0o555)
-        try:
-            yield
-        finally:
-            for f in folders:
-                f.chmod(0o755)
-        return
-    if subprocess.run(["mount", "--bind", "-o", "ro", path, path], capture_output=True).returncode:
-        pytest.skip("running as root without mount: no read-only folder can be made")
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", path], check=True)
-
-
-@pytest.mark.parametrize("where", ["store", "parent"])
-def test_read_only_store_folder_fails_before_the_model_loads(world: World, monkeypatch, where):
-    def no_model(*_a, **_k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr("cache.models.load_model", no_model)
-    if where == "store":  # an interrupted store to resume
-        root = json.loads((world.cached / "zarr.json").read_text())
-        root["attributes"]["complete"] = False
-        (world.cached / "zarr.json").write_text(json.dumps(root))
-        folder, out = world.cached, world.cached
-    else:  # a new store in a read-only folder
-        folder = world.root / "ro"
-        folder.mkdir()
-        out = folder / "new.zarr"
-    before = snapshot(world.root)
-    with read_only(folder):
-        r = invoke(*world.cache_args(out))
-    check_result(r, 2, "(read-only or no permission); make it writable or choose another --out")
-    assert snapshot(world.root) == before
+def test_catalogue_rows_name_real_tests():
+    """docs/reliability.md: at least 30 rows, each naming a test that exists, and every case of
+    this file in a row."""
+    root = Path(__file__).resolve().parents[1]
+    rows = [ln for ln in (root / "docs" / "reliability.md").read_text().splitlines()
+            if re.match(r"\| \d+ \|", ln)]
+    assert len(rows) >= 30
+    named = [re.search(r"(tests/\w+\.py)::(\w+)(?:\[([^\]]+)\])?", ln) for ln in rows]
+    assert all(named), [ln for ln, m in zip(rows, named) if not m]
+    for m in named:
+        assert f"def {m[2]}(" in (root / m[1]).read_text(), m[0]
+    ids = {m[3] for m in named if m[1].endswith("test_fault_catalogue.py") and m[2] == "test_fault"}
+    assert ids == {f.id for f in FAULTS}

@@ -103,7 +103,8 @@ def open_run(out: str | Path, cfg: TrainConfig | None, meta: dict[str, Any], *, 
 
     Fresh: RUN must be missing or empty, or `overwrite` (which deletes an earlier run folder,
     never a folder that is not one). Resume: the saved config wins; a `cfg` passed along
-    must agree with it, except for RESUME_MAY_CHANGE. `scale()` computes the normalisation
+    must agree with it, except for RESUME_MAY_CHANGE, whose new values are written to
+    config.json (more steps reopen a finished run). `scale()` computes the normalisation
     scale of a fresh run (a resumed run keeps its saved one).
     """
     run = RunFolder(out)
