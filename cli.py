@@ -2,6 +2,7 @@
 
     ff cache    model -> Zarr activation store          (cache/)
     ff inspect  describe a store
+    ff copy     copy a store between two locations (folders, s3://, ...)
     ff train    store -> SAE run folder                  (trainer/, never loads the LLM)
     ff eval     run folder -> unlearning metrics         (pipelines/)
     ff generate run folder + prompt -> text with and without the intervention
@@ -61,6 +62,30 @@ def _layers_cb(_ctx, _param, value):
     return parse_layers(value)
 
 
+def _storage_options_cb(_ctx, _param, value):
+    """--storage-options: parsed and handed to cache.location for every remote store this
+    process opens; kept in memory only, never written or echoed."""
+    from cache.location import parse_storage_options, use_storage_options
+
+    options = parse_storage_options(value)
+    use_storage_options(options)
+    return options
+
+
+STORE_HELP = "a folder or an fsspec URL (s3://bucket/x.zarr, gs://..., memory://...)"
+
+
+def storage_options_option(command):
+    """The --storage-options option of every command that opens a store."""
+    return click.option(
+        "--storage-options", default=None, metavar="JSON", envvar="FF_STORAGE_OPTIONS",
+        expose_value=False, callback=_storage_options_cb,
+        help="fsspec options for remote stores, a JSON object such as '{\"endpoint_url\": "
+             "\"http://127.0.0.1:9000\"}' (also FF_STORAGE_OPTIONS). Default: the filesystem's "
+             "standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Never written "
+             "to a store, a run folder or a log.")(command)
+
+
 @click.group(cls=FFGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="featureforget", prog_name="ff")
 def main() -> None:
@@ -70,7 +95,7 @@ def main() -> None:
 
 @main.command("cache")
 @click.option("--out", "out", default=None, metavar="STORE",
-              help="Store folder to write. Default: stores/<model>.zarr")
+              help=f"Store to write, {STORE_HELP}. Default: stores/<model>.zarr")
 @click.option("--model", default="gemma-3-270m",
               help="Hugging Face id (google/gemma-2-2b is the paper's), local HF folder, .gguf file, "
                    "or the embedded 'gemma-3-270m'.")
@@ -100,12 +125,14 @@ def main() -> None:
               help="Recompute exactly the chunks `ff verify` finds bad (missing, corrupt, non-finite, "
                    "tokens out of range); give the arguments the store was built with.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_options_option
 def cache_cmd(out, model, layers, retain, unlearn, contexts, unlearn_contexts, ctx_len, dtype, model_dtype,
               device, chunk_contexts, text_field, overwrite, repair, quiet):
     """Run the model once over the retain and unlearn corpora and write the activations of the
     chosen layers to a Zarr store. Interrupted runs resume when rerun with the same arguments;
     rerunning on a complete store does nothing; --repair recomputes damaged chunks."""
     from cache.build import CacheConfig, build_cache
+    from cache.location import public
 
     cfg = CacheConfig(model=model, layers=layers, retain=retain, unlearn=unlearn, contexts=contexts,
                       unlearn_contexts=unlearn_contexts, ctx_len=ctx_len, dtype=dtype,
@@ -113,6 +140,7 @@ def cache_cmd(out, model, layers, retain, unlearn, contexts, unlearn_contexts, c
                       model_dtype=None if model_dtype == "auto" else model_dtype, device=device)
     out = out or default_store_path(model)
     res = build_cache(cfg, out, overwrite=overwrite, repair=repair, progress=not quiet)
+    out = public(out)  # a URL without any user:password@
     if res.skipped:
         click.echo(f"{out}: every chunk verifies, nothing to repair" if repair else
                    f"{out}: already complete, nothing to do (use --overwrite to rebuild)")
@@ -134,8 +162,10 @@ def default_store_path(model: str) -> str:
 @main.command("inspect")
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@storage_options_option
 def inspect_cmd(store, as_json):
-    """Describe an activation store: model, layers, corpora, size, compression, completeness."""
+    """Describe an activation store (a folder or an fsspec URL): model, layers, corpora, size,
+    compression, completeness."""
     from cache.inspect import describe, format_description
 
     info = describe(store)
@@ -145,15 +175,37 @@ def inspect_cmd(store, as_json):
 @main.command("verify")
 @click.argument("path", metavar="STORE|RUN", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@storage_options_option
 def verify_cmd(path, as_json):
-    """Check a store (read every chunk: present, checksum, finite, tokens in range, metadata) or
-    a run folder (files, shapes, checkpoint, the store's model). Exit 0: healthy; 1: problems
-    found, each named; 2: not a store or run folder."""
+    """Check a store, a folder or an fsspec URL (read every chunk: present, checksum, finite,
+    tokens in range, metadata), or a run folder (files, shapes, checkpoint, the store's model).
+    Exit 0: healthy; 1: problems found, each named; 2: not a store or run folder."""
     from trainer.verify import verify
 
     report = verify(path)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.format())
     sys.exit(0 if report.ok else 1)
+
+
+@main.command("copy")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option("--dst-storage-options", default=None, metavar="JSON",
+              help="fsspec options for DST when they differ from --storage-options (a JSON object).")
+@click.option("--overwrite", is_flag=True, help="Replace whatever DST holds (another store, other files).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_options_option
+def copy_cmd(src, dst, dst_storage_options, overwrite, quiet):
+    """Copy the complete store SRC to DST, each a folder or an fsspec URL (s3://, gs://, ...):
+    the raw chunk bytes, each chunk decoded on the way (checksums), DST marked complete last.
+    Rerunning an interrupted copy resumes: chunks already at DST with equal bytes are skipped."""
+    from cache.copy import copy_store
+    from cache.location import parse_storage_options
+
+    dst_options = parse_storage_options(dst_storage_options) if dst_storage_options else None
+    res = copy_store(src, dst, dst_options=dst_options, overwrite=overwrite, progress=not quiet)
+    click.echo(f"{res.dst}: copied {res.copied} of {res.chunks} chunks ({res.bytes_copied / 2**20:.1f} MiB), "
+               f"{res.skipped} already there, from {res.src} in {res.seconds:.1f} s")
 
 
 _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's value
@@ -186,9 +238,10 @@ def _given_train_options(ctx: click.Context) -> dict:
 
 
 @main.command("train")
-@click.option("--store", required=True, type=click.Path(), help="Activation store made by `ff cache`.")
+@click.option("--store", required=True, type=click.Path(),
+              help=f"Activation store made by `ff cache`, {STORE_HELP}.")
 @click.option("--unlearn-store", default=None, type=click.Path(),
-              help="Take the unlearn corpus from this store instead (same model and d_model).")
+              help="Take the unlearn corpus from this store (folder or URL) instead (same model and d_model).")
 @click.option("--layer", "layer", type=int, default=None, help="Train one layer of the store.")
 @click.option("--layers", "layers", default=None, callback=_layers_cb, metavar="L1,L2,...",
               help="Train each of these layers, into OUT/layer_<L>. Default: every layer of the store.")
@@ -228,6 +281,7 @@ def _given_train_options(ctx: click.Context) -> dict:
                    "--lr may change, any other option given must equal the saved one.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@storage_options_option
 def train_cmd(store, unlearn_store, layer, layers, out, method, preset, no_importance, no_adaptive_threshold,
               no_clustering, resume, overwrite, quiet, **overrides):
     """Train the FeatureForget SAE (or the baseline SAE) from a store, without loading the LLM.

@@ -28,11 +28,14 @@ from .errors import CorpusError
 DEMO_DIR = Path(__file__).parent / "demo_data"
 _SUFFIXES = {".txt", ".jsonl", ".parquet"}
 DEMO_MIX = {
-    "unlearn": "prose_unlearn_a+prose_unlearn_b+unlearn",
-    "retain": "prose_retain_a+prose_retain_b+retain",
+    "unlearn": "prose_unlearn_a*2+prose_unlearn_b*2+unlearn",
+    "retain": "prose_retain_a*2+prose_retain_b*2+retain",
 }
 """What `demo` means per role: natural prose written for the project (topic features that
-transfer beyond one template) interleaved with the WordNet-derived text (docs/method.md)."""
+transfer beyond one template) interleaved with the WordNet-derived text (docs/method.md).
+`NAME*k` joins k consecutive lines of NAME with a newline into one document, so that newlines
+occur in both corpora alike: the files hold one paragraph per line, and a corpus without a
+single newline leaves the SAE's features undefined on the newline of a question prompt."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,18 @@ class PackedCorpus:
 
 def resolve_corpus(spec: str, role: str, *, text_field: str = "text") -> CorpusSpec:
     if spec == "demo" or spec.startswith("demo:"):
-        names = (DEMO_MIX.get(role, role) if spec == "demo" else spec.split(":", 1)[1]).split("+")
-        paths = [DEMO_DIR / f"{name}.txt" for name in names]
-        for name, path in zip(names, paths):
+        parts = (DEMO_MIX.get(role, role) if spec == "demo" else spec.split(":", 1)[1]).split("+")
+        located = []
+        for part in parts:
+            name, _, k = part.partition("*")
+            path = DEMO_DIR / f"{name}.txt"
             if not path.is_file():
                 have = sorted(p.stem for p in DEMO_DIR.glob("*.txt"))
                 raise CorpusError(f"no bundled demo corpus '{name}' (available: {', '.join(have)})")
-        return CorpusSpec(spec, "demo", "+".join(str(p) for p in paths), text_field=text_field)
+            if k and not (k.isdigit() and int(k) >= 1):
+                raise CorpusError(f"demo corpus part '{part}': expected NAME or NAME*K with K >= 1")
+            located.append(f"{path}*{k}" if k else str(path))
+        return CorpusSpec(spec, "demo", "+".join(located), text_field=text_field)
     p = Path(spec).expanduser()
     if p.is_file():
         if p.suffix not in _SUFFIXES:
@@ -116,9 +124,19 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
         raise CorpusError(f"cannot read corpus file '{path}': {e.__class__.__name__}: {e}") from e
 
 
-def _interleave(paths: list[Path], text_field: str) -> Iterator[str]:
-    """One document from each file in turn; a file that runs out drops out of the rotation."""
-    its = [_read_file(p, text_field) for p in paths]
+def _joined(path: Path, k: int, text_field: str) -> Iterator[str]:
+    """Documents of k consecutive lines joined by newlines (the last one may be shorter)."""
+    it = _read_file(path, text_field)
+    while group := [doc for _, doc in zip(range(k), it)]:
+        yield "\n".join(group)
+
+
+def _interleave(parts: list[str], text_field: str) -> Iterator[str]:
+    """One document from each part (`PATH` or `PATH*K`) in turn; a part that runs out drops out."""
+    its = []
+    for part in parts:
+        path, _, k = part.partition("*")
+        its.append(_joined(Path(path), int(k), text_field) if k else _read_file(Path(path), text_field))
     while its:
         alive = []
         for it in its:
@@ -131,7 +149,7 @@ def _interleave(paths: list[Path], text_field: str) -> Iterator[str]:
 
 def iter_documents(cs: CorpusSpec) -> Iterator[str]:
     if cs.kind == "demo":
-        yield from _interleave([Path(p) for p in cs.location.split("+")], cs.text_field)
+        yield from _interleave(cs.location.split("+"), cs.text_field)
     elif cs.kind == "file":
         yield from _read_file(Path(cs.location), cs.text_field)
     elif cs.kind == "folder":

@@ -44,6 +44,11 @@ class Setting:
     """"ratio" selection: only features whose unlearn mean squared activation is at or above
     this percentile of all features' are ranked (by unlearn / retain mean squared activation)."""
 
+    max_ctx_r: float = 1.0
+    """Drop features that fire in at least this share of retain training contexts before
+    selecting (1: no cap). Prompt and formatting features are rare per token but fire once in
+    most contexts; a gate that counts them opens on every question (trainer/selection.py)."""
+
     gate: str = "sequence"
     """"none": edit wherever a selected feature fires (static clamp); "sequence": edit only
     where the share of tokens so far on which a selected feature fired exceeds the run's
@@ -81,7 +86,8 @@ class Setting:
         sel = {"candidates": "candidates", "saebench": f"saebench freq_r<{self.freq_threshold:g}",
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
         gate = f" gate p{self.gate_percentile:g}" if self.gate == "sequence" else " static"
-        return f"{head} {n} {sel}{gate}"
+        cap = f" ctx_r<{self.max_ctx_r:g}" if self.max_ctx_r < 1.0 else ""
+        return f"{head} {n} {sel}{cap}{gate}"
 
     @property
     def set_key(self) -> str:
@@ -89,7 +95,7 @@ class Setting:
         from trainer.selection import set_key
 
         return set_key(self.selection, self.top_n, freq_threshold=self.freq_threshold,
-                       ratio_percentile=self.ratio_percentile)
+                       ratio_percentile=self.ratio_percentile, max_ctx_r=self.max_ctx_r)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,6 +107,8 @@ class Setting:
             d.pop("ratio_percentile")
         if self.gate != "sequence":
             d.pop("gate_percentile")
+        if self.max_ctx_r >= 1.0:
+            d.pop("max_ctx_r")
         return d
 
     @classmethod
@@ -133,6 +141,9 @@ class SweepGrid:
     gates: tuple[str, ...] = ("none", "sequence")
     """Gate modes to try; each gets its own best setting in the result."""
 
+    ctx_caps: tuple[float, ...] = (1.0,)
+    """Context-frequency caps (Setting.max_ctx_r) to try."""
+
     gate_percentile: float = 95.0
     """Percentile of retain contexts' max firing share that sets the gate threshold."""
 
@@ -152,7 +163,8 @@ class SweepGrid:
                         if n is None and sel != "candidates":
                             continue
                         out += [s.replace(selection=sel, freq_threshold=float(thr), top_n=n, gate=gate,
-                                          gate_percentile=self.gate_percentile) for s in modes]
+                                          gate_percentile=self.gate_percentile, max_ctx_r=float(cap))
+                                for s in modes for cap in self.ctx_caps]
         if not out:
             raise EvalError(f"the sweep grid gives no settings for a {method} run")
         return out
@@ -166,12 +178,13 @@ class SweepGrid:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-DEMO_GRID = SweepGrid(multipliers=(1.0, 3.0, 10.0, 30.0), top_n=(10, 20))
-"""The demo's grid on CPU: four clamp strengths, 10 or 20 features, each rule, gated and not."""
+DEMO_GRID = SweepGrid(multipliers=(10.0, 100.0), top_n=(20,), selections=("candidates", "saebench"))
+"""The demo's grid on CPU: a moderate and a strong clamp of 20 features, FeatureForget's
+candidates and the SAEBench rule, static and gated (12 settings over the two runs)."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
-    "demo": {"max_text_tokens": 2048, "grid": DEMO_GRID},
+    "demo": {"max_text_tokens": 2048, "grid": DEMO_GRID, "sweep_losses": False, "bootstrap": 1000},
 }
 """EvalConfig overrides per preset ("full" = the dataclass defaults)."""
 

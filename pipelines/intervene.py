@@ -92,8 +92,11 @@ def select_features(run: LoadedRun, setting: Setting) -> Tensor:
     if setting.selection == "candidates" and run.method == "baseline":
         raise EvalError(f"{run.path} is a baseline run: it has no FeatureForget candidates; "
                         "use the saebench or ratio selection")
-    return select(run.features, setting.selection, setting.top_n, freq_threshold=setting.freq_threshold,
-                  ratio_percentile=setting.ratio_percentile)
+    try:
+        return select(run.features, setting.selection, setting.top_n, freq_threshold=setting.freq_threshold,
+                      ratio_percentile=setting.ratio_percentile, max_ctx_r=setting.max_ctx_r)
+    except ValueError as e:
+        raise EvalError(f"{run.path}: {e}") from None
 
 
 def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> float:

@@ -56,10 +56,11 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The embedded Gemma 3 270M and the bundled corpora: 13.5 min measured on 2 idle CPU cores
-    # (docs/benchmarks.md).
+    # The embedded Gemma 3 270M and the bundled corpora, one layer (docs/benchmarks.md: time).
     "demo": Preset(
-        cache=CacheConfig(model="gemma-3-270m", retain="demo", unlearn="demo", contexts=384, ctx_len=128),
+        # layer 4: the layer table in docs/method.md ("Layer choice")
+        cache=CacheConfig(model="gemma-3-270m", layers=(4,), retain="demo", unlearn="demo", contexts=384,
+                          ctx_len=128),
         train_preset="demo",
         eval_preset="demo",
         note="embedded Gemma 3 270M, bundled demo corpora and held-out evaluation files",

@@ -84,6 +84,39 @@ def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, 
     return path
 
 
+def store_contents(location) -> tuple[dict, dict]:
+    """Root attributes and every array (numpy) of the store at a folder or URL."""
+    import numpy as np
+    import zarr
+
+    from cache.location import store_like
+
+    root = zarr.open_group(store_like(location, read_only=True), mode="r")
+    arrays = {f"{c}/{a}": np.asarray(root[c][a][:]) for c in ("retain", "unlearn")
+              for a in root[c].array_keys()}
+    return dict(root.attrs), arrays
+
+
+def assert_same_store(a, b) -> None:
+    """Two stores hold equal root attributes and equal arrays."""
+    import numpy as np
+
+    (attrs_a, xa), (attrs_b, xb) = store_contents(a), store_contents(b)
+    assert attrs_a == attrs_b and xa.keys() == xb.keys()
+    for k in xa:
+        np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
+
+
+@pytest.fixture(autouse=True)
+def _forget_storage_options():
+    """`--storage-options` of a CLI call stays set in the process (cache.location): clear it
+    after each test so that no test sees another's."""
+    yield
+    from cache.location import use_storage_options
+
+    use_storage_options(None)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: extra torch threads only add contention (use with pytest.mark.usefixtures)."""
@@ -106,3 +139,42 @@ def tiny_corpora(tmp_path_factory) -> tuple[str, str]:
     retain = write_corpus(d / "retain.txt", 400, seed=1, words=WORDS[:16] + WORDS[20:])
     unlearn = write_corpus(d / "unlearn.txt", 400, seed=2, words=WORDS[:12] + WORDS[16:20])
     return str(retain), str(unlearn)
+
+
+S3_SECRET = "ff-test-secret-4f1c9a"
+"""The secret access key the S3 tests use: it must never appear in a store, a run folder or output."""
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto's server mode) on a free port of 127.0.0.1 -> its URL."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import logging
+    import socket
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request) -> str:
+    """A fresh bucket on the test server, credentials and endpoint in the standard AWS
+    environment variables (as a user would set them) -> "s3://<bucket>"."""
+    import re
+
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ff-test-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -104,3 +104,41 @@ def test_unlearn_is_about_biology_and_retain_is_not():
     forget = " ".join(json.loads(x)["question"] for x in lines("forget_mcq.jsonl"))
     retain = " ".join(json.loads(x)["question"] for x in lines("retain_mcq.jsonl"))
     assert len(BIO.findall(forget)) > 5 * len(BIO.findall(retain)) + 10
+
+
+OOD = {"ood_forget_mcq.jsonl": 170, "ood_retain_mcq.jsonl": 170}
+PROSE = ["prose_unlearn_a.txt", "prose_unlearn_b.txt", "prose_retain_a.txt", "prose_retain_b.txt"]
+
+
+@pytest.mark.parametrize("name, n", OOD.items())
+def test_ood_mcq_counts_and_balanced_answers(name, n):
+    rows = [json.loads(l) for l in lines(name)]
+    assert len(rows) == n >= 150
+    counts = [sum(r["answer"] == k for r in rows) for k in range(4)]
+    assert max(counts) - min(counts) <= 1, counts
+    assert len({r["question"] for r in rows}) == n
+    assert not any(r["question"].startswith("Which word means") for r in rows), "another style than training"
+
+
+def test_ood_prose_is_held_out_from_every_training_line():
+    train = set()
+    for name in PROSE + ["retain.txt", "unlearn.txt"]:
+        train |= {s.strip() for l in lines(name) for s in l.split(". ") if len(s) > 40}
+    for name in ("ood_forget_text.txt", "ood_retain_text.txt"):
+        paras = lines(name)
+        assert len(paras) >= 50
+        assert not {s.strip() for p in paras for s in p.split(". ") if len(s) > 40} & train
+
+
+def test_demo_corpus_interleaves_prose_and_wordnet():
+    from cache.corpora import iter_documents, resolve_corpus
+
+    docs = iter_documents(resolve_corpus("demo", "unlearn"))
+    first = [next(docs) for _ in range(6)]
+    a, b = lines("prose_unlearn_a.txt"), lines("prose_unlearn_b.txt")
+    assert first[0] == a[0] + "\n" + a[1] and first[1] == b[0] + "\n" + b[1]  # NAME*2: two paragraphs
+    assert first[2] == lines("unlearn.txt")[0] and first[3] == a[2] + "\n" + a[3]
+    from cache.errors import CorpusError
+
+    with pytest.raises(CorpusError, match="NAME\\*K"):
+        resolve_corpus("demo:unlearn*x", "unlearn")

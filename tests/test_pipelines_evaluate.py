@@ -239,3 +239,29 @@ def test_demo_preset_measures_losses_for_the_best_setting_only(lm, cfg, tmp_path
     full = evaluate_run(run, lm, cfg.replace(retain_ratio=0.0), progress=False)
     assert full["best"]["label"] == best["label"]
     assert full["best"]["forget_loss"] == pytest.approx(best["forget_loss"])
+
+
+def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_model):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, model=tiny_model)
+    args = ["eval", "--run", str(run), "--forget-mcq", cfg.forget_mcq, "--retain-mcq", cfg.retain_mcq,
+            "--forget-text", cfg.forget_text, "--retain-text", cfg.retain_text, "--max-text-tokens", "200",
+            "--no-ood", "--multipliers", "5", "--top-n", "10", "--selections", "candidates", "--quiet"]
+    r = CliRunner().invoke(main, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    assert set(res["best_by_gate"]) == {"none", "sequence"}
+    for gate, g in res["best_by_gate"].items():
+        b = g["best"]
+        assert (b is None) == (g["reason"] is not None)
+        if b is not None:
+            assert b["setting"]["gate"] == gate and b["unlearning_score"] == b["test"]["unlearning_score"]
+            for part in ("dev", "test"):
+                assert {"unlearning_score", "forget_mcq", "retain_mcq", "correct_subset_score"} <= set(b[part])
+            assert len(b["test"]["ci95"]) == 2 and b["gate"]["mode"] == gate
+            assert {"auroc_text", "auroc_mcq", "auroc_text_ood", "auroc_mcq_ood"} <= set(b["selection"])
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "best, gate none:" in r.output and "best, gate sequence:" in r.output

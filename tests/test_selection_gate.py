@@ -106,6 +106,23 @@ def test_calibration_threshold_is_the_retain_percentile():
 # ---- selection and statistics -------------------------------------------------------------
 
 
+def test_context_cap_drops_features_that_fire_in_most_retain_contexts():
+    feats = {"freq_r": torch.tensor([0.001, 0.002, 0.003]), "freq_u": torch.tensor([0.5, 0.3, 0.1]),
+             "ctx_r": torch.tensor([0.9, 0.01, 0.02])}  # feature 0: a template token in every context
+    assert select(feats, "saebench", 2).tolist() == [0, 1]
+    assert select(feats, "saebench", 2, max_ctx_r=0.05).tolist() == [1, 2]
+    x = torch.zeros(2, 4, 3)
+    x[0, 1, 0] = 1.0  # context 0 fires once at token 1, context 1 never
+    sae = SAE(3, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_enc.zero_(), sae.b_enc.zero_(), sae.b_dec.zero_()
+        sae.W_enc[0, 0] = 1.0
+    m = torch.ones(2, 4, dtype=torch.bool)
+    m[:, 0] = False
+    st = corpus_stats(sae, [(x, m)], l1=0.0)
+    assert st["ctx"].tolist() == [0.5, 0.0] and st["freq"][0].item() == pytest.approx(1 / 6)
+
+
 def test_ratio_selection_needs_rare_retain_firing_and_ranks_by_ratio():
     feats = {"mean_sq_u": torch.tensor([9.0, 8.0, 1.0, 7.0, 0.0]), "mean_sq_r": torch.tensor([9.0, 1.0, 0.1, 0.5, 0.0]),
              "freq_r": torch.tensor([0.5, 0.001, 0.001, 0.002, 0.0])}
@@ -142,7 +159,8 @@ def test_both_methods_get_the_same_statistics_estimator(tmp_path):
         u = (x[torch.randint(0, 50, (16,), generator=g)] + 1 for _ in iter(int, 1))
         out = tmp_path / method
         train_on_streams(cfg.replace(method=method), r, u, d_model=8, out=out)
-        keys.append(set(load_file(str(out / "features.safetensors"))) - {"candidate", "cluster"})
+        keys.append({k for k in load_file(str(out / "features.safetensors"))
+                     if k not in ("candidate", "cluster") and not k.startswith("train_")})
     assert keys[0] == keys[1] and {"freq_r", "mean_sq_u", "act_u", "alpha_r"} <= keys[0]
 
 

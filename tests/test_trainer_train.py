@@ -86,10 +86,11 @@ def test_end_to_end_featureforget_run_folder(tmp_path):
     assert set(feats["cluster"].tolist()) <= set(range(4))
     clusters = json.loads((out / "clusters.json").read_text())
     assert len(clusters["tau"]) == len(clusters["gate_r"]) == len(clusters["gate_u"]) == 4
-    # candidates are exactly what §4 says for the saved statistics
+    # candidates are exactly what §4 says for the saved training statistics (the running means);
+    # alpha_*/freq_* without the prefix are the final pass over every training token
     tau_F = torch.tensor(clusters["tau"])[feats["cluster"]]
-    expected = ((feats["alpha_u"] > tau_F) & (feats["alpha_r"] <= tau_F)
-                & (feats["freq_r"] < CFG.candidate_max_freq_r))
+    expected = ((feats["train_alpha_u"] > tau_F) & (feats["train_alpha_r"] <= tau_F)
+                & (feats["train_freq_r"] < CFG.candidate_max_freq_r))
     assert torch.equal(feats["candidate"], expected) and expected.any()
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == list(range(3, 40, 3)) + [40]

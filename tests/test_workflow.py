@@ -24,7 +24,9 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
     from dataclasses import replace
 
     workflow.PRESETS["demo"] = replace(orig, cache=replace(orig.cache, retain=tiny_corpora[0], unlearn=tiny_corpora[1]),
-                                       eval={"max_questions": 8, "max_text_tokens": 256})
+                                       eval={"max_questions": 16, "max_text_tokens": 256, "ood_forget_mcq": None,
+                                             "ood_retain_mcq": None, "ood_forget_text": None, "ood_retain_text": None,
+                                             "bootstrap": 100})
     try:
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 0, r.output
@@ -40,7 +42,7 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
             res = rep["results"][method]["1"]
             assert res["layer"] == 1 and res["method"] == method and res["sweep"]
         md = (report / "report.md").read_text()
-        assert "| 1 | featureforget |" in md and "| 1 | baseline |" in md and "## Verdict" in md
+        assert "| 1 | FeatureForget, gated |" in md and "| 1 | baseline SAE, static |" in md and "## Verdict" in md
 
         stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
         r = CliRunner().invoke(main, args)  # everything is reused
@@ -50,20 +52,32 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
         workflow.PRESETS["demo"] = orig
 
 
-def _res(score, fb, fa, rb, ra):
-    best = None if score is None else {
-        "setting": {"mode": "clamp", "multiplier": 50.0}, "unlearning_score": score,
-        "forget_mcq": {"before": fb, "after": fa}, "retain_mcq": {"before": rb, "after": ra},
-        "forget_loss": {"before": 2.0, "after": 2.5}, "retain_loss": {"before": 2.0, "after": 2.01}}
-    return {"best": best, "sweep": [], "sae": {"fvu": 0.4, "l0": 25.0, "dead_fraction": 0.1, "loss_recovered": None}}
+def _best(score, ci=None, fb=0, fa=0, rb=0, ra=0):
+    if score is None:
+        return {"best": None, "reason": "no retain-safe setting: ..."}
+    half = {"unlearning_score": score, "ci95": ci, "correct_subset_score": score,
+            "forget_mcq": {"before": fb, "after": fa}, "retain_mcq": {"before": rb, "after": ra}}
+    return {"best": {"label": "clamp m=10 top20 candidates gate p95", "setting": {"mode": "clamp"}, "test": half,
+                     "dev": half, "forget_loss": {"before": 2.0, "after": 2.5},
+                     "retain_loss": {"before": 2.0, "after": 2.01},
+                     "gate": {"open_rate_retain": 0.05, "open_rate_forget": 0.9},
+                     "selection": {"auroc_text": 0.95, "auroc_mcq": 0.8}}, "reason": None}
+
+
+def _res(static, gated):
+    return {"best_by_gate": {"none": _best(*static), "sequence": _best(*gated)}, "sweep": [],
+            "sae": {"fvu": 0.4, "l0": 25.0, "dead_fraction": 0.1, "loss_recovered": None}}
 
 
 def test_report_table_and_verdict():
-    results = {"featureforget": {8: _res(0.25, 0.8, 0.6, 0.7, 0.7)}, "baseline": {8: _res(None, 0, 0, 0, 0)}}
+    results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7), (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))},
+               "baseline": {8: _res((None,), (0.2, [0.1, 0.35], 0.8, 0.64, 0.7, 0.7))}}
     table = markdown_table(results)
-    assert "| 8 | featureforget | mode=clamp, multiplier=50.0 | 0.250 | 0.800 -> 0.600 | 0.700 -> 0.700 |" in table
-    assert "| 8 | baseline | none kept retain | 0.000 |" in table
-    assert "n/a" in table  # loss recovered None
-    assert verdict(results) == "- layer 8: FeatureForget 0.250 beats the baseline SAE 0.000."
-    results["baseline"][8] = _res(0.3, 0.8, 0.56, 0.7, 0.7)
-    assert "does NOT beat" in verdict(results)
+    assert "| 8 | FeatureForget, gated | clamp m=10 top20 candidates gate p95 | 0.600 [0.50, 0.70] | 0.600 | " \
+           "0.80 -> 0.32 | 0.70 -> 0.70 | 2.00 -> 2.50 (+25.0%) | 2.00 -> 2.01 (+0.5%) | 0.05 / 0.90 | 0.95 / 0.80 |" in table
+    assert "| 8 | baseline SAE, static | no retain-safe setting | n/a |" in table
+    v = verdict(results)
+    assert "layer 8, gated: FeatureForget (gated) beats the baseline SAE (gated)" in v
+    assert "layer 8, static: FeatureForget (static) vs the baseline SAE (static): not comparable" in v
+    results["baseline"][8] = _res((None,), (0.5, [0.2, 0.6], 0.8, 0.4, 0.7, 0.7))
+    assert "within noise" in verdict(results)

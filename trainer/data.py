@@ -304,6 +304,7 @@ def open_training_data(store_path: str, layer: int | None, eval_frac: float, *,
     """Open and check the store(s); every user mistake is a one-line TrainError.
     `layer` None: the store's only layer."""
     from cache.errors import StoreError
+    from cache.location import public
     from cache.store import open_store
 
     try:
@@ -330,7 +331,7 @@ def open_training_data(store_path: str, layer: int | None, eval_frac: float, *,
             )
     meta = dict(model=a.model, model_hash=a.model_hash, tokenizer_hash=a.tokenizer_hash,
                 layer=layer, d_model=a.d_model, ctx_len=a.ctx_len, hook=a.hook, dtype=a.dtype,
-                store=str(store_path), unlearn_store=str(unlearn_store or store_path))
+                store=public(store_path), unlearn_store=public(unlearn_store or store_path))
     corpora = []
     for c in (retain, unlearn):
         if c.n_contexts < 2:

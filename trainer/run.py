@@ -5,7 +5,8 @@ RUN/config.json           TrainConfig + store metadata (model, model_hash, layer
                           scale, method)
 RUN/sae.safetensors       written by SAE.save
 RUN/features.safetensors  {freq,mean,mean_sq,act,alpha}_{r,u} over every training token, cluster,
-                          candidate, eval_mass_r/u (held-out mass per feature)
+                          candidate, eval_mass_r/u (held-out mass per feature); FeatureForget runs also
+                          train_{alpha,freq}_{r,u}, the running means the candidate rule used
 RUN/gate.safetensors      per selection: its features and each retain training context's max
                           firing share (the sequence gate's calibration, trainer/selection.py)
 RUN/clusters.json         tau, gate_r, gate_u per cluster

@@ -45,14 +45,21 @@ too noisy to call a topic."""
 
 
 @torch.no_grad()
-def corpus_stats(sae, batches: Iterable[Tensor], l1: float) -> dict[str, Tensor]:
-    """STATS of one corpus over every [B, D] batch of normalised activations -> {name: [F]}."""
+def corpus_stats(sae, batches: Iterable[Tensor | tuple[Tensor, Tensor]], l1: float) -> dict[str, Tensor]:
+    """STATS of one corpus -> {name: [F]}, over every [B, D] batch of normalised activations, or
+    every (x [C, T, D], editable [C, T]) block of whole contexts; the latter also gives `ctx`,
+    the share of contexts in which the feature fires at least once."""
     dev = sae.W_dec.device
     F = sae.d_sae
-    acc = {k: torch.zeros(F, dtype=torch.float64, device=dev) for k in ("cnt", "sum", "sq", "alpha")}
-    n = 0
-    for x_BD in batches:
-        x_BD = x_BD.to(dev, torch.float32)
+    acc = {k: torch.zeros(F, dtype=torch.float64, device=dev) for k in ("cnt", "sum", "sq", "alpha", "ctx")}
+    n = n_ctx = 0
+    for item in batches:
+        if isinstance(item, (tuple, list)):
+            x_CTD, m_CT = item
+            x_BD = x_CTD[m_CT].to(dev, torch.float32)
+            ctx_C = torch.repeat_interleave(torch.arange(len(m_CT)), m_CT.sum(1)).to(dev)
+        else:
+            x_BD, ctx_C = item.to(dev, torch.float32), None
         f_BF = sae.encode(x_BD)
         fired_BF = f_BF > 0
         # dL_recon/df for l = ||x - x_hat||^2 + l1 * sum f (per token, METHOD §1-§2)
@@ -62,9 +69,15 @@ def corpus_stats(sae, batches: Iterable[Tensor], l1: float) -> dict[str, Tensor]
         acc["sq"] += f_BF.pow(2).sum(0)
         acc["alpha"] += (g_BF.abs() * fired_BF).sum(0)
         n += len(x_BD)
+        if ctx_C is not None:
+            per_ctx = torch.zeros(len(m_CT), F, dtype=torch.float32, device=dev).index_add_(0, ctx_C, fired_BF.float())
+            acc["ctx"] += (per_ctx > 0).sum(0)
+            n_ctx += len(m_CT)
     n = max(n, 1)
     out = {"freq": acc["cnt"] / n, "mean": acc["sum"] / n, "mean_sq": acc["sq"] / n,
            "act": acc["sum"] / acc["cnt"].clamp_min(1), "alpha": acc["alpha"] / n}
+    if n_ctx:
+        out["ctx"] = acc["ctx"] / n_ctx
     return {k: v.float().cpu() for k, v in out.items()}
 
 
@@ -72,42 +85,51 @@ def corpus_stats(sae, batches: Iterable[Tensor], l1: float) -> dict[str, Tensor]
 
 
 def set_key(rule: str, top_n: int | None, *, freq_threshold: float = 0.01,
-            ratio_percentile: float = 90.0) -> str:
-    """The name of a selection, e.g. "candidates_top10", "saebench0.01_top20", "ratio90_top20"."""
+            ratio_percentile: float = 90.0, max_ctx_r: float = 1.0) -> str:
+    """The name of a selection, e.g. "candidates_top10", "saebench0.01_top20", "ratio90_0.01_top20",
+    with "_ctx0.05" appended under a context-frequency cap."""
     n = "all" if top_n is None else f"top{top_n}"
+    cap = "" if max_ctx_r >= 1.0 else f"_ctx{max_ctx_r:g}"
     if rule == "saebench":
-        return f"saebench{freq_threshold:g}_{n}"
+        return f"saebench{freq_threshold:g}_{n}{cap}"
     if rule == "ratio":
-        return f"ratio{ratio_percentile:g}_{freq_threshold:g}_{n}"
-    return f"candidates_{n}"
+        return f"ratio{ratio_percentile:g}_{freq_threshold:g}_{n}{cap}"
+    return f"candidates_{n}{cap}"
 
 
 def select(feats: dict[str, Tensor], rule: str, top_n: int | None, *, freq_threshold: float = 0.01,
-           ratio_percentile: float = 90.0) -> Tensor:
+           ratio_percentile: float = 90.0, max_ctx_r: float = 1.0) -> Tensor:
     """The selected features as sorted indices [S] (METHOD §7). `feats` holds the run's
-    features.safetensors (freq_r, ..., and `candidate` for FeatureForget runs)."""
+    features.safetensors (freq_r, ..., and `candidate` for FeatureForget runs). `max_ctx_r` < 1
+    first drops features that fire in at least that share of retain training contexts (`ctx_r`):
+    a feature that fires once in most contexts (a prompt or formatting token) is rare per token
+    but tells nothing about the topic, and a sequence gate that counts it opens everywhere."""
     if rule not in RULES:
         raise ValueError(f"unknown selection rule '{rule}': use {', '.join(RULES)}")
+    keep_F = torch.ones(len(feats["freq_r"]), dtype=torch.bool)
+    if max_ctx_r < 1.0:
+        if "ctx_r" not in feats:
+            raise ValueError("the run has no context frequencies (ctx_r): retrain it with this ff")
+        keep_F = feats["ctx_r"] < max_ctx_r
     if rule == "candidates":
         if "candidate" not in feats:
             raise ValueError("the run has no FeatureForget candidate set (a baseline run?)")
-        idx_S = feats["candidate"].bool().nonzero().flatten()
-        score_S = feats["alpha_u"][idx_S].double() / (feats["alpha_r"][idx_S].double() + 1e-12)
+        ok_F = feats["candidate"].bool()
+        score_F = feats["alpha_u"].double() / (feats["alpha_r"].double() + 1e-12)
     elif rule == "saebench":
         ok_F = (feats["freq_r"] < freq_threshold) & (feats["freq_u"] > 0)
-        idx_S = ok_F.nonzero().flatten()
-        score_S = feats["freq_u"][idx_S].double()
+        score_F = feats["freq_u"].double()
         top_n = 20 if top_n is None else top_n
     else:
         forget_F, retain_F = feats["mean_sq_u"].double(), feats["mean_sq_r"].double()
-        ok_F = (forget_F > 0) & (feats["freq_r"] < freq_threshold)
+        ok_F = (forget_F > 0) & (feats["freq_r"] < freq_threshold) & keep_F
         if not bool(ok_F.any()):
             return torch.zeros(0, dtype=torch.long)
-        floor = torch.quantile(forget_F[ok_F], ratio_percentile / 100.0)
-        idx_S = (ok_F & (forget_F >= floor)).nonzero().flatten()
-        score_S = forget_F[idx_S] / (retain_F[idx_S] + 1e-12)
+        ok_F &= forget_F >= torch.quantile(forget_F[ok_F], ratio_percentile / 100.0)
+        score_F = forget_F / (retain_F + 1e-12)
         top_n = 20 if top_n is None else top_n
-    order = torch.argsort(score_S, descending=True, stable=True)
+    idx_S = (ok_F & keep_F).nonzero().flatten()
+    order = torch.argsort(score_F[idx_S], descending=True, stable=True)
     if top_n is not None:
         order = order[:top_n]
     return idx_S[order].sort().values
@@ -203,20 +225,21 @@ GATE_TOP_N = (10, 20, 50)
 FeatureForget runs)."""
 SAEBENCH_THRESHOLDS = (0.001, 0.01)
 RATIO_PERCENTILES = (90.0,)
+CTX_CAPS = (1.0, 0.05)
+"""Context-frequency caps (max_ctx_r) calibrated: none, and 5% of retain contexts."""
 
 
 def calibration_sets(feats: dict[str, Tensor], method: str) -> dict[str, Tensor]:
     """Every selection whose gate `ff train` calibrates -> {set_key: indices}."""
     out: dict[str, Tensor] = {}
-    for n in GATE_TOP_N:
-        for thr in SAEBENCH_THRESHOLDS:
-            out[set_key("saebench", n, freq_threshold=thr)] = select(feats, "saebench", n, freq_threshold=thr)
-        for p in RATIO_PERCENTILES:
-            for thr in SAEBENCH_THRESHOLDS:
-                out[set_key("ratio", n, freq_threshold=thr, ratio_percentile=p)] = select(
-                    feats, "ratio", n, freq_threshold=thr, ratio_percentile=p)
-        if method == "featureforget":
-            out[set_key("candidates", n)] = select(feats, "candidates", n)
+    caps = [c for c in CTX_CAPS if c >= 1.0 or "ctx_r" in feats]
+    rules = [("saebench", thr, 90.0) for thr in SAEBENCH_THRESHOLDS]
+    rules += [("ratio", thr, p) for p in RATIO_PERCENTILES for thr in SAEBENCH_THRESHOLDS]
     if method == "featureforget":
-        out[set_key("candidates", None)] = select(feats, "candidates", None)
+        rules.append(("candidates", 0.01, 90.0))
+    for cap in caps:
+        for rule, thr, p in rules:
+            for n in GATE_TOP_N + ((None,) if rule == "candidates" else ()):
+                kw = dict(freq_threshold=thr, ratio_percentile=p, max_ctx_r=cap)
+                out[set_key(rule, n, **kw)] = select(feats, rule, n, **kw)
     return out

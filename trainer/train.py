@@ -54,9 +54,10 @@ class RunSummary(NamedTuple):
 
 
 class StatsData(NamedTuple):
-    retain: Callable[[], Iterable[Tensor]]
-    """Every training token of the retain corpus, as [B, D] normalised batches."""
-    unlearn: Callable[[], Iterable[Tensor]]
+    retain: Callable[[], Iterable[Tensor | tuple[Tensor, Tensor]]]
+    """Every training token of the retain corpus: [B, D] normalised batches, or whole contexts
+    (x [C, T, D] normalised, editable [C, T]), which also give context frequencies."""
+    unlearn: Callable[[], Iterable[Tensor | tuple[Tensor, Tensor]]]
     retain_contexts: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None
     """Retain training contexts (x [C, T, D] normalised, editable [C, T]) for the gate."""
 
@@ -98,8 +99,7 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     held = HeldOut(*(lambda c=c: iter_eval_batches(c.held_out, scale=meta["scale"], batch_size=B,
                                                    max_tokens=cfg.eval_max_tokens)
                      for c in corpora))
-    full = (lambda c=c: iter_eval_batches(c.train, scale=meta["scale"], batch_size=B,
-                                          max_tokens=1 << 62) for c in corpora)
+    full = (lambda c=c: iter_contexts(c.train, meta["scale"]) for c in corpora)
     stats = StatsData(*full, lambda: iter_contexts(data.retain.train, meta["scale"]))
     try:
         return run_loop(cfg, run, meta, *streams, held_out=held, progress=progress, on_step=on_step,
@@ -273,6 +273,8 @@ def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=None)
     for suffix, batches in (("r", sd.retain), ("u", sd.unlearn)):
         for k, v in corpus_stats(sae, batches(), cfg.l1).items():
             feats[f"{k}_{suffix}"] = v
+    if ff is not None:  # the running means the candidate rule (METHOD §4) decided on, kept apart
+        feats.update({f"train_{k}": getattr(ff, k).float().cpu() for k in ("alpha_r", "alpha_u", "freq_r", "freq_u")})
     if cand_F is None:
         cand_F = saebench_select(feats["freq_r"], feats["freq_u"], cfg.compare_n or 20,
                                  cfg.saebench_retain_freq)

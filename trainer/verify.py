@@ -17,6 +17,8 @@ import torch
 
 from cache.chunks import first_line
 from cache.errors import FFError
+from cache.location import is_remote, normalize
+from cache.store import has_root
 from cache.verify import Problem, Report, verify_store
 from trainer.run import RunFolder, load_checkpoint
 
@@ -26,11 +28,16 @@ FEATURES = ("alpha_r", "alpha_u", "freq_r", "freq_u", "cluster", "candidate")
 
 
 def verify(path: str | Path) -> Report:
-    """A store (zarr.json) or a run folder (config.json); anything else is a one-line FFError."""
-    p = Path(path)
+    """A store (zarr.json; a folder or a URL) or a run folder (config.json); anything else is a
+    one-line FFError."""
+    p = normalize(path)
+    if is_remote(p):  # a run folder is local; a URL can only be a store
+        if has_root(p):
+            return verify_store(p)
+        raise FFError(f"'{p}' is not an activation store (no zarr.json)")
     if not p.exists():
         raise FFError(f"'{path}' does not exist")
-    if (p / "zarr.json").is_file():
+    if has_root(p):
         return verify_store(p)
     if (p / "config.json").is_file():
         return verify_run(p)
