@@ -3,15 +3,14 @@
 Resumable: chunks already written are skipped, so an interrupted run (Ctrl-C, kill -9)
 rerun with the same arguments continues and ends with the same store as an uninterrupted run.
 A resume must also compute the same way (weights, revision, compute dtype, device kind), and
-one writer at a time holds the store's lock (cache/lock.py). `repair=True` first clears the
-chunks that `ff verify` finds bad (cache/repair.py), so the resume recomputes exactly those.
+one writer at a time holds the store's lock (cache/lock.py; local stores only). `repair=True`
+first clears the chunks that `ff verify` finds bad (cache/repair.py), so the resume recomputes
+exactly those. `out` is a folder or an fsspec URL (cache/location.py).
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,10 +20,11 @@ from . import __version__
 from .corpora import pack, resolve_corpus
 from .chunks import remove_partial_files
 from .errors import StoreError
-from .lock import LOCK_FILE, WriterLock, check_unlocked, check_writable
+from .location import StoreLocation, normalize, store_like
+from .lock import WriterLock, check_unlocked, check_writable, clear_contents, is_vacant
 from .repair import clear_chunks, plan_repair
 from .store import (CORPORA, FORMAT_VERSION, HOOK, BackgroundWriter, ChunkWrite, chunk_contexts_for,
-                    create_store, open_root, open_store, to_storage)
+                    create_store, has_root, open_root, open_store, to_storage)
 
 PAPER_LAYERS = (5, 12, 19)  # of Gemma-2-2B's 26 blocks
 _PAPER_DEPTH = 26
@@ -99,12 +99,10 @@ def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} in the store, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k))
 
 
-def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> str:
-    """'new', 'resume', 'complete' or 'overwrite' for the path `out`."""
-    if not out.exists():
-        return "new"
-    if not (out / "zarr.json").is_file():
-        if out.is_dir() and not any(p.name != LOCK_FILE for p in out.iterdir()):
+def _check_existing(out: StoreLocation, spec: dict[str, Any], overwrite: bool) -> str:
+    """'new', 'resume', 'complete' or 'overwrite' for the location `out`."""
+    if not has_root(out):
+        if is_vacant(out):
             return "new"
         raise StoreError(f"'{out}' exists and is not an activation store; choose another path")
     if overwrite:
@@ -116,7 +114,7 @@ def _check_existing(out: Path, spec: dict[str, Any], overwrite: bool) -> str:
     return "complete" if attrs.get("complete") else "resume"
 
 
-def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, repair: bool = False,
+def build_cache(cfg: CacheConfig, out: StoreLocation, *, overwrite: bool = False, repair: bool = False,
                 progress: bool = True, batch_contexts: int | None = None, lm=None) -> CacheResult:
     """Fill (or finish) the store at `out`; a complete store with the same spec is a no-op.
 
@@ -124,7 +122,7 @@ def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, r
     out of range) and any not yet written; a healthy complete store is a no-op.
     `lm` is an already loaded `cache.models.LoadedModel` for `cfg.model`, to skip loading it again.
     """
-    out = Path(out)
+    out = normalize(out)  # a Path, or the URL of a remote store
     t0 = time.perf_counter()
     spec = cfg.spec()
     if repair and overwrite:
@@ -147,14 +145,15 @@ def build_cache(cfg: CacheConfig, out: str | Path, *, overwrite: bool = False, r
             remove_partial_files(out)  # temp files of chunk writes a kill interrupted
             repaired = tuple(clear_chunks(out, damaged)) if damaged else ()
         if state == "overwrite":
-            _clear(out)
+            clear_contents(out)  # keeps the lock file we hold
         if state in {"new", "overwrite"}:
             attrs = _store_attrs(cfg, lm, layers, packed)
             create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
                                           "fingerprint": packed[n].fingerprint} for n in CORPORA})
         t1 = time.perf_counter()
         done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
-        zarr.open_group(str(out), mode="r+").attrs["complete"] = True  # last, after every chunk is on disk
+        # last, after every chunk is on disk
+        zarr.open_group(store_like(out, read_only=False), mode="r+").attrs["complete"] = True
     t2 = time.perf_counter()
     return CacheResult(str(out), False, done, t2 - t0, layers, forward_seconds=t2 - t1,
                        repaired=repaired)
@@ -202,7 +201,7 @@ def _run_attrs(lm) -> dict[str, Any]:
             "device_kind": str(lm.device).split(":")[0], "vocab_size": int(vocab) if vocab else None}
 
 
-def _check_resume(out: Path, now: dict[str, Any], packed) -> None:
+def _check_resume(out: StoreLocation, now: dict[str, Any], packed) -> None:
     """Refuse to add chunks computed otherwise than the stored ones, naming both values."""
     stored = dict(open_root(out).attrs)
     for key, (what, todo) in RESUME_MUST_MATCH.items():
@@ -215,23 +214,14 @@ def _check_resume(out: Path, now: dict[str, Any], packed) -> None:
             raise StoreError(f"the {name} corpus now tokenizes differently than in store '{out}'; use --overwrite")
 
 
-def _clear(out: Path) -> None:
-    """Delete the store's contents for --overwrite, keeping the lock file we hold."""
-    for p in out.iterdir():
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.name != LOCK_FILE:
-            p.unlink()
-
-
-def _run_forward(lm, out: Path, packed, layers, dtype: str, progress: bool, batch_contexts: int | None) -> int:
+def _run_forward(lm, out: StoreLocation, packed, layers, dtype: str, progress: bool, batch_contexts: int | None) -> int:
     import torch
     from tqdm.auto import tqdm
 
     from .capture import forward_layers
 
     store = open_store(out)
-    root = zarr.open_group(str(out), mode="r+")
+    root = zarr.open_group(store_like(out, read_only=False), mode="r+")
     todo = []
     for name in CORPORA:
         reader = store.corpus(name)

@@ -18,6 +18,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .errors import StoreError
+from .location import is_remote, local_path, zarr_store
 
 PARTIAL_FILE = re.compile(r"\.[0-9a-f]{32}\.partial$")
 """zarr >= 3.1.3's LocalStore writes each file to `<name>.<uuid4 hex>.partial` and then renames
@@ -87,8 +88,11 @@ def read_range(arr: zarr.Array, corpus: str, start: int, stop: int, *, store: st
 
 
 def partial_files(path: str | Path) -> list[Path]:
-    """Temp files of writes that never finished (killed mid-write), under the store `path`."""
-    found = Path(path).rglob("*.partial")
+    """Temp files of writes that never finished (killed mid-write), under the store `path`.
+    None on a remote store: an object store's put is atomic and leaves no temp object."""
+    if is_remote(path):
+        return []
+    found = local_path(path).rglob("*.partial")
     return sorted(p for p in found if PARTIAL_FILE.search(p.name) and p.is_file())
 
 
@@ -103,8 +107,11 @@ def remove_partial_files(path: str | Path) -> int:
 def bad_metadata_files(path: str | Path) -> list[tuple[str, str]]:
     """(file relative to the store, why) for each zarr.json of the store's root, groups and
     arrays that does not parse as a JSON object. zarr reads these lazily and fails with a bare
-    JSONDecodeError far from the cause; reading them first lets the error name the file."""
-    root = Path(path)
+    JSONDecodeError far from the cause; reading them first lets the error name the file.
+    Remote stores are read through the zarr store API."""
+    if is_remote(path):
+        return bad_metadata_keys(zarr_store(path, read_only=True))
+    root = local_path(path)
     found = []
     for f in [root / "zarr.json", *sorted(root.glob("*/zarr.json")),
               *sorted(root.glob("*/*/zarr.json"))]:
@@ -116,3 +123,30 @@ def bad_metadata_files(path: str | Path) -> list[tuple[str, str]]:
         except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
             found.append((str(f.relative_to(root)), first_line(e)))
     return found
+
+
+def bad_metadata_keys(store) -> list[tuple[str, str]]:
+    """`bad_metadata_files` through the zarr store API (remote stores, or any zarr Store
+    object): the zarr.json of the root, of each child and of each grandchild."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    async def scan() -> list[tuple[str, str]]:
+        keys = ["zarr.json"]
+        for child in sorted([k async for k in store.list_dir("")]):
+            if child != "zarr.json":
+                keys.append(f"{child}/zarr.json")
+                keys += sorted([f"{child}/{k}/zarr.json" async for k in store.list_dir(child)
+                                if k != "zarr.json"])
+        found = []
+        for key in keys:
+            buf = await store.get(key, prototype=default_buffer_prototype())
+            if buf is None:
+                continue
+            try:
+                if not isinstance(json.loads(buf.to_bytes().decode("utf-8")), dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                found.append((key, first_line(e)))
+        return found
+
+    return sync(scan())

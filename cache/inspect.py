@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .location import public
 from .store import _NUMPY_DTYPE, disk_usage, layer_name, open_store
 
 
@@ -26,7 +27,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         c = store.corpus(name)
         done = c.completed_chunks()
         raw = c.n_contexts * m.ctx_len * m.d_model * itemsize * len(m.layers)
-        disk = sum(disk_usage(Path(path) / name / layer_name(l)) for l in m.layers)
+        disk = sum(disk_usage(path, f"{name}/{layer_name(l)}") for l in m.layers)
         act_raw, act_disk = act_raw + raw, act_disk + disk
         corpora[name] = {
             "spec": c.attrs.get("corpus", {}).get("spec"),
@@ -38,7 +39,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             "fingerprint": c.attrs.get("fingerprint"),
         }
     return {
-        "path": str(path),
+        "path": public(path),
         "complete": m.complete,
         "model": m.model,
         "model_hash": m.model_hash,

@@ -5,6 +5,10 @@ pid for the message a second writer gets. The kernel drops a flock when its proc
 (Ctrl-C, kill -9, a crash), so a lock file left behind by a dead writer never blocks; the file
 itself is kept, because deleting a lock file that another process may be opening races.
 `check_unlocked` and `check_writable` refuse a store early, before a model is loaded.
+
+Local stores only: object stores (s3://, gs://) have no flock, so on a remote store (any URL
+but file://) the lock and both checks do nothing, and one writer at a time is up to the user
+(docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import socket
 from pathlib import Path
 
 from .errors import StoreError
+from .location import delete_all, is_remote, local_path, zarr_store
 
 LOCK_FILE = ".ff-writer.lock"
 
@@ -49,11 +54,14 @@ class WriterLock:
     naming the holder's host and pid) if another process holds it. Creates the store folder."""
 
     def __init__(self, store: str | Path):
-        self.store = Path(store)
+        self.remote = is_remote(store)  # no lock on an object store
+        self.store = local_path(store)
         self.path = self.store / LOCK_FILE
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        if self.remote:
+            return
         self.store.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         _flock_or_refuse(fd, self.store)
@@ -78,19 +86,24 @@ class WriterLock:
 
 def check_unlocked(store: str | Path) -> None:
     """Refuse early, before loading a model, if a live writer holds the store's lock (a probe:
-    takes and drops the lock at once; writes nothing)."""
-    path = Path(store) / LOCK_FILE
+    takes and drops the lock at once; writes nothing). Nothing to probe on a remote store."""
+    if is_remote(store):
+        return
+    path = local_path(store) / LOCK_FILE
     if path.is_file():
         fd = os.open(path, os.O_RDONLY)
-        _flock_or_refuse(fd, Path(store))
+        _flock_or_refuse(fd, local_path(store))
         os.close(fd)
 
 
 def check_writable(store: str | Path) -> None:
     """Refuse early, before loading a model, a store that cannot be written: the store folder
     and its group and array folders, or for a new store the nearest existing folder above it,
-    on a read-only file system or without write permission (writes nothing)."""
-    path = Path(store)
+    on a read-only file system or without write permission (writes nothing). A remote store's
+    permissions show on the first write."""
+    if is_remote(store):
+        return
+    path = local_path(store)
     if path.is_dir():
         folders = [path, *(p for p in sorted(path.glob("*")) if p.is_dir()),
                    *(p for p in sorted(path.glob("*/*")) if p.is_dir())]
@@ -100,3 +113,29 @@ def check_writable(store: str | Path) -> None:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise StoreError(f"cannot write to '{folder}' (read-only or no permission); make it "
                              "writable or choose another --out")
+
+
+def is_vacant(store: str | Path, zstore=None) -> bool:
+    """Nothing at `store` yet but perhaps the writer's lock file. A remote store: no key at all,
+    looked up through `zstore` (its zarr store object, with the caller's storage options)."""
+    if is_remote(store):
+        from zarr.core.sync import sync
+
+        return bool(sync((zstore or zarr_store(store, read_only=True)).is_empty("")))
+    folder = local_path(store)
+    return not folder.exists() or (folder.is_dir()
+                                   and not any(p.name != LOCK_FILE for p in folder.iterdir()))
+
+
+def clear_contents(store: str | Path, zstore=None) -> None:
+    """Delete everything at `store` (--overwrite), keeping the lock file the caller holds."""
+    if is_remote(store):
+        delete_all(zstore or zarr_store(store, read_only=False))
+        return
+    import shutil
+
+    for p in local_path(store).iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.name != LOCK_FILE:
+            p.unlink()

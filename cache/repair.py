@@ -17,6 +17,7 @@ from zarr.core.sync import sync
 
 from .chunks import ChunkRef, chunk_key
 from .errors import StoreError
+from .location import store_like
 from .verify import verify_store
 
 REPAIRABLE = ("missing", "corrupt", "non-finite", "token-range")
@@ -46,7 +47,7 @@ def clear_chunks(out: Path, chunks: list[ChunkRef]) -> list[str]:
     """Mark the store incomplete, then delete each chunk in every array of its corpus, tokens
     first so that it reads as not yet written at once. Only with the writer lock held.
     -> the cleared chunks, described ("retain chunk 3 (contexts 12-15)")."""
-    root = zarr.open_group(str(out), mode="r+")
+    root = zarr.open_group(store_like(out, read_only=False), mode="r+")
     root.attrs["complete"] = False
     for ref in chunks:
         group = root[ref.corpus]

@@ -10,7 +10,8 @@ STORE/<corpus>/layer_<L> (n_contexts, ctx_len, d_model) in the storage dtype
 
 Completion is tracked per chunk without shared state: the writer stores every layer chunk
 first and the tokens chunk last, and zarr's local store writes each chunk file atomically
-(temp file, then rename). So a chunk is complete exactly when its tokens row 0 is not -1.
+(temp file, then rename), as an object store's put is. So a chunk is complete exactly when its
+tokens row 0 is not -1. A store is a folder or an fsspec URL (cache/location.py).
 Every chunk is written even when it equals the fill value (`write_empty_chunks`), so in a complete
 store a chunk missing on disk is damage, and readers say so (cache/chunks.py).
 bfloat16 is kept as uint16 bit patterns with the array attribute `logical_dtype: "bfloat16"`.
@@ -26,9 +27,11 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+from zarr.core.sync import sync
 
 from .chunks import bad_metadata_files, first_line, read_range, read_rows
 from .errors import StoreError
+from .location import StoreLocation, is_remote, local_path, normalize, public, store_like, zarr_store
 
 FORMAT_VERSION = 1
 HOOK = "resid_post"
@@ -85,12 +88,14 @@ def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-def create_store(path: str | Path, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -> zarr.Group:
-    """Create the group and empty arrays. `corpora[name]` has n_contexts, corpus, fingerprint."""
+def create_store(path: StoreLocation, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -> zarr.Group:
+    """Create the group and empty arrays at a folder or URL. `corpora[name]` has n_contexts,
+    corpus, fingerprint."""
     ctx_len, d_model, dtype = attrs["ctx_len"], attrs["d_model"], attrs["dtype"]
     cc = attrs["chunk_contexts"]
     # create_group, not open_group(mode="w-"): the folder may already hold the writer's lock file
-    root = zarr.create_group(str(path), zarr_format=3, attributes={**attrs, "complete": False})
+    root = zarr.create_group(store_like(path, read_only=False), zarr_format=3,
+                             attributes={**attrs, "complete": False})
     for name, c in corpora.items():
         n = c["n_contexts"]
         g = root.create_group(name, attributes={k: c[k] for k in ("corpus", "fingerprint", "n_contexts")})
@@ -249,9 +254,9 @@ class CorpusReader:
 
 
 class Store:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "zarr.json").is_file():
+    def __init__(self, path: StoreLocation):
+        self.path = normalize(path)  # a Path, or the URL of a remote store
+        if not has_root(self.path):
             raise StoreError(f"'{path}' is not an activation store (no zarr.json); create one with `ff cache`")
         self.root = open_root(self.path, mode="r")
         self.meta = StoreMeta.from_attrs(dict(self.root.attrs))
@@ -273,7 +278,19 @@ class Store:
             raise StoreError(f"layer {layer} is not in store '{self.path}' (layers: {', '.join(map(str, self.meta.layers))})")
 
 
-def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+def has_root(path: StoreLocation) -> bool:
+    """Whether the location holds a root zarr.json (a local folder or a URL)."""
+    if not is_remote(path):
+        return (local_path(path) / "zarr.json").is_file()
+    zs = zarr_store(path, read_only=True)
+    try:
+        return bool(sync(zs.exists("zarr.json")))
+    except Exception as e:  # no route, refused credentials, no such bucket: the first remote call
+        raise StoreError(f"cannot reach store '{public(path)}': {first_line(e)}; check the URL and "
+                         "the storage options (endpoint, credentials)") from e
+
+
+def open_root(path: StoreLocation, mode: str = "r") -> zarr.Group:
     """The store's root group, after checking that its metadata files parse: a damaged one is a
     StoreError naming it (zarr would fail later, with a bare JSON error)."""
     bad = bad_metadata_files(path)
@@ -283,14 +300,23 @@ def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
                          f"run `ff verify {path}`; a store with damaged metadata must be rebuilt "
                          "(`ff cache --overwrite`)")
     try:
-        return zarr.open_group(str(path), mode=mode)
+        return zarr.open_group(store_like(path, read_only=mode == "r"), mode=mode)
     except Exception as e:
         raise StoreError(f"cannot open store '{path}': {first_line(e)}") from e
 
 
-def open_store(path: str | Path) -> Store:
+def open_store(path: StoreLocation) -> Store:
     return Store(path)
 
 
-def disk_usage(path: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def disk_usage(path: StoreLocation, prefix: str = "") -> int:
+    """Bytes under `prefix` ("retain/layer_8") of the store, or the whole store."""
+    if not is_remote(path):
+        return sum(p.stat().st_size for p in (local_path(path) / prefix).rglob("*") if p.is_file())
+    zs = zarr_store(path, read_only=True)
+
+    async def total() -> int:  # one listing with sizes (S3: a request per 1000 keys), not a HEAD per key
+        found = await zs.fs._find(f"{zs.path}/{prefix}".rstrip("/"), detail=True)
+        return int(sum(info.get("size") or 0 for info in found.values()))
+
+    return sync(total())

@@ -17,6 +17,7 @@ import zarr
 
 from .chunks import (ChunkRef, bad_metadata_files, chunk_exists, chunk_ref, first_line,
                      partial_files)
+from .location import local_path, public
 from .store import _NUMPY_DTYPE, CORPORA, Store, from_storage, layer_name, open_store
 
 
@@ -72,8 +73,9 @@ REPAIR_HINT = ("rerun the `ff cache` command that built the store with --repair 
 
 
 def verify_store(path: str | Path) -> Report:
-    """Check the store at `path`; raises StoreError (a user error) if it is not a store."""
-    report = Report(str(path), "store", checked={"arrays": 0, "chunks": 0})
+    """Check the store at `path` (a folder or URL); raises StoreError (a user error) if it is
+    not a store. Missing chunks are found through the zarr store API, locally and remotely."""
+    report = Report(public(path), "store", checked={"arrays": 0, "chunks": 0})
     bad_files = bad_metadata_files(path)
     if bad_files:  # nothing else can be read; --repair cannot rebuild metadata
         report.problems += [Problem("corrupt", f"does not parse: {why}; rebuild the store with "
@@ -103,7 +105,8 @@ def verify_store(path: str | Path) -> Report:
     leftovers = partial_files(path)
     if leftovers:
         report.notes.append(f"{len(leftovers)} temp file(s) of an interrupted write (e.g. "
-                            f"{leftovers[0].relative_to(path)}); resuming `ff cache` removes them")
+                            f"{leftovers[0].relative_to(local_path(path))}); resuming `ff cache` "
+                            "removes them")
     return report
 
 
