@@ -36,9 +36,10 @@ from torch import Tensor
 
 RULES = ("candidates", "saebench", "ratio")
 STATS = ("freq", "mean", "mean_sq", "act", "alpha")
-GATE_MIN_TOKENS = 4
-"""The gate stays shut until a row has this many editable tokens: a share over 1-3 tokens is
-too noisy to call a topic."""
+GATE_MIN_TOKENS = 8
+"""The gate stays shut until a row has this many editable tokens: a share over a few tokens is
+too noisy to call a topic: one firing prompt token such as "means:" at position 5 gives a
+share of 0.2 by itself, above most thresholds, and opened the gate on every question."""
 
 
 # ---- statistics ----------------------------------------------------------------------
