@@ -207,6 +207,8 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     for gate in cfg.grid.gates:
         b, reason = pick_best([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
                               cfg.max_retain_ce_rise)
+        if b is not None and not cfg.sweep_losses:
+            b = measure(data, model, Intervention(run, Setting.from_dict(b["setting"])), clean, cfg, all_metrics)
         by_gate[gate] = {"best": None if b is None else _finalize(b, "", data, run, cfg, selection),
                          "reason": reason}
     if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:

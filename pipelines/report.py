@@ -228,6 +228,20 @@ def ood_table(results: dict[str, dict[int, dict]]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def detection_table(results: dict[str, dict[int, dict]]) -> str:
+    """Topic detection of every selection each run evaluated: AUROC of the per-sequence firing
+    share, forget vs retain held-out sequences, in and out of distribution."""
+    rows = ["| layer | method | selection | features | AUROC text | AUROC MCQ | AUROC text (OOD) | AUROC MCQ (OOD) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for l in sorted({l for r in results.values() for l in r}):
+        for m in sorted(results, key=lambda m: (m != "featureforget", m)):
+            for key, q in sorted((results[m].get(l) or {}).get("selection", {}).items()):
+                rows.append(f"| {l} | {m} | {key} | {q.get('n_features')} | {_num(q.get('auroc_text'), 2)} | "
+                            f"{_num(q.get('auroc_mcq'), 2)} | {_num(q.get('auroc_text_ood'), 2)} | "
+                            f"{_num(q.get('auroc_mcq_ood'), 2)} |")
+    return "\n".join(rows)
+
+
 def verdict(results: dict[str, dict[int, dict]]) -> str:
     """FeatureForget vs the baseline SAE under the same gate, by test-half intervals."""
     from pipelines.scoring import verdict as compare

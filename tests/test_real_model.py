@@ -39,7 +39,10 @@ def test_store_matches_independent_hf_forward(tmp_path, gemma):
         for layer in res.layers:
             got = np.concatenate([c.read_chunk(layer, i) for i in range(c.n_chunks)])
             want = hs[layer + 1].float().numpy()
-            np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=0)
+            # bf16 rounding (rtol 2^-8); the atol covers float32 summation-order noise between
+            # the cache's batches and this one forward, which shows on entries near zero
+            # (1e-4 on activations whose entries reach hundreds)
+            np.testing.assert_allclose(got, want, rtol=2 ** -8, atol=1e-3)
         # BOS activations are outliers (METHOD section 0): that is why the mask drops them.
         x = c.read_chunk(3, 0)
         norms = np.linalg.norm(x, axis=-1)
