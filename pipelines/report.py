@@ -156,7 +156,7 @@ def fig_tradeoff(results: dict[str, dict[int, dict]], path: Path) -> None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("retain MCQ accuracy drop")
     ax.set_ylabel("forget MCQ accuracy drop")
-    ax.set_title("Forget vs retain over the sweep, with each run's frontier (up-left is better)")
+    ax.set_title("Forget vs retain drop over the sweep; lines: frontiers")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
