@@ -81,3 +81,13 @@ def test_report_table_and_verdict():
     assert "layer 8, static: FeatureForget (static) vs the baseline SAE (static): not comparable" in v
     results["baseline"][8] = _res((None,), (0.5, [0.2, 0.6], 0.8, 0.4, 0.7, 0.7))
     assert "within noise" in verdict(results)
+
+
+def test_seeds_table_mean_and_spread():
+    from pipelines.report import seeds_table
+
+    runs = [_res((0.1, [0.0, 0.2], 0.8, 0.7, 0.7, 0.7), (0.3, [0.2, 0.4], 0.8, 0.6, 0.7, 0.7)),
+            _res((None,), (0.5, [0.4, 0.6], 0.8, 0.4, 0.7, 0.7))]
+    table = seeds_table({"featureforget": {4: runs}})
+    assert "| 4 | featureforget | sequence | 2 (2 retain-safe) | 0.400 | 0.300 - 0.500 |" in table
+    assert "| 4 | featureforget | none | 2 (1 retain-safe) | 0.100 | 0.100 - 0.100 |" in table
