@@ -68,7 +68,7 @@ def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> 
             "loss_recovered": (ce_zero - ce_sae) / denom if denom > 0 else None}
 
 
-def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any], cfg: EvalConfig,
+def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             metrics: tuple[str, ...]) -> dict[str, Any]:
     """One sweep entry: `metrics` before/after `iv` (the others get "after": None), with the
     dev and test halves of the MCQ sets (scoring.half)."""
@@ -189,8 +189,20 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         iv = Intervention(run, setting)
         if setting.set_key not in selection:
             selection[setting.set_key] = selection_quality(data, iv)
-        sweep.append(measure(data, model, iv, clean, cfg, metrics))
+        sweep.append(measure(data, model, iv, clean, metrics))
         _log(progress, f"{tag} {i}/{len(settings)} {_describe(sweep[-1])}")
+    measured: dict[str, dict[str, Any]] = {}
+
+    def complete(e: dict[str, Any]) -> dict[str, Any]:
+        """The entry with every metric: without sweep_losses the CE losses are measured for the
+        chosen settings only, once per setting however many configurations chose it."""
+        if cfg.sweep_losses:
+            return e
+        if e["label"] not in measured:
+            iv = Intervention(run, Setting.from_dict(e["setting"]))
+            measured[e["label"]] = measure(data, model, iv, clean, all_metrics)
+        return measured[e["label"]]
+
     out: dict[str, Any] = {}
     for name, key, subset, ce in (("best", "", sweep, cfg.max_retain_ce_rise),
                                   ("best_ood", "ood_", sweep, cfg.max_ood_retain_ce_rise)):
@@ -198,18 +210,13 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             out[name], out[f"{name}_reason"] = None, "no out-of-distribution sets configured"
             continue
         best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"))
-        if best is not None and not cfg.sweep_losses:  # CE losses for the best setting only
-            best = measure(data, model, Intervention(run, Setting.from_dict(best["setting"])), clean, cfg,
-                           all_metrics)
-        out[name] = None if best is None else _finalize(best, key, data, run, cfg, selection)
+        out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection)
         out[f"{name}_reason"] = reason
     by_gate = {}
     for gate in cfg.grid.gates:
         b, reason = pick_best([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
                               cfg.max_retain_ce_rise)
-        if b is not None and not cfg.sweep_losses:
-            b = measure(data, model, Intervention(run, Setting.from_dict(b["setting"])), clean, cfg, all_metrics)
-        by_gate[gate] = {"best": None if b is None else _finalize(b, "", data, run, cfg, selection),
+        by_gate[gate] = {"best": None if b is None else _finalize(complete(b), "", data, run, cfg, selection),
                          "reason": reason}
     if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:
         fc, rc, f_test, r_test = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]["ood_"]
