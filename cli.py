@@ -391,16 +391,23 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--top-n", default=None, metavar="N1,N2,...|all", help="Feature counts to sweep ('all' = every candidate). [preset]")
 @click.option("--selections", default=None, metavar="S1,S2,...",
               help="Selection rules to sweep: candidates (FeatureForget runs), saebench, ratio. [preset]")
-@click.option("--gate", default=None, type=click.Choice(["none", "sequence", "both"]),
-              help="Static clamp (none), the sequence gate, or both, each with its own best setting. [both]")
+@click.option("--gate", default=None, metavar="G1,G2,...|all",
+              help="Gates to sweep, each with its own best setting: none (static clamp), sequence (share "
+              "of tokens on which a selected feature fires), probe (the run's topic detector); "
+              "'both' = none,sequence; 'all' = all three. [all]")
 @click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100),
-              help="The gate's threshold: this percentile of retain contexts' firing share. [95]")
+              help="The sequence gate's threshold: this percentile of retain contexts' firing share. [95]")
+@click.option("--probe-percentiles", default=None, metavar="P1,P2,...",
+              help="Percentiles of the retain calibration prompts' detector scores tried for the probe gate. [99,100]")
+@click.option("--gate-calibration", default=None, type=click.Choice(["dev", "train"]),
+              help="Probe gate threshold from the retain dev questions (dev) or the retain training contexts. [dev]")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
-             multipliers, top_n, selections, gate, gate_percentile, device, as_json, quiet):
+             multipliers, top_n, selections, gate, gate_percentile, probe_percentiles, gate_calibration, device,
+             as_json, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -429,9 +436,25 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     if selections:
         grid["selections"] = tuple(x.strip() for x in selections.split(",") if x.strip())
     if gate:
-        grid["gates"] = ("none", "sequence") if gate == "both" else (gate,)
+        from pipelines.config import GATES
+
+        gates = {"both": ("none", "sequence"), "all": GATES}.get(gate) or tuple(
+            g.strip() for g in gate.split(",") if g.strip())
+        bad = [g for g in gates if g not in GATES]
+        if bad or not gates:
+            raise EvalError(f"--gate: unknown gate '{','.join(bad) or gate}': use {', '.join(GATES)}, both or all")
+        grid["gates"] = gates
     if gate_percentile is not None:
         grid["gate_percentile"] = gate_percentile
+    if probe_percentiles:
+        try:
+            grid["probe_percentiles"] = tuple(float(p) for p in probe_percentiles.split(","))
+        except ValueError as e:
+            raise EvalError(f"--probe-percentiles takes comma-separated numbers: {e}") from None
+        if not all(0 <= p <= 100 for p in grid["probe_percentiles"]):
+            raise EvalError("--probe-percentiles must lie within [0, 100]")
+    if gate_calibration:
+        cfg = cfg.replace(gate_calibration=gate_calibration)
     if grid:
         from dataclasses import replace
 
@@ -476,12 +499,15 @@ def format_eval(res: dict) -> str:
 @click.option("--top-n", default=None, type=click.IntRange(1), help="Use only the top n features.")
 @click.option("--selection", default=None, type=click.Choice(["candidates", "saebench", "ratio"]),
               help="Feature selection rule.")
-@click.option("--gate", default=None, type=click.Choice(["none", "sequence"]), help="Static clamp or the sequence gate.")
+@click.option("--gate", default=None, type=click.Choice(["none", "sequence", "probe"]),
+              help="Static clamp, the sequence gate, or the probe gate (the run's topic detector).")
 @click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100), help="The gate's retain percentile.")
+@click.option("--gate-threshold", default=None, type=float,
+              help="An explicit gate threshold (firing share, or probe score); overrides the percentile.")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,
-                 model, device):
+                 gate_threshold, model, device):
     """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
     The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
     else a gated clamp; the options override single fields."""
@@ -490,7 +516,10 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
     lm = _load_for_run(run_dir, model, device)
     setting = run_setting(run_dir)
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
-                                  "gate": gate, "gate_percentile": gate_percentile}.items() if v is not None}
+                                  "gate": gate, "gate_percentile": gate_percentile,
+                                  "gate_threshold": gate_threshold}.items() if v is not None}
+    if (gate is not None and gate != setting.gate) or gate_percentile is not None:
+        changes.setdefault("gate_threshold", None)  # a threshold calibrated for another gate or percentile
     pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting.replace(**changes))
     click.echo(f"setting:   {setting.replace(**changes).label}")
     click.echo(f"clean:     {prompt}{pair.clean}")

@@ -14,7 +14,7 @@ from pipelines.errors import EvalError
 
 MODES = ("ablate", "clamp", "splice", "zero")
 SELECTIONS = ("candidates", "saebench", "ratio")
-GATES = ("none", "sequence")
+GATES = ("none", "sequence", "probe")
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,19 @@ class Setting:
     gate: str = "sequence"
     """"none": edit wherever a selected feature fires (static clamp); "sequence": edit only
     where the share of tokens so far on which a selected feature fired exceeds the run's
-    retain-calibrated threshold (causal; trainer/selection.py)."""
+    retain-calibrated threshold (causal; trainer/selection.py); "probe": edit only where the
+    run's topic detector, a logistic regression on the running firing share of every feature,
+    scores the tokens so far above its retain-calibrated threshold (causal; trainer/detector.py)."""
 
     gate_percentile: float = 95.0
-    """The gate's threshold: this percentile of the retain training contexts' firing shares."""
+    """The gate's threshold: this percentile of the retain training contexts' firing shares
+    (sequence gate) or of their highest detector scores (probe gate)."""
+
+    gate_threshold: float | None = None
+    """An explicit gate threshold, overriding the percentile: on the firing share (sequence
+    gate) or on the detector's score (probe gate). `ff eval` sets it for the probe gate from the
+    retain dev prompts (EvalConfig.gate_calibration), and the chosen setting keeps it, so that
+    `ff generate` and the Python API gate exactly as the evaluation did."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,7 +94,10 @@ class Setting:
         n = "all" if self.top_n is None and self.selection == "candidates" else f"top{self.top_n or 20}"
         sel = {"candidates": "candidates", "saebench": f"saebench freq_r<{self.freq_threshold:g}",
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
-        gate = f" gate p{self.gate_percentile:g}" if self.gate == "sequence" else " static"
+        gate = {"none": " static", "sequence": f" gate p{self.gate_percentile:g}",
+                "probe": f" probe p{self.gate_percentile:g}"}[self.gate]
+        if self.gate != "none" and self.gate_threshold is not None:
+            gate += f" (threshold {self.gate_threshold:.3g})"
         cap = f" ctx_r<{self.max_ctx_r:g}" if self.max_ctx_r < 1.0 else ""
         return f"{head} {n} {sel}{cap}{gate}"
 
@@ -105,8 +117,10 @@ class Setting:
             d.pop("freq_threshold")
         if self.selection != "ratio":
             d.pop("ratio_percentile")
-        if self.gate != "sequence":
+        if self.gate == "none":
             d.pop("gate_percentile")
+        if self.gate == "none" or self.gate_threshold is None:
+            d.pop("gate_threshold")
         if self.max_ctx_r >= 1.0:
             d.pop("max_ctx_r")
         return d
@@ -138,8 +152,12 @@ class SweepGrid:
     selections: tuple[str, ...] = ("candidates", "saebench", "ratio")
     """Selection rules to try; "candidates" applies to FeatureForget runs only."""
 
-    gates: tuple[str, ...] = ("none", "sequence")
+    gates: tuple[str, ...] = GATES
     """Gate modes to try; each gets its own best setting in the result."""
+
+    probe_percentiles: tuple[float, ...] = (99.0, 100.0)
+    """Percentiles tried for the probe gate's threshold (of the retain calibration prompts'
+    highest detector scores; EvalConfig.gate_calibration)."""
 
     ctx_caps: tuple[float, ...] = (1.0,)
     """Context-frequency caps (Setting.max_ctx_r) to try."""
@@ -162,9 +180,10 @@ class SweepGrid:
                     for n in self.top_n:
                         if n is None and sel != "candidates":
                             continue
+                        pcts = self.probe_percentiles if gate == "probe" else (self.gate_percentile,)
                         out += [s.replace(selection=sel, freq_threshold=float(thr), top_n=n, gate=gate,
-                                          gate_percentile=self.gate_percentile, max_ctx_r=float(cap))
-                                for s in modes for cap in self.ctx_caps]
+                                          gate_percentile=float(p), max_ctx_r=float(cap))
+                                for s in modes for cap in self.ctx_caps for p in pcts]
         if not out:
             raise EvalError(f"the sweep grid gives no settings for a {method} run")
         return out
@@ -254,6 +273,13 @@ class EvalConfig:
     """Measure CE loss on held-out text for every setting of the sweep. False: only for the
     best setting (sweep entries then have "after": null), which saves most of the sweep's cost
     on CPU, where the LM head (d_model x vocab) dominates every scored text token."""
+
+    gate_calibration: str = "dev"
+    """Where the probe gate's threshold comes from. "dev": the retain questions of the dev halves
+    (in and out of distribution, pooled): the threshold is a percentile of each prompt's highest
+    detector score, so the gate is calibrated on prompts of the format it will gate, on data the
+    reported test half never enters. "train": the retain training contexts (`ff train`'s
+    calibration, whose 128-token prose scores higher than short prompts)."""
 
     max_batch_tokens: int = 2048
     """Padded tokens per MCQ forward batch (memory / speed trade-off)."""

@@ -22,6 +22,7 @@ from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_c
 from pipelines.errors import EvalError
 from pipelines.fastlm import Batch, resid_at, score, text_config
 from pipelines.intervene import Intervention
+from trainer.selection import GATE_MIN_TOKENS, firing_share
 
 
 class SetResult(NamedTuple):
@@ -103,6 +104,27 @@ class EvalSet:
             shares.append(fires_BT.sum(1) / prompt_BT.sum(1).clamp_min(1))
             opened.append((ed.open_BT & b.editable_BT).any(1))
         return torch.cat(shares).float(), torch.cat(opened)
+
+    def gate_peaks(self, iv: Intervention) -> Tensor:
+        """Per question (MCQ; over the rows of its choices) or per text row, on the clean
+        residuals: the highest running mean of the gate's signal at any position the gate may
+        open on (enough editable tokens); -inf where none. The gate opens somewhere in a
+        question exactly when its peak exceeds `iv.threshold`."""
+        rows, owner, n = [], [], 0
+        for b, h_BTD in zip(self.batches, self.resid[iv.layer]):
+            share_BT, seen_BT = firing_share(iv.signal(h_BTD), b.editable_BT, b.seg_BT)
+            ok_BT = b.editable_BT & (seen_BT >= GATE_MIN_TOKENS)
+            rows.append(torch.where(ok_BT, share_BT, float("-inf")).max(1).values)
+            if self.is_mcq:  # every row holds choices of one question
+                q_B = torch.full((len(share_BT),), -1, dtype=torch.long)
+                q_B[b.row_N] = self.layout.question_N[n: n + len(b.row_N)]
+                owner.append(q_B)
+                n += len(b.row_N)
+        peak = torch.cat(rows)
+        if not self.is_mcq:
+            return peak
+        out_Q = torch.full((len(self.layout.answer_Q),), float("-inf"))
+        return out_Q.scatter_reduce(0, torch.cat(owner), peak, reduce="amax")
 
     def logprobs(self, model: Any, iv: Intervention) -> tuple[list[Tensor], int]:
         """Per batch, log p of every target with `iv` applied at its layer -> (list, rows rerun).

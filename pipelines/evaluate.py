@@ -121,8 +121,44 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
         if data.has(name):
             rates[f"open_rate_{name.replace('_text', '')}"] = float(getattr(data, name).row_shares(iv)[1].double().mean())
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, **rates}
+                   else None, "threshold": iv.threshold, **rates, "detection": detector_quality(data, iv)}
     out["selection"] = selection[iv.setting.set_key]
+    return out
+
+
+def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg: EvalConfig) -> list[Setting]:
+    """Probe-gated settings with their threshold set from the retain dev prompts (cfg.gate_calibration
+    "dev"): the setting's percentile of the highest detector score of every retain question of
+    the dev halves, pooled in and out of distribution. The test halves never enter."""
+    if cfg.gate_calibration not in ("dev", "train"):
+        raise EvalError(f"unknown gate calibration '{cfg.gate_calibration}': use dev or train")
+    todo = [s for s in settings if s.gate == "probe" and s.gate_threshold is None and s.edits_features]
+    if cfg.gate_calibration == "train" or not todo:
+        return settings
+    if "probe/w" not in run.gate:
+        raise EvalError(f"{run.path} has no probe gate (retrain it with this ff), or leave out --gate probe")
+    iv = Intervention(run, todo[0].replace(gate_threshold=0.0))
+    bias = float(run.gate["probe/b"][0])
+    peaks = [getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q] for n in ("retain_mcq", "ood_retain_mcq")
+             if data.has(n)]
+    peak_Q = torch.cat(peaks).double()
+    peak_Q = peak_Q[torch.isfinite(peak_Q)]
+    if len(peak_Q) == 0:
+        raise EvalError("no retain dev question is long enough to calibrate the probe gate on")
+    thr = {p: float(torch.quantile(peak_Q, p / 100.0)) + bias for p in {s.gate_percentile for s in todo}}
+    return [s.replace(gate_threshold=thr[s.gate_percentile]) if s in todo else s for s in settings]
+
+
+def detector_quality(data: EvalData, iv: Intervention) -> dict[str, Any]:
+    """Topic detection by the gate's own signal (the probe's score, or the selected features'
+    firing share): AUROC of each row's peak between forget and retain held-out rows."""
+    out: dict[str, Any] = {}
+    for prefix in ("", "ood_"):
+        for kind in ("text", "mcq"):
+            f, r = f"{prefix}forget_{kind}", f"{prefix}retain_{kind}"
+            name = f"auroc_{kind}" + (f"_{prefix.rstrip('_')}" if prefix else "")
+            ok = data.has(f) and data.has(r) and iv.threshold is not None
+            out[name] = auroc(getattr(data, f).gate_peaks(iv), getattr(data, r).gate_peaks(iv)) if ok else None
     return out
 
 
@@ -181,7 +217,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     sae = sae_quality(run, data, model, clean["retain_loss"].value)
     _log(progress, f"{tag} SAE: fvu {sae['fvu']:.3f} l0 {sae['l0']:.1f} dead {sae['dead_fraction']:.3f} "
                    f"loss recovered {sae['loss_recovered']} ({time.perf_counter() - t0:.0f} s)")
-    settings = cfg.grid.settings(run.method)
+    settings = calibrate_probe(cfg.grid.settings(run.method), run, data, cfg)
     all_metrics = tuple(clean)
     metrics = all_metrics if cfg.sweep_losses else tuple(m for m in all_metrics if m.endswith("_mcq"))
     sweep, selection = [], {}

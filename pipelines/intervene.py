@@ -31,6 +31,7 @@ from cache.models import decoder_layers
 from pipelines.errors import EvalError
 from pipelines.config import Setting
 from trainer.sae import SAE
+from trainer.detector import token_scores
 from trainer.selection import firing_share, gate_open, select, threshold_at
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
@@ -100,7 +101,18 @@ def select_features(run: LoadedRun, setting: Setting) -> Tensor:
 
 
 def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> float:
-    """The sequence gate's threshold for the setting's selection, from the run's calibration."""
+    """The gate's threshold on the running mean of its per-token signal: for the sequence gate,
+    from the calibration of the setting's selection; for the probe gate, the calibrated score
+    percentile minus the probe's bias (trainer/detector.py)."""
+    if setting.gate == "probe":
+        if "probe/w" not in run.gate:
+            raise EvalError(f"{run.path} has no probe gate (train it with this ff), or use --gate sequence")
+        score = setting.gate_threshold
+        if score is None:
+            score = threshold_at(run.gate["probe/max"].numpy(), setting.gate_percentile)
+        return score - float(run.gate["probe/b"][0])
+    if setting.gate_threshold is not None:
+        return setting.gate_threshold
     key = setting.set_key
     if f"{key}/share" not in run.gate:
         raise EvalError(f"{run.path} has no gate calibration for selection '{key}' (calibrated: "
@@ -120,9 +132,12 @@ class Intervention:
         self.d_model = run.sae.d_model
         sae = run.sae
         self.features = select_features(run, setting) if setting.edits_features else torch.arange(0)
-        gated = setting.edits_features and setting.gate == "sequence" and len(self.features) > 0
+        gated = setting.edits_features and setting.gate != "none" and len(self.features) > 0
         self.threshold = gate_threshold(run, setting, self.features) if gated else None
-        """The sequence gate's threshold; None: no gate."""
+        """The gate's threshold on the running mean of `signal`; None: no gate."""
+        probe = gated and setting.gate == "probe"
+        self.probe_w_F = run.gate["probe/w"].float().clone() if probe else None
+        """Probe gate: the detector's weights on every feature's firing (trainer/detector.py)."""
         self.t_S = (setting.multiplier * run.features["act_u"][self.features].float()
                     if setting.mode == "clamp" else torch.zeros(len(self.features)))
         """Clamp targets -t_S: m times each feature's mean firing value on unlearn tokens."""
@@ -132,6 +147,7 @@ class Intervention:
             self.W_dec_SD = sae.W_dec[self.features].detach().clone()
             self.b_dec_D = sae.b_dec.detach().clone()
         self.sae = sae if setting.mode == "splice" else None
+        self._sae = sae if self.probe_w_F is not None else None
 
     @property
     def n_features(self) -> int:
@@ -140,6 +156,9 @@ class Intervention:
     def to(self, device: Any) -> "Intervention":
         for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D", "t_S"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.probe_w_F is not None:
+            self.probe_w_F = self.probe_w_F.to(device)
+            self._sae = self._sae.to(device)
         if self.sae is not None:
             self.sae = self.sae.to(device)
         return self
@@ -168,19 +187,30 @@ class Intervention:
                           editable_BT, all_BT)
         f_BTS = self.selected_acts(h_BTD) * editable_BT[..., None]
         active_BTS = f_BTS > 0
-        open_BT = self.gate(active_BTS.any(-1), editable_BT, seg_BT, start)
+        open_BT = self.gate(self.signal(h_BTD, active_BTS), editable_BT, seg_BT, start)
         active_BTS &= open_BT[..., None]
         # clamp: t = -m act_u where f > 0 (SAEBench); ablate: t = 0. Elsewhere f - t = 0.
         t_BTS = -self.t_S * active_BTS
         delta_BTD = (((f_BTS * active_BTS) - t_BTS) @ self.W_dec_SD) / self.scale
         return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1), open_BT)
 
-    def gate(self, fires_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
+    @torch.no_grad()
+    def signal(self, h_BTD: Tensor, active_BTS: Tensor | None = None) -> Tensor:
+        """The gate's per-token signal [B, T], whose running mean it compares with the threshold:
+        whether a selected feature fires (sequence gate), or the probe's 1[f > 0] . w (probe gate)."""
+        if self.probe_w_F is not None:
+            x_BTD = h_BTD.to(self.probe_w_F.dtype) * self.scale
+            return token_scores(self._sae.encode(x_BTD) > 0, self.probe_w_F)
+        if active_BTS is None:
+            active_BTS = self.selected_acts(h_BTD) > 0
+        return active_BTS.any(-1).float()
+
+    def gate(self, signal_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
              start: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """bool [B, T]: where the edit may act (all True without a gate)."""
         if self.threshold is None:
             return torch.ones_like(editable_BT)
-        share_BT, seen_BT = firing_share(fires_BT, editable_BT, seg_BT, start)
+        share_BT, seen_BT = firing_share(signal_BT, editable_BT, seg_BT, start)
         return gate_open(share_BT, seen_BT, self.threshold)
 
     def attach(self, model: Any, *, skip_bos: bool = True) -> "Hooks":
@@ -210,7 +240,7 @@ class Intervention:
             start = state["counts"]  # KV-cached generation: the gate's counts so far
             new_BTD = iv.edit(h_BTD, editable_BT, start=start).h_BTD
             if iv.threshold is not None:
-                fires_B1 = ((iv.selected_acts(h_BTD) > 0).any(-1) & editable_BT).sum(1, keepdim=True)
+                fires_B1 = (iv.signal(h_BTD) * editable_BT).sum(1, keepdim=True)
                 seen_B1 = editable_BT.sum(1, keepdim=True)
                 prev = start or (0, 0)
                 state["counts"] = (prev[0] + fires_B1.float(), prev[1] + seen_B1.float())

@@ -29,6 +29,10 @@ def _plt():
     return plt
 
 
+GATE_NAMES = {"none": "static", "sequence": "gated", "probe": "probe-gated"}
+"""How the report names each gate mode (pipelines/config.py GATES)."""
+
+
 def _test(b: dict[str, Any] | None) -> tuple[float, list[float] | None]:
     """(test-half score, its 95% interval); (nan, None) where no setting was retain-safe."""
     if not b or b["test"]["unlearning_score"] is None:
@@ -43,7 +47,7 @@ def configurations(results: dict[str, dict[int, dict]], layer: int) -> list[tupl
         res = results.get(variant, {}).get(layer)
         if res is None:
             continue
-        for gate, how in (("none", "static"), ("sequence", "gated")):
+        for gate, how in GATE_NAMES.items():
             g = res.get("best_by_gate", {}).get(gate)
             if g is not None:
                 out.append((f"{label}, {how}", g["best"], g["reason"]))
@@ -145,13 +149,13 @@ def fig_tradeoff(results: dict[str, dict[int, dict]], path: Path) -> None:
     markers = "os^vD"
     for k, (m, by_layer) in enumerate(sorted(results.items())):
         for l, res in sorted(by_layer.items()):
-            for gate, ls in (("none", ":"), ("sequence", "-")):
+            for gate, ls in (("none", ":"), ("sequence", "-"), ("probe", "--")):
                 pts = [(_drop(e, "retain_mcq"), _drop(e, "forget_mcq")) for e in res.get("sweep", [])
                        if e["setting"].get("gate", "none") == gate and e["forget_mcq"]["after"] is not None]
                 if pts:
                     ax.scatter(*zip(*pts), marker=markers[k % len(markers)], s=8, alpha=0.4)
                     ax.plot(*zip(*frontier(pts)), ls=ls, marker=markers[k % len(markers)], ms=4, lw=1,
-                            label=f"{m} L{l} {'gated' if gate == 'sequence' else 'static'}")
+                            label=f"{m} L{l} {GATE_NAMES[gate]}")
     ax.axvline(0, color="k", lw=0.5)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("retain MCQ accuracy drop")
@@ -192,14 +196,21 @@ def markdown_table(results: dict[str, dict[int, dict]]) -> str:
             if b is None:
                 rows.append(f"| {l} | {name} | no retain-safe setting | n/a | n/a | | | | | | |")
                 continue
-            t, g, sel = b["test"], b.get("gate", {}), b.get("selection", {})
+            t, g = b["test"], b.get("gate", {})
             rows.append(
                 f"| {l} | {name} | {b['label']} | {_num(t['unlearning_score'])}{_ci(t.get('ci95'))} | "
                 f"{_num(t.get('correct_subset_score'))} | {_fmt_pair(t['forget_mcq'], 2)} | "
                 f"{_fmt_pair(t['retain_mcq'], 2)} | {_change(b.get('forget_loss'))} | {_change(b.get('retain_loss'))} | "
                 f"{_num(g.get('open_rate_retain'), 2)} / {_num(g.get('open_rate_forget'), 2)} | "
-                f"{_num(sel.get('auroc_text'), 2)} / {_num(sel.get('auroc_mcq'), 2)} |")
+                f"{_num(_det(b).get('auroc_text'), 2)} / {_num(_det(b).get('auroc_mcq'), 2)} |")
     return head + "\n" + "\n".join(rows)
+
+
+def _det(b: dict[str, Any]) -> dict[str, Any]:
+    """The topic-detection AUROCs that matter for an entry: the probe's for a probe-gated
+    setting (its gate reads the detector), else the selected features' firing share."""
+    g = b.get("gate") or {}
+    return (g.get("detection") or {}) if g.get("mode") == "probe" else (b.get("selection") or {})
 
 
 def ood_table(results: dict[str, dict[int, dict]]) -> str:
@@ -219,12 +230,12 @@ def ood_table(results: dict[str, dict[int, dict]]) -> str:
             if b is None:
                 rows.append(f"| {l} | {m} | {res.get('best_ood_reason') or 'n/a'} | n/a | | | | | | {tr} |")
                 continue
-            o, sel = b["ood"], b.get("selection", {})
+            o = b["ood"]
             rows.append(
                 f"| {l} | {m} | {b['label']} | {_num(o['test']['unlearning_score'])}{_ci(o['test'].get('ci95'))} | "
                 f"{_fmt_pair(o['test']['forget_mcq'], 2)} | {_fmt_pair(o['test']['retain_mcq'], 2)} | "
                 f"{_change(o.get('forget_loss'))} | {_change(o.get('retain_loss'))} | "
-                f"{_num(sel.get('auroc_text_ood'), 2)} / {_num(sel.get('auroc_mcq_ood'), 2)} | {tr} |")
+                f"{_num(_det(b).get('auroc_text_ood'), 2)} / {_num(_det(b).get('auroc_mcq_ood'), 2)} | {tr} |")
     return head + "\n" + "\n".join(rows)
 
 
@@ -249,7 +260,7 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
     lines = []
     for l in sorted({l for r in results.values() for l in r}):
         conf = {n: b for n, b, _ in configurations(results, l)}
-        for how in ("static", "gated"):
+        for how in GATE_NAMES.values():
             a, b = conf.get(f"FeatureForget, {how}"), conf.get(f"baseline SAE, {how}")
             if f"FeatureForget, {how}" not in conf or f"baseline SAE, {how}" not in conf:
                 continue
@@ -263,7 +274,7 @@ def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
     rows = ["| layer | method | gate | seeds | test score mean | min - max |", "|---|---|---|---|---|---|"]
     for m, by_layer in sorted(seeds.items()):
         for l, res_list in sorted(by_layer.items()):
-            for gate in ("none", "sequence"):
+            for gate in GATE_NAMES:
                 vals = [_test(r.get("best_by_gate", {}).get(gate, {}).get("best"))[0] for r in res_list]
                 vals = [v for v in vals if v == v]
                 if vals:

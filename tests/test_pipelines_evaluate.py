@@ -253,7 +253,7 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
     r = CliRunner().invoke(main, args + ["--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
-    assert set(res["best_by_gate"]) == {"none", "sequence"}
+    assert set(res["best_by_gate"]) == {"none", "sequence", "probe"}
     for gate, g in res["best_by_gate"].items():
         b = g["best"]
         assert (b is None) == (g["reason"] is not None)
@@ -265,3 +265,28 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
             assert {"auroc_text", "auroc_mcq", "auroc_text_ood", "auroc_mcq_ood"} <= set(b["selection"])
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "best, gate none:" in r.output and "best, gate sequence:" in r.output
+
+
+def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_path):
+    """gate_calibration "dev": the probe threshold is the percentile of the retain dev questions'
+    peak scores; the test half never enters (changing it leaves the threshold unchanged)."""
+    from pipelines.evaluate import calibrate_probe
+
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash))
+    data = eval_data(lm, cfg)
+    data.prepare(lm.model, LAYER)
+    settings = [Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=p) for p in (50.0, 100.0)]
+    got = calibrate_probe(settings + [Setting(gate="none")], run, data, cfg)
+    assert got[-1] == Setting(gate="none"), "other gates are left alone"
+    iv = Intervention(run, settings[0].replace(gate_threshold=0.0))
+    peak_Q = data.retain_mcq.gate_peaks(iv)
+    dev_Q = ~data.retain_mcq.test_Q
+    bias = float(run.gate["probe/b"][0])
+    for s, p in zip(got, (0.5, 1.0)):
+        assert s.gate_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), p)) + bias)
+    # the peak is what the gate sees: at a threshold just below a dev question's peak it opens there
+    q = int(torch.nonzero(dev_Q)[0])
+    below = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias - 1e-4))
+    above = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias + 1e-4))
+    assert float(below.threshold) < float(peak_Q[q]) < float(above.threshold)
+    assert calibrate_probe(settings, run, data, cfg.replace(gate_calibration="train")) == settings

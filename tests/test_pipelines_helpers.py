@@ -53,6 +53,9 @@ def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, share: 
     sets = calibration_sets(feats, method)
     gate = {f"{k}/features": v for k, v in sets.items()}
     gate.update({f"{k}/share": torch.rand(40, generator=g) * share for k in sets})
+    d_sae = len(feats["freq_r"])  # the probe gate's detector (trainer/detector.py), random
+    gate.update({"probe/w": torch.randn(d_sae, generator=g), "probe/b": torch.tensor([-0.5]),
+                 "probe/max": torch.randn(40, generator=g)})
     save_file(gate, str(path / "gate.safetensors"))
 
 

@@ -169,12 +169,17 @@ def test_feature_selection_candidates_and_saebench():
 def test_grid_settings_and_validation():
     g = SweepGrid()
     ff, base = g.settings("featureforget"), g.settings("baseline")
-    # 4 clamp strengths x 3 counts x (candidates, saebench, ratio) x 2 gates; baseline: no candidates
-    assert len(ff) == 72 and len(base) == 48
+    # 4 clamp strengths x 3 counts x (candidates, saebench, ratio) x (static, sequence gate, probe
+    # gate at 2 percentiles); baseline: no candidates
+    assert len(ff) == 144 and len(base) == 96
     assert {s.selection for s in base} == {"saebench", "ratio"}
-    assert {s.gate for s in ff} == {"none", "sequence"} and {s.top_n for s in ff} == {10, 20, 50}
+    assert {s.gate for s in ff} == {"none", "sequence", "probe"} and {s.top_n for s in ff} == {10, 20, 50}
+    assert {s.gate_percentile for s in ff if s.gate == "probe"} == {99.0, 100.0}
     assert Setting.from_dict(ff[3].to_dict()) == ff[3]
     assert Setting.from_dict(ff[-1].to_dict()) == ff[-1]
+    calibrated = ff[-1].replace(gate_threshold=-1.25)
+    assert Setting.from_dict(calibrated.to_dict()) == calibrated and "threshold -1.25" in calibrated.label
+    assert "gate_threshold" not in ff[-1].to_dict()
     with pytest.raises(EvalError, match="mode"):
         Setting(gate="none", mode="erase")
     with pytest.raises(EvalError, match="multiplier"):

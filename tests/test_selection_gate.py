@@ -201,3 +201,84 @@ def test_auroc_and_verdict():
     assert "within noise" in verdict([0.3, 0.7], [0.1, 0.4], "A", "B")
     assert "not comparable" in verdict(None, [0.1, 0.4], "A", "B")
     assert np.isclose(auroc(torch.arange(10.0), torch.arange(10.0) + 100), 0.0)
+
+
+# ---- the probe gate (trainer/detector.py) ---------------------------------------------------
+
+
+def _marker_sae() -> SAE:
+    """Feature i fires exactly where x[..., i] > 0 (i < 3); the others never fire."""
+    sae = SAE(4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(-1.0)
+        for i in range(3):
+            sae.W_enc[i, i] = 2.0
+            sae.b_enc[i] = -1.0
+    return sae
+
+
+def _marked_contexts(n: int, marker: int, seed: int, T: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n contexts in blocks of 4; `marker`'s feature fires on ~30% of tokens, feature 2 (shared by
+    both corpora) on ~50%; position 0 is BOS (not editable)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, T, 4)
+    x[..., marker] = (torch.rand(n, T, generator=g) < 0.3).float()
+    x[..., 2] = (torch.rand(n, T, generator=g) < 0.5).float()
+    m = torch.ones(n, T, dtype=torch.bool)
+    m[:, 0] = False
+    return [(x[i:i + 4], m[i:i + 4]) for i in range(0, n, 4)]
+
+
+def test_probe_learns_the_topic_features_and_calibrates_on_unseen_retain_contexts():
+    from trainer.detector import fit_probe, token_scores
+
+    sae = _marker_sae()
+    retain, unlearn = _marked_contexts(24, 1, 0), _marked_contexts(24, 0, 1)
+    probe = fit_probe(sae, retain, unlearn, n_retain=24, n_unlearn=24, lengths=(8, 16, 39))
+    assert probe.w_F[0] > 0 > probe.w_F[1], "unlearn marker up, retain marker down"
+    assert abs(float(probe.w_F[2])) < 0.5 * min(float(probe.w_F[0]), -float(probe.w_F[1]))
+    assert torch.equal(probe.w_F[3:], torch.zeros(3)), "features that never fire get no weight"
+    assert probe.retain_max_C.shape == (24,) and bool(torch.isfinite(probe.retain_max_C).all())
+    # fresh contexts: the whole-context score separates the corpora, and the calibrated p100
+    # threshold keeps the gate shut on most unseen retain contexts while unlearn ones pass it
+    @torch.no_grad()
+    def score(ctxs):
+        out = []
+        for x, m in ctxs:
+            fired = (sae.encode(x) > 0) & m[..., None]
+            out.append(token_scores(fired, probe.w_F).sum(1) / m.sum(1) + probe.b)
+        return torch.cat(out)
+    r_new, u_new = score(_marked_contexts(24, 1, 5)), score(_marked_contexts(24, 0, 6))
+    assert auroc(u_new, r_new) == 1.0
+    thr = threshold_at(probe.retain_max_C.numpy(), 100)
+    assert float((u_new > thr).float().mean()) > 0.9 and float((r_new > thr).float().mean()) < 0.1
+
+
+def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_path):
+    """The probe gate decides at t from tokens <= t only, also across KV-cached steps."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    probe = Intervention(run, Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0))
+    with torch.no_grad():  # put the threshold at the median running score, so the gate really decides
+        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+        share, seen = firing_share(probe.signal(h), ids != lm.model.config.bos_token_id)
+    median = float(share[seen >= 8].median()) + float(run.gate["probe/b"][0])
+    iv = Intervention(run, Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=median))
+    with torch.no_grad(), iv.hooked(lm.model):
+        base = lm.model(ids).logits
+        for t in (6, 12, 20):
+            alt = ids.clone()
+            alt[:, t] = (alt[:, t] + 7) % (lm.model.config.vocab_size - 4) + 4
+            assert torch.equal(lm.model(alt).logits[:, :t], base[:, :t]), f"a change at {t} leaked backwards"
+        cached = lm.model.generate(ids[:1, :10], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        seq = ids[:1, :10]
+        for _ in range(8):
+            seq = torch.cat([seq, lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq)
+    ed = iv.edit(h, ids != lm.model.config.bos_token_id)
+    opened = ed.open_BT[seen >= 8]
+    assert 0 < float(opened.float().mean()) < 1, "at the median the gate is open at some positions only"
