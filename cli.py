@@ -124,25 +124,42 @@ def main() -> None:
 @click.option("--repair", is_flag=True,
               help="Recompute exactly the chunks `ff verify` finds bad (missing, corrupt, non-finite, "
                    "tokens out of range); give the arguments the store was built with.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Compute only shard I of N (0-based): chunk k of the store goes to shard k mod N. "
+                   "Start the N shards together, on one machine or many, with the same arguments and "
+                   "--out; the last to finish marks the store complete. Under torchrun: RANK/WORLD_SIZE.")
+@click.option("--finalize", is_flag=True,
+              help="Mark a sharded store complete if every chunk is present, else name the missing "
+                   "chunks and the shard to rerun. Needs only --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @storage_options_option
 def cache_cmd(out, model, layers, retain, unlearn, contexts, unlearn_contexts, ctx_len, dtype, model_dtype,
-              device, chunk_contexts, text_field, overwrite, repair, quiet):
+              device, chunk_contexts, text_field, overwrite, repair, shard, finalize, quiet):
     """Run the model once over the retain and unlearn corpora and write the activations of the
     chosen layers to a Zarr store. Interrupted runs resume when rerun with the same arguments;
-    rerunning on a complete store does nothing; --repair recomputes damaged chunks."""
+    rerunning on a complete store does nothing; --repair recomputes damaged chunks; --shard I/N
+    (or torchrun) splits the work over processes writing one store (docs/scaling.md)."""
     from cache.build import CacheConfig, build_cache
     from cache.location import public
+    from cache.shard import Shard, shard_device, shard_from_env
 
+    out = out or default_store_path(model)
+    if finalize:
+        return _finalize(out, shard, overwrite, repair)
+    part = Shard.parse(shard) if shard is not None else shard_from_env()
+    part = part if part is None or part.count > 1 else None  # 0/1: the whole store
     cfg = CacheConfig(model=model, layers=layers, retain=retain, unlearn=unlearn, contexts=contexts,
                       unlearn_contexts=unlearn_contexts, ctx_len=ctx_len, dtype=dtype,
                       chunk_contexts=chunk_contexts, text_field=text_field,
-                      model_dtype=None if model_dtype == "auto" else model_dtype, device=device)
-    out = out or default_store_path(model)
-    res = build_cache(cfg, out, overwrite=overwrite, repair=repair, progress=not quiet)
+                      model_dtype=None if model_dtype == "auto" else model_dtype,
+                      device=shard_device(device))  # cuda:LOCAL_RANK under torchrun
+    res = build_cache(cfg, out, overwrite=overwrite, repair=repair, progress=not quiet, shard=part)
     out = public(out)  # a URL without any user:password@
+    if part is not None:
+        out = f"{out} [shard {part}]"
     if res.skipped:
         click.echo(f"{out}: every chunk verifies, nothing to repair" if repair else
+                   f"{out}: already complete, nothing to do" if part is not None else
                    f"{out}: already complete, nothing to do (use --overwrite to rebuild)")
     else:
         if res.repaired:
@@ -150,6 +167,23 @@ def cache_cmd(out, model, layers, retain, unlearn, contexts, unlearn_contexts, c
         rate = res.tokens_done / res.seconds if res.seconds else 0.0
         click.echo(f"{out}: wrote {res.tokens_done:,} tokens x {len(res.layers)} layers in {res.seconds:.1f} s "
                    f"({rate:,.0f} tok/s)")
+        if part is not None:
+            click.echo(f"{out}: store complete" if not res.missing else
+                       f"{out}: {res.missing} chunk(s) of other shards still to come; the last shard "
+                       "to finish marks the store complete (or run `ff cache --finalize`)")
+
+
+def _finalize(out: str, shard: str | None, overwrite: bool, repair: bool) -> None:
+    from cache.errors import StoreError
+    from cache.shard import finalize
+
+    given = [f for f, on in (("--shard", shard is not None), ("--overwrite", overwrite),
+                             ("--repair", repair)) if on]
+    if given:
+        raise StoreError(f"--finalize takes only --out (and --storage-options), not {given[0]}")
+    res = finalize(out)
+    click.echo(f"{res.path}: already complete, nothing to do" if res.already else
+               f"{res.path}: all {res.chunks} chunks present; marked complete")
 
 
 def default_store_path(model: str) -> str:

@@ -5,7 +5,8 @@ rerun with the same arguments continues and ends with the same store as an unint
 A resume must also compute the same way (weights, revision, compute dtype, device kind), and
 one writer at a time holds the store's lock (cache/lock.py; local stores only). `repair=True`
 first clears the chunks that `ff verify` finds bad (cache/repair.py), so the resume recomputes
-exactly those. `out` is a folder or an fsspec URL (cache/location.py).
+exactly those. `shard` computes only that shard's chunks, concurrently with the other shards
+(cache/shard.py). `out` is a folder or an fsspec URL (cache/location.py).
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from .errors import StoreError
 from .location import StoreLocation, normalize, store_like
 from .lock import WriterLock, check_unlocked, check_writable, clear_contents, is_vacant
 from .repair import clear_chunks, plan_repair
+from .shard import Shard, complete_if_done, global_chunks, record_shard, remove_own_partial_files
 from .store import (CORPORA, FORMAT_VERSION, HOOK, BackgroundWriter, ChunkWrite, chunk_contexts_for,
-                    create_store, has_root, open_root, open_store, to_storage)
+                    ensure_store, has_root, open_root, open_store, to_storage)
 
 PAPER_LAYERS = (5, 12, 19)  # of Gemma-2-2B's 26 blocks
 _PAPER_DEPTH = 26
@@ -92,6 +94,7 @@ class CacheResult:
     layers: tuple[int, ...] = field(default_factory=tuple)
     forward_seconds: float = 0.0  # the forward + write loop alone, without model loading
     repaired: tuple[str, ...] = ()  # chunks --repair recomputed: "retain chunk 3 (contexts 12-15)"
+    missing: int = 0  # a shard's run: chunks of other shards not written yet (0: store complete)
 
 
 def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -99,64 +102,97 @@ def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} in the store, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k))
 
 
-def _check_existing(out: StoreLocation, spec: dict[str, Any], overwrite: bool) -> str:
+_SHARD_TODO = "give every shard the store's arguments, or use another --out"
+"""What a shard started with other arguments than its store's should do (not --overwrite: the
+other shards are filling the store)."""
+
+
+def _check_existing(out: StoreLocation, spec: dict[str, Any], overwrite: bool,
+                    todo: str = "use --overwrite or another path") -> str:
     """'new', 'resume', 'complete' or 'overwrite' for the location `out`."""
     if not has_root(out):
         if is_vacant(out):
             return "new"
-        raise StoreError(f"'{out}' exists and is not an activation store; choose another path")
+        if not has_root(out):  # not just created by a shard between the two looks
+            raise StoreError(f"'{out}' exists and is not an activation store; choose another path")
     if overwrite:
         return "overwrite"
     attrs = dict(open_root(out).attrs)
     diff = _spec_diff(attrs.get("spec", {}), spec)
     if diff:
-        raise StoreError(f"store '{out}' was built with other arguments ({diff}); use --overwrite or another path")
+        raise StoreError(f"store '{out}' was built with other arguments ({diff}); {todo}")
     return "complete" if attrs.get("complete") else "resume"
 
 
 def build_cache(cfg: CacheConfig, out: StoreLocation, *, overwrite: bool = False, repair: bool = False,
-                progress: bool = True, batch_contexts: int | None = None, lm=None) -> CacheResult:
+                progress: bool = True, batch_contexts: int | None = None, lm=None,
+                shard: Shard | None = None) -> CacheResult:
     """Fill (or finish) the store at `out`; a complete store with the same spec is a no-op.
 
     `repair`: recompute the chunks `ff verify` finds bad (missing, corrupt, non-finite, tokens
     out of range) and any not yet written; a healthy complete store is a no-op.
     `lm` is an already loaded `cache.models.LoadedModel` for `cfg.model`, to skip loading it again.
+    `shard`: write only that shard's chunks; the store is marked complete once every chunk is
+    there, by whichever shard sees that first (`missing` in the result: chunks still to come).
     """
     out = normalize(out)  # a Path, or the URL of a remote store
     t0 = time.perf_counter()
     spec = cfg.spec()
     if repair and overwrite:
         raise StoreError("use --repair or --overwrite, not both")
-    state = _check_existing(out, spec, overwrite)
+    if shard is not None and (repair or overwrite):
+        raise StoreError(f"--shard cannot be combined with --{'repair' if repair else 'overwrite'}: "
+                         "shards share the store; run it without --shard in one process")
+    todo = _SHARD_TODO if shard is not None else "use --overwrite or another path"
+    state = _check_existing(out, spec, overwrite, todo)
     damaged = plan_repair(out, state) if repair else []
     if state == "complete" and not damaged:
         return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
     check_writable(out)  # a read-only store and a second writer are refused before a model loads
-    check_unlocked(out)
+    check_unlocked(out, shard)
     lm, layers, specs, sizes, packed = _load_inputs(cfg, lm)
 
-    with WriterLock(out):
-        state = _check_existing(out, spec, overwrite)  # again, now that no other writer can change it
+    with WriterLock(out, shard):
+        state = _check_existing(out, spec, overwrite, todo)  # again, now that no other writer can change it
         if state == "complete" and not damaged:
             return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
-        repaired = ()
-        if state in {"resume", "complete"}:  # "complete" only when repairing
-            _check_resume(out, _run_attrs(lm), packed)
-            remove_partial_files(out)  # temp files of chunk writes a kill interrupted
-            repaired = tuple(clear_chunks(out, damaged)) if damaged else ()
         if state == "overwrite":
             clear_contents(out)  # keeps the lock file we hold
-        if state in {"new", "overwrite"}:
-            attrs = _store_attrs(cfg, lm, layers, packed)
-            create_store(out, attrs, {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
-                                          "fingerprint": packed[n].fingerprint} for n in CORPORA})
+        if state != "complete":  # a new store's metadata, or what a killed creation left out
+            if shard is not None:
+                record_shard(out, shard)
+            ensure_store(out, _store_attrs(cfg, lm, layers, packed),
+                         {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
+                              "fingerprint": packed[n].fingerprint} for n in CORPORA})
+        repaired = _before_writing(out, state, spec, _run_attrs(lm), packed, damaged, shard)
         t1 = time.perf_counter()
-        done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts)
-        # last, after every chunk is on disk
-        zarr.open_group(store_like(out, read_only=False), mode="r+").attrs["complete"] = True
+        done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts, shard)
+        missing = 0
+        if shard is None:  # last, after every chunk is on disk
+            zarr.open_group(store_like(out, read_only=False), mode="r+").attrs["complete"] = True
+        else:
+            missing = complete_if_done(out)
     t2 = time.perf_counter()
     return CacheResult(str(out), False, done, t2 - t0, layers, forward_seconds=t2 - t1,
-                       repaired=repaired)
+                       repaired=repaired, missing=missing)
+
+
+def _before_writing(out: StoreLocation, state: str, spec: dict[str, Any], now: dict[str, Any], packed,
+                    damaged, shard: Shard | None) -> tuple[str, ...]:
+    """Refuse chunks that would be computed otherwise than those stored, clean the temp files of
+    killed writes, clear the chunks to repair -> those cleared. A shard checks even a store it
+    found new: another shard may have created it meanwhile, perhaps with other arguments; and it
+    cleans only its own chunks' temp files, as the others may be writing theirs."""
+    if shard is not None:
+        _check_existing(out, spec, False, _SHARD_TODO)
+        _check_resume(out, now, packed)
+        remove_own_partial_files(out, shard, global_chunks(open_store(out)))
+        return ()
+    if state not in {"resume", "complete"}:  # "complete" only when repairing
+        return ()
+    _check_resume(out, now, packed)
+    remove_partial_files(out)
+    return tuple(clear_chunks(out, damaged)) if damaged else ()
 
 
 def _load_inputs(cfg: CacheConfig, lm):
@@ -214,7 +250,8 @@ def _check_resume(out: StoreLocation, now: dict[str, Any], packed) -> None:
             raise StoreError(f"the {name} corpus now tokenizes differently than in store '{out}'; use --overwrite")
 
 
-def _run_forward(lm, out: StoreLocation, packed, layers, dtype: str, progress: bool, batch_contexts: int | None) -> int:
+def _run_forward(lm, out: StoreLocation, packed, layers, dtype: str, progress: bool, batch_contexts: int | None,
+                 shard: Shard | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
@@ -222,14 +259,13 @@ def _run_forward(lm, out: StoreLocation, packed, layers, dtype: str, progress: b
 
     store = open_store(out)
     root = zarr.open_group(store_like(out, read_only=False), mode="r+")
-    todo = []
-    for name in CORPORA:
-        reader = store.corpus(name)
-        for i in np.flatnonzero(~reader.completed_chunks()):
-            todo.append((name, *reader.chunk_bounds(int(i))))
+    done_chunks = {name: store.corpus(name).completed_chunks() for name in CORPORA}
+    todo = [(c.corpus, c.start, c.stop) for c in global_chunks(store)
+            if not done_chunks[c.corpus][c.index] and (shard is None or shard.owns(c.k))]
     total = sum(stop - start for _, start, stop in todo) * store.meta.ctx_len
     writer = BackgroundWriter(root)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="ff cache", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"ff cache {shard or ''}".strip(),
+               disable=not progress, smoothing=0.1)
     done = 0
     try:
         for name, start, stop in todo:

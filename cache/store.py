@@ -18,6 +18,7 @@ bfloat16 is kept as uint16 bit patterns with the array attribute `logical_dtype:
 """
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -91,11 +92,14 @@ def from_storage(a: np.ndarray, dtype: str) -> np.ndarray:
 def create_store(path: StoreLocation, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -> zarr.Group:
     """Create the group and empty arrays at a folder or URL. `corpora[name]` has n_contexts,
     corpus, fingerprint."""
+    # create_group, not open_group(mode="w-"): the folder may already hold the writer's lock file
+    return _create(store_like(path, read_only=False), attrs, corpora)
+
+
+def _create(target, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -> zarr.Group:
     ctx_len, d_model, dtype = attrs["ctx_len"], attrs["d_model"], attrs["dtype"]
     cc = attrs["chunk_contexts"]
-    # create_group, not open_group(mode="w-"): the folder may already hold the writer's lock file
-    root = zarr.create_group(store_like(path, read_only=False), zarr_format=3,
-                             attributes={**attrs, "complete": False})
+    root = zarr.create_group(target, zarr_format=3, attributes={**attrs, "complete": False})
     for name, c in corpora.items():
         n = c["n_contexts"]
         g = root.create_group(name, attributes={k: c[k] for k in ("corpus", "fingerprint", "n_contexts")})
@@ -107,6 +111,41 @@ def create_store(path: StoreLocation, attrs: dict[str, Any], corpora: dict[str, 
                            attributes={"logical_dtype": dtype, "layer": layer, "hook": HOOK},
                            dimension_names=("context", "position", "d_model"))
     return root
+
+
+def ensure_store(path: StoreLocation, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -> None:
+    """Write the metadata documents (zarr.json) of `create_store` that `path` lacks; leave those
+    present as they are. Every shard of a sharded `ff cache` calls this with the same arguments,
+    so concurrent calls write identical bytes, each write atomic (a temp file renamed, or an
+    object put), and nothing is ever deleted: zarr's own create with overwrite would clear an
+    array that another shard is filling. The root goes first, so a store killed half way through
+    is still a store, which the next call completes. An existing array of another shape, chunking
+    or dtype is a StoreError naming both."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import MemoryStore
+
+    mem, proto = MemoryStore(), default_buffer_prototype()
+    _create(mem, attrs, corpora)
+
+    async def documents() -> dict[str, bytes]:
+        return {k: (await mem.get(k, prototype=proto)).to_bytes() async for k in mem.list()}
+
+    docs = sync(documents())
+    target = zarr_store(path, read_only=False)
+    for key in sorted(docs, key=lambda k: (k.count("/"), k)):  # root, then groups, then arrays
+        have = sync(target.get(key, prototype=proto))
+        if have is None:
+            sync(target.set(key, proto.buffer.from_bytes(docs[key])))
+        elif key.count("/") == 2:  # an array: "retain/layer_8/zarr.json"
+            _check_same_array(path, key, json.loads(have.to_bytes()), json.loads(docs[key]))
+
+
+def _check_same_array(path: StoreLocation, key: str, have: dict[str, Any], want: dict[str, Any]) -> None:
+    for field_ in ("shape", "chunk_grid", "data_type"):
+        if have.get(field_) != want.get(field_):
+            raise StoreError(f"store '{public(path)}' holds {key.removesuffix('/zarr.json')} with "
+                             f"{field_} {have.get(field_)}, this run makes {want.get(field_)}: it was "
+                             "built with other arguments; use the same arguments, or another --out")
 
 
 @dataclass
