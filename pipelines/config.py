@@ -197,9 +197,10 @@ class SweepGrid:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-DEMO_GRID = SweepGrid(multipliers=(10.0, 100.0), top_n=(20,), selections=("candidates", "saebench"))
-"""The demo's grid on CPU: a moderate and a strong clamp of 20 features, FeatureForget's
-candidates and the SAEBench rule, static and gated (12 settings over the two runs)."""
+DEMO_GRID = SweepGrid(multipliers=(100.0,), top_n=(20, 50), selections=("candidates", "saebench"))
+"""The demo's grid on CPU: a strong clamp (the strength at which retain questions break without
+a gate) of 20 or 50 features, FeatureForget's candidates and the SAEBench rule; static,
+sequence-gated and probe-gated (at two percentiles): 24 settings over the two runs."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
