@@ -320,11 +320,14 @@ def train_cmd(store, unlearn_store, layer, layers, out, method, preset, no_impor
               no_clustering, resume, overwrite, quiet, **overrides):
     """Train the FeatureForget SAE (or the baseline SAE) from a store, without loading the LLM.
     Writes config.json, sae.safetensors, features.safetensors, clusters.json, metrics.jsonl,
-    eval.json (held-out FVU, L0, dead fraction) and checkpoints/ to the run folder."""
+    eval.json (held-out FVU, L0, dead fraction) and checkpoints/ to the run folder. Under
+    `torchrun --nproc-per-node N $(which ff) train ...` N processes share every batch
+    (docs/scaling.md)."""
     from pathlib import Path
 
     from cache.store import open_store
     from trainer.config import TrainConfig
+    from trainer.dist import is_main_process
     from trainer.errors import TrainError
     from trainer.run import resume_config
     from trainer.train import train
@@ -346,7 +349,8 @@ def train_cmd(store, unlearn_store, layer, layers, out, method, preset, no_impor
         run_cfg = resume_config(run_dir, _given_train_options(ctx), base=base) if resume else cfg
         summary = train(run_cfg, store, l, run_dir, unlearn_store=unlearn_store,
                         resume=resume, overwrite=overwrite, progress=not quiet)
-        click.echo(format_train_summary(l, summary))
+        if is_main_process():  # under torchrun (docs/scaling.md) rank 0 reports for all
+            click.echo(format_train_summary(l, summary))
 
 
 def format_train_summary(layer: int, s) -> str:

@@ -8,6 +8,9 @@ prepares the next buffer. Memory is bounded by two buffers.
 
 Every shuffle is seeded by (seed, stream id, epoch, buffer), so the stream's position is
 three integers and a resumed run sees exactly the batches an uninterrupted run would.
+Under torchrun each rank reads one share of every buffer's chunks (`rank`, `world`) and yields
+the tokens of each batch that come from them: the ranks' batches together are the single
+process's batch (trainer/dist.py).
 A missing or corrupt chunk stops training with a one-line TrainError naming it (corpus, layer,
 contexts): held-out chunks are read once when the data is opened, and a failure in the
 prefetch thread is raised on the next batch.
@@ -39,6 +42,11 @@ class ChunkSource(Protocol):
         """Masked tokens of chunk k, unscaled: float32 [n_k, D]."""
         ...
 
+    def count(self, k: int) -> int:
+        """n_k, without reading the activations (a rank's share of a buffer needs every
+        chunk's count and only its own chunks' tokens)."""
+        ...
+
     def read_stored(self, k: int) -> tuple[np.ndarray, str]:
         """The same tokens in their storage dtype, and that dtype's name for `from_storage`
         (bfloat16 stores: uint16 bit patterns, half the bytes to shuffle)."""
@@ -66,6 +74,13 @@ class StoreSource:
 
     def read(self, k: int) -> np.ndarray:
         return from_storage(*self.read_stored(k))
+
+    def count(self, k: int) -> int:
+        p = self.pieces[k]
+        try:
+            return int(self.corpus.mask(p.start, p.stop).sum())
+        except StoreError as e:
+            raise TrainError(str(e)) from None
 
     def read_stored(self, k: int) -> tuple[np.ndarray, str]:
         p = self.pieces[k]
@@ -97,6 +112,9 @@ class ArraySource:
     def read(self, k: int) -> np.ndarray:
         return self.x_ND[k * self.chunk_tokens : (k + 1) * self.chunk_tokens]
 
+    def count(self, k: int) -> int:
+        return len(self.read(k))
+
     def read_stored(self, k: int) -> tuple[np.ndarray, str]:
         return self.read(k), "float32"
 
@@ -125,6 +143,16 @@ def split_pieces(bounds: Sequence[tuple[int, int]], eval_frac: float,
     return train, held
 
 
+def shard(source: StoreSource, rank: int, world: int) -> StoreSource:
+    """This rank's contiguous share of a source's pieces (the passes over every training
+    token after training: each rank reads 1/world of the corpus, in store order)."""
+    if world == 1:
+        return source
+    n = len(source.pieces)
+    return StoreSource(source.corpus, source.layer,
+                       source.pieces[n * rank // world : n * (rank + 1) // world])
+
+
 def estimate_scale(source: ChunkSource, n_chunks: int) -> float:
     """s with E||x s||^2 = d on `source` (METHOD §0), from up to n_chunks evenly spaced chunks."""
     ks = np.linspace(0, len(source) - 1, num=min(n_chunks, len(source))).round().astype(int)
@@ -138,8 +166,25 @@ def estimate_scale(source: ChunkSource, n_chunks: int) -> float:
     return math.sqrt(source.d_model / (sq / n))
 
 
-Buffer = tuple[np.ndarray, str]
-"""A shuffle buffer: tokens [N, D] in the store's storage dtype, and that dtype's name."""
+class Buffer(NamedTuple):
+    """A shuffle buffer, or this rank's share of one."""
+
+    x_ND: np.ndarray
+    """The tokens, in buffer order, in the store's storage dtype."""
+    dtype: str
+    """That dtype's name (for `from_storage`)."""
+    n: int
+    """Tokens in the whole buffer, every rank's: batch b is buffer positions [b B, (b + 1) B)."""
+    pos_N: np.ndarray | None
+    """The buffer position of each row of x_ND (increasing); None: x_ND is the whole buffer."""
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The tokens at buffer positions [start, stop) that this buffer holds."""
+        if self.pos_N is None:
+            return self.x_ND[start:stop]
+        a, b = np.searchsorted(self.pos_N, [start, stop])
+        return self.x_ND[a:b]
+
 
 PREFETCH_NICE = 10
 """Niceness of the prefetch thread (Linux: per thread). The buffer after the current one is
@@ -163,12 +208,16 @@ class TokenStream:
 
     Position = (epoch, buffer, batch); `state_dict` / `load_state_dict` save and restore it.
     Tokens left over at the end of a buffer (fewer than B) are skipped for this epoch.
+    With world > 1 the batches are this rank's part of the single process's batches (about
+    B / world tokens each) and the position is the same on every rank.
     """
 
     def __init__(self, source: ChunkSource, *, batch_size: int, buffer_chunks: int, seed: int,
-                 stream_id: int = 0, scale: float = 1.0, prefetch: bool = True):
+                 stream_id: int = 0, scale: float = 1.0, prefetch: bool = True,
+                 rank: int = 0, world: int = 1):
         self.source, self.B, self.scale = source, batch_size, scale
-        self.seed, self.stream_id = seed, stream_id
+        self.seed, self.stream_id, self.rank, self.world = seed, stream_id, rank, world
+        self._counts: dict[int, int] = {}
         self.buffer_chunks = max(1, min(buffer_chunks, len(source)))
         self.epoch, self.buffer, self.batch = 0, 0, 0
         self._pool = (ThreadPoolExecutor(1, thread_name_prefix="ff-prefetch", initializer=_lower_priority)
@@ -202,20 +251,55 @@ class TokenStream:
         dtype name). Runs in the prefetch thread; batches are converted and scaled on the way
         out, so the buffer holds (and the shuffle moves) bfloat16 stores at 2 bytes a value."""
         ks = self._groups(epoch)[buffer]
+        if self.world > 1:
+            return self._load_share(ks, epoch, buffer)
         parts = [self.source.read_stored(int(k)) for k in ks]
         dtype = parts[0][1]
         n = sum(len(x) for x, _ in parts)
-        rng = np.random.default_rng([self.seed, self.stream_id, epoch, buffer, 1])
-        perm = rng.permutation(n)
+        dest = self._destinations(epoch, buffer, n)
         # buf = concatenate(parts)[perm] in one copy: scatter each part where perm sends it.
-        dest = np.empty_like(perm)
-        dest[perm] = np.arange(n)
         buf_ND = np.empty((n, self.source.d_model), dtype=parts[0][0].dtype)
         start = 0
         for x, _ in parts:
             buf_ND[dest[start : start + len(x)]] = x
             start += len(x)
-        return buf_ND, dtype
+        return Buffer(buf_ND, dtype, n, None)
+
+    def _destinations(self, epoch: int, buffer: int, n: int) -> np.ndarray:
+        """Where the shuffle puts each of the buffer's n tokens, in chunk order: the
+        buffer is concatenate(chunks)[perm], so token i goes to position dest[i]."""
+        rng = np.random.default_rng([self.seed, self.stream_id, epoch, buffer, 1])
+        perm = rng.permutation(n)
+        dest = np.empty_like(perm)
+        dest[perm] = np.arange(n)
+        return dest
+
+    def _load_share(self, ks: np.ndarray, epoch: int, buffer: int) -> Buffer:
+        """This rank's share of a buffer: the tokens [lo, hi) of the chunks' concatenation,
+        one world-th of it, so the ranks read different chunks (a chunk cut by a boundary is
+        read by both), placed where the single-process shuffle puts them. Every rank then
+        holds about B / world tokens of each batch, and together exactly the batch."""
+        counts = [self._count(int(k)) for k in ks]
+        n = sum(counts)
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        parts, dtype, a = [], "float32", 0
+        for k, c in zip(ks, counts):
+            if a < hi and a + c > lo:
+                x_ND, dtype = self.source.read_stored(int(k))
+                if len(x_ND) != c:
+                    raise TrainError(f"chunk {int(k)} holds {len(x_ND)} training tokens, its mask "
+                                     f"says {c}; run `ff verify` on the store")
+                parts.append(x_ND[max(lo, a) - a : min(hi, a + c) - a])
+            a += c
+        pos_N = self._destinations(epoch, buffer, n)[lo:hi]
+        order = np.argsort(pos_N, kind="stable")
+        x_ND = (np.concatenate(parts) if parts else np.empty((0, self.source.d_model), np.float32))
+        return Buffer(x_ND[order], dtype, n, pos_N[order])
+
+    def _count(self, k: int) -> int:
+        if k not in self._counts:  # a chunk's token count never changes: read its mask once
+            self._counts[k] = self.source.count(k)
+        return self._counts[k]
 
     def _after(self, epoch: int, buffer: int) -> tuple[int, int]:
         return (epoch, buffer + 1) if buffer + 1 < len(self._groups(epoch)) else (epoch + 1, 0)
@@ -249,12 +333,13 @@ class TokenStream:
             if self._current is None or self._current[0] != key:
                 self._current = (key, self._get(key))
                 self._prefetch(self._after(*key))
-            buf_ND, dtype = self._current[1]
-            if (self.batch + 1) * self.B <= len(buf_ND):
+            buf = self._current[1]
+            if (self.batch + 1) * self.B <= buf.n:
                 self.batch += 1
-                x_BD = from_storage(buf_ND[(self.batch - 1) * self.B : self.batch * self.B], dtype)
+                rows = buf.rows((self.batch - 1) * self.B, self.batch * self.B)
+                x_BD = from_storage(rows, buf.dtype)
                 return torch.from_numpy(np.multiply(x_BD, np.float32(self.scale), dtype=np.float32))
-            empty = empty + 1 if len(buf_ND) < self.B else 0
+            empty = empty + 1 if buf.n < self.B else 0
             if empty > len(self.source):
                 raise TrainError(f"stream buffers hold fewer than one batch ({self.B} tokens); "
                                  "raise buffer_chunks or lower batch_contexts")

@@ -47,7 +47,7 @@ class ClusterLosses(NamedTuple):
 
 
 def batch_stats(f_BF: Tensor, dldf_dec_BF: Tensor, l1: float,
-                fired_BF: Tensor | None = None) -> BatchStats:
+                fired_BF: Tensor | None = None, *, n: int | None = None) -> BatchStats:
     """Importance and firing frequency of one dataset's batch (METHOD §2).
 
     `dldf_dec_BF` is the gradient that reached the decoder input from a loss holding
@@ -58,8 +58,10 @@ def batch_stats(f_BF: Tensor, dldf_dec_BF: Tensor, l1: float,
     It counts only where f_i > 0 (a ReLU feature that does not fire takes no part), so
     features that never fire keep importance 0, and alpha mixes how often and how much a
     feature matters. `fired_BF` (f_BF > 0) may be passed in when already computed.
+    `n` is B when these rows are one rank's part of a global batch of B tokens (trainer/dist.py):
+    the results are then this rank's parts of the sums, to be added up over the ranks.
     """
-    n = f_BF.shape[0]
+    n = f_BF.shape[0] if n is None else n
     fired_BF = f_BF > 0 if fired_BF is None else fired_BF
     alpha_F = dldf_dec_BF.add(l1 / n).abs_().mul_(fired_BF).sum(0)  # 4 passes, one buffer
     return BatchStats(alpha_F, fired_BF.sum(0).float().div_(n))

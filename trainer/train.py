@@ -8,6 +8,10 @@ One linear loop (METHOD §6): phase 1 on retain data with L_recon; at its end im
 passes, clustering, thresholds and candidates; phase 2 with L_total, reclustering every
 cfg.recluster_every steps. The baseline runs phase 1 only, on retain and unlearn mixed.
 `train_on_streams` is the same loop fed by any iterators of [B, D] tensors.
+
+Under torchrun (trainer/dist.py) every rank runs this loop on its part of each global batch;
+k-means runs on rank 0 and its result is broadcast; the passes over every training token after
+training are split over the ranks; rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from trainer.config import TrainConfig
+from trainer.dist import SINGLE, Ranks, ranks_from_env
 from trainer.errors import NonFiniteLossError, TrainError
 from trainer.evaluate import evaluate, saebench_select, set_shares
 from trainer.featureforget import FeatureForget
@@ -54,11 +60,12 @@ class RunSummary(NamedTuple):
 
 
 class StatsData(NamedTuple):
-    retain: Callable[[], Iterable[Tensor | tuple[Tensor, Tensor]]]
+    retain: Callable[..., Iterable[Tensor | tuple[Tensor, Tensor]]]
     """Every training token of the retain corpus: [B, D] normalised batches, or whole contexts
-    (x [C, T, D] normalised, editable [C, T]), which also give context frequencies."""
-    unlearn: Callable[[], Iterable[Tensor | tuple[Tensor, Tensor]]]
-    retain_contexts: Callable[[], Iterable[tuple[Tensor, Tensor]]] | None
+    (x [C, T, D] normalised, editable [C, T]), which also give context frequencies. Called with
+    `ranks` (trainer/dist.py): this rank's contiguous share of them."""
+    unlearn: Callable[..., Iterable[Tensor | tuple[Tensor, Tensor]]]
+    retain_contexts: Callable[..., Iterable[tuple[Tensor, Tensor]]] | None
     """Retain training contexts (x [C, T, D] normalised, editable [C, T]) for the gate."""
 
 
@@ -79,10 +86,12 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     `on_step(step)`: called after every step (after its checkpoint, if one is due).
     Raises TrainError (one line) for anything a user can fix.
     """
-    from trainer.data import TokenStream, estimate_scale, iter_eval_batches, open_training_data
+    from trainer.data import (TokenStream, estimate_scale, iter_eval_batches, open_training_data,
+                              shard)
 
-    given, folder = cfg, RunFolder(out)
-    saved = folder.read_config() if resume and folder.config.is_file() else None
+    given, folder, ranks = cfg, RunFolder(out), ranks_from_env()
+    saved = ranks.from_main(lambda: folder.read_config() if resume and folder.config.is_file()
+                            else None)
     if given is None and saved is None:
         raise TrainError(f"nothing to resume in {out} (no config.json); "
                          "pass a config to start a run")
@@ -90,20 +99,25 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     if layer is None and saved is not None:
         layer = saved.get("layer")
     data = open_training_data(store_path, layer, eval_frac, unlearn_store=unlearn_store)
-    run, cfg, meta = open_run(out, given, data.meta, resume=resume, overwrite=overwrite,
-                              scale=lambda: estimate_scale(data.retain.train, given.scale_chunks))
+    run, cfg, meta = ranks.from_main(lambda: open_run(
+        out, given, data.meta, resume=resume, overwrite=overwrite,
+        scale=lambda: estimate_scale(data.retain.train, given.scale_chunks)))
     B = cfg.tokens_per_half_batch(data.ctx_len)
     corpora = (data.retain, data.unlearn)
     streams = [TokenStream(c.train, batch_size=B, buffer_chunks=cfg.buffer_chunks, seed=cfg.seed,
-                           stream_id=i, scale=meta["scale"]) for i, c in enumerate(corpora)]
+                           stream_id=i, scale=meta["scale"], rank=ranks.rank, world=ranks.world)
+               for i, c in enumerate(corpora)]
     held = HeldOut(*(lambda c=c: iter_eval_batches(c.held_out, scale=meta["scale"], batch_size=B,
                                                    max_tokens=cfg.eval_max_tokens)
                      for c in corpora))
-    full = (lambda c=c: iter_contexts(c.train, meta["scale"]) for c in corpora)
-    stats = StatsData(*full, lambda: iter_contexts(data.retain.train, meta["scale"]))
+    def contexts(c):  # every training context of a corpus; given `ranks`, this rank's share
+        return lambda ranks=SINGLE: iter_contexts(shard(c.train, ranks.rank, ranks.world),
+                                                  meta["scale"])
+
+    stats = StatsData(contexts(data.retain), contexts(data.unlearn), contexts(data.retain))
     try:
         return run_loop(cfg, run, meta, *streams, held_out=held, progress=progress, on_step=on_step,
-                        stats_data=stats)
+                        stats_data=stats, ranks=ranks)
     finally:
         for s in streams:
             s.close()
@@ -119,10 +133,11 @@ def train_on_streams(cfg: TrainConfig, retain: Iterator[Tensor], unlearn: Iterat
     Streams with `state_dict` / `load_state_dict` (TokenStream) resume exactly; plain
     iterators resume from wherever they are. `on_step(step)` runs after each step.
     """
-    meta = {"d_model": d_model, "scale": 1.0, **(meta or {})}
-    run, cfg, meta = open_run(out, cfg, meta, resume=resume, overwrite=overwrite)
+    meta, ranks = {"d_model": d_model, "scale": 1.0, **(meta or {})}, ranks_from_env()
+    run, cfg, meta = ranks.from_main(lambda: open_run(out, cfg, meta, resume=resume,
+                                                      overwrite=overwrite))
     return run_loop(cfg, run, meta, retain, unlearn, held_out=held_out, progress=progress,
-                    on_step=on_step)
+                    on_step=on_step, ranks=ranks)
 
 
 @dataclass
@@ -143,8 +158,8 @@ class Training:
     log: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def new(cls, cfg: TrainConfig, d_model: int) -> "Training":
-        dev = torch.device(cfg.device)
+    def new(cls, cfg: TrainConfig, d_model: int, device: torch.device | None = None) -> "Training":
+        dev = torch.device(cfg.device) if device is None else device
         gen = torch.Generator().manual_seed(cfg.seed)
         sae = SAE(d_model, cfg.expansion * d_model, generator=gen).to(dev)
         ff = FeatureForget(sae.d_sae, cfg).to(dev) if cfg.method == "featureforget" else None
@@ -175,37 +190,39 @@ class Training:
 def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Iterator[Tensor],
              unlearn: Iterator[Tensor], *, held_out: HeldOut | None, progress: bool,
              on_step: Callable[[int], None] | None = None,
-             stats_data: StatsData | None = None) -> RunSummary:
-    """Phase 1, then phase 2 (METHOD §6), then the run folder's final artifacts."""
+             stats_data: StatsData | None = None, ranks: Ranks = SINGLE) -> RunSummary:
+    """Phase 1, then phase 2 (METHOD §6), then the run folder's final artifacts. Under torchrun
+    `retain` / `unlearn` yield this rank's parts of the global batches; every rank reads the
+    checkpoint (the run folder must be on a filesystem they share), rank 0 alone writes."""
     t0 = time.time()
-    if run.eval.is_file():  # resuming a finished run: nothing left to do
-        return _summary(cfg, run, meta, t0)
-    t = Training.new(cfg, meta["d_model"])
-    sae, ff, dev, n1 = t.sae, t.ff, t.sae.W_dec.device, cfg.phase1_steps
-    if run.checkpoint.is_file():
+    if ranks.from_main(run.eval.is_file):  # resuming a finished run: nothing left to do
+        return _summary(cfg, run, meta, t0, ranks)
+    t = Training.new(cfg, meta["d_model"], ranks.device(cfg.device))
+    sae, ff, dev, n1, main = t.sae, t.ff, t.sae.W_dec.device, cfg.phase1_steps, ranks.is_main
+    if ranks.from_main(run.checkpoint.is_file):
         t.restore(load_checkpoint(run.checkpoint), retain, unlearn)
     else:  # b_dec starts at the retain mean (SAELens, Anthropic 2024): residual streams carry
         with torch.no_grad():  # a large constant offset (most of E||x||^2 on Gemma 3)
-            sae.b_dec.copy_(next(retain).to(dev).mean(0))
-    metrics = MetricsLog(run.metrics, keep_until=t.step)
-    bar = tqdm(total=cfg.steps, initial=t.step, disable=not progress, desc=f"ff train {cfg.method}",
-               unit="step", dynamic_ncols=True)
+            sae.b_dec.copy_(ranks.means({"x": next(retain).to(dev)})[0]["x"])
+    metrics = MetricsLog(run.metrics, keep_until=t.step) if main else None
+    bar = tqdm(total=cfg.steps, initial=t.step, disable=not (progress and main),
+               desc=f"ff train {cfg.method}", unit="step", dynamic_ncols=True)
     for step in range(t.step, cfg.steps):
         phase2 = ff is not None and step >= n1
         if phase2 and step == n1:  # end of phase 1 (METHOD §6)
-            importance_passes(sae, ff, retain, unlearn, cfg)
+            importance_passes(sae, ff, retain, unlearn, cfg, ranks=ranks)
             if not all(torch.isfinite(x).all() for x in (ff.alpha_r, ff.alpha_u)):
                 raise _non_finite("feature importance", step, t.saved, run)
-            ff.refresh()
+            _recluster(ff, ranks)
         elif phase2 and (step - n1) % cfg.recluster_every == 0:  # METHOD §3
-            ff.refresh()
+            _recluster(ff, ranks)
         lr = lr_at(cfg, step)
         set_lr(t.opt, lr)
         if ff is not None and not phase2:  # phase 1: retain only, a whole step's worth
             x_r, x_u = torch.cat([next(retain), next(retain)]).to(dev), None
         else:
             x_r, x_u = next(retain).to(dev), next(unlearn).to(dev)
-        fw = train_step(sae, ff, t.opt, cfg, x_r, x_u, phase2=phase2)
+        fw = train_step(sae, ff, t.opt, cfg, x_r, x_u, phase2=phase2, ranks=ranks)
         if fw is None:
             raise _non_finite("loss", step, t.saved, run)
         t.step = step + 1
@@ -214,20 +231,31 @@ def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Ite
         _accumulate(t.log, fw.metrics)
         if t.step % cfg.log_every == 0 or t.step == cfg.steps:
             record = _log_record(t.log, t.step, lr, phase2, ff)
-            metrics.write(record)
+            if main:
+                metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", fvu=f"{record['fvu']:.3f}",
                             l0=f"{record['l0']:.1f}", refresh=False)
             t.log = {}
         if t.step % cfg.checkpoint_every == 0 or t.step == cfg.steps:
-            save_checkpoint(run.checkpoint, t.checkpoint(retain, unlearn))
+            if main:  # every rank holds the same state, stream positions included
+                save_checkpoint(run.checkpoint, t.checkpoint(retain, unlearn))
             t.saved = t.step
         bar.update(1)
         if on_step is not None:
             on_step(t.step)
     bar.close()
-    metrics.close()
-    _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data)
-    return _summary(cfg, run, meta, t0)
+    if main:
+        metrics.close()
+    _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data, ranks)
+    return _summary(cfg, run, meta, t0, ranks)
+
+
+def _recluster(ff: FeatureForget, ranks: Ranks) -> None:
+    """Clusters, tau and U (METHOD §3-§4) from the importance statistics, which are the same
+    on every rank: faiss k-means runs on rank 0 and every rank takes its result."""
+    if ranks.is_main:
+        ff.refresh()
+    ranks.broadcast_(ff.cluster, ff.centroids_raw, ff.tau, ff.candidate)
 
 
 def _non_finite(what: str, step: int, saved: int, run: RunFolder) -> NonFiniteLossError:
@@ -257,41 +285,52 @@ def _log_record(log: dict[str, float], step: int, lr: float, phase2: bool,
     return record
 
 
-def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=None) -> None:
-    """Final statistics and clusters, held-out evaluation, then the run folder's artifacts."""
+def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=None,
+            ranks: Ranks = SINGLE) -> None:
+    """Final statistics and clusters, held-out evaluation, then the run folder's artifacts.
+    Under torchrun every rank measures its share of the training tokens; rank 0 evaluates on
+    the held-out tokens and writes the files."""
     sae.eval()
     if ff is not None:
-        ff.refresh()  # clusters, tau and U for the final weights, warm-started
+        _recluster(ff, ranks)  # clusters, tau and U for the final weights, warm-started
         cluster_F, cand_F = ff.cluster.cpu(), ff.candidate.cpu()
     else:
         cluster_F, cand_F = torch.full((sae.d_sae,), -1, dtype=torch.long), None
     # Both methods' statistics come from one estimator over the same tokens (selection.py):
     # every training token of each corpus, or a few stream batches without a store.
-    sd = stats_data or StatsData(lambda: islice(retain, cfg.importance_batches),
-                                 lambda: islice(unlearn, cfg.importance_batches), None)
+    # Under torchrun each rank measures its share (stream batches: its part of each batch).
+    sd = stats_data or StatsData(lambda ranks=SINGLE: islice(retain, cfg.importance_batches),
+                                 lambda ranks=SINGLE: islice(unlearn, cfg.importance_batches), None)
     feats: dict[str, Tensor] = {}
     for suffix, batches in (("r", sd.retain), ("u", sd.unlearn)):
-        for k, v in corpus_stats(sae, batches(), cfg.l1).items():
+        for k, v in _corpus_stats(sae, batches(ranks), cfg.l1, ranks).items():
             feats[f"{k}_{suffix}"] = v
     if ff is not None:  # the running means the candidate rule (METHOD §4) decided on, kept apart
         feats.update({f"train_{k}": getattr(ff, k).float().cpu() for k in ("alpha_r", "alpha_u", "freq_r", "freq_u")})
     if cand_F is None:
         cand_F = saebench_select(feats["freq_r"], feats["freq_u"], cfg.compare_n or 20,
                                  cfg.saebench_retain_freq)
-    held = held_out or HeldOut(lambda: (), lambda: ())
-    report, r, u = evaluate(sae, held.retain(), held.unlearn(),
-                            candidate_F=cand_F if ff is not None else None,
-                            freq_r_F=feats["freq_r"], freq_u_F=feats["freq_u"],
-                            retain_threshold=cfg.saebench_retain_freq, extra_sizes=[cfg.compare_n])
-    if ff is None:
-        report["candidates"] = set_shares("saebench", cand_F, r, u)
-    feats.update({"cluster": cluster_F, "candidate": cand_F, "eval_mass_r": r.mass_F,
-                  "eval_mass_u": u.mass_F})
-    sae.save(run.sae)
-    write_features(run.features, feats)
+    report, held_mass = {}, {}
+    if ranks.is_main:
+        held = held_out or HeldOut(lambda: (), lambda: ())
+        report, r, u = evaluate(sae, held.retain(), held.unlearn(),
+                                candidate_F=cand_F if ff is not None else None,
+                                freq_r_F=feats["freq_r"], freq_u_F=feats["freq_u"],
+                                retain_threshold=cfg.saebench_retain_freq,
+                                extra_sizes=[cfg.compare_n])
+        if ff is None:
+            report["candidates"] = set_shares("saebench", cand_F, r, u)
+        held_mass = {"eval_mass_r": r.mass_F, "eval_mass_u": u.mass_F}
+    feats.update({"cluster": cluster_F, "candidate": cand_F, **held_mass})
+    shares = None
     if sd.retain_contexts is not None:  # the sequence gate's thresholds (selection.py)
         sets = calibration_sets(feats, cfg.method)
-        shares = calibrate(sae, sd.retain_contexts(), sets)
+        shares = _calibrate(sae, sd.retain_contexts(ranks), sets, ranks)  # None but on rank 0
+    if not ranks.is_main:
+        return
+    sae.save(run.sae)
+    write_features(run.features, feats)
+    if shares is not None:
         gate = {**{f"{k}/features": v for k, v in sets.items()},
                 **{f"{k}/share": torch.from_numpy(shares[k]) for k in sets}}
         gate.update(_probe(sae, sd, meta))
@@ -311,6 +350,49 @@ def _probe(sae, sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
             "probe/max": probe.retain_max_C.float()}
 
 
+def _corpus_stats(sae: SAE, items: Iterable, l1: float, ranks: Ranks) -> dict[str, Tensor]:
+    """corpus_stats (selection.py) over every rank's share of a corpus. Each statistic is a
+    mean over tokens (act: over the tokens where the feature fires; ctx: over contexts), so
+    the ranks' means are turned back into totals, added up, and divided again."""
+    if ranks.world == 1:
+        return corpus_stats(sae, items, l1)
+    seen = [0, 0]  # tokens, contexts
+
+    def counted():
+        for item in items:
+            if isinstance(item, (tuple, list)):
+                seen[0], seen[1] = seen[0] + int(item[1].sum()), seen[1] + len(item[1])
+            else:
+                seen[0] += len(item)
+            yield item
+
+    s = {k: v.double() for k, v in corpus_stats(sae, counted(), l1).items()}
+    tot = {k: s[k] * seen[0] for k in ("freq", "mean", "mean_sq", "alpha")}
+    tot["freq"] = tot["freq"].round()  # firing counts
+    tot["act"] = s["act"] * tot["freq"]
+    tot["ctx"] = s.get("ctx", torch.zeros_like(s["freq"])) * seen[1]
+    n = torch.tensor(seen, dtype=torch.float64)
+    ranks.sum_(*tot.values(), n)
+    n_tok, n_ctx = max(float(n[0]), 1.0), float(n[1])
+    out = {"freq": tot["freq"] / n_tok, "mean": tot["mean"] / n_tok,
+           "mean_sq": tot["mean_sq"] / n_tok, "act": tot["act"] / tot["freq"].clamp_min(1),
+           "alpha": tot["alpha"] / n_tok}
+    if n_ctx:
+        out["ctx"] = tot["ctx"] / n_ctx
+    return {k: v.float() for k, v in out.items()}
+
+
+def _calibrate(sae: SAE, contexts: Iterable, sets: dict[str, Tensor],
+               ranks: Ranks) -> dict[str, np.ndarray] | None:
+    """calibrate (selection.py) over every rank's contiguous share of the retain contexts ->
+    the shares of all of them in store order, on rank 0 (None on the other ranks)."""
+    shares = calibrate(sae, contexts, sets)
+    if ranks.world == 1:
+        return shares
+    parts = ranks.gather(shares)
+    return None if parts is None else {k: np.concatenate([p[k] for p in parts]) for k in sets}
+
+
 def _clusters_json(ff: FeatureForget | None) -> dict[str, Any]:
     if ff is None:
         return {"n_clusters": 0, "tau": [], "gate_r": [], "gate_u": [], "size": [],
@@ -323,8 +405,9 @@ def _clusters_json(ff: FeatureForget | None) -> dict[str, Any]:
             "n_candidates": torch.bincount(ff.cluster[ff.candidate].cpu(), minlength=n_c).tolist()}
 
 
-def _summary(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], t0: float) -> RunSummary:
-    report = json.loads(run.eval.read_text())
+def _summary(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], t0: float,
+             ranks: Ranks = SINGLE) -> RunSummary:
+    report = ranks.from_main(lambda: json.loads(run.eval.read_text()))
     return RunSummary(str(run.path), cfg.method, cfg.steps, cfg.expansion * meta["d_model"],
                       float(meta["scale"]), int(report.get("candidates", {}).get("n", 0)), report,
                       time.time() - t0)
