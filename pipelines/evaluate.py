@@ -205,6 +205,9 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     t0, c0 = time.perf_counter(), time.process_time()
     run = load_run(run_dir)
     check_model(run, lm)
+    if "probe" in cfg.grid.gates and "probe/w" not in run.gate:  # before the long clean passes
+        raise EvalError(f"{run.path} has no probe gate (a run from an older ff): retrain it, or sweep "
+                        "the other gates with --gate both")
     run.sae.to(lm.device)
     model, tag = lm.model, f"[eval {run.path.name}: {run.method} layer {run.layer}]"
     verify_fast_path(model, run.layer)

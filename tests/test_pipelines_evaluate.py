@@ -290,3 +290,19 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     above = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias + 1e-4))
     assert float(below.threshold) < float(peak_Q[q]) < float(above.threshold)
     assert calibrate_probe(settings, run, data, cfg.replace(gate_calibration="train")) == settings
+
+
+def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, tmp_path):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file, save_file
+
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    gate = {k: v for k, v in load_file(str(run / "gate.safetensors")).items() if not k.startswith("probe/")}
+    save_file(gate, str(run / "gate.safetensors"))
+    with pytest.raises(EvalError, match="no probe gate.*--gate both"):
+        evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
+    small = cfg.replace(grid=replace(cfg.grid, gates=("none", "sequence"), multipliers=(5.0,), top_n=(10,),
+                                     selections=("candidates",)))
+    res = evaluate_run(run, lm, small, progress=False)
+    assert set(res["best_by_gate"]) == {"none", "sequence"}
