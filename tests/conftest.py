@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -178,3 +182,20 @@ def s3_bucket(s3_server, monkeypatch, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def kill_when(proc: subprocess.Popen, written: Callable[[], int], n: int, *, timeout: float = 120.0,
+              what: str = "the run") -> None:
+    """SIGKILL `proc` as soon as `written()` (e.g. chunks in the store) reaches n; `written` may
+    raise while the store is still being created. Fails if the process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            if written() >= n:
+                break
+        except Exception:
+            continue
+    assert proc.poll() is None, f"{what} finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from click.testing import CliRunner
 from cache.build import CacheConfig, build_cache, default_layers
 from cache.store import from_storage, open_store
 from cli import main
-from conftest import write_corpus
+from conftest import kill_when, write_corpus
 
 
 def _cfg(tiny_model, tiny_corpora, **kw) -> CacheConfig:
@@ -130,19 +128,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, tiny_model):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", str(killed)], env=env,
                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    n_done = 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-        try:
-            n_done = int(open_store(killed).corpus("retain").completed_chunks().sum())
-        except Exception:
-            continue
-        if n_done >= 5:
-            break
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: int(open_store(killed).corpus("retain").completed_chunks().sum()), 5)
     store = open_store(killed)
     assert not store.meta.complete and 5 <= store.corpus("retain").completed_chunks().sum() < 120
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from cache.lock import LOCK_FILE, SHARD_DIR, WriterLock
 from cache.shard import Shard, ShardError, global_chunks, record_shard, shard_device, shard_from_env
 from cache.store import open_store
 from cli import main
-from conftest import assert_same_store, write_corpus
+from conftest import assert_same_store, kill_when, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -128,16 +126,8 @@ def test_shard_killed_mid_write_then_rerun_ends_equal(tmp_path, tiny_model):
     out = tmp_path / "s.zarr"
     args = [cache_args(tiny_model, corpora, out, "--shard", f"{i}/2", **sizes) for i in (0, 1)]
     victim, other = spawn(args[0]), spawn(args[1])
-    deadline, mine = time.time() + 120, 0
-    while time.time() < deadline and victim.poll() is None and mine < 3:
-        time.sleep(0.05)
-        try:
-            mine = int(open_store(out).corpus("retain").completed_chunks()[0::2].sum())
-        except Exception:
-            continue
-    assert victim.poll() is None, "shard 0 finished before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_when(victim, lambda: int(open_store(out).corpus("retain").completed_chunks()[0::2].sum()), 3,
+              what="shard 0")
     assert "chunk(s) of other shards still to come" in finish([other])[0]
     store = open_store(out)
     assert not store.meta.complete

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 
 from cache.store import open_store
 from cli import main
-from conftest import S3_SECRET, assert_same_store, make_store, write_corpus
+from conftest import S3_SECRET, assert_same_store, kill_when, make_store, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,18 +131,7 @@ def test_kill_9_of_ff_cache_into_s3_then_resume_equals_uninterrupted(tmp_path, t
     proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", killed], env=env,
                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline, n_done = time.time() + 120, 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-        try:
-            n_done = int(open_store(killed).corpus("retain").completed_chunks().sum())
-        except Exception:
-            continue
-        if n_done >= 5:
-            break
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: int(open_store(killed).corpus("retain").completed_chunks().sum()), 5)
     store = open_store(killed)
     assert not store.meta.complete and 5 <= store.corpus("retain").completed_chunks().sum() < 60
 
