@@ -57,6 +57,8 @@ class Edited(NamedTuple):
     """bool [B, T]: positions that were edited (the others are bit-identical)."""
     open_BT: Tensor
     """bool [B, T]: where the gate was open (all True without a gate)."""
+    signal_BT: Tensor | None = None
+    """The gate's per-token signal (Intervention.signal); None where no features are edited."""
 
     @property
     def changed_B(self) -> Tensor:
@@ -187,12 +189,13 @@ class Intervention:
                           editable_BT, all_BT)
         f_BTS = self.selected_acts(h_BTD) * editable_BT[..., None]
         active_BTS = f_BTS > 0
-        open_BT = self.gate(self.signal(h_BTD, active_BTS), editable_BT, seg_BT, start)
+        signal_BT = self.signal(h_BTD, active_BTS)
+        open_BT = self.gate(signal_BT, editable_BT, seg_BT, start)
         active_BTS &= open_BT[..., None]
         # clamp: t = -m act_u where f > 0 (SAEBench); ablate: t = 0. Elsewhere f - t = 0.
         t_BTS = -self.t_S * active_BTS
         delta_BTD = (((f_BTS * active_BTS) - t_BTS) @ self.W_dec_SD) / self.scale
-        return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1), open_BT)
+        return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1), open_BT, signal_BT)
 
     @torch.no_grad()
     def signal(self, h_BTD: Tensor, active_BTS: Tensor | None = None) -> Tensor:
@@ -238,9 +241,10 @@ class Intervention:
                 editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
             iv = self.to(h_BTD.device)
             start = state["counts"]  # KV-cached generation: the gate's counts so far
-            new_BTD = iv.edit(h_BTD, editable_BT, start=start).h_BTD
+            edited = iv.edit(h_BTD, editable_BT, start=start)
+            new_BTD = edited.h_BTD
             if iv.threshold is not None:
-                fires_B1 = (iv.signal(h_BTD) * editable_BT).sum(1, keepdim=True)
+                fires_B1 = (edited.signal_BT * editable_BT).sum(1, keepdim=True)
                 seen_B1 = editable_BT.sum(1, keepdim=True)
                 prev = start or (0, 0)
                 state["counts"] = (prev[0] + fires_B1.float(), prev[1] + seen_B1.float())
