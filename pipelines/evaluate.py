@@ -105,7 +105,7 @@ def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
 
 
 def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,
-              selection: dict[str, Any]) -> dict[str, Any]:
+              selection: dict[str, Any], detection: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
     """The chosen entry with intervals on both halves, the gate's open rates and the selection's
     topic-detection AUROCs (the report's and `ff eval --json`'s `best`)."""
     fc, rc, f_test, r_test = best["_correct"][key]
@@ -121,7 +121,12 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
         if data.has(name):
             rates[f"open_rate_{name.replace('_text', '')}"] = float(getattr(data, name).row_shares(iv)[1].double().mean())
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, **rates, "detection": detector_quality(data, iv)}
+                   else None, "threshold": iv.threshold, **rates}
+    # the gate's signal depends on the run (probe) or the selection (sequence), not the threshold
+    gate_key = (iv.setting.gate,) if iv.setting.gate != "sequence" else ("sequence", iv.setting.set_key)
+    if gate_key not in detection:
+        detection[gate_key] = detector_quality(data, iv)
+    out["gate"]["detection"] = detection[gate_key]
     out["selection"] = selection[iv.setting.set_key]
     return out
 
@@ -135,9 +140,7 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
     todo = [s for s in settings if s.gate == "probe" and s.gate_threshold is None and s.edits_features]
     if cfg.gate_calibration == "train" or not todo:
         return settings
-    if "probe/w" not in run.gate:
-        raise EvalError(f"{run.path} has no probe gate (retrain it with this ff), or leave out --gate probe")
-    iv = Intervention(run, todo[0].replace(gate_threshold=0.0))
+    iv = Intervention(run, todo[0].replace(gate_threshold=0.0))  # refuses a run without a probe
     bias = float(run.gate["probe/b"][0])
     peaks = [getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q] for n in ("retain_mcq", "ood_retain_mcq")
              if data.has(n)]
@@ -231,6 +234,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         sweep.append(measure(data, model, iv, clean, metrics))
         _log(progress, f"{tag} {i}/{len(settings)} {_describe(sweep[-1])}")
     measured: dict[str, dict[str, Any]] = {}
+    detection: dict[tuple, dict[str, Any]] = {}
 
     def complete(e: dict[str, Any]) -> dict[str, Any]:
         """The entry with every metric: without sweep_losses the CE losses are measured for the
@@ -249,13 +253,13 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             out[name], out[f"{name}_reason"] = None, "no out-of-distribution sets configured"
             continue
         best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"))
-        out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection)
+        out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection, detection)
         out[f"{name}_reason"] = reason
     by_gate = {}
     for gate in cfg.grid.gates:
         b, reason = pick_best([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
                               cfg.max_retain_ce_rise)
-        by_gate[gate] = {"best": None if b is None else _finalize(complete(b), "", data, run, cfg, selection),
+        by_gate[gate] = {"best": None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection),
                          "reason": reason}
     if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:
         fc, rc, f_test, r_test = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]["ood_"]
