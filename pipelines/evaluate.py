@@ -208,9 +208,10 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     t0, c0 = time.perf_counter(), time.process_time()
     run = load_run(run_dir)
     check_model(run, lm)
-    if "probe" in cfg.grid.gates and "probe/w" not in run.gate:  # before the long clean passes
-        raise EvalError(f"{run.path} has no probe gate (a run from an older ff): retrain it, or sweep "
-                        "the other gates with --gate both")
+    probe_w = run.gate.get("probe/w")
+    if "probe" in cfg.grid.gates and (probe_w is None or probe_w.shape != (run.sae.d_model,)):
+        raise EvalError(f"{run.path} has no probe gate on the residual stream (a run from an older ff): "
+                        "retrain it, or sweep the other gates with --gate both")  # before the long clean passes
     run.sae.to(lm.device)
     model, tag = lm.model, f"[eval {run.path.name}: {run.method} layer {run.layer}]"
     verify_fast_path(model, run.layer)

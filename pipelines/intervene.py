@@ -109,6 +109,9 @@ def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> floa
     if setting.gate == "probe":
         if "probe/w" not in run.gate:
             raise EvalError(f"{run.path} has no probe gate (train it with this ff), or use --gate sequence")
+        if run.gate["probe/w"].shape != (run.sae.d_model,):
+            raise EvalError(f"{run.path}: its probe gate reads SAE features (a run from an older ff); "
+                            "retrain it, or use --gate sequence")
         score = setting.gate_threshold
         if score is None:
             score = threshold_at(run.gate["probe/max"].numpy(), setting.gate_percentile)
@@ -138,8 +141,8 @@ class Intervention:
         self.threshold = gate_threshold(run, setting, self.features) if gated else None
         """The gate's threshold on the running mean of `signal`; None: no gate."""
         probe = gated and setting.gate == "probe"
-        self.probe_w_F = run.gate["probe/w"].float().clone() if probe else None
-        """Probe gate: the detector's weights on every feature's firing (trainer/detector.py)."""
+        self.probe_w_D = run.gate["probe/w"].float().clone() if probe else None
+        """Probe gate: the detector's weights on the normalised residual stream (trainer/detector.py)."""
         self.t_S = (setting.multiplier * run.features["act_u"][self.features].float()
                     if setting.mode == "clamp" else torch.zeros(len(self.features)))
         """Clamp targets -t_S: m times each feature's mean firing value on unlearn tokens."""
@@ -149,7 +152,6 @@ class Intervention:
             self.W_dec_SD = sae.W_dec[self.features].detach().clone()
             self.b_dec_D = sae.b_dec.detach().clone()
         self.sae = sae if setting.mode == "splice" else None
-        self._sae = sae if self.probe_w_F is not None else None
 
     @property
     def n_features(self) -> int:
@@ -158,9 +160,8 @@ class Intervention:
     def to(self, device: Any) -> "Intervention":
         for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D", "t_S"):
             setattr(self, name, getattr(self, name).to(device))
-        if self.probe_w_F is not None:
-            self.probe_w_F = self.probe_w_F.to(device)
-            self._sae = self._sae.to(device)
+        if self.probe_w_D is not None:
+            self.probe_w_D = self.probe_w_D.to(device)
         if self.sae is not None:
             self.sae = self.sae.to(device)
         return self
@@ -200,10 +201,9 @@ class Intervention:
     @torch.no_grad()
     def signal(self, h_BTD: Tensor, active_BTS: Tensor | None = None) -> Tensor:
         """The gate's per-token signal [B, T], whose running mean it compares with the threshold:
-        whether a selected feature fires (sequence gate), or the probe's 1[f > 0] . w (probe gate)."""
-        if self.probe_w_F is not None:
-            x_BTD = h_BTD.to(self.probe_w_F.dtype) * self.scale
-            return token_scores(self._sae.encode(x_BTD) > 0, self.probe_w_F)
+        whether a selected feature fires (sequence gate), or the probe's x . w (probe gate)."""
+        if self.probe_w_D is not None:
+            return token_scores(h_BTD.to(self.probe_w_D.dtype) * self.scale, self.probe_w_D)
         if active_BTS is None:
             active_BTS = self.selected_acts(h_BTD) > 0
         return active_BTS.any(-1).float()

@@ -302,6 +302,12 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
     save_file(gate, str(run / "gate.safetensors"))
     with pytest.raises(EvalError, match="no probe gate.*--gate both"):
         evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
+    d_sae = len(load_file(str(run / "features.safetensors"))["freq_r"])  # an older probe on SAE features
+    save_file({**gate, "probe/w": torch.ones(d_sae), "probe/b": torch.zeros(1), "probe/max": torch.zeros(4)},
+              str(run / "gate.safetensors"))
+    with pytest.raises(EvalError, match="no probe gate on the residual stream.*--gate both"):
+        evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
+    save_file(gate, str(run / "gate.safetensors"))
     small = cfg.replace(grid=replace(cfg.grid, gates=("none", "sequence"), multipliers=(5.0,), top_n=(10,),
                                      selections=("candidates",)))
     res = evaluate_run(run, lm, small, progress=False)

@@ -36,14 +36,14 @@ def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: in
         for c in ("r", "u"):
             feats[f"{k}_{c}"] = torch.rand(d_sae, generator=g)
     save_file(feats, str(path / "features.safetensors"))
-    write_gate(path, feats, method, g)
+    write_gate(path, feats, method, g, d_model)
     cfg = {"method": method, "layer": layer, "model": model, "model_hash": model_hash,
            "d_model": d_model, "d_sae": d_sae, "scale": scale, "ctx_len": 32}
     (path / "config.json").write_text(json.dumps(cfg))
     return path
 
 
-def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, share: float = 0.1) -> None:
+def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, d_model: int, share: float = 0.1) -> None:
     """RUN/gate.safetensors for every selection `ff train` calibrates, with retain shares drawn
     uniformly in [0, share) over 40 contexts."""
     from safetensors.torch import save_file
@@ -53,8 +53,8 @@ def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, share: 
     sets = calibration_sets(feats, method)
     gate = {f"{k}/features": v for k, v in sets.items()}
     gate.update({f"{k}/share": torch.rand(40, generator=g) * share for k in sets})
-    d_sae = len(feats["freq_r"])  # the probe gate's detector (trainer/detector.py), random
-    gate.update({"probe/w": torch.randn(d_sae, generator=g), "probe/b": torch.tensor([-0.5]),
+    # the probe gate's detector (trainer/detector.py), random
+    gate.update({"probe/w": torch.randn(d_model, generator=g), "probe/b": torch.tensor([-0.5]),
                  "probe/max": torch.randn(40, generator=g)})
     save_file(gate, str(path / "gate.safetensors"))
 

@@ -206,22 +206,10 @@ def test_auroc_and_verdict():
 # ---- the probe gate (trainer/detector.py) ---------------------------------------------------
 
 
-def _marker_sae() -> SAE:
-    """Feature i fires exactly where x[..., i] > 0 (i < 3); the others never fire."""
-    sae = SAE(4, 6, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        sae.W_enc.zero_()
-        sae.b_dec.zero_()
-        sae.b_enc.fill_(-1.0)
-        for i in range(3):
-            sae.W_enc[i, i] = 2.0
-            sae.b_enc[i] = -1.0
-    return sae
-
-
 def _marked_contexts(n: int, marker: int, seed: int, T: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n contexts in blocks of 4; `marker`'s feature fires on ~30% of tokens, feature 2 (shared by
-    both corpora) on ~50%; position 0 is BOS (not editable)."""
+    """n contexts in blocks of 4 (x [4, T, 4]): direction `marker` is 1 on ~30% of tokens,
+    direction 2 (shared by both corpora) on ~50%, direction 3 always 0; position 0 is BOS (not
+    editable)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.zeros(n, T, 4)
     x[..., marker] = (torch.rand(n, T, generator=g) < 0.3).float()
@@ -231,25 +219,31 @@ def _marked_contexts(n: int, marker: int, seed: int, T: int = 40) -> list[tuple[
     return [(x[i:i + 4], m[i:i + 4]) for i in range(0, n, 4)]
 
 
-def test_probe_learns_the_topic_features_and_calibrates_on_unseen_retain_contexts():
-    from trainer.detector import fit_probe, token_scores
+def test_probe_learns_the_topic_directions_and_calibrates_on_unseen_retain_contexts():
+    from trainer.detector import fit_probe, max_score, token_scores
 
-    sae = _marker_sae()
     retain, unlearn = _marked_contexts(24, 1, 0), _marked_contexts(24, 0, 1)
-    probe = fit_probe(sae, retain, unlearn, n_retain=24, n_unlearn=24, lengths=(8, 16, 39))
-    assert probe.w_F[0] > 0 > probe.w_F[1], "unlearn marker up, retain marker down"
-    assert abs(float(probe.w_F[2])) < 0.5 * min(float(probe.w_F[0]), -float(probe.w_F[1]))
-    assert torch.equal(probe.w_F[3:], torch.zeros(3)), "features that never fire get no weight"
+    reads = []
+
+    def retain_fn():  # read twice: to fit, then to calibrate
+        reads.append(1)
+        return iter(retain)
+
+    probe = fit_probe(retain_fn, unlearn, n_retain=24, n_unlearn=24, lengths=(8, 16))
+    assert len(reads) == 2
+    assert probe.w_D[0] > 0 > probe.w_D[1], "unlearn marker up, retain marker down"
+    assert abs(float(probe.w_D[2])) < 0.5 * min(float(probe.w_D[0]), -float(probe.w_D[1]))
+    assert float(probe.w_D[3]) == 0.0, "a constant direction gets no weight"
     assert probe.retain_max_C.shape == (24,) and bool(torch.isfinite(probe.retain_max_C).all())
+    # the calibration is each context's highest causal score from position GATE_MIN_TOKENS on
+    x, m = retain[0][0][0], retain[0][1][0]
+    s_T = (token_scores(x, probe.w_D) * m).cumsum(0) / m.float().cumsum(0).clamp_min(1) + probe.b
+    assert float(max_score(x, m, probe.w_D, probe.b)) == pytest.approx(float(s_T[m.cumsum(0) >= 8].max()), abs=1e-5)
+
     # fresh contexts: the whole-context score separates the corpora, and the calibrated p100
     # threshold keeps the gate shut on most unseen retain contexts while unlearn ones pass it
-    @torch.no_grad()
     def score(ctxs):
-        out = []
-        for x, m in ctxs:
-            fired = (sae.encode(x) > 0) & m[..., None]
-            out.append(token_scores(fired, probe.w_F).sum(1) / m.sum(1) + probe.b)
-        return torch.cat(out)
+        return torch.cat([(token_scores(x, probe.w_D) * m).sum(1) / m.sum(1) + probe.b for x, m in ctxs])
     r_new, u_new = score(_marked_contexts(24, 1, 5)), score(_marked_contexts(24, 0, 6))
     assert auroc(u_new, r_new) == 1.0
     thr = threshold_at(probe.retain_max_C.numpy(), 100)

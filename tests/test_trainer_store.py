@@ -88,6 +88,9 @@ def test_train_from_store_writes_run_folder(tmp_path, method):
     assert summary.eval["unlearn"]["tokens"] == 4 * (CTX - 1) - 2  # 6 chunks -> 1 held out
     assert set(load_file(str(tmp_path / "run" / "features.safetensors"))) >= {
         "alpha_r", "alpha_u", "freq_r", "freq_u", "cluster", "candidate"}
+    gate = load_file(str(tmp_path / "run" / "gate.safetensors"))  # the probe gate reads the residual stream
+    assert gate["probe/w"].shape == (D,) and gate["probe/b"].shape == (1,)
+    assert len(gate["probe/max"]) == config["retain_contexts"][0] and bool(torch.isfinite(gate["probe/max"]).all())
 
 
 def test_cli_train_options_reach_the_run_config(tmp_path):

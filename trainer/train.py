@@ -333,20 +333,20 @@ def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=None,
     if shares is not None:
         gate = {**{f"{k}/features": v for k, v in sets.items()},
                 **{f"{k}/share": torch.from_numpy(shares[k]) for k in sets}}
-        gate.update(_probe(sae, sd, meta))
+        gate.update(_probe(sd, meta))
         write_features(run.gate, gate)
     write_json(run.clusters, _clusters_json(ff))
     write_json(run.eval, {"method": cfg.method, "layer": meta.get("layer"), **report})
 
 
-def _probe(sae, sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
-    """The probe gate's detector, fitted on the training contexts of both corpora and
-    calibrated on retain contexts it did not see (trainer/detector.py)."""
+def _probe(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """The probe gate's detector on the residual stream, fitted on the training contexts of both
+    corpora and calibrated on retain contexts it did not see (trainer/detector.py)."""
     from trainer.detector import fit_probe
 
     n_r, n_u = (int((meta.get(f"{c}_contexts") or [0])[0]) for c in ("retain", "unlearn"))
-    probe = fit_probe(sae, sd.retain_contexts(), sd.unlearn(), n_retain=max(n_r, 1), n_unlearn=max(n_u, 1))
-    return {"probe/w": probe.w_F.float(), "probe/b": torch.tensor([probe.b], dtype=torch.float32),
+    probe = fit_probe(sd.retain_contexts, sd.unlearn(), n_retain=max(n_r, 1), n_unlearn=max(n_u, 1))
+    return {"probe/w": probe.w_D.float(), "probe/b": torch.tensor([probe.b], dtype=torch.float32),
             "probe/max": probe.retain_max_C.float()}
 
 
