@@ -120,8 +120,15 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     for name in ("retain_text", "forget_text", "ood_retain_text", "ood_forget_text"):
         if data.has(name):
             rates[f"open_rate_{name.replace('_text', '')}"] = float(getattr(data, name).row_shares(iv)[1].double().mean())
+    questions = {}  # test-half questions on which the gate opens somewhere (its peak passes the threshold)
+    for name in ("forget_mcq", "retain_mcq", "ood_forget_mcq", "ood_retain_mcq"):
+        if data.has(name):
+            es = getattr(data, name)
+            opened_Q = (es.gate_peaks(iv) > iv.threshold if iv.threshold is not None
+                        else torch.ones(len(es.test_Q), dtype=torch.bool))
+            questions[name.replace("_mcq", "")] = float(opened_Q[es.test_Q].double().mean())
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, **rates}
+                   else None, "threshold": iv.threshold, **rates, "open_rate_questions": questions}
     # the gate's signal depends on the run (probe) or the selection (sequence), not the threshold
     gate_key = (iv.setting.gate,) if iv.setting.gate != "sequence" else ("sequence", iv.setting.set_key)
     if gate_key not in detection:

@@ -188,13 +188,14 @@ def _change(d: dict[str, Any] | None) -> str:
 def markdown_table(results: dict[str, dict[int, dict]]) -> str:
     """Per layer, the four configurations: test score with interval, MCQ, CE and gate."""
     head = ("| layer | configuration | setting | test score [95% CI] | correct-subset score | forget MCQ (test) | "
-            "retain MCQ (test) | forget CE | retain CE | gate open: retain / forget text | AUROC text / MCQ |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "retain MCQ (test) | forget CE | retain CE | gate open: retain / forget text | gate AUROC text / MCQ | "
+            "selected features' AUROC text / MCQ |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for l in sorted({l for r in results.values() for l in r}):
         for name, b, reason in configurations(results, l):
             if b is None:
-                rows.append(f"| {l} | {name} | no retain-safe setting | n/a | n/a | | | | | | |")
+                rows.append(f"| {l} | {name} | no retain-safe setting | n/a | n/a | | | | | | | |")
                 continue
             t, g = b["test"], b.get("gate", {})
             rows.append(
@@ -202,22 +203,33 @@ def markdown_table(results: dict[str, dict[int, dict]]) -> str:
                 f"{_num(t.get('correct_subset_score'))} | {_fmt_pair(t['forget_mcq'], 2)} | "
                 f"{_fmt_pair(t['retain_mcq'], 2)} | {_change(b.get('forget_loss'))} | {_change(b.get('retain_loss'))} | "
                 f"{_num(g.get('open_rate_retain'), 2)} / {_num(g.get('open_rate_forget'), 2)} | "
-                f"{_num(_det(b).get('auroc_text'), 2)} / {_num(_det(b).get('auroc_mcq'), 2)} |")
+                f"{_aurocs(_det(b), '')} | {_aurocs(b.get('selection'), '')} |")
     return head + "\n" + "\n".join(rows)
 
 
 def _det(b: dict[str, Any]) -> dict[str, Any]:
-    """The topic-detection AUROCs that matter for an entry: the probe's for a probe-gated
-    setting (its gate reads the detector), else the selected features' firing share."""
+    """The topic-detection AUROCs of an entry's gate: the probe's detector for a probe-gated
+    setting, the selected features' firing share for the sequence gate, none when static."""
     g = b.get("gate") or {}
+    if g.get("mode") == "none":
+        return {}
     return (g.get("detection") or {}) if g.get("mode") == "probe" else (b.get("selection") or {})
+
+
+def _aurocs(d: dict[str, Any] | None, suffix: str) -> str:
+    """"text / MCQ" AUROCs of a detection dict (suffix "_ood": out of distribution); "-" if none."""
+    d = d or {}
+    if d.get(f"auroc_text{suffix}") is None and d.get(f"auroc_mcq{suffix}") is None:
+        return "-"
+    return f"{_num(d.get(f'auroc_text{suffix}'), 2)} / {_num(d.get(f'auroc_mcq{suffix}'), 2)}"
 
 
 def ood_table(results: dict[str, dict[int, dict]]) -> str:
     """Out of distribution: the setting chosen on the OOD dev half, scored on its test half."""
     head = ("| layer | method | setting (OOD dev-selected) | OOD test score [95% CI] | biology MCQ (test) | "
-            "general MCQ (test) | biology CE | general CE | AUROC OOD text / MCQ | ID-selected setting's OOD test score |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+            "general MCQ (test) | biology CE | general CE | gate AUROC OOD text / MCQ | "
+            "selected features' AUROC OOD text / MCQ | ID-selected setting's OOD test score |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for l in sorted({l for r in results.values() for l in r}):
         for m in sorted(results, key=lambda m: (m != "featureforget", m)):
@@ -228,14 +240,14 @@ def ood_table(results: dict[str, dict[int, dict]]) -> str:
             transfer = (best.get("ood") or {}).get("test", {})
             tr = f"{_num(transfer.get('unlearning_score'))}{_ci(transfer.get('ci95'))}" if transfer else "n/a"
             if b is None:
-                rows.append(f"| {l} | {m} | {res.get('best_ood_reason') or 'n/a'} | n/a | | | | | | {tr} |")
+                rows.append(f"| {l} | {m} | {res.get('best_ood_reason') or 'n/a'} | n/a | | | | | | | {tr} |")
                 continue
             o = b["ood"]
             rows.append(
                 f"| {l} | {m} | {b['label']} | {_num(o['test']['unlearning_score'])}{_ci(o['test'].get('ci95'))} | "
                 f"{_fmt_pair(o['test']['forget_mcq'], 2)} | {_fmt_pair(o['test']['retain_mcq'], 2)} | "
                 f"{_change(o.get('forget_loss'))} | {_change(o.get('retain_loss'))} | "
-                f"{_num(_det(b).get('auroc_text_ood'), 2)} / {_num(_det(b).get('auroc_mcq_ood'), 2)} | {tr} |")
+                f"{_aurocs(_det(b), '_ood')} | {_aurocs(b.get('selection'), '_ood')} | {tr} |")
     return head + "\n" + "\n".join(rows)
 
 

@@ -263,6 +263,10 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
                 assert {"unlearning_score", "forget_mcq", "retain_mcq", "correct_subset_score"} <= set(b[part])
             assert len(b["test"]["ci95"]) == 2 and b["gate"]["mode"] == gate
             assert {"auroc_text", "auroc_mcq", "auroc_text_ood", "auroc_mcq_ood"} <= set(b["selection"])
+            opened = b["gate"]["open_rate_questions"]  # test-half questions the gate opens on (no OOD sets)
+            assert set(opened) == {"forget", "retain"} and all(0 <= v <= 1 for v in opened.values())
+            if gate == "none":
+                assert opened == {"forget": 1.0, "retain": 1.0}
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "best, gate none:" in r.output and "best, gate sequence:" in r.output
 

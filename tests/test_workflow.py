@@ -74,7 +74,13 @@ def test_report_table_and_verdict():
                "baseline": {8: _res((None,), (0.2, [0.1, 0.35], 0.8, 0.64, 0.7, 0.7))}}
     table = markdown_table(results)
     assert "| 8 | FeatureForget, gated | clamp m=10 top20 candidates gate p95 | 0.600 [0.50, 0.70] | 0.600 | " \
-           "0.80 -> 0.32 | 0.70 -> 0.70 | 2.00 -> 2.50 (+25.0%) | 2.00 -> 2.01 (+0.5%) | 0.05 / 0.90 | 0.95 / 0.80 |" in table
+           "0.80 -> 0.32 | 0.70 -> 0.70 | 2.00 -> 2.50 (+25.0%) | 2.00 -> 2.01 (+0.5%) | 0.05 / 0.90 | 0.95 / 0.80 | " \
+           "0.95 / 0.80 |" in table  # the sequence gate reads the selected features
+    probe = results["featureforget"][8]["best_by_gate"]["sequence"]["best"]
+    probe["gate"] = {**probe["gate"], "mode": "probe", "detection": {"auroc_text": 1.0, "auroc_mcq": 0.9}}
+    assert "| 0.05 / 0.90 | 1.00 / 0.90 | 0.95 / 0.80 |" in markdown_table(results)  # the probe's detector
+    results["featureforget"][8]["best_by_gate"]["none"]["best"]["gate"] = {"mode": "none"}
+    assert "(+0.5%) | n/a / n/a | - | 0.95 / 0.80 |" in markdown_table(results)  # static: no gate
     assert "| 8 | baseline SAE, static | no retain-safe setting | n/a |" in table
     v = verdict(results)
     assert "layer 8, gated: FeatureForget (gated) beats the baseline SAE (gated)" in v

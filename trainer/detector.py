@@ -10,13 +10,10 @@ well they *detect*. The probe gate reads the layer's whole (normalised) residual
 
 Because the score is linear in the running mean it is causal and cheap: a token contributes
 the scalar `x_s . w` once, and the gate keeps a running sum, exactly like the firing share of
-the sequence gate (KV-cached generation carries the two sums). Measured on the demo's held-out
-evaluation sets (docs/method.md), the residual stream detects the topic better than a probe on
-the SAE's feature firing: out-of-distribution question AUROC 0.99 against 0.94-0.96, and at the
-threshold that keeps the gate shut on 99% of retain questions it opens on 0.94 of unseen
-out-of-distribution biology questions against 0.4-0.5, and on 0.03 of retain prose against
-0.44-0.72. Both methods' runs at one layer thus share one detector (up to the fit), and their
-comparison is about the features they edit.
+the sequence gate (KV-cached generation carries the two sums). An earlier version read the
+SAE's feature firing instead; on the demo the residual stream detects the topic better, on
+question prompts and on prose (docs/method.md, "The probe gate"). Both methods' runs at one layer
+thus share one kind of detector, and their comparison is about the features they edit.
 
 Training (`ff train`, from the store, no LLM): examples are windows of the training contexts
 of both corpora, labelled unlearn = 1 and retain = 0: per context and per length in
