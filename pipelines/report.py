@@ -282,7 +282,8 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
 
 
 def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
-    """Mean and spread of the test score over training seeds, per method, layer and gate."""
+    """Mean and spread of the test score over training seeds, per method, layer and gate, and of
+    the out-of-distribution test score of each seed's OOD choice."""
     rows = ["| layer | method | gate | seeds | test score mean | min - max |", "|---|---|---|---|---|---|"]
     for m, by_layer in sorted(seeds.items()):
         for l, res_list in sorted(by_layer.items()):
@@ -292,6 +293,12 @@ def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
                 if vals:
                     rows.append(f"| {l} | {m} | {gate} | {len(res_list)} ({len(vals)} retain-safe) | "
                                 f"{np.mean(vals):.3f} | {min(vals):.3f} - {max(vals):.3f} |")
+            ood = [((r.get("best_ood") or {}).get("ood") or {}).get("test", {}).get("unlearning_score")
+                   for r in res_list]  # each seed's OOD-dev-chosen setting, any gate
+            ood = [v for v in ood if v is not None and v == v]
+            if ood:
+                rows.append(f"| {l} | {m} | out of distribution (chosen on its dev half) | {len(res_list)} "
+                            f"({len(ood)} general-safe) | {np.mean(ood):.3f} | {min(ood):.3f} - {max(ood):.3f} |")
     return "\n".join(rows)
 
 

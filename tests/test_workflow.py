@@ -97,3 +97,8 @@ def test_seeds_table_mean_and_spread():
     table = seeds_table({"featureforget": {4: runs}})
     assert "| 4 | featureforget | sequence | 2 (2 retain-safe) | 0.400 | 0.300 - 0.500 |" in table
     assert "| 4 | featureforget | none | 2 (1 retain-safe) | 0.100 | 0.100 - 0.100 |" in table
+    assert "out of distribution" not in table  # no seed has an OOD choice
+    runs[0]["best_ood"] = {"ood": {"test": {"unlearning_score": 0.5}}}
+    runs[1]["best_ood"] = {"ood": {"test": {"unlearning_score": 0.3}}}
+    table = seeds_table({"featureforget": {4: runs}})
+    assert "| 4 | featureforget | out of distribution (chosen on its dev half) | 2 (2 general-safe) | 0.400 | 0.300 - 0.500 |" in table
