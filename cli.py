@@ -431,7 +431,8 @@ def _load_for_run(run: str, model: str | None, device: str):
               help="Selection rules to sweep: candidates (FeatureForget runs), saebench, ratio. [preset]")
 @click.option("--gate", default=None, metavar="G1,G2,...|all",
               help="Gates to sweep, each with its own best setting: none (static clamp), sequence (share "
-              "of tokens on which a selected feature fires), probe (the run's topic detector); "
+              "of tokens on which a selected feature fires), probe (the run's topic detector on the residual "
+              "stream); "
               "'both' = none,sequence; 'all' = all three. [all]")
 @click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100),
               help="The sequence gate's threshold: this percentile of retain contexts' firing share. [95]")
@@ -538,7 +539,7 @@ def format_eval(res: dict) -> str:
 @click.option("--selection", default=None, type=click.Choice(["candidates", "saebench", "ratio"]),
               help="Feature selection rule.")
 @click.option("--gate", default=None, type=click.Choice(["none", "sequence", "probe"]),
-              help="Static clamp, the sequence gate, or the probe gate (the run's topic detector).")
+              help="Static clamp, the sequence gate, or the probe gate (the run's topic detector on the residual stream).")
 @click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100), help="The gate's retain percentile.")
 @click.option("--gate-threshold", default=None, type=float,
               help="An explicit gate threshold (firing share, or probe score); overrides the percentile.")
