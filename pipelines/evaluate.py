@@ -24,7 +24,7 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
-from pipelines.intervene import Intervention, LoadedRun, load_run
+from pipelines.intervene import Intervention, LoadedRun, load_run, probe_problem
 from pipelines.scoring import auroc, half, pick_best, unlearning_score
 from trainer.evaluate import eval_corpus
 
@@ -215,10 +215,8 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     t0, c0 = time.perf_counter(), time.process_time()
     run = load_run(run_dir)
     check_model(run, lm)
-    probe_w = run.gate.get("probe/w")
-    if "probe" in cfg.grid.gates and (probe_w is None or probe_w.shape != (run.sae.d_model,)):
-        raise EvalError(f"{run.path} has no probe gate on the residual stream (a run from an older ff): "
-                        "retrain it, or sweep the other gates with --gate both")  # before the long clean passes
+    if "probe" in cfg.grid.gates and (problem := probe_problem(run)) is not None:  # before the clean passes
+        raise EvalError(f"{run.path} {problem}: retrain it, or sweep the other gates with --gate both")
     run.sae.to(lm.device)
     model, tag = lm.model, f"[eval {run.path.name}: {run.method} layer {run.layer}]"
     verify_fast_path(model, run.layer)

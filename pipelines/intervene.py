@@ -102,16 +102,22 @@ def select_features(run: LoadedRun, setting: Setting) -> Tensor:
         raise EvalError(f"{run.path}: {e}") from None
 
 
+def probe_problem(run: LoadedRun) -> str | None:
+    """Why the run cannot use the probe gate (it has none, or an older one that read SAE
+    features), or None."""
+    w = run.gate.get("probe/w")
+    if w is None or w.shape != (run.sae.d_model,):
+        return "has no probe gate on the residual stream (a run from an older ff)"
+    return None
+
+
 def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> float:
     """The gate's threshold on the running mean of its per-token signal: for the sequence gate,
     from the calibration of the setting's selection; for the probe gate, the calibrated score
     percentile minus the probe's bias (trainer/detector.py)."""
     if setting.gate == "probe":
-        if "probe/w" not in run.gate:
-            raise EvalError(f"{run.path} has no probe gate (train it with this ff), or use --gate sequence")
-        if run.gate["probe/w"].shape != (run.sae.d_model,):
-            raise EvalError(f"{run.path}: its probe gate reads SAE features (a run from an older ff); "
-                            "retrain it, or use --gate sequence")
+        if (problem := probe_problem(run)) is not None:
+            raise EvalError(f"{run.path} {problem}: retrain it, or use --gate sequence")
         score = setting.gate_threshold
         if score is None:
             score = threshold_at(run.gate["probe/max"].numpy(), setting.gate_percentile)

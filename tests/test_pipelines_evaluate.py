@@ -311,6 +311,8 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
               str(run / "gate.safetensors"))
     with pytest.raises(EvalError, match="no probe gate on the residual stream.*--gate both"):
         evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
+    with pytest.raises(EvalError, match="no probe gate on the residual stream.*--gate sequence"):  # generate / API
+        Intervention(load_run(run), Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe"))
     save_file(gate, str(run / "gate.safetensors"))
     small = cfg.replace(grid=replace(cfg.grid, gates=("none", "sequence"), multipliers=(5.0,), top_n=(10,),
                                      selections=("candidates",)))
