@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.selection import GATE_MIN_TOKENS
+from trainer.selection import GATE_MIN_TOKENS, firing_share
 
 Contexts = Iterable[tuple[Tensor, Tensor]]
 """(x [C, T, D] normalised, editable [C, T]) per piece of a corpus."""
@@ -123,12 +123,11 @@ def _fit(x_NF: Tensor, y_N: Tensor, l2: float) -> tuple[Tensor, float]:
 def max_score(x_TD: Tensor, m_T: Tensor, w_D: Tensor, b: float, min_tokens: int = GATE_MIN_TOKENS) -> Tensor:
     """A context's highest causal score at any position with >= min_tokens editable tokens (a
     shorter context: its whole-context score; none editable: -inf)."""
-    seen_T = m_T.float().cumsum(0)
-    if not len(seen_T) or float(seen_T[-1]) == 0:
+    if not bool(m_T.any()):
         return torch.tensor(float("-inf"))
-    s_T = ((x_TD @ w_D) * m_T).cumsum(0) / seen_T.clamp_min(1) + b
-    ok_T = (seen_T >= min(min_tokens, float(seen_T[-1]))) & m_T
-    return s_T[ok_T].max()
+    share_1T, seen_1T = firing_share(token_scores(x_TD, w_D)[None], m_T[None])  # the gate's running mean
+    ok_T = (seen_1T[0] >= min(min_tokens, float(seen_1T[0, -1]))) & m_T
+    return share_1T[0][ok_T].max() + b
 
 
 def fit_probe(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: int, n_unlearn: int,
