@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-exported for the CLI)
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
-from pipelines.intervene import Intervention, LoadedRun, load_run, probe_problem
+from pipelines.intervene import Intervention, LoadedRun, load_run, probe_params, probe_problem
 from pipelines.scoring import auroc, half, pick_best, unlearning_score
+from trainer.detector import stored_l2s
 from trainer.evaluate import eval_corpus
 
 METRICS = ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")
@@ -139,24 +141,48 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
 
 
 def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg: EvalConfig) -> list[Setting]:
-    """Probe-gated settings with their threshold set from the retain dev prompts (cfg.gate_calibration
-    "dev"): the setting's percentile of the highest detector score of every retain question of
-    the dev halves, pooled in and out of distribution. The test halves never enter."""
+    """Probe-gated settings with their detector and threshold chosen on the dev halves
+    (cfg.gate_calibration "dev"). Threshold: the setting's percentile of the highest detector
+    score of every retain dev question, pooled in and out of distribution. Detector: of the
+    run's probes (one per L2 penalty, trainer/detector.py), the one whose gate, at the highest
+    percentile asked for, opens on the most forget dev questions (ties: the default). The test
+    halves never enter."""
     if cfg.gate_calibration not in ("dev", "train"):
         raise EvalError(f"unknown gate calibration '{cfg.gate_calibration}': use dev or train")
     todo = [s for s in settings if s.gate == "probe" and s.gate_threshold is None and s.edits_features]
     if cfg.gate_calibration == "train" or not todo:
         return settings
-    iv = Intervention(run, todo[0].replace(gate_threshold=0.0))  # refuses a run without a probe
-    bias = float(run.gate["probe/b"][0])
-    peaks = [getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q] for n in ("retain_mcq", "ood_retain_mcq")
-             if data.has(n)]
-    peak_Q = torch.cat(peaks).double()
-    peak_Q = peak_Q[torch.isfinite(peak_Q)]
-    if len(peak_Q) == 0:
+    top = max(s.gate_percentile for s in todo)
+    best: tuple[float, float | None, dict[float, float]] | None = None
+    for l2 in stored_l2s(run.gate) if todo[0].probe_l2 is None else [todo[0].probe_l2]:
+        thr, opened = _probe_thresholds(run, data, todo[0].replace(gate_threshold=0.0, probe_l2=l2),
+                                        {s.gate_percentile for s in todo}, top)
+        if best is None or opened > best[0]:
+            best = (opened, l2, thr)
+    assert best is not None  # evaluate_run refuses a run without a probe before this
+    _, l2, thr = best
+    return [s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2) if s in todo else s for s in settings]
+
+
+def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentiles: set[float],
+                      top: float) -> tuple[dict[float, float], float]:
+    """({percentile: threshold score} from the retain dev questions, share of forget dev
+    questions on which the gate opens at the `top` percentile) for one probe."""
+    iv = Intervention(run, setting)  # refuses a run without that probe
+    bias = probe_params(run, setting.probe_l2)[1]
+
+    def dev_peaks(names: tuple[str, ...]) -> Tensor:
+        peaks = [getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q] for n in names if data.has(n)]
+        peak_Q = torch.cat(peaks).double() if peaks else torch.zeros(0, dtype=torch.float64)
+        return peak_Q[torch.isfinite(peak_Q)]
+
+    retain_Q = dev_peaks(("retain_mcq", "ood_retain_mcq"))
+    if len(retain_Q) == 0:
         raise EvalError("no retain dev question is long enough to calibrate the probe gate on")
-    thr = {p: float(torch.quantile(peak_Q, p / 100.0)) + bias for p in {s.gate_percentile for s in todo}}
-    return [s.replace(gate_threshold=thr[s.gate_percentile]) if s in todo else s for s in settings]
+    thr = {p: float(torch.quantile(retain_Q, p / 100.0)) + bias for p in percentiles | {top}}
+    forget_Q = dev_peaks(("forget_mcq",))
+    opened = float((forget_Q + bias > thr[top]).double().mean()) if len(forget_Q) else 0.0
+    return thr, opened
 
 
 def detector_quality(data: EvalData, iv: Intervention) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from cache.models import decoder_layers
 from pipelines.errors import EvalError
 from pipelines.config import Setting
 from trainer.sae import SAE
-from trainer.detector import token_scores
+from trainer.detector import probe_prefix, stored_l2s, token_scores
 from trainer.selection import firing_share, gate_open, select, threshold_at
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
@@ -102,13 +102,22 @@ def select_features(run: LoadedRun, setting: Setting) -> Tensor:
         raise EvalError(f"{run.path}: {e}") from None
 
 
-def probe_problem(run: LoadedRun) -> str | None:
+def probe_problem(run: LoadedRun, l2: float | None = None) -> str | None:
     """Why the run cannot use the probe gate (it has none, or an older one that read SAE
-    features), or None."""
+    features, or none fitted with penalty `l2`), or None."""
     w = run.gate.get("probe/w")
     if w is None or w.shape != (run.sae.d_model,):
         return "has no probe gate on the residual stream (a run from an older ff)"
+    if f"{probe_prefix(l2)}/w" not in run.gate:
+        have = ", ".join("default" if v is None else f"{v:g}" for v in stored_l2s(run.gate))
+        return f"has no probe gate fitted with L2 {l2:g} (it has: {have})"
     return None
+
+
+def probe_params(run: LoadedRun, l2: float | None = None) -> tuple[Tensor, float, Tensor]:
+    """(weights [D], bias, retain calibration scores [C]) of the run's probe fitted with `l2`."""
+    key = probe_prefix(l2)
+    return run.gate[f"{key}/w"], float(run.gate[f"{key}/b"][0]), run.gate[f"{key}/max"]
 
 
 def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> float:
@@ -116,12 +125,13 @@ def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> floa
     from the calibration of the setting's selection; for the probe gate, the calibrated score
     percentile minus the probe's bias (trainer/detector.py)."""
     if setting.gate == "probe":
-        if (problem := probe_problem(run)) is not None:
+        if (problem := probe_problem(run, setting.probe_l2)) is not None:
             raise EvalError(f"{run.path} {problem}: retrain it, or use --gate sequence")
+        _, bias, max_C = probe_params(run, setting.probe_l2)
         score = setting.gate_threshold
         if score is None:
-            score = threshold_at(run.gate["probe/max"].numpy(), setting.gate_percentile)
-        return score - float(run.gate["probe/b"][0])
+            score = threshold_at(max_C.numpy(), setting.gate_percentile)
+        return score - bias
     if setting.gate_threshold is not None:
         return setting.gate_threshold
     key = setting.set_key
@@ -147,7 +157,7 @@ class Intervention:
         self.threshold = gate_threshold(run, setting, self.features) if gated else None
         """The gate's threshold on the running mean of `signal`; None: no gate."""
         probe = gated and setting.gate == "probe"
-        self.probe_w_D = run.gate["probe/w"].float().clone() if probe else None
+        self.probe_w_D = probe_params(run, setting.probe_l2)[0].float().clone() if probe else None
         """Probe gate: the detector's weights on the normalised residual stream (trainer/detector.py)."""
         self.t_S = (setting.multiplier * run.features["act_u"][self.features].float()
                     if setting.mode == "clamp" else torch.zeros(len(self.features)))

@@ -296,6 +296,43 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     assert calibrate_probe(settings, run, data, cfg.replace(gate_calibration="train")) == settings
 
 
+def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path):
+    """Of the run's probes (one per L2 penalty), calibrate_probe keeps the one whose gate, at the
+    highest percentile asked for, opens on the most forget dev questions, with that probe's own
+    thresholds; the chosen detector is what the setting then gates with."""
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.evaluate import calibrate_probe
+
+    path = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    gate = load_file(str(path / "gate.safetensors"))
+    gate.update({"probe@0.01/w": -gate["probe/w"], "probe@0.01/b": torch.tensor([0.7]),
+                 "probe@0.01/max": gate["probe/max"] + 1})
+    save_file(gate, str(path / "gate.safetensors"))
+    run = load_run(path)
+    data = eval_data(lm, cfg)
+    data.prepare(lm.model, LAYER)
+    settings = [Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=p) for p in (50.0, 90.0)]
+
+    def calibration(l2):
+        iv = Intervention(run, settings[0].replace(gate_threshold=0.0, probe_l2=l2))
+        dev = lambda n: getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q].double()
+        r = torch.cat([dev(n) for n in ("retain_mcq", "ood_retain_mcq") if data.has(n)])
+        thr = {p: float(torch.quantile(r, p)) for p in (0.5, 0.9)}
+        return thr, float((dev("forget_mcq") > thr[0.9]).double().mean())
+
+    (thr_a, open_a), (thr_b, open_b) = calibration(None), calibration(0.01)
+    assert open_a != open_b, "the two detectors must open on different shares for the test to decide"
+    want, thr, bias = (None, thr_a, -0.5) if open_a > open_b else (0.01, thr_b, 0.7)
+    got = calibrate_probe(settings, run, data, cfg)
+    assert [s.probe_l2 for s in got] == [want, want]
+    for s, p in zip(got, (0.5, 0.9)):
+        assert s.gate_threshold == pytest.approx(thr[p] + bias)
+    assert Setting.from_dict(got[0].to_dict()) == got[0], "the choice round-trips through unlearning.json"
+    with pytest.raises(EvalError, match="no probe gate fitted with L2 0.001"):
+        Intervention(run, settings[0].replace(probe_l2=0.001))
+
+
 def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, tmp_path):
     from dataclasses import replace
 

@@ -46,7 +46,11 @@ PROBE_LENGTHS = (8, 12, 16, 24, 32, 48, 64, 96)
 PROBE_STARTS = 3
 """Windows per length and context at random starts, besides the prefix."""
 PROBE_L2 = 1e-1
-"""L2 penalty on the standardised weights (mean logistic loss + PROBE_L2 * ||w||^2)."""
+"""L2 penalty on the standardised weights (mean logistic loss + PROBE_L2 * ||w||^2) of the
+run's default probe (gate.safetensors keys "probe/...")."""
+PROBE_L2S = (PROBE_L2, 1e-2, 1e-3)
+"""Penalties `ff train` fits a probe for (the others under "probe@<l2>/..."): which detects
+prompts best depends on the layer and the data, so `ff eval` chooses on the dev questions."""
 PROBE_MAX_CONTEXTS = 2048
 """At most this many contexts per corpus feed the probe (evenly spaced); the rest add little."""
 
@@ -135,6 +139,15 @@ def fit_probe(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: in
               l2: float = PROBE_L2, max_contexts: int = PROBE_MAX_CONTEXTS, seed: int = 0) -> Probe:
     """Fit the detector on the contexts of each corpus (`retain()` is read twice: to fit, then
     to calibrate; `n_*`: how many contexts each yields) and calibrate it on retain contexts."""
+    return fit_probes(retain, unlearn, n_retain=n_retain, n_unlearn=n_unlearn, lengths=lengths, starts=starts,
+                      l2s=(l2,), max_contexts=max_contexts, seed=seed)[l2]
+
+
+def fit_probes(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: int, n_unlearn: int,
+               lengths: tuple[int, ...] = PROBE_LENGTHS, starts: int = PROBE_STARTS,
+               l2s: tuple[float, ...] = PROBE_L2S, max_contexts: int = PROBE_MAX_CONTEXTS,
+               seed: int = 0) -> dict[float, Probe]:
+    """`fit_probe` for each L2 penalty in `l2s`, on the same windows and calibration pass."""
     keep_r, keep_u = max(1, -(-n_retain // max_contexts)), max(1, -(-n_unlearn // max_contexts))
     g = torch.Generator().manual_seed(seed)
     x_r, ctx_r = _windows(retain(), keep_r, lengths, starts, g)
@@ -145,11 +158,27 @@ def fit_probe(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: in
     y_N = torch.cat([torch.zeros(len(x_r)), torch.ones(len(x_u))])
     fold_N = torch.cat([ctx_r % 2, ctx_u % 2])
     del x_r, x_u
-    fits = [_fit(x_ND[fold_N != k], y_N[fold_N != k], l2) for k in (0, 1)]
+    fits = {l2: [_fit(x_ND[fold_N != k], y_N[fold_N != k], l2) for k in (0, 1)] for l2 in l2s}
     # cross-fitting: each retain context is scored by the probe that did not see it
-    oof = [max_score(x_TD, m_T, *fits[c % 2]) for c, (x_TD, m_T) in enumerate(_kept(retain(), keep_r))]
-    return Probe(torch.stack([w for w, _ in fits]).mean(0), float(np.mean([b for _, b in fits])),
-                 torch.stack(oof) if oof else torch.zeros(0))
+    oof: dict[float, list[Tensor]] = {l2: [] for l2 in l2s}
+    for c, (x_TD, m_T) in enumerate(_kept(retain(), keep_r)):
+        for l2 in l2s:
+            oof[l2].append(max_score(x_TD, m_T, *fits[l2][c % 2]))
+    return {l2: Probe(torch.stack([w for w, _ in fits[l2]]).mean(0), float(np.mean([b for _, b in fits[l2]])),
+                      torch.stack(oof[l2]) if oof[l2] else torch.zeros(0)) for l2 in l2s}
+
+
+def probe_prefix(l2: float | None) -> str:
+    """The gate.safetensors key prefix of the probe fitted with penalty `l2` (None: the default)."""
+    return "probe" if l2 is None or l2 == PROBE_L2 else f"probe@{l2:g}"
+
+
+def stored_l2s(gate: dict[str, Tensor]) -> list[float | None]:
+    """The probe variants a run's gate.safetensors holds: None (the default) first, then the
+    other penalties from the strongest down."""
+    others = sorted((float(k[len("probe@"):-len("/w")]) for k in gate if k.startswith("probe@") and k.endswith("/w")),
+                    reverse=True)
+    return ([None] if "probe/w" in gate else []) + others
 
 
 def token_scores(x_BTD: Tensor, w_D: Tensor) -> Tensor:

@@ -342,12 +342,15 @@ def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=None,
 def _probe(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
     """The probe gate's detector on the residual stream, fitted on the training contexts of both
     corpora and calibrated on retain contexts it did not see (trainer/detector.py)."""
-    from trainer.detector import fit_probe
+    from trainer.detector import fit_probes, probe_prefix
 
     n_r, n_u = (int((meta.get(f"{c}_contexts") or [0])[0]) for c in ("retain", "unlearn"))
-    probe = fit_probe(sd.retain_contexts, sd.unlearn(), n_retain=max(n_r, 1), n_unlearn=max(n_u, 1))
-    return {"probe/w": probe.w_D.float(), "probe/b": torch.tensor([probe.b], dtype=torch.float32),
-            "probe/max": probe.retain_max_C.float()}
+    out: dict[str, Tensor] = {}
+    for l2, probe in fit_probes(sd.retain_contexts, sd.unlearn(), n_retain=max(n_r, 1), n_unlearn=max(n_u, 1)).items():
+        key = probe_prefix(l2)
+        out.update({f"{key}/w": probe.w_D.float(), f"{key}/b": torch.tensor([probe.b], dtype=torch.float32),
+                    f"{key}/max": probe.retain_max_C.float()})
+    return out
 
 
 def _corpus_stats(sae: SAE, items: Iterable, l1: float, ranks: Ranks) -> dict[str, Tensor]:
