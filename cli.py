@@ -425,7 +425,11 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--sample-seed", default=None, type=click.IntRange(0), help="Seed of the question sample and split. [0]")
 @click.option("--max-text-tokens", default=None, type=click.IntRange(2), help="Held-out text tokens per file. [preset]")
 @click.option("--multipliers", default=None, metavar="M1,M2,...",
-              help="Clamp strengths m to sweep, in units of each feature's mean firing value. [preset]")
+              help="Clamp strengths m to sweep, in units of each feature's mean firing value (every gate, "
+              "unless --probe-multipliers is given). [preset]")
+@click.option("--probe-multipliers", default=None, metavar="M1,M2,...",
+              help="Clamp strengths for the probe gate only (it stays shut on retain prompts, so it can "
+              "clamp harder). [preset; demo: 100,1000]")
 @click.option("--top-n", default=None, metavar="N1,N2,...|all", help="Feature counts to sweep ('all' = every candidate). [preset]")
 @click.option("--selections", default=None, metavar="S1,S2,...",
               help="Selection rules to sweep: candidates (FeatureForget runs), saebench, ratio. [preset]")
@@ -445,8 +449,8 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
-             multipliers, top_n, selections, gate, gate_percentile, probe_percentiles, gate_calibration, device,
-             as_json, quiet):
+             multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
+             gate_calibration, device, as_json, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -468,10 +472,13 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     try:
         if multipliers:
             grid["multipliers"] = tuple(float(m) for m in multipliers.split(","))
+            grid["probe_multipliers"] = None
+        if probe_multipliers:
+            grid["probe_multipliers"] = tuple(float(m) for m in probe_multipliers.split(","))
         if top_n:
             grid["top_n"] = tuple(None if n.strip() == "all" else int(n) for n in top_n.split(","))
     except ValueError as e:
-        raise EvalError(f"--multipliers and --top-n take comma-separated numbers: {e}") from None
+        raise EvalError(f"--multipliers, --probe-multipliers and --top-n take comma-separated numbers: {e}") from None
     if selections:
         grid["selections"] = tuple(x.strip() for x in selections.split(",") if x.strip())
     if gate:

@@ -53,7 +53,7 @@ class Setting:
     """"none": edit wherever a selected feature fires (static clamp); "sequence": edit only
     where the share of tokens so far on which a selected feature fired exceeds the run's
     retain-calibrated threshold (causal; trainer/selection.py); "probe": edit only where the
-    run's topic detector, a logistic regression on the running firing share of every feature,
+    run's topic detector, a logistic regression on the running mean of the residual stream,
     scores the tokens so far above its retain-calibrated threshold (causal; trainer/detector.py)."""
 
     gate_percentile: float = 95.0
@@ -65,6 +65,10 @@ class Setting:
     gate) or on the detector's score (probe gate). `ff eval` sets it for the probe gate from the
     retain dev prompts (EvalConfig.gate_calibration), and the chosen setting keeps it, so that
     `ff generate` and the Python API gate exactly as the evaluation did."""
+
+    probe_l2: float | None = None
+    """Probe gate: which of the run's detectors (trainer/detector.py, PROBE_L2S), by its L2
+    penalty; None: the default one. `ff eval` chooses it on the dev questions."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -95,7 +99,7 @@ class Setting:
         sel = {"candidates": "candidates", "saebench": f"saebench freq_r<{self.freq_threshold:g}",
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
         gate = {"none": " static", "sequence": f" gate p{self.gate_percentile:g}",
-                "probe": f" probe p{self.gate_percentile:g}"}[self.gate]
+                "probe": f" probe{'' if self.probe_l2 is None else f' l2={self.probe_l2:g}'} p{self.gate_percentile:g}"}[self.gate]
         if self.gate != "none" and self.gate_threshold is not None:
             gate += f" (threshold {self.gate_threshold:.3g})"
         cap = f" ctx_r<{self.max_ctx_r:g}" if self.max_ctx_r < 1.0 else ""
@@ -121,6 +125,8 @@ class Setting:
             d.pop("gate_percentile")
         if self.gate == "none" or self.gate_threshold is None:
             d.pop("gate_threshold")
+        if self.gate != "probe" or self.probe_l2 is None:
+            d.pop("probe_l2")
         if self.max_ctx_r >= 1.0:
             d.pop("max_ctx_r")
         return d
@@ -139,6 +145,10 @@ class SweepGrid:
     multipliers: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
     """Clamp strengths m, in units of each feature's mean firing value on unlearn tokens
     (Setting.multiplier): from turning the feature around (1) to far past it (30)."""
+
+    probe_multipliers: tuple[float, ...] | None = None
+    """Clamp strengths for the probe gate (None: `multipliers`). Behind a gate that stays shut
+    on retain prompts a clamp can be far stronger than a static one."""
 
     ablate: bool = False
     """Also try plain ablation (t = 0) at every feature count."""
@@ -167,11 +177,12 @@ class SweepGrid:
 
     def settings(self, method: str) -> list[Setting]:
         """Every setting to evaluate for a run of `method` ("featureforget" | "baseline")."""
-        modes = [Setting(mode="clamp", multiplier=float(m)) for m in self.multipliers]
-        if self.ablate:
-            modes.append(Setting(mode="ablate"))
         out: list[Setting] = []
         for gate in self.gates:
+            ms = self.probe_multipliers if gate == "probe" and self.probe_multipliers is not None else self.multipliers
+            modes = [Setting(mode="clamp", multiplier=float(m)) for m in ms]
+            if self.ablate:
+                modes.append(Setting(mode="ablate"))
             for sel in self.selections:
                 if sel == "candidates" and method == "baseline":
                     continue
@@ -197,10 +208,12 @@ class SweepGrid:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
 
-DEMO_GRID = SweepGrid(multipliers=(100.0,), top_n=(20, 50), selections=("candidates", "saebench"))
+DEMO_GRID = SweepGrid(multipliers=(100.0,), probe_multipliers=(100.0, 1000.0), top_n=(50, 200),
+                      selections=("candidates", "saebench"))
 """The demo's grid on CPU: a strong clamp (the strength at which retain questions break without
-a gate) of 20 or 50 features, FeatureForget's candidates and the SAEBench rule; static,
-sequence-gated and probe-gated (at two percentiles): 24 settings over the two runs."""
+a gate) of 50 or 200 features, FeatureForget's candidates and the SAEBench rule; static,
+sequence-gated, and probe-gated at two percentiles and also at a ten times stronger clamp
+(docs/method.md, "Clamp strength behind the probe gate"): 36 settings over the two runs."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},

@@ -180,6 +180,15 @@ def test_grid_settings_and_validation():
     calibrated = ff[-1].replace(gate_threshold=-1.25)
     assert Setting.from_dict(calibrated.to_dict()) == calibrated and "threshold -1.25" in calibrated.label
     assert "gate_threshold" not in ff[-1].to_dict()
+    # stronger clamps behind the probe gate only
+    strong = SweepGrid(multipliers=(10.0,), probe_multipliers=(10.0, 1000.0), top_n=(50,), selections=("saebench",))
+    got = {(s.gate, s.multiplier) for s in strong.settings("baseline")}
+    assert got == {("none", 10.0), ("sequence", 10.0), ("probe", 10.0), ("probe", 1000.0)}
+    assert len(strong.settings("baseline")) == 1 + 1 + 2 * 2  # probe: 2 strengths x 2 percentiles
+    assert SweepGrid.from_dict(strong.to_dict()) == strong
+    chosen = ff[-1].replace(probe_l2=0.01)
+    assert "l2=0.01" in chosen.label and Setting.from_dict(chosen.to_dict()) == chosen
+    assert "probe_l2" not in ff[-1].to_dict() and "probe_l2" not in ff[0].replace(probe_l2=0.01).to_dict()
     with pytest.raises(EvalError, match="mode"):
         Setting(gate="none", mode="erase")
     with pytest.raises(EvalError, match="multiplier"):
