@@ -8,7 +8,7 @@ import torch
 
 from cache.capture import capture_layers
 from cache.models import load_model
-from pipelines.config import Setting, SweepGrid
+from pipelines.config import EvalConfig, Setting, SweepGrid
 from pipelines.errors import EvalError
 from pipelines.intervene import Intervention, load_run, select_features, unlearned
 from test_pipelines_helpers import make_run, set_encoder_bias, single_thread  # noqa: F401 (autouse fixture)
@@ -205,3 +205,19 @@ def test_missing_run_files_and_wrong_model_are_one_line_errors(lm, run_dir, tmp_
     with pytest.raises(EvalError, match="d_model 48 but the model has hidden size 32"):
         with unlearned(lm.model, other):
             pass
+
+
+@pytest.mark.parametrize("method", ["featureforget", "baseline"])
+def test_every_preset_grid_setting_has_its_sequence_gate_calibrated_by_train(tmp_path, method):
+    """`ff train` calibrates the sequence gate of every selection the preset sweeps ask for, so
+    `ff run --preset demo` never stops at a gate it has no threshold for."""
+    from pipelines.config import PRESETS
+    from trainer.selection import calibration_sets
+
+    run = load_run(make_run(tmp_path / "run", 16, 1, "sha256:x", d_sae=300, method=method, n_candidates=250))
+    calibrated = set(calibration_sets(run.features, method))
+    for preset in PRESETS:
+        grid = EvalConfig.preset(preset).grid
+        for s in grid.settings(method):
+            if s.gate == "sequence":
+                assert s.set_key in calibrated, (preset, s.label)

@@ -221,7 +221,7 @@ def iter_contexts(source, scale: float) -> Iterator[tuple[Tensor, Tensor]]:
         yield x, torch.from_numpy(corpus.mask(p.start, p.stop))
 
 
-GATE_TOP_N = (10, 20, 50)
+GATE_TOP_N = (10, 20, 50, 200)
 """Feature counts whose gate thresholds `ff train` calibrates (with every candidate for
 FeatureForget runs)."""
 SAEBENCH_THRESHOLDS = (0.001, 0.01)
