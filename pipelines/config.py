@@ -209,11 +209,12 @@ class SweepGrid:
 
 
 DEMO_GRID = SweepGrid(multipliers=(100.0,), probe_multipliers=(100.0, 1000.0), top_n=(50, 200),
-                      selections=("candidates", "saebench"))
+                      selections=("candidates", "saebench"), gates=("none", "probe"))
 """The demo's grid on CPU: a strong clamp (the strength at which retain questions break without
-a gate) of 50 or 200 features, FeatureForget's candidates and the SAEBench rule; static,
-sequence-gated, and probe-gated at two percentiles and also at a ten times stronger clamp
-(docs/method.md, "Clamp strength behind the probe gate"): 36 settings over the two runs."""
+a gate) of 50 or 200 features, FeatureForget's candidates and the SAEBench rule; static, and
+probe-gated at two percentiles and also at a ten times stronger clamp (docs/method.md, "Clamp
+strength behind the probe gate"): 30 settings over the two runs. The sequence gate (`--gate all`)
+kept no retain question set intact at any layer measured (docs/method.md, "Layer choice")."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -284,9 +285,11 @@ class EvalConfig:
     """The same bound for the out-of-distribution general prose (best_ood)."""
 
     sweep_losses: bool = True
-    """Measure CE loss on held-out text for every setting of the sweep. False: only for the
-    best setting (sweep entries then have "after": null), which saves most of the sweep's cost
-    on CPU, where the LM head (d_model x vocab) dominates every scored text token."""
+    """Measure CE loss on held-out text for every setting of the sweep. False: the forget-side CE
+    only for the chosen settings (sweep entries then have "after": null) and the retain-side CE,
+    which decides retain-safety, only for settings that keep the retain dev questions; this
+    saves most of the sweep's cost on CPU, where the LM head (d_model x vocab) dominates every
+    scored text token."""
 
     gate_calibration: str = "dev"
     """Where the probe gate's threshold comes from. "dev": the retain questions of the dev halves

@@ -26,7 +26,7 @@ from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import Intervention, LoadedRun, load_run, probe_params, probe_problem
-from pipelines.scoring import auroc, half, pick_best, unlearning_score
+from pipelines.scoring import auroc, half, pick_best, retain_safe, unlearning_score
 from trainer.detector import stored_l2s
 from trainer.evaluate import eval_corpus
 
@@ -104,6 +104,19 @@ def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             e["unlearning_score"] = None if f["after"] is None else unlearning_score(f["before"], f["after"])
     e["rows_rerun"], e["seconds"] = rerun, round(time.perf_counter() - t0, 2)
     return e
+
+
+def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
+                  ratio: float) -> None:
+    """Without sweep_losses: the held-out retain CE (in and out of distribution) of an entry
+    that keeps the retain questions of the dev half, in place. Retain-safety needs it (pick_best
+    bounds its rise), and a setting that already loses retain questions needs no more; the
+    forget-side CE is measured for the chosen settings only."""
+    for key, part in (("retain_loss", e), ("ood_retain_loss", e.get("ood"))):
+        if not part or key not in clean or "dev" not in part or iv.n_features == 0:
+            continue
+        if retain_safe(part, ratio, float("inf")):  # the questions alone
+            part["retain_loss"]["after"] = getattr(data, _SETS[key]).run(model, iv).value
 
 
 def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,
@@ -263,7 +276,10 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         iv = Intervention(run, setting)
         if setting.set_key not in selection:
             selection[setting.set_key] = selection_quality(data, iv)
-        sweep.append(measure(data, model, iv, clean, metrics))
+        e = measure(data, model, iv, clean, metrics)
+        if not cfg.sweep_losses:
+            retain_losses(e, data, model, iv, clean, cfg.retain_ratio)
+        sweep.append(e)
         _log(progress, f"{tag} {i}/{len(settings)} {_describe(sweep[-1])}")
     measured: dict[str, dict[str, Any]] = {}
     detection: dict[tuple, dict[str, Any]] = {}

@@ -241,6 +241,20 @@ def test_demo_preset_measures_losses_for_the_best_setting_only(lm, cfg, tmp_path
     assert full["best"]["forget_loss"] == pytest.approx(best["forget_loss"])
 
 
+def test_without_sweep_losses_the_retain_ce_still_decides_retain_safety(lm, cfg, tmp_path):
+    """sweep_losses False (the demo): every setting that keeps the retain dev questions gets its
+    held-out retain CE measured, and a rise above max_retain_ce_rise disqualifies it; a setting
+    that already loses retain questions is not measured."""
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    res = evaluate_run(run, lm, cfg.replace(sweep_losses=False, retain_ratio=0.0, max_retain_ce_rise=-0.5),
+                       progress=False)
+    edits = [e for e in res["sweep"] if e["n_features"] > 0]
+    assert edits and all(e["retain_loss"]["after"] is not None and e["forget_loss"]["after"] is None for e in edits)
+    assert res["best"] is None and "retain CE rise" in res["best_reason"], "no setting halves the retain CE"
+    res = evaluate_run(run, lm, cfg.replace(sweep_losses=False, retain_ratio=2.0), progress=False)
+    assert all(e["retain_loss"]["after"] is None for e in res["sweep"])
+
+
 def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_model):
     from click.testing import CliRunner
 

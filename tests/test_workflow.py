@@ -42,7 +42,7 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
             res = rep["results"][method]["1"]
             assert res["layer"] == 1 and res["method"] == method and res["sweep"]
         md = (report / "report.md").read_text()
-        assert "| 1 | FeatureForget, gated |" in md and "| 1 | baseline SAE, static |" in md and "## Verdict" in md
+        assert "| 1 | FeatureForget, probe-gated |" in md and "| 1 | baseline SAE, static |" in md and "## Verdict" in md
 
         stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
         r = CliRunner().invoke(main, args)  # everything is reused
