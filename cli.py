@@ -442,6 +442,9 @@ def _load_for_run(run: str, model: str | None, device: str):
               help="The sequence gate's threshold: this percentile of retain contexts' firing share. [95]")
 @click.option("--probe-percentiles", default=None, metavar="P1,P2,...",
               help="Percentiles of the retain calibration prompts' detector scores tried for the probe gate. [99,100]")
+@click.option("--max-retain-ce-rise", default=None, type=click.FloatRange(0),
+              help="A retain-safe setting raises held-out retain CE by at most this fraction (out of "
+              "distribution: twice it). [0.01]")
 @click.option("--gate-calibration", default=None, type=click.Choice(["dev", "train"]),
               help="Probe gate threshold from the retain dev questions (dev) or the retain training contexts. [dev]")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
@@ -450,7 +453,7 @@ def _load_for_run(run: str, model: str | None, device: str):
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             gate_calibration, device, as_json, quiet):
+             max_retain_ce_rise, gate_calibration, device, as_json, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -501,6 +504,8 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
             raise EvalError("--probe-percentiles must lie within [0, 100]")
     if gate_calibration:
         cfg = cfg.replace(gate_calibration=gate_calibration)
+    if max_retain_ce_rise is not None:
+        cfg = cfg.replace(max_retain_ce_rise=max_retain_ce_rise, max_ood_retain_ce_rise=2 * max_retain_ce_rise)
     if grid:
         from dataclasses import replace
 

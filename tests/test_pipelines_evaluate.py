@@ -264,9 +264,12 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
     args = ["eval", "--run", str(run), "--forget-mcq", cfg.forget_mcq, "--retain-mcq", cfg.retain_mcq,
             "--forget-text", cfg.forget_text, "--retain-text", cfg.retain_text, "--max-text-tokens", "200",
             "--no-ood", "--multipliers", "5", "--top-n", "10", "--selections", "candidates", "--quiet"]
-    r = CliRunner().invoke(main, args + ["--json"])
+    r = CliRunner().invoke(main, args + ["--json", "--max-retain-ce-rise", "0.25", "--probe-multipliers", "7"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
+    assert res["config"]["max_retain_ce_rise"] == 0.25 and res["config"]["max_ood_retain_ce_rise"] == 0.5
+    assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] == "probe"} == {7.0}
+    assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] != "probe"} == {5.0}
     assert set(res["best_by_gate"]) == {"none", "sequence", "probe"}
     for gate, g in res["best_by_gate"].items():
         b = g["best"]
