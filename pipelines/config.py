@@ -212,8 +212,8 @@ DEMO_GRID = SweepGrid(multipliers=(100.0,), probe_multipliers=(100.0, 1000.0), t
                       selections=("candidates", "saebench"), gates=("none", "probe"))
 """The demo's grid on CPU: a strong clamp (the strength at which retain questions break without
 a gate) of 50 or 200 features, FeatureForget's candidates and the SAEBench rule; static, and
-probe-gated at two percentiles and also at a ten times stronger clamp (docs/method.md, "Clamp
-strength behind the probe gate"): 30 settings over the two runs. The sequence gate (`--gate all`)
+probe-gated at two percentiles and also at a ten times stronger clamp (docs/method.md,
+"Unlearning on the demo"): 30 settings over the two runs. The sequence gate (`--gate all`)
 kept no retain question set intact at any layer measured (docs/method.md, "Layer choice")."""
 
 PRESETS: dict[str, dict[str, Any]] = {
