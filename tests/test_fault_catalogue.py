@@ -235,7 +235,7 @@ FAULTS = [
           "BAD  metrics.jsonl: corrupt: line 4 does not parse"),
     # ff eval / generate / export on a folder that is not a run
     Fault("eval-multipliers-not-numbers", lambda w: ["eval", "--run", w.run, "--multipliers", "abc"],
-          2, "--multipliers and --top-n take comma-separated numbers"),
+          2, "--multipliers, --probe-multipliers and --top-n take comma-separated numbers"),
     Fault("eval-not-a-run", lambda w: ["eval", "--run", w.store], 2,
           "is not a run folder (no config.json)"),
     Fault("generate-not-a-run", lambda w: ["generate", "--run", w.store, "--prompt", "hi"], 2,
