@@ -180,7 +180,7 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
 def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentiles: set[float],
                       top: float) -> tuple[dict[float, float], float]:
     """({percentile: threshold score} from the retain dev questions, share of forget dev
-    questions on which the gate opens at the `top` percentile) for one probe."""
+    questions on which the gate opens at the `top` percentile, one of `percentiles`) for one probe."""
     iv = Intervention(run, setting)  # refuses a run without that probe
     bias = probe_params(run, setting.probe_l2)[1]
 
@@ -192,7 +192,7 @@ def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percenti
     retain_Q = dev_peaks(("retain_mcq", "ood_retain_mcq"))
     if len(retain_Q) == 0:
         raise EvalError("no retain dev question is long enough to calibrate the probe gate on")
-    thr = {p: float(torch.quantile(retain_Q, p / 100.0)) + bias for p in percentiles | {top}}
+    thr = {p: float(torch.quantile(retain_Q, p / 100.0)) + bias for p in percentiles}
     forget_Q = dev_peaks(("forget_mcq",))
     opened = float((forget_Q + bias > thr[top]).double().mean()) if len(forget_Q) else 0.0
     return thr, opened
