@@ -26,7 +26,7 @@ from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import Intervention, LoadedRun, load_run, probe_params, probe_problem
-from pipelines.scoring import auroc, half, pick_best, retain_safe, unlearning_score
+from pipelines.scoring import auroc, gate_split, half, pick_best, retain_safe, unlearning_score
 from trainer.detector import stored_l2s
 from trainer.evaluate import eval_corpus
 
@@ -135,15 +135,18 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     for name in ("retain_text", "forget_text", "ood_retain_text", "ood_forget_text"):
         if data.has(name):
             rates[f"open_rate_{name.replace('_text', '')}"] = float(getattr(data, name).row_shares(iv)[1].double().mean())
-    questions = {}  # test-half questions on which the gate opens somewhere (its peak passes the threshold)
+    questions, split = {}, None  # test-half questions on which the gate opens somewhere (its peak passes the threshold)
     for name in ("forget_mcq", "retain_mcq", "ood_forget_mcq", "ood_retain_mcq"):
         if data.has(name):
             es = getattr(data, name)
             opened_Q = (es.gate_peaks(iv) > iv.threshold if iv.threshold is not None
                         else torch.ones(len(es.test_Q), dtype=torch.bool))
             questions[name.replace("_mcq", "")] = float(opened_Q[es.test_Q].double().mean())
+            if name == f"{key}forget_mcq":
+                split = gate_split(fc[0], fc[1], opened_Q, f_test, es.layout.n_choices_Q)
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, **rates, "open_rate_questions": questions}
+                   else None, "threshold": iv.threshold, **rates, "open_rate_questions": questions,
+                   "forget_split": split}
     # the gate's signal depends on the run (probe) or the selection (sequence), not the threshold
     gate_key = (iv.setting.gate,) if iv.setting.gate != "sequence" else ("sequence", iv.setting.set_key)
     if gate_key not in detection:

@@ -207,6 +207,24 @@ def markdown_table(results: dict[str, dict[int, dict]]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def limits_table(results: dict[str, dict[int, dict]]) -> str:
+    """Where each configuration's test score comes from: the forget test questions on which its
+    gate opened or stayed shut, and the ceiling (opened questions at chance, shut ones as clean)."""
+    rows = ["| layer | configuration | gate opens on forget questions | opened: before -> after | "
+            "shut: before -> after | ceiling under this gate | test score |", "|---|---|---|---|---|---|---|"]
+    for l in sorted({l for r in results.values() for l in r}):
+        for name, b, _ in configurations(results, l):
+            sp = ((b or {}).get("gate") or {}).get("forget_split")
+            if not sp:
+                continue
+            o, c = sp["opened"], sp["shut"]
+            n = o["questions"] + c["questions"]
+            rows.append(f"| {l} | {name} | {o['questions']}/{n} | {_fmt_pair(o, 2)} | "
+                        f"{_fmt_pair(c, 2) if c['questions'] else '-'} | {_num(sp.get('ceiling'))} | "
+                        f"{_num(b['test']['unlearning_score'])} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def _det(b: dict[str, Any]) -> dict[str, Any]:
     """The topic-detection AUROCs of an entry's gate: the probe's detector for a probe-gated
     setting, the selected features' firing share for the sequence gate, none when static."""
@@ -327,9 +345,16 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
           "reported on the test half, with a 95% bootstrap interval over questions. The correct-subset score is "
           "SAEBench's protocol: the score on the test questions the clean model answers correctly.", "",
           "## In distribution", "", markdown_table(results), "", "## Verdict", "",
-          verdict(results) or "n/a", "", "## Out of distribution", "",
-          "Textbook-style biology and general-knowledge questions and prose that the training corpora never "
-          "contain; general accuracy must stay >= 0.99 of clean.", "", ood_table(results), ""]
+          verdict(results) or "n/a", ""]
+    if limits := limits_table(results):
+        md += ["## What limits the score", "",
+               "On the forget test questions: where the gate opened and where it stayed shut. The ceiling is the "
+               "score if every opened question fell to chance and the shut ones kept their clean answers: below it, "
+               "the edit leaves answers the gate reached; the gap to the static ceiling is the detector's.", "",
+               limits, ""]
+    md += ["## Out of distribution", "",
+           "Textbook-style biology and general-knowledge questions and prose that the training corpora never "
+           "contain; general accuracy must stay >= 0.99 of clean.", "", ood_table(results), ""]
     if seeds:
         md += ["## Training seeds", "", seeds_table(seeds), ""]
     md += [f"![{k}]({p.name})" for k, p in figs.items()]

@@ -8,6 +8,8 @@ tested against known cases.
 - `half`: one half (dev or test) of a sweep entry: accuracies, score, interval, and the score on
   the questions the clean model answers correctly (SAEBench protocol: there acc_before = 1).
 - `pick_best`: the highest dev score among retain-safe settings; None with a reason otherwise.
+- `gate_split`: the forget questions on which the gate opened vs stayed shut, and the score's
+  ceiling under that gate (every opened question answered at chance, the shut ones as before).
 - `auroc`: how well a per-sequence score separates forget from retain sequences.
 - `verdict`: "beats" only when two intervals do not overlap, else "within noise".
 """
@@ -59,6 +61,23 @@ def half(forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor], mask_Q: T
            "correct_subset_score": 1.0 - _acc(fa[known]) if bool(known.any()) else None}
     if bootstrap:
         out["ci95"] = bootstrap_ci(fb, fa, n=bootstrap, seed=seed)
+    return out
+
+
+def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tensor,
+               n_choices_Q: Tensor) -> dict[str, Any]:
+    """Where a gated score comes from, on the questions of `mask_Q` (one half): accuracy before and
+    after on the questions where the gate opened and where it stayed shut, and `ceiling`, the
+    unlearning score if every opened question fell to chance (1 / its number of choices) and the
+    shut ones kept their clean answers. The gap between `ceiling` and the score is the edit's
+    part; the gap between `ceiling` and the no-gate ceiling is the detector's."""
+    b, a, o = before_Q[mask_Q].double(), after_Q[mask_Q].double(), opened_Q[mask_Q].bool()
+    chance = 1.0 / n_choices_Q[mask_Q].double()
+    out: dict[str, Any] = {}
+    for name, m in (("opened", o), ("shut", ~o)):
+        out[name] = {"questions": int(m.sum()), "before": _acc(b[m]), "after": _acc(a[m])}
+    floor = float(torch.where(o, chance, b).sum()) / len(b) if len(b) else float("nan")
+    out["ceiling"] = unlearning_score(_acc(b), floor) if len(b) else None
     return out
 
 

@@ -284,6 +284,15 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
             assert set(opened) == {"forget", "retain"} and all(0 <= v <= 1 for v in opened.values())
             if gate == "none":
                 assert opened == {"forget": 1.0, "retain": 1.0}
+            sp = b["gate"]["forget_split"]  # the test half, split by where the gate opened
+            assert sp["opened"]["questions"] + sp["shut"]["questions"] == b["test"]["questions"]
+            assert sp["opened"]["questions"] == round(opened["forget"] * b["test"]["questions"])
+            n_o, n_s = sp["opened"]["questions"], sp["shut"]["questions"]
+            acc = lambda part, k: 0.0 if sp[part]["questions"] == 0 else sp[part][k]  # noqa: E731
+            for k in ("before", "after"):
+                assert abs((n_o * acc("opened", k) + n_s * acc("shut", k)) / (n_o + n_s)
+                           - b["test"]["forget_mcq"][k]) < 1e-9
+            assert gate != "none" or sp["shut"]["questions"] == 0
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "best, gate none:" in r.output and "best, gate sequence:" in r.output
 

@@ -10,7 +10,7 @@ from cache.models import load_model
 from pipelines.config import Setting
 from pipelines.data import Question, sample_split
 from pipelines.intervene import Intervention, load_run
-from pipelines.scoring import auroc, bootstrap_ci, half, verdict
+from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, verdict
 from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 from trainer.sae import SAE
 from trainer.selection import (calibrate, corpus_stats, firing_share, gate_open, prefix_counts, row_share,
@@ -191,6 +191,22 @@ def test_bootstrap_interval_on_known_cases():
     h = half((before, after), (before, before), torch.ones(100, dtype=torch.bool),
              torch.ones(100, dtype=torch.bool), bootstrap=500)
     assert h["unlearning_score"] == 0.5 and h["correct_subset_score"] == 0.5 and len(h["ci95"]) == 2
+
+
+def test_gate_split_on_a_known_case():
+    # 8 questions of the half (2 more outside it): 4 opened (3 known before, 1 after), 4 shut (2 known, kept)
+    before = torch.tensor([1, 1, 1, 0, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
+    after = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    opened = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
+    half_Q = torch.tensor([1] * 8 + [0, 0], dtype=torch.bool)
+    k = torch.tensor([4, 4, 2, 2, 4, 4, 4, 4, 4, 4])
+    sp = gate_split(before, after, opened, half_Q, k)
+    assert sp["opened"] == {"questions": 4, "before": 0.75, "after": 0.25}
+    assert sp["shut"] == {"questions": 4, "before": 0.5, "after": 0.5}
+    # ceiling: opened at chance (1/4 + 1/4 + 1/2 + 1/2 = 1.5) plus shut as clean (2) over 8, against 5/8
+    assert abs(sp["ceiling"] - (1 - (3.5 / 8) / (5 / 8))) < 1e-12
+    no_gate = gate_split(before, after, torch.ones(10, dtype=torch.bool), half_Q, k)
+    assert no_gate["shut"]["questions"] == 0 and no_gate["ceiling"] > sp["ceiling"]
 
 
 def test_auroc_and_verdict():

@@ -89,6 +89,17 @@ def test_report_table_and_verdict():
     assert "within noise" in verdict(results)
 
 
+def test_limits_table_splits_the_forget_questions_by_the_gate():
+    from pipelines.report import limits_table
+
+    results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7), (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))}}
+    assert limits_table(results) == ""  # results without the split: no table
+    gated = results["featureforget"][8]["best_by_gate"]["sequence"]["best"]
+    gated["gate"]["forget_split"] = {"opened": {"questions": 30, "before": 0.8, "after": 0.2},
+                                     "shut": {"questions": 10, "before": 0.8, "after": 0.8}, "ceiling": 0.5}
+    assert "| 8 | FeatureForget, gated | 30/40 | 0.80 -> 0.20 | 0.80 -> 0.80 | 0.500 | 0.600 |" in limits_table(results)
+
+
 def test_seeds_table_mean_and_spread():
     from pipelines.report import seeds_table
 
