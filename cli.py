@@ -247,6 +247,7 @@ _TRAIN_OVERRIDES = {  # CLI flag -> TrainConfig field; None keeps the preset's v
     "batch_contexts": "batch_contexts", "n_clusters": "n_clusters", "beta": "beta", "alpha": "alpha",
     "gate_lr": "gate_lr", "candidate_max_freq_r": "candidate_max_freq_r",
     "recluster_every": "recluster_every", "seed": "seed", "train_device": "device",
+    "probe_offset": "probe_offset",
 }
 _TRAIN_FLAGS = ("method", "no_importance", "no_adaptive_threshold", "no_clustering")
 """Options of `ff train` that are TrainConfig fields of the same name."""
@@ -304,6 +305,9 @@ def _given_train_options(ctx: click.Context) -> dict:
                    "(1: no bound, the cluster thresholds alone). [preset]")
 @click.option("--recluster-every", type=click.IntRange(1), default=None, help="Phase-2 steps between re-clusterings. [preset]")
 @click.option("--seed", type=int, default=None, help="Seed for init, data order and k-means. [preset]")
+@click.option("--probe-offset", type=click.IntRange(0), default=None,
+              help="The probe gate's detector reads the residual stream this many blocks before the trained "
+                   "layer (the store must hold that layer too). [0]")
 @click.option("--device", "train_device", default=None, help="torch device for the SAE (cpu, cuda). [preset]")
 @click.option("--no-importance", is_flag=True,
               help="Ablation: firing frequencies replace gradient importance in clustering and thresholds.")

@@ -97,13 +97,22 @@ class EvalSet:
         """Per row, on the clean residuals: (share of its prompt/context tokens on which a
         selected feature fires [rows], whether the gate opens anywhere in the row [rows])."""
         shares, opened = [], []
-        for b, h_BTD in zip(self.batches, self.resid[iv.layer]):
-            ed = iv.edit(h_BTD, b.editable_BT, b.seg_BT)
+        for b, h_BTD, g_BTD in zip(self.batches, self.resid[iv.layer], self.gate_resid(iv)):
+            ed = iv.edit(h_BTD, b.editable_BT, b.seg_BT, gate_h_BTD=g_BTD)
             prompt_BT = b.editable_BT & (b.seg_BT == 0)
             fires_BT = (iv.selected_acts(h_BTD) > 0).any(-1) & prompt_BT
             shares.append(fires_BT.sum(1) / prompt_BT.sum(1).clamp_min(1))
             opened.append((ed.open_BT & b.editable_BT).any(1))
         return torch.cat(shares).float(), torch.cat(opened)
+
+    def gate_resid(self, iv: Intervention) -> list[Tensor | None]:
+        """Per batch, the clean output of the block the gate reads where it is not the edited one
+        (a probe fitted on an earlier layer; prepare() that layer too), else None."""
+        if iv.gate_layer == iv.layer:
+            return [None] * len(self.batches)
+        if iv.gate_layer not in self.resid:
+            raise EvalError(f"{self.name}: the gate reads layer {iv.gate_layer}; prepare() it first")
+        return self.resid[iv.gate_layer]
 
     def gate_peaks(self, iv: Intervention) -> Tensor:
         """Per question (MCQ; over the rows of its choices) or per text row, on the clean
@@ -111,7 +120,7 @@ class EvalSet:
         open on (enough editable tokens); -inf where none. The gate opens somewhere in a
         question exactly when its peak exceeds `iv.threshold`."""
         rows, owner, n = [], [], 0
-        for b, h_BTD in zip(self.batches, self.resid[iv.layer]):
+        for b, h_BTD in zip(self.batches, self.resid[iv.gate_layer]):
             share_BT, seen_BT = firing_share(iv.signal(h_BTD), b.editable_BT, b.seg_BT)
             ok_BT = b.editable_BT & (seen_BT >= GATE_MIN_TOKENS)
             rows.append(torch.where(ok_BT, share_BT, float("-inf")).max(1).values)
@@ -133,8 +142,9 @@ class EvalSet:
         dev = next(model.parameters()).device
         iv.to(dev)
         out, rerun = [], 0
-        for b, clean_N, h_BTD in zip(self.batches, self.clean, self.resid[iv.layer]):
-            edited = iv.edit(h_BTD.to(dev), b.editable_BT.to(dev), b.seg_BT.to(dev))
+        for b, clean_N, h_BTD, g_BTD in zip(self.batches, self.clean, self.resid[iv.layer], self.gate_resid(iv)):
+            edited = iv.edit(h_BTD.to(dev), b.editable_BT.to(dev), b.seg_BT.to(dev),
+                             gate_h_BTD=None if g_BTD is None else g_BTD.to(dev))
             # A target whose position precedes its row's first edit keeps its clean score (causal
             # model); rows with no such target are not rerun at all.
             changed_BT = edited.changed_BT.cpu()

@@ -25,7 +25,7 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
-from pipelines.intervene import Intervention, LoadedRun, load_run, probe_params, probe_problem
+from pipelines.intervene import Intervention, LoadedRun, load_run, probe_layer, probe_params, probe_problem
 from pipelines.scoring import auroc, gate_split, half, pick_best, retain_safe, unlearning_score
 from trainer.detector import stored_l2s
 from trainer.evaluate import eval_corpus
@@ -264,7 +264,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     verify_fast_path(model, run.layer)
     data = data or eval_data(lm, cfg)
     _log(progress, f"{tag} clean passes ...")
-    data.prepare(model, run.layer)
+    data.prepare(model, sorted({run.layer, probe_layer(run)[0]}))
     clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}
     _log(progress, f"{tag} clean: " + " ".join(f"{m} {v.value:.3f}" for m, v in clean.items())
          + f" ({time.perf_counter() - t0:.0f} s)")

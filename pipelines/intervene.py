@@ -114,6 +114,15 @@ def probe_problem(run: LoadedRun, l2: float | None = None) -> str | None:
     return None
 
 
+def probe_layer(run: LoadedRun) -> tuple[int, float]:
+    """(layer, scale) of the residual stream the run's probe reads: `ff train --probe-offset k`
+    fits it k blocks before the edited layer (its own normalisation scale); by default the
+    edited layer itself."""
+    if "probe/layer" in run.gate:
+        return int(run.gate["probe/layer"][0]), float(run.gate["probe/scale"][0])
+    return run.layer, run.scale
+
+
 def probe_params(run: LoadedRun, l2: float | None = None) -> tuple[Tensor, float, Tensor]:
     """(weights [D], bias, retain calibration scores [C]) of the run's probe fitted with `l2`."""
     key = probe_prefix(l2)
@@ -159,6 +168,11 @@ class Intervention:
         probe = gated and setting.gate == "probe"
         self.probe_w_D = probe_params(run, setting.probe_l2)[0].float().clone() if probe else None
         """Probe gate: the detector's weights on the normalised residual stream (trainer/detector.py)."""
+        self.gate_layer, self.gate_scale = probe_layer(run) if probe else (run.layer, run.scale)
+        """The block whose output the gate's signal reads (the probe's layer; else `layer`), and its scale."""
+        if self.gate_layer > self.layer:
+            raise EvalError(f"{run.path}: the probe reads layer {self.gate_layer}, after the edited layer "
+                            f"{self.layer}; it must read the edited layer or an earlier one")
         self.t_S = (setting.multiplier * run.features["act_u"][self.features].float()
                     if setting.mode == "clamp" else torch.zeros(len(self.features)))
         """Clamp targets -t_S: m times each feature's mean firing value on unlearn tokens."""
@@ -190,10 +204,12 @@ class Intervention:
 
     @torch.no_grad()
     def edit(self, h_BTD: Tensor, editable_BT: Tensor | None = None, seg_BT: Tensor | None = None,
-             start: tuple[Tensor, Tensor] | None = None) -> Edited:
+             start: tuple[Tensor, Tensor] | None = None, gate_h_BTD: Tensor | None = None) -> Edited:
         """Apply the setting to h [B, T, D]; positions where editable_BT is False are kept.
         `seg_BT`: tree-packed rows (the gate counts a branch after the shared prompt only);
-        `start`: gate counts carried in from earlier calls on the same rows (KV cache)."""
+        `start`: gate counts carried in from earlier calls on the same rows (KV cache);
+        `gate_h_BTD`: the output of block `gate_layer` for the same tokens, where the probe reads
+        an earlier layer than the edited one (required then)."""
         if editable_BT is None:
             editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
         mode = self.setting.mode
@@ -206,7 +222,12 @@ class Intervention:
                           editable_BT, all_BT)
         f_BTS = self.selected_acts(h_BTD) * editable_BT[..., None]
         active_BTS = f_BTS > 0
-        signal_BT = self.signal(h_BTD, active_BTS)
+        if self.threshold is not None and self.gate_layer != self.layer:
+            if gate_h_BTD is None:
+                raise EvalError(f"the probe gate reads layer {self.gate_layer}: pass its output (gate_h_BTD)")
+            signal_BT = self.signal(gate_h_BTD)
+        else:
+            signal_BT = self.signal(h_BTD, active_BTS)
         open_BT = self.gate(signal_BT, editable_BT, seg_BT, start)
         active_BTS &= open_BT[..., None]
         # clamp: t = -m act_u where f > 0 (SAEBench); ablate: t = 0. Elsewhere f - t = 0.
@@ -217,9 +238,10 @@ class Intervention:
     @torch.no_grad()
     def signal(self, h_BTD: Tensor, active_BTS: Tensor | None = None) -> Tensor:
         """The gate's per-token signal [B, T], whose running mean it compares with the threshold:
-        whether a selected feature fires (sequence gate), or the probe's x . w (probe gate)."""
+        whether a selected feature fires (sequence gate; h at `layer`), or the probe's x . w
+        (probe gate; h at `gate_layer`)."""
         if self.probe_w_D is not None:
-            return token_scores(h_BTD.to(self.probe_w_D.dtype) * self.scale, self.probe_w_D)
+            return token_scores(h_BTD.to(self.probe_w_D.dtype) * self.gate_scale, self.probe_w_D)
         if active_BTS is None:
             active_BTS = self.selected_acts(h_BTD) > 0
         return active_BTS.any(-1).float()
@@ -242,7 +264,7 @@ class Intervention:
             raise EvalError(f"the run's SAE has d_model {self.d_model} but the model has hidden size "
                             f"{cfg.hidden_size}: it was trained on another model")
         bos = getattr(cfg, "bos_token_id", None) if skip_bos else None
-        state: dict[str, Any] = {"editable": None, "counts": None}
+        state: dict[str, Any] = {"editable": None, "counts": None, "gate_h": None}
 
         def pre_hook(_module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
@@ -257,7 +279,8 @@ class Intervention:
                 editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
             iv = self.to(h_BTD.device)
             start = state["counts"]  # KV-cached generation: the gate's counts so far
-            edited = iv.edit(h_BTD, editable_BT, start=start)
+            gate_h, state["gate_h"] = state["gate_h"], None
+            edited = iv.edit(h_BTD, editable_BT, start=start, gate_h_BTD=gate_h)
             new_BTD = edited.h_BTD
             if iv.threshold is not None:
                 fires_B1 = (edited.signal_BT * editable_BT).sum(1, keepdim=True)
@@ -266,9 +289,14 @@ class Intervention:
                 state["counts"] = (prev[0] + fires_B1.float(), prev[1] + seen_B1.float())
             return (new_BTD, *output[1:]) if isinstance(output, (tuple, list)) else new_BTD
 
+        def gate_hook(_module, _inputs, output):  # the probe's layer runs first: keep its output
+            state["gate_h"] = output[0] if isinstance(output, (tuple, list)) else output
+
         base = getattr(model, "model", model)
-        return Hooks([base.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                      blocks[self.layer].register_forward_hook(hook)])
+        handles = [base.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        if self.threshold is not None and self.gate_layer != self.layer:
+            handles.append(blocks[self.gate_layer].register_forward_hook(gate_hook))
+        return Hooks(handles + [blocks[self.layer].register_forward_hook(hook)])
 
     @contextmanager
     def hooked(self, model: Any, *, skip_bos: bool = True) -> Iterator["Intervention"]:

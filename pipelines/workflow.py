@@ -52,17 +52,22 @@ class Preset:
     """EvalConfig preset ("demo": small sweep and question counts for CPU; "full")."""
     eval: dict[str, Any] = field(default_factory=dict)
     """EvalConfig overrides on top of the preset (files and sizes)."""
+    probe_offset: int = 0
+    """The probe gate reads the layer this many blocks before each trained layer
+    (TrainConfig.probe_offset); `ff run` caches those layers too, and trains the others only."""
     note: str = ""
 
 
 PRESETS: dict[str, Preset] = {
     # The embedded Gemma 3 270M and the bundled corpora, one layer (docs/benchmarks.md: time).
     "demo": Preset(
-        # layer 4: chosen on the dev halves over layers 3 and 4 (docs/method.md, "Layer choice")
+        # layer 4: chosen on the dev halves over layers 3 and 4 (docs/method.md, "Layer choice");
+        # its probe reads layer 3, which detects the forget questions better (docs/method.md)
         cache=CacheConfig(model="gemma-3-270m", layers=(4,), retain="demo", unlearn="demo", contexts=1536,
                           ctx_len=128),
         train_preset="demo",
         eval_preset="demo",
+        probe_offset=1,
         note="embedded Gemma 3 270M, bundled demo corpora and held-out evaluation files",
     ),
     # The paper's setting: needs a GPU and Hugging Face access (gemma-2-2b and the WMDP bio
@@ -80,7 +85,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def _train_one(store: Path, layer: int, run_dir: Path, variant: Variant, train_preset: str,
-               compare_n: int, progress: bool, seed: int = 0):
+               compare_n: int, progress: bool, seed: int = 0, probe_offset: int = 0):
     from trainer.config import TrainConfig
     from trainer.train import train
 
@@ -88,7 +93,7 @@ def _train_one(store: Path, layer: int, run_dir: Path, variant: Variant, train_p
         return None  # finished earlier
     resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
     cfg = TrainConfig.preset(train_preset).replace(method=variant.method, compare_n=compare_n, seed=seed,
-                                                   **variant.flags)
+                                                   probe_offset=probe_offset, **variant.flags)
     return train(None if resume else cfg, str(store), layer, str(run_dir), resume=resume,
                  overwrite=not resume, progress=progress)
 
@@ -117,6 +122,14 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache_cfg = replace(preset.cache, **(cache_overrides or {}))
+    layers = tuple(cache_cfg.layers)  # trained; the probe's layers are cached as well
+    if preset.probe_offset:
+        if min(layers) - preset.probe_offset < 0:
+            from trainer.errors import TrainError
+
+            raise TrainError(f"preset '{preset_name}' gates each layer with a probe {preset.probe_offset} block(s) "
+                             f"earlier: train layers >= {preset.probe_offset} (got {min(layers)})")
+        cache_cfg = replace(cache_cfg, layers=tuple(sorted({*layers, *(l - preset.probe_offset for l in layers)})))
     t0 = time.perf_counter()
     lm = None
 
@@ -131,7 +144,6 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
     log(f"[1/4] cache -> {store_path}")
     complete = (store_path / "zarr.json").is_file() and open_store(store_path).meta.complete
     build_cache(cache_cfg, store_path, progress=progress, lm=None if complete else model())
-    layers = open_store(store_path).meta.layers
 
     variants = BASE_VARIANTS + (ABLATIONS if ablations else ())
     runs: dict[str, dict[int, list[Path]]] = {v.name: {} for v in variants}
@@ -144,7 +156,8 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
                 # the baseline's feature set is sized like the FeatureForget candidate set
                 compare_n = _n_candidates(ff_dir) if v.method == "baseline" else 0
                 log(f"  layer {layer} {v.name} seed {seed}")
-                _train_one(store_path, layer, run_dir, v, preset.train_preset, compare_n, progress, seed)
+                _train_one(store_path, layer, run_dir, v, preset.train_preset, compare_n, progress, seed,
+                           preset.probe_offset)
                 runs[v.name].setdefault(layer, []).append(run_dir)
 
     ecfg = EvalConfig.preset(preset.eval_preset).replace(**{**preset.eval, **(eval_overrides or {})})

@@ -95,6 +95,31 @@ def test_fast_path_matches_plain_forward_with_hooks(lm, cfg, tmp_path):
         torch.testing.assert_close(torch.cat(lp), ref_text, atol=1e-4, rtol=1e-5)
 
 
+def test_fast_path_with_a_probe_on_an_earlier_layer_matches_plain_forward_with_hooks(lm, cfg, tmp_path):
+    """A probe read at block LAYER - 1 gating the edit at LAYER: the evaluation's fast path (cached
+    residuals of both layers) gives what the hooked model gives, questions and text."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, probe_layer=LAYER - 1))
+    data = eval_data(lm, cfg)
+    data.prepare(lm.model, [LAYER - 1, LAYER])
+    probe = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=0.0))
+    peak_Q = data.forget_mcq.gate_peaks(probe)  # threshold at the median peak: the gate opens on some questions only
+    thr = float(peak_Q.median()) + float(run.gate["probe/b"][0])
+    iv = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=thr))
+    opened = data.forget_mcq.gate_peaks(iv) > iv.threshold
+    assert 0 < float(opened.float().mean()) < 1
+    qs = sample_split(load_mcq(cfg.forget_mcq, "forget"), cfg.max_questions, cfg.sample_seed)[0]
+    lp, rerun = data.forget_mcq.logprobs(lm.model, iv)
+    assert rerun > 0
+    torch.testing.assert_close(mcq_scores(torch.cat(lp), data.forget_mcq.layout),
+                               _plain_choice_scores(lm, qs, cfg.mcq_template, iv), atol=1e-4, rtol=1e-5)
+    lp, _ = data.retain_text.logprobs(lm.model, iv)
+    ids = torch.cat([b.input_ids_BT for b in data.retain_text.batches])
+    with torch.no_grad(), iv.hooked(lm.model):
+        logp = lm.model(ids).logits.log_softmax(-1)
+    torch.testing.assert_close(torch.cat(lp), logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].flatten(),
+                               atol=1e-4, rtol=1e-5)
+
+
 def test_mcq_scoring_picks_the_max_likelihood_choice():
     # q0: choice 0 has two tokens (-1 + -1.5 = -2.5), choice 1 one token (-2.0) -> pick 1
     # q1: three choices only; choice 2 (-0.1) wins; the missing 4th choice is never picked

@@ -13,8 +13,9 @@ import torch
 
 def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: int | None = None,
              method: str = "featureforget", n_candidates: int = 12, scale: float = 0.5, seed: int = 0,
-             b_enc: float = -0.3, model: str = "tiny") -> Path:
-    """Write RUN/{sae.safetensors, features.safetensors, config.json} like `ff train` does."""
+             b_enc: float = -0.3, model: str = "tiny", probe_layer: int | None = None) -> Path:
+    """Write RUN/{sae.safetensors, features.safetensors, config.json} like `ff train` does.
+    `probe_layer`: the probe reads that block's output (`ff train --probe-offset`)."""
     from safetensors.torch import save_file
 
     from trainer.sae import SAE
@@ -37,6 +38,12 @@ def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: in
             feats[f"{k}_{c}"] = torch.rand(d_sae, generator=g)
     save_file(feats, str(path / "features.safetensors"))
     write_gate(path, feats, method, g, d_model)
+    if probe_layer is not None:
+        from safetensors.torch import load_file
+
+        gate = load_file(str(path / "gate.safetensors"))
+        gate.update({"probe/layer": torch.tensor([probe_layer]), "probe/scale": torch.tensor([0.8])})
+        save_file(gate, str(path / "gate.safetensors"))
     cfg = {"method": method, "layer": layer, "model": model, "model_hash": model_hash,
            "d_model": d_model, "d_sae": d_sae, "scale": scale, "ctx_len": 32}
     (path / "config.json").write_text(json.dumps(cfg))

@@ -9,6 +9,7 @@ import torch
 from cache.models import load_model
 from pipelines.config import Setting
 from pipelines.data import Question, sample_split
+from pipelines.errors import EvalError
 from pipelines.intervene import Intervention, load_run
 from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, verdict
 from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
@@ -266,16 +267,26 @@ def test_probe_learns_the_topic_directions_and_calibrates_on_unseen_retain_conte
     assert float((u_new > thr).float().mean()) > 0.9 and float((r_new > thr).float().mean()) < 0.1
 
 
-def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_path):
-    """The probe gate decides at t from tokens <= t only, also across KV-cached steps."""
-    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+@pytest.mark.parametrize("probe_layer", [None, LAYER - 1, LAYER + 1])
+def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_path, probe_layer):
+    """The probe gate decides at t from tokens <= t only, also across KV-cached steps; also
+    when the probe reads an earlier layer than the edited one (a later one is refused)."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40,
+                            probe_layer=probe_layer))
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
     ids[:, 0] = lm.model.config.bos_token_id
-    probe = Intervention(run, Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0))
+    setting = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0)
+    if probe_layer is not None and probe_layer > LAYER:
+        with pytest.raises(EvalError, match=f"reads layer {probe_layer}, after the edited layer {LAYER}"):
+            Intervention(run, setting)
+        return
+    probe = Intervention(run, setting)
+    assert probe.gate_layer == (LAYER if probe_layer is None else probe_layer)
     with torch.no_grad():  # put the threshold at the median running score, so the gate really decides
-        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
-        share, seen = firing_share(probe.signal(h), ids != lm.model.config.bos_token_id)
+        hs = lm.model(ids, output_hidden_states=True).hidden_states
+        h, gate_h = hs[LAYER + 1], hs[probe.gate_layer + 1]
+        share, seen = firing_share(probe.signal(gate_h), ids != lm.model.config.bos_token_id)
     median = float(share[seen >= 8].median()) + float(run.gate["probe/b"][0])
     iv = Intervention(run, Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=median))
     with torch.no_grad(), iv.hooked(lm.model):
@@ -289,6 +300,9 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
         for _ in range(8):
             seq = torch.cat([seq, lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(cached, seq)
-    ed = iv.edit(h, ids != lm.model.config.bos_token_id)
+    ed = iv.edit(h, ids != lm.model.config.bos_token_id, gate_h_BTD=gate_h)
     opened = ed.open_BT[seen >= 8]
     assert 0 < float(opened.float().mean()) < 1, "at the median the gate is open at some positions only"
+    if probe_layer is not None:
+        with pytest.raises(EvalError, match="pass its output"):
+            iv.edit(h, ids != lm.model.config.bos_token_id)

@@ -134,3 +134,26 @@ def test_resume_through_train_matches_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = [(tmp_path / r / "metrics.jsonl").read_text() for r in "ab"]
     assert metrics[0] == metrics[1]
+
+
+def test_probe_offset_fits_the_probe_on_an_earlier_layer_of_the_store(tmp_path):
+    """`probe_offset` 1 at layer 2: the probe is the one a run at layer 1 fits (same contexts,
+    that layer's own scale), and the run records which layer it reads."""
+    store = str(make_store(tmp_path / "s.zarr"))
+    cfg = CFG.replace(steps=4, method="baseline")
+    train(cfg.replace(probe_offset=1), store, 2, str(tmp_path / "l2"), progress=False)
+    train(cfg, store, 1, str(tmp_path / "l1"), progress=False)
+    train(cfg, store, 2, str(tmp_path / "l2same"), progress=False)
+    cross, own1, own2 = (load_file(str(tmp_path / r / "gate.safetensors")) for r in ("l2", "l1", "l2same"))
+    assert int(cross["probe/layer"][0]) == 1 and "probe/layer" not in own1
+    assert float(cross["probe/scale"][0]) == pytest.approx(json.loads((tmp_path / "l1" / "config.json").read_text())["scale"])
+    for key in ("probe/w", "probe/b", "probe/max", "probe@0.01/w"):
+        torch.testing.assert_close(cross[key], own1[key])
+    assert not torch.allclose(cross["probe/w"], own2["probe/w"]), "layer 2's own probe differs"
+    with pytest.raises(TrainError, match="points before layer 0"):
+        train(cfg.replace(probe_offset=3), store, 2, str(tmp_path / "bad"), progress=False)
+    with pytest.raises(TrainError, match=r"the probe reads layer 0 \(--probe-offset 2\): .*layer 0 is not in"):
+        train(cfg.replace(probe_offset=2), store, 2, str(tmp_path / "bad2"), progress=False)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists(), "refused before any write"
+    with pytest.raises(TrainError, match="probe_offset must be >= 0"):
+        cfg.replace(probe_offset=-1)

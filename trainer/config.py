@@ -139,6 +139,12 @@ class TrainConfig:
     no_clustering: bool = False
     """Ablation: a single cluster (no k-means), so one tau and one pair of gates."""
 
+    probe_offset: int = 0
+    """The probe gate's detector (trainer/detector.py) reads the residual stream this many blocks
+    before the edited layer (0: the edited layer). The store must hold that layer too. A layer
+    that detects the topic better than the edited one can gate the edit there; the gate's
+    decision at a position still depends on that position and earlier ones only."""
+
     # ---- derived helpers -------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -157,6 +163,8 @@ class TrainConfig:
             raise TrainError(f"warmup must be >= 0, got {self.warmup}")
         if not 0.0 <= self.importance_decay < 1.0:
             raise TrainError(f"importance_decay must be in [0, 1), got {self.importance_decay}")
+        if self.probe_offset < 0:
+            raise TrainError(f"probe_offset must be >= 0 (blocks before the edited layer), got {self.probe_offset}")
         if not 0.0 < self.eval_frac < 1.0:
             raise TrainError(f"eval_frac must be in (0, 1), got {self.eval_frac}")
 

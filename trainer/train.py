@@ -67,6 +67,16 @@ class StatsData(NamedTuple):
     unlearn: Callable[..., Iterable[Tensor | tuple[Tensor, Tensor]]]
     retain_contexts: Callable[..., Iterable[tuple[Tensor, Tensor]]] | None
     """Retain training contexts (x [C, T, D] normalised, editable [C, T]) for the gate."""
+    probe: "ProbeData | None" = None
+    """The probe's layer when it is not the trained one (TrainConfig.probe_offset)."""
+
+
+class ProbeData(NamedTuple):
+    layer: int
+    scale: float
+    """Normalisation scale of that layer (its own, estimated like the trained layer's)."""
+    retain: Callable[[], Iterable[tuple[Tensor, Tensor]]]
+    unlearn: Callable[[], Iterable[tuple[Tensor, Tensor]]]
 
 
 class HeldOut(NamedTuple):
@@ -95,10 +105,12 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     if given is None and saved is None:
         raise TrainError(f"nothing to resume in {out} (no config.json); "
                          "pass a config to start a run")
-    eval_frac = (given or TrainConfig.from_dict(saved)).eval_frac
+    effective = given or TrainConfig.from_dict(saved)
+    eval_frac = effective.eval_frac
     if layer is None and saved is not None:
         layer = saved.get("layer")
     data = open_training_data(store_path, layer, eval_frac, unlearn_store=unlearn_store)
+    probe = _probe_data(effective, store_path, data.meta, eval_frac, unlearn_store)  # checked before any write
     run, cfg, meta = ranks.from_main(lambda: open_run(
         out, given, data.meta, resume=resume, overwrite=overwrite,
         scale=lambda: estimate_scale(data.retain.train, given.scale_chunks)))
@@ -114,13 +126,32 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
         return lambda ranks=SINGLE: iter_contexts(shard(c.train, ranks.rank, ranks.world),
                                                   meta["scale"])
 
-    stats = StatsData(contexts(data.retain), contexts(data.unlearn), contexts(data.retain))
+    stats = StatsData(contexts(data.retain), contexts(data.unlearn), contexts(data.retain), probe)
     try:
         return run_loop(cfg, run, meta, *streams, held_out=held, progress=progress, on_step=on_step,
                         stats_data=stats, ranks=ranks)
     finally:
         for s in streams:
             s.close()
+
+
+def _probe_data(cfg: TrainConfig, store_path: str, meta: dict[str, Any], eval_frac: float,
+                unlearn_store: str | None) -> ProbeData | None:
+    """The training contexts of the layer the probe reads, when it is not the trained layer."""
+    from trainer.data import estimate_scale, open_training_data
+
+    if not cfg.probe_offset:
+        return None
+    layer = int(meta["layer"]) - cfg.probe_offset
+    if layer < 0:
+        raise TrainError(f"--probe-offset {cfg.probe_offset} points before layer 0 (the run trains layer {meta['layer']})")
+    try:
+        data = open_training_data(store_path, layer, eval_frac, unlearn_store=unlearn_store)
+    except TrainError as e:
+        raise TrainError(f"the probe reads layer {layer} (--probe-offset {cfg.probe_offset}): {e}") from None
+    scale = estimate_scale(data.retain.train, cfg.scale_chunks)
+    return ProbeData(layer, scale, lambda: iter_contexts(data.retain.train, scale),
+                     lambda: iter_contexts(data.unlearn.train, scale))
 
 
 def train_on_streams(cfg: TrainConfig, retain: Iterator[Tensor], unlearn: Iterator[Tensor], *,
@@ -345,11 +376,15 @@ def _probe(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
     from trainer.detector import fit_probes, probe_prefix
 
     n_r, n_u = (int((meta.get(f"{c}_contexts") or [0])[0]) for c in ("retain", "unlearn"))
+    retain, unlearn = (sd.retain_contexts, sd.unlearn()) if sd.probe is None else (sd.probe.retain, sd.probe.unlearn())
     out: dict[str, Tensor] = {}
-    for l2, probe in fit_probes(sd.retain_contexts, sd.unlearn(), n_retain=max(n_r, 1), n_unlearn=max(n_u, 1)).items():
+    for l2, probe in fit_probes(retain, unlearn, n_retain=max(n_r, 1), n_unlearn=max(n_u, 1)).items():
         key = probe_prefix(l2)
         out.update({f"{key}/w": probe.w_D.float(), f"{key}/b": torch.tensor([probe.b], dtype=torch.float32),
                     f"{key}/max": probe.retain_max_C.float()})
+    if sd.probe is not None:  # read by pipelines/intervene.py (probe_layer)
+        out.update({"probe/layer": torch.tensor([sd.probe.layer], dtype=torch.int64),
+                    "probe/scale": torch.tensor([sd.probe.scale], dtype=torch.float32)})
     return out
 
 
