@@ -120,6 +120,8 @@ class EvalSet:
         open on (enough editable tokens); -inf where none. The gate opens somewhere in a
         question exactly when its peak exceeds `iv.threshold`."""
         rows, owner, n = [], [], 0
+        if iv.gate_layer not in self.resid:
+            raise EvalError(f"{self.name}: the gate reads layer {iv.gate_layer}; prepare() it first")
         for b, h_BTD in zip(self.batches, self.resid[iv.gate_layer]):
             share_BT, seen_BT = firing_share(iv.signal(h_BTD), b.editable_BT, b.seg_BT)
             ok_BT = b.editable_BT & (seen_BT >= GATE_MIN_TOKENS)
