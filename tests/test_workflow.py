@@ -43,6 +43,14 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
             assert res["layer"] == 1 and res["method"] == method and res["sweep"]
         md = (report / "report.md").read_text()
         assert "| 1 | FeatureForget, probe-gated |" in md and "| 1 | baseline SAE, static |" in md and "## Verdict" in md
+        # the preset's probe reads the layer before the trained one: both cached, one trained
+        from safetensors.torch import load_file
+
+        from cache.store import open_store
+        assert list(open_store(out / "store.zarr").meta.layers) == [0, 1] and rep["layers"] == [1]
+        assert sorted(d.name for d in (out / "runs").iterdir()) == ["layer_1"]
+        for method in ("featureforget", "baseline"):
+            assert int(load_file(str(out / "runs" / "layer_1" / method / "gate.safetensors"))["probe/layer"][0]) == 0
 
         stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
         r = CliRunner().invoke(main, args)  # everything is reused
