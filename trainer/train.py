@@ -11,19 +11,18 @@ cfg.recluster_every steps. The baseline runs phase 1 only, on retain and unlearn
 
 Under torchrun (trainer/dist.py) every rank runs this loop on its part of each global batch;
 k-means runs on rank 0 and its result is broadcast; the passes over every training token after
-training are split over the ranks; rank 0 alone writes the run folder.
+training are split over the ranks; rank 0 alone writes the run folder (trainer/finish.py: the
+statistics, gate calibration and detectors, and the final artifacts).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -31,11 +30,10 @@ from tqdm.auto import tqdm
 from trainer.config import TrainConfig
 from trainer.dist import SINGLE, Ranks, ranks_from_env
 from trainer.errors import NonFiniteLossError, TrainError
-from trainer.evaluate import evaluate, saebench_select, set_shares
 from trainer.featureforget import FeatureForget
-from trainer.selection import calibrate, calibration_sets, corpus_stats, iter_contexts
-from trainer.run import (MetricsLog, RunFolder, load_checkpoint, open_run, save_checkpoint,
-                         write_features, write_json)
+from trainer.finish import HeldOut, StatsData, finish_run, probe_data, recluster
+from trainer.selection import iter_contexts
+from trainer.run import MetricsLog, RunFolder, load_checkpoint, open_run, save_checkpoint
 from trainer.sae import SAE
 from trainer.steps import importance_passes, lr_at, make_optimizer, set_lr, train_step
 
@@ -57,32 +55,6 @@ class RunSummary(NamedTuple):
     """The content of RUN/eval.json."""
     seconds: float
     """Wall time of this call."""
-
-
-class StatsData(NamedTuple):
-    retain: Callable[..., Iterable[Tensor | tuple[Tensor, Tensor]]]
-    """Every training token of the retain corpus: [B, D] normalised batches, or whole contexts
-    (x [C, T, D] normalised, editable [C, T]), which also give context frequencies. Called with
-    `ranks` (trainer/dist.py): this rank's contiguous share of them."""
-    unlearn: Callable[..., Iterable[Tensor | tuple[Tensor, Tensor]]]
-    retain_contexts: Callable[..., Iterable[tuple[Tensor, Tensor]]] | None
-    """Retain training contexts (x [C, T, D] normalised, editable [C, T]) for the gate."""
-    probe: "ProbeData | None" = None
-    """The probe's layer when it is not the trained one (TrainConfig.probe_offset)."""
-
-
-class ProbeData(NamedTuple):
-    layer: int
-    scale: float
-    """Normalisation scale of that layer (its own, estimated like the trained layer's)."""
-    retain: Callable[[], Iterable[tuple[Tensor, Tensor]]]
-    unlearn: Callable[[], Iterable[tuple[Tensor, Tensor]]]
-
-
-class HeldOut(NamedTuple):
-    retain: Callable[[], Iterable[Tensor]]
-    """Returns a fresh iterable of held-out retain batches [B, D] (normalised)."""
-    unlearn: Callable[[], Iterable[Tensor]]
 
 
 def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str, *,
@@ -110,7 +82,7 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     if layer is None and saved is not None:
         layer = saved.get("layer")
     data = open_training_data(store_path, layer, eval_frac, unlearn_store=unlearn_store)
-    probe = _probe_data(effective, store_path, data.meta, eval_frac, unlearn_store)  # checked before any write
+    probe = probe_data(effective, store_path, data.meta, eval_frac, unlearn_store)  # checked before any write
     run, cfg, meta = ranks.from_main(lambda: open_run(
         out, given, data.meta, resume=resume, overwrite=overwrite,
         scale=lambda: estimate_scale(data.retain.train, given.scale_chunks)))
@@ -133,25 +105,6 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     finally:
         for s in streams:
             s.close()
-
-
-def _probe_data(cfg: TrainConfig, store_path: str, meta: dict[str, Any], eval_frac: float,
-                unlearn_store: str | None) -> ProbeData | None:
-    """The training contexts of the layer the probe reads, when it is not the trained layer."""
-    from trainer.data import estimate_scale, open_training_data
-
-    if not cfg.probe_offset:
-        return None
-    layer = int(meta["layer"]) - cfg.probe_offset
-    if layer < 0:
-        raise TrainError(f"--probe-offset {cfg.probe_offset} points before layer 0 (the run trains layer {meta['layer']})")
-    try:
-        data = open_training_data(store_path, layer, eval_frac, unlearn_store=unlearn_store)
-    except TrainError as e:
-        raise TrainError(f"the probe reads layer {layer} (--probe-offset {cfg.probe_offset}): {e}") from None
-    scale = estimate_scale(data.retain.train, cfg.scale_chunks)
-    return ProbeData(layer, scale, lambda: iter_contexts(data.retain.train, scale),
-                     lambda: iter_contexts(data.unlearn.train, scale))
 
 
 def train_on_streams(cfg: TrainConfig, retain: Iterator[Tensor], unlearn: Iterator[Tensor], *,
@@ -244,9 +197,9 @@ def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Ite
             importance_passes(sae, ff, retain, unlearn, cfg, ranks=ranks)
             if not all(torch.isfinite(x).all() for x in (ff.alpha_r, ff.alpha_u)):
                 raise _non_finite("feature importance", step, t.saved, run)
-            _recluster(ff, ranks)
+            recluster(ff, ranks)
         elif phase2 and (step - n1) % cfg.recluster_every == 0:  # METHOD §3
-            _recluster(ff, ranks)
+            recluster(ff, ranks)
         lr = lr_at(cfg, step)
         set_lr(t.opt, lr)
         if ff is not None and not phase2:  # phase 1: retain only, a whole step's worth
@@ -277,16 +230,8 @@ def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Ite
     bar.close()
     if main:
         metrics.close()
-    _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data, ranks)
+    finish_run(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data, ranks)
     return _summary(cfg, run, meta, t0, ranks)
-
-
-def _recluster(ff: FeatureForget, ranks: Ranks) -> None:
-    """Clusters, tau and U (METHOD §3-§4) from the importance statistics, which are the same
-    on every rank: faiss k-means runs on rank 0 and every rank takes its result."""
-    if ranks.is_main:
-        ff.refresh()
-    ranks.broadcast_(ff.cluster, ff.centroids_raw, ff.tau, ff.candidate)
 
 
 def _non_finite(what: str, step: int, saved: int, run: RunFolder) -> NonFiniteLossError:
@@ -314,133 +259,6 @@ def _log_record(log: dict[str, float], step: int, lr: float, phase2: bool,
             record.update({f"{name}_mean": float(g.mean()), f"{name}_min": float(g.min()),
                            f"{name}_max": float(g.max())})
     return record
-
-
-def _finish(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=None,
-            ranks: Ranks = SINGLE) -> None:
-    """Final statistics and clusters, held-out evaluation, then the run folder's artifacts.
-    Under torchrun every rank measures its share of the training tokens; rank 0 evaluates on
-    the held-out tokens and writes the files."""
-    sae.eval()
-    if ff is not None:
-        _recluster(ff, ranks)  # clusters, tau and U for the final weights, warm-started
-        cluster_F, cand_F = ff.cluster.cpu(), ff.candidate.cpu()
-    else:
-        cluster_F, cand_F = torch.full((sae.d_sae,), -1, dtype=torch.long), None
-    # Both methods' statistics come from one estimator over the same tokens (selection.py):
-    # every training token of each corpus, or a few stream batches without a store.
-    # Under torchrun each rank measures its share (stream batches: its part of each batch).
-    sd = stats_data or StatsData(lambda ranks=SINGLE: islice(retain, cfg.importance_batches),
-                                 lambda ranks=SINGLE: islice(unlearn, cfg.importance_batches), None)
-    feats: dict[str, Tensor] = {}
-    for suffix, batches in (("r", sd.retain), ("u", sd.unlearn)):
-        for k, v in _corpus_stats(sae, batches(ranks), cfg.l1, ranks).items():
-            feats[f"{k}_{suffix}"] = v
-    if ff is not None:  # the running means the candidate rule (METHOD §4) decided on, kept apart
-        feats.update({f"train_{k}": getattr(ff, k).float().cpu() for k in ("alpha_r", "alpha_u", "freq_r", "freq_u")})
-    if cand_F is None:
-        cand_F = saebench_select(feats["freq_r"], feats["freq_u"], cfg.compare_n or 20,
-                                 cfg.saebench_retain_freq)
-    report, held_mass = {}, {}
-    if ranks.is_main:
-        held = held_out or HeldOut(lambda: (), lambda: ())
-        report, r, u = evaluate(sae, held.retain(), held.unlearn(),
-                                candidate_F=cand_F if ff is not None else None,
-                                freq_r_F=feats["freq_r"], freq_u_F=feats["freq_u"],
-                                retain_threshold=cfg.saebench_retain_freq,
-                                extra_sizes=[cfg.compare_n])
-        if ff is None:
-            report["candidates"] = set_shares("saebench", cand_F, r, u)
-        held_mass = {"eval_mass_r": r.mass_F, "eval_mass_u": u.mass_F}
-    feats.update({"cluster": cluster_F, "candidate": cand_F, **held_mass})
-    shares = None
-    if sd.retain_contexts is not None:  # the sequence gate's thresholds (selection.py)
-        sets = calibration_sets(feats, cfg.method)
-        shares = _calibrate(sae, sd.retain_contexts(ranks), sets, ranks)  # None but on rank 0
-    if not ranks.is_main:
-        return
-    sae.save(run.sae)
-    write_features(run.features, feats)
-    if shares is not None:
-        gate = {**{f"{k}/features": v for k, v in sets.items()},
-                **{f"{k}/share": torch.from_numpy(shares[k]) for k in sets}}
-        gate.update(_probe(sd, meta))
-        write_features(run.gate, gate)
-    write_json(run.clusters, _clusters_json(ff))
-    write_json(run.eval, {"method": cfg.method, "layer": meta.get("layer"), **report})
-
-
-def _probe(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
-    """The probe gate's detector on the residual stream, fitted on the training contexts of both
-    corpora and calibrated on retain contexts it did not see (trainer/detector.py)."""
-    from trainer.detector import fit_probes, probe_prefix
-
-    n_r, n_u = (int((meta.get(f"{c}_contexts") or [0])[0]) for c in ("retain", "unlearn"))
-    retain, unlearn = (sd.retain_contexts, sd.unlearn()) if sd.probe is None else (sd.probe.retain, sd.probe.unlearn())
-    out: dict[str, Tensor] = {}
-    for l2, probe in fit_probes(retain, unlearn, n_retain=max(n_r, 1), n_unlearn=max(n_u, 1)).items():
-        key = probe_prefix(l2)
-        out.update({f"{key}/w": probe.w_D.float(), f"{key}/b": torch.tensor([probe.b], dtype=torch.float32),
-                    f"{key}/max": probe.retain_max_C.float()})
-    if sd.probe is not None:  # read by pipelines/intervene.py (probe_layer)
-        out.update({"probe/layer": torch.tensor([sd.probe.layer], dtype=torch.int64),
-                    "probe/scale": torch.tensor([sd.probe.scale], dtype=torch.float32)})
-    return out
-
-
-def _corpus_stats(sae: SAE, items: Iterable, l1: float, ranks: Ranks) -> dict[str, Tensor]:
-    """corpus_stats (selection.py) over every rank's share of a corpus. Each statistic is a
-    mean over tokens (act: over the tokens where the feature fires; ctx: over contexts), so
-    the ranks' means are turned back into totals, added up, and divided again."""
-    if ranks.world == 1:
-        return corpus_stats(sae, items, l1)
-    seen = [0, 0]  # tokens, contexts
-
-    def counted():
-        for item in items:
-            if isinstance(item, (tuple, list)):
-                seen[0], seen[1] = seen[0] + int(item[1].sum()), seen[1] + len(item[1])
-            else:
-                seen[0] += len(item)
-            yield item
-
-    s = {k: v.double() for k, v in corpus_stats(sae, counted(), l1).items()}
-    tot = {k: s[k] * seen[0] for k in ("freq", "mean", "mean_sq", "alpha")}
-    tot["freq"] = tot["freq"].round()  # firing counts
-    tot["act"] = s["act"] * tot["freq"]
-    tot["ctx"] = s.get("ctx", torch.zeros_like(s["freq"])) * seen[1]
-    n = torch.tensor(seen, dtype=torch.float64)
-    ranks.sum_(*tot.values(), n)
-    n_tok, n_ctx = max(float(n[0]), 1.0), float(n[1])
-    out = {"freq": tot["freq"] / n_tok, "mean": tot["mean"] / n_tok,
-           "mean_sq": tot["mean_sq"] / n_tok, "act": tot["act"] / tot["freq"].clamp_min(1),
-           "alpha": tot["alpha"] / n_tok}
-    if n_ctx:
-        out["ctx"] = tot["ctx"] / n_ctx
-    return {k: v.float() for k, v in out.items()}
-
-
-def _calibrate(sae: SAE, contexts: Iterable, sets: dict[str, Tensor],
-               ranks: Ranks) -> dict[str, np.ndarray] | None:
-    """calibrate (selection.py) over every rank's contiguous share of the retain contexts ->
-    the shares of all of them in store order, on rank 0 (None on the other ranks)."""
-    shares = calibrate(sae, contexts, sets)
-    if ranks.world == 1:
-        return shares
-    parts = ranks.gather(shares)
-    return None if parts is None else {k: np.concatenate([p[k] for p in parts]) for k in sets}
-
-
-def _clusters_json(ff: FeatureForget | None) -> dict[str, Any]:
-    if ff is None:
-        return {"n_clusters": 0, "tau": [], "gate_r": [], "gate_u": [], "size": [],
-                "n_candidates": []}
-    g_r, g_u = ff.gates()
-    n_c = len(ff.tau)
-    return {"n_clusters": n_c, "tau": ff.tau.tolist(), "gate_r": g_r.tolist(),
-            "gate_u": g_u.tolist(),
-            "size": torch.bincount(ff.cluster.cpu(), minlength=n_c).tolist(),
-            "n_candidates": torch.bincount(ff.cluster[ff.candidate].cpu(), minlength=n_c).tolist()}
 
 
 def _summary(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], t0: float,
