@@ -108,8 +108,10 @@ class EvalSet:
     def gate_resid(self, iv: Intervention) -> list[Tensor | None]:
         """Per batch, the clean output of the block the gate reads where it is not the edited one
         (a probe fitted on an earlier layer; prepare() that layer too), else None."""
-        if iv.gate_layer == iv.layer:
-            return [None] * len(self.batches)
+        return [None] * len(self.batches) if iv.gate_layer == iv.layer else self._gate_stream(iv)
+
+    def _gate_stream(self, iv: Intervention) -> list[Tensor]:
+        """Per batch, the clean output of block `iv.gate_layer` (its signal's input)."""
         if iv.gate_layer not in self.resid:
             raise EvalError(f"{self.name}: the gate reads layer {iv.gate_layer}; prepare() it first")
         return self.resid[iv.gate_layer]
@@ -120,9 +122,7 @@ class EvalSet:
         open on (enough editable tokens); -inf where none. The gate opens somewhere in a
         question exactly when its peak exceeds `iv.threshold`."""
         rows, owner, n = [], [], 0
-        if iv.gate_layer not in self.resid:
-            raise EvalError(f"{self.name}: the gate reads layer {iv.gate_layer}; prepare() it first")
-        for b, h_BTD in zip(self.batches, self.resid[iv.gate_layer]):
+        for b, h_BTD in zip(self.batches, self._gate_stream(iv)):
             share_BT, seen_BT = firing_share(iv.signal(h_BTD), b.editable_BT, b.seg_BT)
             ok_BT = b.editable_BT & (seen_BT >= GATE_MIN_TOKENS)
             rows.append(torch.where(ok_BT, share_BT, float("-inf")).max(1).values)
