@@ -445,7 +445,8 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100),
               help="The sequence gate's threshold: this percentile of retain contexts' firing share. [95]")
 @click.option("--probe-percentiles", default=None, metavar="P1,P2,...",
-              help="Percentiles of the retain calibration prompts' detector scores tried for the probe gate. [99,100]")
+              help="Percentiles of the retain calibration prompts' detector scores tried for the probe gate. "
+              "[preset; full: 99,100; demo: 99]")
 @click.option("--max-retain-ce-rise", default=None, type=click.FloatRange(0),
               help="A retain-safe setting raises held-out retain CE by at most this fraction (out of "
               "distribution: twice it). [0.01]")

@@ -225,6 +225,37 @@ def limits_table(results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+HELD_BACK = 3
+"""Rows per configuration in the "held back by the retain bounds" table."""
+
+
+def held_back_table(results: dict[str, dict[int, dict]]) -> str:
+    """Per configuration, the settings of the sweep that score higher on the dev half than the
+    chosen one (every one that edits where none qualified) but break a retain bound, best first,
+    with the bound each breaks: the other side of the frontier."""
+    from pipelines.scoring import why_unsafe
+
+    rows = ["| layer | configuration | setting | dev score | chosen's dev score | held back by |",
+            "|---|---|---|---|---|---|"]
+    for variant, label in (("baseline", "baseline SAE"), ("featureforget", "FeatureForget")):
+        for l, res in sorted(results.get(variant, {}).items()):
+            cfg = res.get("config") or {}
+            ratio, ce = cfg.get("retain_ratio", 0.99), cfg.get("max_retain_ce_rise", 0.01)
+            for gate, how in GATE_NAMES.items():
+                if gate not in res.get("best_by_gate", {}):
+                    continue
+                best = res["best_by_gate"][gate]["best"]
+                floor = best["dev"]["unlearning_score"] if best else float("-inf")
+                above = [(e["dev"]["unlearning_score"], why, e["label"]) for e in res.get("sweep", [])
+                         if e["setting"].get("gate", "none") == gate and e["n_features"] > 0
+                         and e["dev"]["unlearning_score"] is not None and e["dev"]["unlearning_score"] > floor
+                         and (why := why_unsafe(e, ratio, ce)) is not None]
+                for score, why, name in sorted(above, key=lambda a: -a[0])[:HELD_BACK]:
+                    rows.append(f"| {l} | {label}, {how} | {name} | {score:.3f} | "
+                                f"{_num(best['dev']['unlearning_score']) if best else 'none qualified'} | {why} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def _det(b: dict[str, Any]) -> dict[str, Any]:
     """The topic-detection AUROCs of an entry's gate: the probe's detector for a probe-gated
     setting, the selected features' firing share for the sequence gate, none when static."""
@@ -352,6 +383,11 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
                "score if every opened question fell to chance and the shut ones kept their clean answers: below it, "
                "the edit leaves answers the gate reached; the gap to the static ceiling is the detector's.", "",
                limits, ""]
+    if held := held_back_table(results):
+        md += ["## Held back by the retain bounds", "",
+               f"Settings that score higher on the dev half than the chosen one but break a retain bound (the "
+               f"{HELD_BACK} highest per configuration): the frontier's other side, and which bound binds.", "",
+               held, ""]
     md += ["## Out of distribution", "",
            "Textbook-style biology and general-knowledge questions and prose that the training corpora never "
            "contain; general accuracy must stay >= 0.99 of clean.", "", ood_table(results), ""]

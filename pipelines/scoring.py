@@ -7,7 +7,8 @@ tested against known cases.
 - `bootstrap_ci`: a percentile bootstrap over questions (paired before/after), seeded.
 - `half`: one half (dev or test) of a sweep entry: accuracies, score, interval, and the score on
   the questions the clean model answers correctly (SAEBench protocol: there acc_before = 1).
-- `pick_best`: the highest dev score among retain-safe settings; None with a reason otherwise.
+- `pick_best`: the highest dev score among retain-safe settings; None with a reason otherwise
+  (`why_unsafe`: why one setting is not retain-safe).
 - `gate_split`: the forget questions on which the gate opened vs stayed shut, and the score's
   ceiling under that gate (every opened question answered at chance, the shut ones as before).
 - `auroc`: how well a per-sequence score separates forget from retain sequences.
@@ -81,16 +82,26 @@ def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tens
     return out
 
 
+def why_unsafe(e: dict[str, Any], ratio: float, max_ce_rise: float, *, part: str = "dev",
+               loss_key: str = "retain_loss") -> str | None:
+    """Why an entry is not retain-safe on the `part` half (retain MCQ below ratio x clean, or the
+    retain CE rise above max_ce_rise where the entry measured it), or None where it is."""
+    r = e[part]["retain_mcq"]
+    if r["after"] < ratio * r["before"] - 1e-9:  # 1e-9: 0.495 >= 0.99 * 0.5 despite rounding
+        return f"retain MCQ {r['before']:.3f} -> {r['after']:.3f} (< {ratio:g} x clean)"
+    loss = e.get(loss_key) or {}
+    if loss.get("after") is not None and loss.get("before"):
+        rise = loss["after"] / loss["before"] - 1
+        if loss["after"] > loss["before"] * (1 + max_ce_rise) + 1e-12:
+            return f"retain CE {rise:+.1%} (> {max_ce_rise:.0%})"
+    return None
+
+
 def retain_safe(e: dict[str, Any], ratio: float, max_ce_rise: float, *, part: str = "dev",
                 loss_key: str = "retain_loss") -> bool:
     """Retain MCQ on the `part` half kept >= ratio x clean (and the retain CE rise <= max_ce_rise
     where the entry measured it)."""
-    r = e[part]["retain_mcq"]
-    ok = r["after"] >= ratio * r["before"] - 1e-9  # 1e-9: 0.495 >= 0.99 * 0.5 despite rounding
-    loss = e.get(loss_key) or {}
-    if ok and loss.get("after") is not None and loss.get("before"):
-        ok = loss["after"] <= loss["before"] * (1 + max_ce_rise) + 1e-12
-    return ok
+    return why_unsafe(e, ratio, max_ce_rise, part=part, loss_key=loss_key) is None
 
 
 def pick_best(sweep: list[dict[str, Any]], ratio: float, max_ce_rise: float, *, key: str = "",

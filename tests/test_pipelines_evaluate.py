@@ -177,6 +177,18 @@ def test_best_setting_is_chosen_on_dev_and_respects_the_retain_constraints():
     assert pick_best([x, y], 0.99, 0.01)[0]["label"] == "x"
 
 
+def test_why_unsafe_names_the_bound_a_setting_breaks():
+    from pipelines.scoring import why_unsafe
+
+    assert why_unsafe(_entry("a", 10, (0.6, 0.2), (0.5, 0.49)), 0.99, 0.01) == \
+        "retain MCQ 0.500 -> 0.490 (< 0.99 x clean)"
+    assert why_unsafe(_entry("e", 10, (0.6, 0.0), (0.5, 0.5), retain_loss=2.03), 0.99, 0.01) == "retain CE +1.5% (> 1%)"
+    assert why_unsafe(_entry("e", 10, (0.6, 0.0), (0.5, 0.5), retain_loss=2.03), 0.99, 0.02) is None
+    assert why_unsafe(_entry("b", 10, (0.6, 0.3), (0.5, 0.495)), 0.99, 0.01) is None  # exactly 0.99 x clean
+    # the questions fail first: the CE is not the reason then, however high
+    assert why_unsafe(_entry("f", 10, (0.6, 0.0), (0.5, 0.4), retain_loss=9.0), 0.99, 0.01).startswith("retain MCQ")
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "'answer' must be an integer index"),
     ('{"question": "q", "choices": ["a"], "answer": 0}', "at least 2"),

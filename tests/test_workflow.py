@@ -108,6 +108,34 @@ def test_limits_table_splits_the_forget_questions_by_the_gate():
     assert "| 8 | FeatureForget, gated | 30/40 | 0.80 -> 0.20 | 0.80 -> 0.80 | 0.500 | 0.600 |" in limits_table(results)
 
 
+def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
+    from pipelines.report import held_back_table
+
+    results = {"featureforget": {8: _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))}}
+    assert held_back_table(results) == ""  # no sweep: no table
+
+    def entry(label, gate, dev, retain_after, ce_after=None, n=20):
+        half = {"unlearning_score": dev, "retain_mcq": {"before": 0.7, "after": retain_after}}
+        return {"label": label, "setting": {"gate": gate}, "n_features": n, "dev": half,
+                "retain_loss": {"before": 2.0, "after": ce_after}}
+
+    results["featureforget"][8]["sweep"] = [
+        entry("strong", "sequence", 0.5, 0.69),                 # above the chosen 0.3, loses a question
+        entry("hot", "sequence", 0.4, 0.7, ce_after=2.1),       # above, retain CE +5%
+        entry("chosen", "sequence", 0.3, 0.7, ce_after=2.0),    # the chosen one: not listed
+        entry("weak", "sequence", 0.2, 0.6),                    # below the chosen one: not listed
+        entry("none", "sequence", 0.9, 0.1, n=0),               # edits nothing: not listed
+        entry("static", "none", 0.1, 0.2),                      # static: none qualified, so listed
+    ]
+    results["featureforget"][8]["config"] = {"retain_ratio": 0.99, "max_retain_ce_rise": 0.01}
+    table = held_back_table(results)
+    assert "| 8 | FeatureForget, gated | strong | 0.500 | 0.300 | retain MCQ 0.700 -> 0.690 (< 0.99 x clean) |" in table
+    assert "| 8 | FeatureForget, gated | hot | 0.400 | 0.300 | retain CE +5.0% (> 1%) |" in table
+    assert table.index("| strong |") < table.index("| hot |")  # best first
+    assert "| 8 | FeatureForget, static | static | 0.100 | none qualified |" in table
+    assert all(f"| {name} |" not in table for name in ("chosen", "weak", "none"))
+
+
 def test_seeds_table_mean_and_spread():
     from pipelines.report import seeds_table
 
