@@ -523,10 +523,17 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     click.echo(format_eval(res))
 
 
+def _maybe(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def format_eval(res: dict) -> str:
-    """The human summary of `ff eval`: SAE quality, then the best setting per gate and OOD."""
+    """The human summary of `ff eval`: SAE quality, then the best setting per gate (with the
+    higher-scoring settings a retain bound held back) and OOD."""
+    from pipelines.report import held_back
+
     lines = [f"{res['method']} layer {res['layer']}: SAE fvu {res['sae']['fvu']:.3f}, L0 {res['sae']['l0']:.1f}, "
-             f"loss recovered {res['sae']['loss_recovered']}"]
+             f"loss recovered {_maybe(res['sae']['loss_recovered'])}"]
 
     def one(name: str, b: dict | None, reason: str | None, part: str = "") -> str:
         if b is None:
@@ -540,6 +547,7 @@ def format_eval(res: dict) -> str:
 
     for gate, g in res.get("best_by_gate", {}).items():
         lines.append(one(f"best, gate {gate}", g["best"], g["reason"]))
+        lines += [f"  held back: {label} (dev {score:.3f}): {why}" for score, label, why in held_back(res, gate)]
     if res.get("best_ood") is not None or res.get("best_ood_reason") != "no out-of-distribution sets configured":
         lines.append(one("best out of distribution", res.get("best_ood"), res.get("best_ood_reason"), "ood"))
     return "\n".join(lines)

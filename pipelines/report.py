@@ -229,30 +229,36 @@ HELD_BACK = 3
 """Rows per configuration in the "held back by the retain bounds" table."""
 
 
-def held_back_table(results: dict[str, dict[int, dict]]) -> str:
-    """Per configuration, the settings of the sweep that score higher on the dev half than the
-    chosen one (every one that edits where none qualified) but break a retain bound, best first,
-    with the bound each breaks: the other side of the frontier."""
+def held_back(res: dict[str, Any], gate: str, n: int = HELD_BACK) -> list[tuple[float, str, str]]:
+    """(dev score, label, bound broken) of the `n` settings of one evaluation's sweep with gate
+    `gate` that score higher on the dev half than the chosen one (every one that edits where none
+    qualified) but break a retain bound, best first: the other side of the frontier."""
     from pipelines.scoring import why_unsafe
 
+    cfg = res.get("config") or {}
+    ratio, ce = cfg.get("retain_ratio", 0.99), cfg.get("max_retain_ce_rise", 0.01)
+    best = (res.get("best_by_gate", {}).get(gate) or {}).get("best")
+    floor = best["dev"]["unlearning_score"] if best else float("-inf")
+    above = [(e["dev"]["unlearning_score"], e["label"], why) for e in res.get("sweep", [])
+             if e["setting"].get("gate", "none") == gate and e["n_features"] > 0
+             and e["dev"]["unlearning_score"] is not None and e["dev"]["unlearning_score"] > floor
+             and (why := why_unsafe(e, ratio, ce)) is not None]
+    return sorted(above, key=lambda a: -a[0])[:n]
+
+
+def held_back_table(results: dict[str, dict[int, dict]]) -> str:
+    """`held_back` per configuration, as one table."""
     rows = ["| layer | configuration | setting | dev score | chosen's dev score | held back by |",
             "|---|---|---|---|---|---|"]
     for variant, label in (("baseline", "baseline SAE"), ("featureforget", "FeatureForget")):
         for l, res in sorted(results.get(variant, {}).items()):
-            cfg = res.get("config") or {}
-            ratio, ce = cfg.get("retain_ratio", 0.99), cfg.get("max_retain_ce_rise", 0.01)
             for gate, how in GATE_NAMES.items():
                 if gate not in res.get("best_by_gate", {}):
                     continue
                 best = res["best_by_gate"][gate]["best"]
-                floor = best["dev"]["unlearning_score"] if best else float("-inf")
-                above = [(e["dev"]["unlearning_score"], why, e["label"]) for e in res.get("sweep", [])
-                         if e["setting"].get("gate", "none") == gate and e["n_features"] > 0
-                         and e["dev"]["unlearning_score"] is not None and e["dev"]["unlearning_score"] > floor
-                         and (why := why_unsafe(e, ratio, ce)) is not None]
-                for score, why, name in sorted(above, key=lambda a: -a[0])[:HELD_BACK]:
-                    rows.append(f"| {l} | {label}, {how} | {name} | {score:.3f} | "
-                                f"{_num(best['dev']['unlearning_score']) if best else 'none qualified'} | {why} |")
+                chosen = _num(best["dev"]["unlearning_score"]) if best else "none qualified"
+                for score, name, why in held_back(res, gate):
+                    rows.append(f"| {l} | {label}, {how} | {name} | {score:.3f} | {chosen} | {why} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 

@@ -134,6 +134,13 @@ def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
     assert table.index("| strong |") < table.index("| hot |")  # best first
     assert "| 8 | FeatureForget, static | static | 0.100 | none qualified |" in table
     assert all(f"| {name} |" not in table for name in ("chosen", "weak", "none"))
+    from cli import format_eval  # ff eval's summary names the same settings under the gate's line
+
+    res = {**results["featureforget"][8], "method": "featureforget", "layer": 8,
+           "sae": {"fvu": 0.4, "l0": 25.0, "loss_recovered": None}, "best_ood_reason": "no out-of-distribution sets configured"}
+    text = format_eval(res)
+    assert "  held back: strong (dev 0.500): retain MCQ 0.700 -> 0.690 (< 0.99 x clean)" in text
+    assert text.index("best, gate sequence") < text.index("held back: strong") < text.index("held back: hot")
 
 
 def test_seeds_table_mean_and_spread():
