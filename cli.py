@@ -454,11 +454,14 @@ def _load_for_run(run: str, model: str | None, device: str):
               help="Probe gate threshold from the retain dev questions (dev) or the retain training contexts. [dev]")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--save", is_flag=True,
+              help="Also write the result to RUN/unlearning.json (replaced only once complete): ff generate and "
+              "the Python API apply its chosen setting by default.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             max_retain_ce_rise, gate_calibration, device, as_json, quiet):
+             max_retain_ce_rise, gate_calibration, device, as_json, save, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -466,7 +469,7 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     reported on the test half with a 95% bootstrap interval; in and out of distribution."""
     from pipelines.config import EvalConfig
     from pipelines.errors import EvalError
-    from pipelines.evaluate import evaluate_run
+    from pipelines.evaluate import evaluate_run, save_result
 
     cfg = EvalConfig.preset(preset)
     files = {"forget_mcq": forget_mcq, "retain_mcq": retain_mcq, "forget_text": forget_text,
@@ -517,6 +520,10 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
         cfg = cfg.replace(grid=replace(cfg.grid, **grid))
     lm = _load_for_run(run_dir, model, device)
     res = evaluate_run(run_dir, lm, cfg, progress=not quiet)
+    if save:
+        path = save_result(run_dir, res)
+        if not quiet:
+            click.echo(f"saved: {path}", err=True)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -575,17 +582,19 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
     """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
     The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
     else a gated clamp; the options override single fields."""
-    from pipelines.generate import run_setting, generate_pair
+    from pipelines.generate import generate_pair
+    from pipelines.intervene import run_setting
 
     lm = _load_for_run(run_dir, model, device)
     setting = run_setting(run_dir)
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
                                   "gate": gate, "gate_percentile": gate_percentile,
                                   "gate_threshold": gate_threshold}.items() if v is not None}
-    if (gate is not None and gate != setting.gate) or gate_percentile is not None:
-        changes.setdefault("gate_threshold", None)  # a threshold calibrated for another gate or percentile
-    pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting.replace(**changes))
-    click.echo(f"setting:   {setting.replace(**changes).label}")
+    if gate_percentile is not None and "gate_threshold" not in changes:
+        changes["gate_threshold"] = None  # the percentile asked for, even where it equals the chosen one
+    setting = setting.changed(**changes)
+    pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting)
+    click.echo(f"setting:   {setting.label}")
     click.echo(f"clean:     {prompt}{pair.clean}")
     click.echo(f"unlearned: {prompt}{pair.unlearned}")
 

@@ -139,6 +139,19 @@ class Setting:
     def replace(self, **changes: Any) -> "Setting":
         return replace(self, **changes)
 
+    def changed(self, **changes: Any) -> "Setting":
+        """`replace` for a user's overrides of a chosen setting: a calibrated `gate_threshold` is
+        dropped where the change makes it meaningless (another gate, percentile or detector),
+        unless the change sets one. An unknown field is an EvalError."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise EvalError(f"unknown setting field(s) {', '.join(sorted(unknown))}: use "
+                            f"{', '.join(f.name for f in fields(self))}")
+        recal = any(k in changes and changes[k] != getattr(self, k) for k in ("gate", "gate_percentile", "probe_l2"))
+        if recal and "gate_threshold" not in changes:
+            changes = {**changes, "gate_threshold": None}
+        return replace(self, **changes)
+
 
 @dataclass(frozen=True)
 class SweepGrid:

@@ -13,6 +13,7 @@ retain accuracy >= retain_ratio * clean. Clean passes are cached per loaded mode
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -243,6 +244,20 @@ def _describe(e: dict[str, Any]) -> str:
     return (f"{e['label']} ({e['n_features']} features): dev forget MCQ {f['before']:.3f}->{f['after']:.3f}, "
             f"retain MCQ {r['before']:.3f}->{r['after']:.3f}, score "
             f"{'n/a' if score is None else f'{score:.3f}'}{ood_s} ({e['seconds']:.1f} s)")
+
+
+RESULT_FILE = "unlearning.json"
+"""The evaluation's file in a run folder (`ff run`, `ff eval --save`); its `best.setting` is what
+`ff generate` and `pipelines.intervene.unlearned` apply by default (`run_setting`)."""
+
+
+def save_result(run_dir: str | Path, res: dict[str, Any]) -> Path:
+    """Write `res` to RUN/unlearning.json; an interrupted write leaves the previous file whole."""
+    path = Path(run_dir) / RESULT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(path)
+    return path
 
 
 def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *, progress: bool = True,

@@ -15,7 +15,7 @@ import torch
 from pipelines.config import Setting
 from pipelines.errors import EvalError
 from pipelines.evaluate import check_model
-from pipelines.intervene import Intervention, load_run
+from pipelines.intervene import Intervention, load_run, run_setting
 
 
 class GenerationPair(NamedTuple):
@@ -23,32 +23,6 @@ class GenerationPair(NamedTuple):
 
     clean: str
     unlearned: str
-
-
-def default_setting(method: str) -> Setting:
-    """A gated clamp (m = 10) of the top 20 candidates (FeatureForget) or SAEBench features (baseline)."""
-    if method == "baseline":
-        return Setting(mode="clamp", multiplier=10.0, top_n=20, selection="saebench", gate="sequence")
-    return Setting(mode="clamp", multiplier=10.0, top_n=20, gate="sequence")
-
-
-def run_setting(run_dir: str | Path) -> Setting:
-    """The best setting that `ff run` / `ff eval --json > RUN/unlearning.json` found for the run,
-    else `default_setting` of its method."""
-    import json
-
-    run_dir = Path(run_dir)
-    res = run_dir / "unlearning.json"
-    if res.is_file():
-        try:
-            best = json.loads(res.read_text()).get("best")
-        except json.JSONDecodeError:
-            best = None
-        if best:
-            return Setting.from_dict(best["setting"])
-    cfg = run_dir / "config.json"
-    method = json.loads(cfg.read_text()).get("method", "featureforget") if cfg.is_file() else "featureforget"
-    return default_setting(method)
 
 
 @torch.inference_mode()
@@ -63,13 +37,13 @@ def generate_pair(lm: Any, run_dir: str | Path, prompt: str, max_new_tokens: int
                   setting: Setting | dict | None = None) -> GenerationPair:
     """Greedy continuations of `prompt` by the clean model and by the model with the run's
     features edited. `setting` may be a Setting, a dict (e.g. an eval result's best["setting"]),
-    or None for `default_setting(method)`. An empty feature set gives two identical texts."""
+    or None for the run's best (`run_setting`). An empty feature set gives two identical texts."""
     if max_new_tokens < 1:
         raise EvalError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     run = load_run(run_dir)
     check_model(run, lm)
     if setting is None:
-        setting = default_setting(run.method)
+        setting = run_setting(run_dir)
     elif isinstance(setting, dict):
         setting = Setting.from_dict(setting)
     if not setting.edits_features and setting.mode != "splice":

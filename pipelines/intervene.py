@@ -13,8 +13,9 @@ Two reference modes for CE loss (METHOD §8): `splice` (h <- SAE reconstruction)
 BOS positions are never edited: the SAE never saw them in training (METHOD §0) and their
 activations are ~10x outliers that the model uses as an attention sink.
 
-    with unlearned(model, "runs/l8", mode="clamp", multiplier=50, top_n=20):
+    with unlearned(model, "runs/l8"):               # the run's best setting (ff run / ff eval)
         model.generate(...)
+    with unlearned(model, "runs/l8", multiplier=50, top_n=20):   # ... with fields changed
 
 Shape suffixes: B batch, T tokens, D d_model, S selected features.
 """
@@ -329,20 +330,48 @@ class Hooks:
         self.handles = []
 
 
+def default_setting(method: str) -> Setting:
+    """A gated clamp (m = 10) of the top 20 candidates (FeatureForget) or SAEBench features (baseline)."""
+    if method == "baseline":
+        return Setting(mode="clamp", multiplier=10.0, top_n=20, selection="saebench", gate="sequence")
+    return Setting(mode="clamp", multiplier=10.0, top_n=20, gate="sequence")
+
+
+def run_setting(run_dir: str | Path) -> Setting:
+    """The best setting that `ff run` / `ff eval --save` found for the run (RUN/unlearning.json,
+    chosen on the dev half), else `default_setting` of its method."""
+    import json
+
+    run_dir = Path(run_dir)
+    res = run_dir / "unlearning.json"
+    if res.is_file():
+        try:
+            best = json.loads(res.read_text()).get("best")
+        except json.JSONDecodeError:
+            best = None
+        if best:
+            return Setting.from_dict(best["setting"])
+    cfg = run_dir / "config.json"
+    method = json.loads(cfg.read_text()).get("method", "featureforget") if cfg.is_file() else "featureforget"
+    return default_setting(method)
+
+
 @contextmanager
-def unlearned(model: Any, run_dir: str | Path | LoadedRun, *, mode: str = "clamp",
-              multiplier: float = 10.0, top_n: int | None = 20, selection: str | None = None,
-              freq_threshold: float = 0.01, gate: str = "sequence", gate_percentile: float = 95.0,
-              skip_bos: bool = True) -> Iterator[Intervention]:
+def unlearned(model: Any, run_dir: str | Path | LoadedRun, setting: Setting | dict | None = None, *,
+              skip_bos: bool = True, **changes: Any) -> Iterator[Intervention]:
     """Context manager: `model` with the run's features edited (METHOD §7); clean again on exit.
 
-    `selection` defaults to "candidates" for FeatureForget runs and "saebench" for baseline runs.
-    The sequence gate keeps its counts across KV-cached forwards of one sequence (generate).
+    `setting`: a Setting, a dict (an eval result's best["setting"]), or None for the run's own
+    best (`run_setting`: the one `ff run` / `ff eval` chose on the dev half, gate and threshold
+    included, else `default_setting`). Keyword arguments change fields of it (`Setting.changed`),
+    e.g. `unlearned(model, run, multiplier=50)` or `unlearned(model, run, gate="none")`.
+    The gate keeps its counts across KV-cached forwards of one sequence (generate).
     """
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
-    if selection is None:
-        selection = "saebench" if run.method == "baseline" else "candidates"
-    setting = Setting(mode=mode, multiplier=multiplier, top_n=top_n, selection=selection,
-                      freq_threshold=freq_threshold, gate=gate, gate_percentile=gate_percentile)
+    if setting is None:
+        setting = run_setting(run.path)
+    elif isinstance(setting, dict):
+        setting = Setting.from_dict(setting)
+    setting = setting.changed(**changes)
     with Intervention(run, setting).hooked(model, skip_bos=skip_bos) as iv:
         yield iv

@@ -115,7 +115,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
     """Run every stage of `preset_name` into `out` (`seeds` training seeds per method and layer);
     return the report folder."""
     from cache.models import load_model
-    from pipelines.evaluate import EvalConfig, evaluate_run
+    from pipelines.evaluate import RESULT_FILE, EvalConfig, evaluate_run, save_result
     from pipelines.report import write_report
 
     preset = PRESETS[preset_name]
@@ -166,13 +166,10 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
     for name, by_layer in runs.items():
         for layer, run_dirs in by_layer.items():
             for run_dir in run_dirs:
-                res_file = run_dir / "unlearning.json"
+                res_file = run_dir / RESULT_FILE
                 if not res_file.is_file():
                     log(f"  layer {layer} {run_dir.name}")
-                    res = evaluate_run(run_dir, model(), ecfg, progress=progress)
-                    tmp = res_file.with_suffix(".json.tmp")
-                    tmp.write_text(json.dumps(res, indent=2))
-                    tmp.replace(res_file)
+                    save_result(run_dir, evaluate_run(run_dir, model(), ecfg, progress=progress))
                 seeded[name].setdefault(layer, []).append(json.loads(res_file.read_text()))
 
     log("[4/4] report")

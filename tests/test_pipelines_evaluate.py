@@ -332,6 +332,11 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
             assert gate != "none" or sp["shut"]["questions"] == 0
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "best, gate none:" in r.output and "best, gate sequence:" in r.output
+    assert not (run / "unlearning.json").exists()  # ff eval writes nothing without --save
+    r = CliRunner().invoke(main, args + ["--save", "--json"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((run / "unlearning.json").read_text())  # what ff generate and unlearned() apply
+    assert saved == json.loads(r.output[r.output.index("{"):]) and not list(run.glob("*.tmp"))
 
 
 def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_path):

@@ -62,3 +62,27 @@ def test_generate_pair(tiny_model, tmp_path):
     assert generate_pair(lm, run_dir, prompt, max_new_tokens=8).clean == pair.clean  # hooks were removed
     with pytest.raises(EvalError, match="max_new_tokens"):
         generate_pair(lm, run_dir, prompt, max_new_tokens=0)
+
+
+def test_ff_generate_overrides_fields_of_the_runs_chosen_setting(tiny_model, tmp_path):
+    """`ff generate` starts from RUN/unlearning.json's chosen setting; an option changes one field,
+    and a new gate or percentile drops the threshold calibrated for the chosen one."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    lm = load_model(tiny_model, device="cpu")
+    run_dir = make_run(tmp_path / "run", lm.info.d_model, 1, lm.info.weights_hash, n_candidates=200, b_enc=1.0)
+    chosen = Setting(gate="sequence", mode="clamp", multiplier=30.0, top_n=10, gate_threshold=0.25)
+    (run_dir / "unlearning.json").write_text(json.dumps({"best": {"setting": chosen.to_dict()}}))
+
+    def label(*opts):
+        r = CliRunner().invoke(main, ["generate", "--run", str(run_dir), "--model", tiny_model, "--device", "cpu",
+                                      "--prompt", "the cell", "--max-new-tokens", "2", *opts])
+        assert r.exit_code == 0, r.output
+        return "setting:" + r.output.split("setting:", 1)[1].splitlines()[0]  # stderr's progress may precede it
+
+    assert label() == f"setting:   {chosen.label}"
+    assert label("--multiplier", "3") == f"setting:   {chosen.replace(multiplier=3.0).label}"
+    assert label("--gate-percentile", "90") == f"setting:   {chosen.replace(gate_percentile=90.0, gate_threshold=None).label}"
+    assert label("--gate", "none") == f"setting:   {chosen.replace(gate='none', gate_threshold=None).label}"

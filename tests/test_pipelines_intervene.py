@@ -197,6 +197,40 @@ def test_grid_settings_and_validation():
         Setting(gate="sometimes")
 
 
+def test_unlearned_defaults_to_the_runs_chosen_setting(lm, run_dir):
+    """Without a setting, the Python API applies the setting `ff run` / `ff eval` chose for the run
+    (RUN/unlearning.json), exactly as Intervention(run, that setting) does; keywords change fields."""
+    import json
+
+    ids = _ids(lm)
+    with torch.no_grad(), unlearned(lm.model, run_dir) as iv:  # no unlearning.json: the method's default
+        assert iv.setting.gate == "sequence" and iv.setting.top_n == 20
+    chosen = Setting(gate="none", mode="clamp", multiplier=30.0, top_n=5)
+    (run_dir / "unlearning.json").write_text(json.dumps({"best": {"setting": chosen.to_dict()}}))
+    with torch.no_grad():
+        want = _resid(lm, ids, Intervention(load_run(run_dir), chosen))
+        with unlearned(lm.model, run_dir) as iv:
+            assert iv.setting == chosen and iv.n_features == 5
+            got = _resid(lm, ids)
+        with unlearned(lm.model, run_dir, multiplier=3.0) as iv:
+            assert iv.setting == chosen.replace(multiplier=3.0)
+            weaker = _resid(lm, ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(weaker, want)
+    with pytest.raises(EvalError, match="unknown setting field"):
+        with unlearned(lm.model, run_dir, strength=3.0):
+            pass
+
+
+def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
+    probe = Setting(gate="probe", gate_percentile=99.0, gate_threshold=1.2, probe_l2=0.01)
+    assert probe.changed(multiplier=50.0).gate_threshold == 1.2  # the gate is the same
+    assert probe.changed(gate="sequence").gate_threshold is None
+    assert probe.changed(gate_percentile=95.0).gate_threshold is None
+    assert probe.changed(probe_l2=0.1).gate_threshold is None
+    assert probe.changed(gate_percentile=95.0, gate_threshold=0.5).gate_threshold == 0.5  # set explicitly
+
+
 def test_missing_run_files_and_wrong_model_are_one_line_errors(lm, run_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalError, match="no config.json"):
