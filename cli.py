@@ -585,8 +585,8 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
     from pipelines.generate import generate_pair
     from pipelines.intervene import run_setting
 
+    setting = run_setting(run_dir)  # an unreadable RUN/unlearning.json fails before the model loads
     lm = _load_for_run(run_dir, model, device)
-    setting = run_setting(run_dir)
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
                                   "gate": gate, "gate_percentile": gate_percentile,
                                   "gate_threshold": gate_threshold}.items() if v is not None}

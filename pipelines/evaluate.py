@@ -26,7 +26,8 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
-from pipelines.intervene import Intervention, LoadedRun, load_run, probe_layer, probe_params, probe_problem
+from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_layer, probe_params,
+                                 probe_problem)
 from pipelines.scoring import auroc, gate_split, half, pick_best, retain_safe, unlearning_score
 from trainer.detector import stored_l2s
 from trainer.evaluate import eval_corpus
@@ -244,11 +245,6 @@ def _describe(e: dict[str, Any]) -> str:
     return (f"{e['label']} ({e['n_features']} features): dev forget MCQ {f['before']:.3f}->{f['after']:.3f}, "
             f"retain MCQ {r['before']:.3f}->{r['after']:.3f}, score "
             f"{'n/a' if score is None else f'{score:.3f}'}{ood_s} ({e['seconds']:.1f} s)")
-
-
-RESULT_FILE = "unlearning.json"
-"""The evaluation's file in a run folder (`ff run`, `ff eval --save`); its `best.setting` is what
-`ff generate` and `pipelines.intervene.unlearned` apply by default (`run_setting`)."""
 
 
 def save_result(run_dir: str | Path, res: dict[str, Any]) -> Path:

@@ -337,20 +337,27 @@ def default_setting(method: str) -> Setting:
     return Setting(mode="clamp", multiplier=10.0, top_n=20, gate="sequence")
 
 
+RESULT_FILE = "unlearning.json"
+"""The evaluation's file in a run folder (`ff run`, `ff eval --save`); its `best.setting` is what
+`ff generate` and `unlearned` apply by default (`run_setting`)."""
+
+
 def run_setting(run_dir: str | Path) -> Setting:
     """The best setting that `ff run` / `ff eval --save` found for the run (RUN/unlearning.json,
-    chosen on the dev half), else `default_setting` of its method."""
+    chosen on the dev half), else (no file, or no retain-safe setting) `default_setting` of its
+    method. An unreadable file is an EvalError, not a silent fallback."""
     import json
 
     run_dir = Path(run_dir)
-    res = run_dir / "unlearning.json"
+    res = run_dir / RESULT_FILE
     if res.is_file():
         try:
             best = json.loads(res.read_text()).get("best")
-        except json.JSONDecodeError:
-            best = None
-        if best:
-            return Setting.from_dict(best["setting"])
+            if best:
+                return Setting.from_dict(best["setting"])
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+            raise EvalError(f"{res} is not an ff eval result ({type(e).__name__}: {e}); "
+                            f"rerun ff eval --run {run_dir} --save, or delete it") from None
     cfg = run_dir / "config.json"
     method = json.loads(cfg.read_text()).get("method", "featureforget") if cfg.is_file() else "featureforget"
     return default_setting(method)

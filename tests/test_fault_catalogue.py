@@ -244,6 +244,10 @@ FAULTS = [
           "is not a run folder (no config.json)"),
     Fault("generate-not-a-run", lambda w: ["generate", "--run", w.store, "--prompt", "hi"], 2,
           "is not a run folder (no config.json)"),
+    Fault("generate-torn-unlearning-json",
+          lambda w: ((w.run / "unlearning.json").write_text('{"best": {"sett'),
+                     ["generate", "--run", w.run, "--prompt", "hi"])[1], 2,
+          "is not an ff eval result (JSONDecodeError"),
     Fault("export-not-a-run", lambda w: ["export", "--run", w.store, w.root / "out"], 2,
           "has no config.json"),
 ]
