@@ -36,10 +36,13 @@ class SetResult(NamedTuple):
 
 class EvalSet:
     def __init__(self, name: str, batches: list[Batch], layout: McqLayout | None = None,
-                 test_Q: Tensor | None = None):
+                 test_Q: Tensor | None = None, items: list[str] | None = None):
         self.name, self.batches, self.layout = name, batches, layout
         self.test_Q = test_Q
         """MCQ: bool [Q], True for the test half (the sweep picks settings on the dev half)."""
+        self.items = items
+        """What each question (MCQ) or text row is, for the reports: the question, or the row's
+        first words."""
         self.clean: list[Tensor] | None = None
         self.resid: dict[int, list[Tensor]] = {}
 
@@ -208,6 +211,9 @@ class EvalData:
             s.prepare(model, layers)
 
 
+ITEM_TOKENS = 16
+"""A text row is named in reports by its first this many tokens."""
+
 _MEMO: "weakref.WeakKeyDictionary[Any, dict[tuple, EvalData]]" = weakref.WeakKeyDictionary()
 
 
@@ -233,14 +239,17 @@ def eval_data(lm: Any, cfg: EvalConfig) -> EvalData:
                                 "at least 2 are needed (dev and test halves)")
             batches, layout = mcq_batches(tok, qs, template=cfg.mcq_template,
                                           max_batch_tokens=cfg.max_batch_tokens, window=window)
-            sets[f"{prefix}{role}_mcq"] = EvalSet(f"{prefix}{role}_mcq", batches, layout, test_Q)
+            sets[f"{prefix}{role}_mcq"] = EvalSet(f"{prefix}{role}_mcq", batches, layout, test_Q,
+                                                  [q.question for q in qs])
         for role in ("forget", "retain"):
             spec = getattr(cfg, f"{prefix}{role}_text")
             if spec is None:
                 continue
             batches = text_batches(tok, spec, role, max_tokens=cfg.max_text_tokens,
                                    ctx_len=cfg.ctx_len, batch_contexts=cfg.text_batch_contexts)
-            sets[f"{prefix}{role}_text"] = EvalSet(f"{prefix}{role}_text", batches)
+            heads = [tok.decode(ids[ok][:ITEM_TOKENS]).strip() for b in batches
+                     for ids, ok in zip(b.input_ids_BT, b.editable_BT)]
+            sets[f"{prefix}{role}_text"] = EvalSet(f"{prefix}{role}_text", batches, items=heads)
     data = EvalData(sets)
     per_model[key] = data
     return data

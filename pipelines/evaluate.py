@@ -72,6 +72,38 @@ def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> 
             "loss_recovered": (ce_zero - ce_sae) / denom if denom > 0 else None}
 
 
+MAX_ITEMS = 8
+"""At most this many questions / text rows per list of an entry (`retain_lost`, `retain_text_opened`)."""
+
+
+def _margins(es: Any, iv: Intervention) -> Tensor | None:
+    """Per question or row of `es`: how far the gate's peak rose above its threshold (> 0: it
+    opened somewhere); None without a gate."""
+    return None if iv.threshold is None else es.gate_peaks(iv) - iv.threshold
+
+
+def lost_items(es: Any, correct: tuple[Tensor, Tensor], iv: Intervention) -> dict[str, Any]:
+    """The questions of `es` that `iv` turns from right to wrong: how many, and the first
+    MAX_ITEMS (dev half first) with the question and the gate's margin (`_margins`), which tells a
+    false opening (margin > 0) from damage behind a shut gate."""
+    lost_Q = correct[0].bool() & ~correct[1].bool()
+    idx = sorted(torch.nonzero(lost_Q).flatten().tolist(), key=lambda q: (bool(es.test_Q[q]), q))
+    margin = _margins(es, iv) if idx else None
+    items = [{"index": q, "half": "test" if es.test_Q[q] else "dev", "item": es.items[q] if es.items else None,
+              "gate_margin": None if margin is None else round(float(margin[q]), 4)} for q in idx[:MAX_ITEMS]]
+    return {"count": len(idx), "items": items}
+
+
+def opened_rows(es: Any, iv: Intervention) -> list[dict[str, Any]]:
+    """The text rows of `es` on which the gate opens, widest margin first (at most MAX_ITEMS)."""
+    margin = _margins(es, iv)
+    if margin is None:
+        return []
+    rows = sorted(torch.nonzero(margin > 0).flatten().tolist(), key=lambda r: -float(margin[r]))
+    return [{"row": r, "item": es.items[r] if es.items else None, "gate_margin": round(float(margin[r]), 4)}
+            for r in rows[:MAX_ITEMS]]
+
+
 def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             metrics: tuple[str, ...]) -> dict[str, Any]:
     """One sweep entry: `metrics` before/after `iv` (the others get "after": None), with the
@@ -98,6 +130,10 @@ def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             e.setdefault("_correct", {})[prefix] = (fc, rc, f_set.test_Q, r_set.test_Q)
             part["dev"] = half(fc, rc, ~f_set.test_Q, ~r_set.test_Q)
             part["test"] = half(fc, rc, f_set.test_Q, r_set.test_Q)
+            if iv.n_features:
+                part["retain_lost"] = lost_items(r_set, rc, iv)
+        if res.get(keys[3]) is not None and iv.n_features:
+            part["retain_text_opened"] = opened_rows(getattr(data, _SETS[keys[3]]), iv)
         if prefix:
             e["ood"] = part
         else:
@@ -118,7 +154,9 @@ def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Interventio
         if not part or key not in clean or "dev" not in part or iv.n_features == 0:
             continue
         if retain_safe(part, ratio, float("inf")):  # the questions alone
-            part["retain_loss"]["after"] = getattr(data, _SETS[key]).run(model, iv).value
+            text = getattr(data, _SETS[key])
+            part["retain_loss"]["after"] = text.run(model, iv).value
+            part["retain_text_opened"] = opened_rows(text, iv)
 
 
 def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,

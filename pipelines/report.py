@@ -239,11 +239,31 @@ def held_back(res: dict[str, Any], gate: str, n: int = HELD_BACK) -> list[tuple[
     ratio, ce = cfg.get("retain_ratio", 0.99), cfg.get("max_retain_ce_rise", 0.01)
     best = (res.get("best_by_gate", {}).get(gate) or {}).get("best")
     floor = best["dev"]["unlearning_score"] if best else float("-inf")
-    above = [(e["dev"]["unlearning_score"], e["label"], why) for e in res.get("sweep", [])
+    above = [(e["dev"]["unlearning_score"], e["label"], f"{why}{_culprits(e, why)}") for e in res.get("sweep", [])
              if e["setting"].get("gate", "none") == gate and e["n_features"] > 0
              and e["dev"]["unlearning_score"] is not None and e["dev"]["unlearning_score"] > floor
              and (why := why_unsafe(e, ratio, ce)) is not None]
     return sorted(above, key=lambda a: -a[0])[:n]
+
+
+def _quote(item: str | None, width: int = 60) -> str:
+    text = (item or "?").replace("|", "/").replace("\n", " ")
+    return f'"{text[:width]}{"..." if len(text) > width else ""}"'
+
+
+def _margin(m: float | None) -> str:
+    return "static" if m is None else (f"gate margin {m:+.2f}" if m > 0 else "gate shut")
+
+
+def _culprits(e: dict[str, Any], why: str, n: int = 2) -> str:
+    """What broke the bound, from the entry's diagnostics (pipelines/evaluate.py): the first retain
+    dev questions it lost, or the held-out retain passages its gate opened on, with the gate's
+    margin above its threshold ("" where the entry has none recorded)."""
+    if why.startswith("retain MCQ"):
+        lost = [i for i in (e.get("retain_lost") or {}).get("items", []) if i["half"] == "dev"][:n]
+        return "; lost: " + ", ".join(f"{_quote(i['item'])} ({_margin(i['gate_margin'])})" for i in lost) if lost else ""
+    opened = (e.get("retain_text_opened") or [])[:n]
+    return "; opened on: " + ", ".join(f"{_quote(i['item'])} ({_margin(i['gate_margin'])})" for i in opened) if opened else ""
 
 
 def held_back_table(results: dict[str, dict[int, dict]]) -> str:

@@ -233,6 +233,32 @@ def test_evaluate_run_end_to_end(lm, cfg, tmp_path):
     assert [e["setting"]["selection"] for e in res["sweep"]] == ["saebench"] * 2  # top 10, m=5 / ablate
 
 
+def test_entries_name_the_retain_questions_they_lose_and_the_passages_their_gate_opens_on(lm, cfg, tmp_path):
+    """`retain_lost` and `retain_text_opened` (the report's "held back by" details): a gated
+    setting can only change a question on which its gate opened (margin > 0); the lists hold
+    the questions themselves, dev half first."""
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    grid = SweepGrid(multipliers=(50.0,), top_n=(None,), selections=("candidates",),
+                     gates=("none", "sequence", "probe"), gate_percentile=50.0, probe_percentiles=(50.0,))
+    # the forget questions stand in as retain questions: the tiny model answers some of them
+    res = evaluate_run(run, lm, cfg.replace(grid=grid, retain_ratio=0.0, retain_mcq=cfg.forget_mcq), progress=False)
+    questions = {json.loads(line)["question"] for line in open(cfg.forget_mcq)}
+    lost_behind_a_gate = 0
+    for e in res["sweep"]:
+        lost, gated = e["retain_lost"], e["setting"]["gate"] != "none"
+        assert len(lost["items"]) == min(lost["count"], 8)
+        halves = [i["half"] for i in lost["items"]]
+        assert halves == sorted(halves)  # "dev" < "test"
+        for i in lost["items"]:
+            assert i["item"] in questions
+            assert (i["gate_margin"] > 0) if gated else i["gate_margin"] is None
+        lost_behind_a_gate += lost["count"] if gated else 0
+        opened = e["retain_text_opened"]
+        assert all(r["gate_margin"] > 0 and r["item"] for r in opened) and (gated or opened == [])
+        assert [r["gate_margin"] for r in opened] == sorted((r["gate_margin"] for r in opened), reverse=True)
+    assert lost_behind_a_gate > 0, "the check above needs a gated setting that loses a question"
+
+
 def test_hub_mcq_is_mapped_like_jsonl(monkeypatch):
     import datasets
 

@@ -131,6 +131,16 @@ def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
     table = held_back_table(results)
     assert "| 8 | FeatureForget, gated | strong | 0.500 | 0.300 | retain MCQ 0.700 -> 0.690 (< 0.99 x clean) |" in table
     assert "| 8 | FeatureForget, gated | hot | 0.400 | 0.300 | retain CE +5.0% (> 1%) |" in table
+    sweep = results["featureforget"][8]["sweep"]  # with the entries' diagnostics: what broke the bound
+    sweep[0]["retain_lost"] = {"count": 2, "items": [
+        {"half": "dev", "item": "a small | rounded lump", "gate_margin": 0.07},
+        {"half": "test", "item": "never shown: test half", "gate_margin": 3.0}]}
+    sweep[1]["retain_text_opened"] = [{"row": 4, "item": "mouth or throat", "gate_margin": 4.12}]
+    table = held_back_table(results)
+    assert '| strong | 0.500 | 0.300 | retain MCQ 0.700 -> 0.690 (< 0.99 x clean); lost: "a small / rounded lump" ' \
+           "(gate margin +0.07) |" in table
+    assert '| hot | 0.400 | 0.300 | retain CE +5.0% (> 1%); opened on: "mouth or throat" (gate margin +4.12) |' in table
+    assert "never shown" not in table
     assert table.index("| strong |") < table.index("| hot |")  # best first
     assert "| 8 | FeatureForget, static | static | 0.100 | none qualified |" in table
     assert all(f"| {name} |" not in table for name in ("chosen", "weak", "none"))
