@@ -590,9 +590,7 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
                                   "gate": gate, "gate_percentile": gate_percentile,
                                   "gate_threshold": gate_threshold}.items() if v is not None}
-    if gate_percentile is not None and "gate_threshold" not in changes:
-        changes["gate_threshold"] = None  # the percentile asked for, even where it equals the chosen one
-    setting = setting.changed(**changes)
+    setting = setting.changed(**changes)  # a new gate or percentile drops the chosen threshold
     pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting)
     click.echo(f"setting:   {setting.label}")
     click.echo(f"clean:     {prompt}{pair.clean}")

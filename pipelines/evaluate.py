@@ -13,7 +13,6 @@ retain accuracy >= retain_ratio * clean. Clean passes are cached per loaded mode
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -84,8 +83,9 @@ def _margins(es: Any, iv: Intervention) -> Tensor | None:
 
 def lost_items(es: Any, correct: tuple[Tensor, Tensor], iv: Intervention) -> dict[str, Any]:
     """The questions of `es` that `iv` turns from right to wrong: how many, and the first
-    MAX_ITEMS (dev half first) with the question and the gate's margin (`_margins`), which tells a
-    false opening (margin > 0) from damage behind a shut gate."""
+    MAX_ITEMS (dev half first) with the question and the gate's margin (`_margins`). A gated
+    setting edits only where its gate opened, so each margin is > 0: a small one is a borderline
+    opening, a large one a confident false opening."""
     lost_Q = correct[0].bool() & ~correct[1].bool()
     idx = sorted(torch.nonzero(lost_Q).flatten().tolist(), key=lambda q: (bool(es.test_Q[q]), q))
     margin = _margins(es, iv) if idx else None
@@ -287,10 +287,10 @@ def _describe(e: dict[str, Any]) -> str:
 
 def save_result(run_dir: str | Path, res: dict[str, Any]) -> Path:
     """Write `res` to RUN/unlearning.json; an interrupted write leaves the previous file whole."""
+    from trainer.run import write_json
+
     path = Path(run_dir) / RESULT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(path)
+    write_json(path, res)
     return path
 
 
