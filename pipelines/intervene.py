@@ -344,20 +344,23 @@ RESULT_FILE = "unlearning.json"
 
 def run_setting(run_dir: str | Path) -> Setting:
     """The best setting that `ff run` / `ff eval --save` found for the run (RUN/unlearning.json,
-    chosen on the dev half), else (no file, or no retain-safe setting) `default_setting` of its
-    method. An unreadable file is an EvalError, not a silent fallback."""
+    chosen on the dev half), else (no file, or no retain-safe setting: with a warning)
+    `default_setting` of its method. An unreadable file is an EvalError, not a silent fallback."""
     import json
+    import warnings
 
     run_dir = Path(run_dir)
     res = run_dir / RESULT_FILE
     if res.is_file():
         try:
-            best = json.loads(res.read_text()).get("best")
-            if best:
-                return Setting.from_dict(best["setting"])
+            result = json.loads(res.read_text())
+            if result.get("best"):
+                return Setting.from_dict(result["best"]["setting"])
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
             raise EvalError(f"{res} is not an ff eval result ({type(e).__name__}: {e}); "
                             f"rerun ff eval --run {run_dir} --save, or delete it") from None
+        warnings.warn(f"{res} holds no chosen setting ({result.get('best_reason') or 'none'}); "
+                      "using the method's default setting", stacklevel=2)
     cfg = run_dir / "config.json"
     method = json.loads(cfg.read_text()).get("method", "featureforget") if cfg.is_file() else "featureforget"
     return default_setting(method)

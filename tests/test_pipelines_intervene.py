@@ -220,6 +220,11 @@ def test_unlearned_defaults_to_the_runs_chosen_setting(lm, run_dir):
     with pytest.raises(EvalError, match="unknown setting field"):
         with unlearned(lm.model, run_dir, strength=3.0):
             pass
+    # an evaluation that found no retain-safe setting: the default, said out loud
+    (run_dir / "unlearning.json").write_text(json.dumps({"best": None, "best_reason": "no retain-safe setting: ..."}))
+    with pytest.warns(UserWarning, match="no chosen setting .no retain-safe setting"):
+        with unlearned(lm.model, run_dir) as iv:
+            assert iv.setting.gate == "sequence" and iv.setting.top_n == 20
 
 
 def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
