@@ -572,7 +572,8 @@ def format_eval(res: dict) -> str:
               help="Feature selection rule.")
 @click.option("--gate", default=None, type=click.Choice(["none", "sequence", "probe"]),
               help="Static clamp, the sequence gate, or the probe gate (the run's topic detector on the residual stream).")
-@click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100), help="The gate's retain percentile (another than the chosen setting's takes its threshold "
+@click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100),
+              help="The gate's retain percentile (another than the chosen setting's takes its threshold "
               "from the run's retain training contexts).")
 @click.option("--gate-threshold", default=None, type=float,
               help="An explicit gate threshold (firing share, or probe score); overrides the percentile.")

@@ -251,19 +251,21 @@ def _quote(item: str | None, width: int = 60) -> str:
     return f'"{text[:width]}{"..." if len(text) > width else ""}"'
 
 
-def _margin(m: float | None) -> str:
-    return "static" if m is None else (f"gate margin {m:+.2f}" if m > 0 else "gate shut")
-
-
 def _culprits(e: dict[str, Any], why: str, n: int = 2) -> str:
     """What broke the bound, from the entry's diagnostics (pipelines/evaluate.py): the first retain
     dev questions it lost, or the held-out retain passages its gate opened on, with the gate's
-    margin above its threshold ("" where the entry has none recorded)."""
+    margin above its threshold (always > 0 there; "static" without a gate; "" where the entry
+    has none recorded)."""
     if why.startswith("retain MCQ"):
-        lost = [i for i in (e.get("retain_lost") or {}).get("items", []) if i["half"] == "dev"][:n]
-        return "; lost: " + ", ".join(f"{_quote(i['item'])} ({_margin(i['gate_margin'])})" for i in lost) if lost else ""
-    opened = (e.get("retain_text_opened") or [])[:n]
-    return "; opened on: " + ", ".join(f"{_quote(i['item'])} ({_margin(i['gate_margin'])})" for i in opened) if opened else ""
+        head, items = "lost", [i for i in (e.get("retain_lost") or {}).get("items", []) if i["half"] == "dev"]
+    else:
+        head, items = "opened on", e.get("retain_text_opened") or []
+
+    def margin(m: float | None) -> str:
+        return "static" if m is None else f"gate margin {m:+.2f}"
+
+    named = [f"{_quote(i['item'])} ({margin(i['gate_margin'])})" for i in items[:n]]
+    return f"; {head}: " + ", ".join(named) if named else ""
 
 
 def held_back_table(results: dict[str, dict[int, dict]]) -> str:
