@@ -447,6 +447,9 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--probe-percentiles", default=None, metavar="P1,P2,...",
               help="Percentiles of the retain calibration prompts' detector scores tried for the probe gate. "
               "[preset; full: 99,100; demo: 99]")
+@click.option("--probe-ramps", default=None, metavar="none,P,...",
+              help="Graded probe gates tried: P opens the gate at that percentile, the clamp growing linearly to "
+              "full strength at the gate's percentile; none: all or nothing. [preset; full: none; demo: none,95]")
 @click.option("--max-retain-ce-rise", default=None, type=click.FloatRange(0),
               help="A retain-safe setting raises held-out retain CE by at most this fraction (out of "
               "distribution: twice it). [0.01]")
@@ -461,7 +464,7 @@ def _load_for_run(run: str, model: str | None, device: str):
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             max_retain_ce_rise, gate_calibration, device, as_json, save, quiet):
+             probe_ramps, max_retain_ce_rise, gate_calibration, device, as_json, save, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -510,6 +513,13 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
             raise EvalError(f"--probe-percentiles takes comma-separated numbers: {e}") from None
         if not all(0 <= p <= 100 for p in grid["probe_percentiles"]):
             raise EvalError("--probe-percentiles must lie within [0, 100]")
+    if probe_ramps:
+        try:
+            grid["probe_ramps"] = tuple(None if r.strip() == "none" else float(r) for r in probe_ramps.split(","))
+        except ValueError as e:
+            raise EvalError(f"--probe-ramps takes 'none' or comma-separated percentiles: {e}") from None
+        if not all(r is None or 0 <= r < 100 for r in grid["probe_ramps"]):
+            raise EvalError("--probe-ramps percentiles must lie within [0, 100)")
     if gate_calibration:
         cfg = cfg.replace(gate_calibration=gate_calibration)
     if max_retain_ce_rise is not None:
@@ -577,22 +587,32 @@ def format_eval(res: dict) -> str:
               "from the run's retain training contexts).")
 @click.option("--gate-threshold", default=None, type=float,
               help="An explicit gate threshold (firing share, or probe score); overrides the percentile.")
+@click.option("--gate-ramp", default=None, metavar="P|none",
+              help="A graded gate opening at retain percentile P, the clamp growing to full strength at the gate's "
+              "threshold (another than the chosen setting's takes its threshold from the run's retain training "
+              "contexts); none: all or nothing.")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,
-                 gate_threshold, model, device):
+                 gate_threshold, gate_ramp, model, device):
     """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
     The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
     else a gated clamp; the options override single fields."""
+    from pipelines.errors import EvalError
     from pipelines.generate import generate_pair
     from pipelines.intervene import run_setting
 
-    setting = run_setting(run_dir)  # an unreadable RUN/unlearning.json fails before the model loads
-    lm = _load_for_run(run_dir, model, device)
+    setting = run_setting(run_dir)  # an unreadable RUN/unlearning.json or a bad option fails before the model loads
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
                                   "gate": gate, "gate_percentile": gate_percentile,
                                   "gate_threshold": gate_threshold}.items() if v is not None}
+    if gate_ramp is not None:
+        try:
+            changes["ramp_percentile"] = None if gate_ramp.strip() == "none" else float(gate_ramp)
+        except ValueError:
+            raise EvalError(f"--gate-ramp takes a percentile or 'none', got '{gate_ramp}'") from None
     setting = setting.changed(**changes)  # a new gate or percentile drops the chosen threshold
+    lm = _load_for_run(run_dir, model, device)
     pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting)
     click.echo(f"setting:   {setting.label}")
     click.echo(f"clean:     {prompt}{pair.clean}")

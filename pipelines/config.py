@@ -70,6 +70,16 @@ class Setting:
     """Probe gate: which of the run's detectors (trainer/detector.py, PROBE_L2S), by its L2
     penalty; None: the default one. `ff eval` chooses it on the dev questions."""
 
+    ramp_percentile: float | None = None
+    """A graded gate: the percentile (below `gate_percentile`) whose threshold opens it. Between
+    that threshold and the gate's the clamp grows linearly with the running score, from 0 (the
+    selected features that fire are ablated) to the full -m; above the gate's threshold it is
+    the full clamp. None: all or nothing at the gate's threshold."""
+
+    ramp_threshold: float | None = None
+    """An explicit threshold where the ramp starts, overriding `ramp_percentile`'s, in the units of
+    `gate_threshold`; `ff eval` calibrates it with the gate's."""
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise EvalError(f"unknown intervention mode '{self.mode}': use {', '.join(MODES)}")
@@ -83,6 +93,9 @@ class Setting:
             raise EvalError(f"unknown gate '{self.gate}': use {', '.join(GATES)}")
         if not 0 <= self.gate_percentile <= 100 or not 0 <= self.ratio_percentile <= 100:
             raise EvalError("gate_percentile and ratio_percentile must be within [0, 100]")
+        if self.ramp_percentile is not None and not 0 <= self.ramp_percentile < self.gate_percentile:
+            raise EvalError(f"ramp_percentile must be within [0, gate_percentile = {self.gate_percentile:g}), "
+                            f"got {self.ramp_percentile:g}")
 
     @property
     def edits_features(self) -> bool:
@@ -102,6 +115,8 @@ class Setting:
                 "probe": f" probe{'' if self.probe_l2 is None else f' l2={self.probe_l2:g}'} p{self.gate_percentile:g}"}[self.gate]
         if self.gate != "none" and self.gate_threshold is not None:
             gate += f" (threshold {self.gate_threshold:.3g})"
+        if self.gate != "none" and self.ramp_percentile is not None:
+            gate += f" ramp from p{self.ramp_percentile:g}"
         cap = f" ctx_r<{self.max_ctx_r:g}" if self.max_ctx_r < 1.0 else ""
         return f"{head} {n} {sel}{cap}{gate}"
 
@@ -127,6 +142,10 @@ class Setting:
             d.pop("gate_threshold")
         if self.gate != "probe" or self.probe_l2 is None:
             d.pop("probe_l2")
+        if self.gate == "none" or self.ramp_percentile is None:
+            d.pop("ramp_percentile")
+        if self.gate == "none" or self.ramp_threshold is None:
+            d.pop("ramp_threshold")
         if self.max_ctx_r >= 1.0:
             d.pop("max_ctx_r")
         return d
@@ -142,14 +161,19 @@ class Setting:
     def changed(self, **changes: Any) -> "Setting":
         """`replace` for a user's overrides of a chosen setting: a calibrated `gate_threshold` is
         dropped where the change makes it meaningless (another gate, percentile or detector),
-        unless the change sets one. An unknown field is an EvalError."""
+        unless the change sets one; so is `ramp_threshold` (another gate, detector or ramp
+        percentile). An unknown field is an EvalError."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise EvalError(f"unknown setting field(s) {', '.join(sorted(unknown))}: use "
                             f"{', '.join(f.name for f in fields(self))}")
-        recal = any(k in changes and changes[k] != getattr(self, k) for k in ("gate", "gate_percentile", "probe_l2"))
-        if recal and "gate_threshold" not in changes:
+        def differs(*keys: str) -> bool:
+            return any(k in changes and changes[k] != getattr(self, k) for k in keys)
+
+        if differs("gate", "gate_percentile", "probe_l2") and "gate_threshold" not in changes:
             changes = {**changes, "gate_threshold": None}
+        if differs("gate", "ramp_percentile", "probe_l2") and "ramp_threshold" not in changes:
+            changes = {**changes, "ramp_threshold": None}
         return replace(self, **changes)
 
 
@@ -182,6 +206,10 @@ class SweepGrid:
     """Percentiles tried for the probe gate's threshold (of the retain calibration prompts'
     highest detector scores; EvalConfig.gate_calibration)."""
 
+    probe_ramps: tuple[float | None, ...] = (None,)
+    """Graded probe gates to try (Setting.ramp_percentile: the percentile whose threshold opens
+    the gate, the clamp growing to full strength at the gate's own); None: all or nothing."""
+
     ctx_caps: tuple[float, ...] = (1.0,)
     """Context-frequency caps (Setting.max_ctx_r) to try."""
 
@@ -205,9 +233,12 @@ class SweepGrid:
                         if n is None and sel != "candidates":
                             continue
                         pcts = self.probe_percentiles if gate == "probe" else (self.gate_percentile,)
+                        ramps = self.probe_ramps if gate == "probe" else (None,)
                         out += [s.replace(selection=sel, freq_threshold=float(thr), top_n=n, gate=gate,
-                                          gate_percentile=float(p), max_ctx_r=float(cap))
-                                for s in modes for cap in self.ctx_caps for p in pcts]
+                                          gate_percentile=float(p), max_ctx_r=float(cap),
+                                          ramp_percentile=None if r is None else float(r))
+                                for s in modes for cap in self.ctx_caps for p in pcts for r in ramps
+                                if r is None or r < p]
         if not out:
             raise EvalError(f"the sweep grid gives no settings for a {method} run")
         return out

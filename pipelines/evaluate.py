@@ -78,7 +78,7 @@ MAX_ITEMS = 8
 def _margins(es: Any, iv: Intervention) -> Tensor | None:
     """Per question or row of `es`: how far the gate's peak rose above its threshold (> 0: it
     opened somewhere); None without a gate."""
-    return None if iv.threshold is None else es.gate_peaks(iv) - iv.threshold
+    return None if iv.opens_above is None else es.gate_peaks(iv) - iv.opens_above
 
 
 def lost_items(es: Any, correct: tuple[Tensor, Tensor], iv: Intervention) -> dict[str, Any]:
@@ -179,13 +179,15 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     for name in ("forget_mcq", "retain_mcq", "ood_forget_mcq", "ood_retain_mcq"):
         if data.has(name):
             es = getattr(data, name)
-            opened_Q = (es.gate_peaks(iv) > iv.threshold if iv.threshold is not None
+            opened_Q = (es.gate_peaks(iv) > iv.opens_above if iv.opens_above is not None
                         else torch.ones(len(es.test_Q), dtype=torch.bool))
             questions[name.replace("_mcq", "")] = float(opened_Q[es.test_Q].double().mean())
             if name == f"{key}forget_mcq":
                 split = gate_split(fc[0], fc[1], opened_Q, f_test, es.layout.n_choices_Q)
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, **rates, "open_rate_questions": questions,
+                   else None, "threshold": iv.threshold, "ramp_percentile": iv.setting.ramp_percentile
+                   if iv.ramp_from is not None else None, "ramp_threshold": iv.ramp_from,
+                   **rates, "open_rate_questions": questions,
                    "forget_split": split}
     # the gate's signal depends on the run (probe) or the selection (sequence), not the threshold
     gate_key = (iv.setting.gate,) if iv.setting.gate != "sequence" else ("sequence", iv.setting.set_key)
@@ -198,7 +200,7 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
 
 def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg: EvalConfig) -> list[Setting]:
     """Probe-gated settings with their detector and threshold chosen on the dev halves
-    (cfg.gate_calibration "dev"). Threshold: the setting's percentile of the highest detector
+    (cfg.gate_calibration "dev"). Threshold (and a graded gate's ramp start): the setting's percentile of the highest detector
     score of every retain dev question, pooled in and out of distribution. Detector: of the
     run's probes (one per L2 penalty, trainer/detector.py), the one whose gate, at the highest
     percentile asked for, opens on the most forget dev questions (ties: the default). The test
@@ -209,15 +211,18 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
     if cfg.gate_calibration == "train" or not todo:
         return settings
     top = max(s.gate_percentile for s in todo)
+    pcts = {s.gate_percentile for s in todo} | {s.ramp_percentile for s in todo if s.ramp_percentile is not None}
     best: tuple[float, float | None, dict[float, float]] | None = None
     for l2 in stored_l2s(run.gate) if todo[0].probe_l2 is None else [todo[0].probe_l2]:
         thr, opened = _probe_thresholds(run, data, todo[0].replace(gate_threshold=0.0, probe_l2=l2),
-                                        {s.gate_percentile for s in todo}, top)
+                                        pcts, top)
         if best is None or opened > best[0]:
             best = (opened, l2, thr)
     assert best is not None  # evaluate_run refuses a run without a probe before this
     _, l2, thr = best
-    return [s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2) if s in todo else s for s in settings]
+    return [s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2,
+                      ramp_threshold=None if s.ramp_percentile is None else thr[s.ramp_percentile])
+            if s in todo else s for s in settings]
 
 
 def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentiles: set[float],

@@ -7,7 +7,9 @@ value on unlearn tokens). Everything else, the SAE's reconstruction error includ
 unchanged, so a token on which no selected feature fires is left exactly as it was. With the
 sequence gate (trainer/selection.py) a position is edited only where the share of the row's
 tokens so far on which a selected feature fired exceeds the run's retain-calibrated threshold;
-the decision at a position depends on it and earlier positions only (causal). Only the encoder columns of S are kept (W_enc[:, S]), so the edit costs d x |S|.
+the decision at a position depends on it and earlier positions only (causal). A graded gate
+(Setting.ramp_percentile) opens lower and scales the clamp: t = -r m act_u, r rising linearly
+from 0 at the ramp's start to 1 at the gate's threshold. Only the encoder columns of S are kept (W_enc[:, S]), so the edit costs d x |S|.
 Two reference modes for CE loss (METHOD §8): `splice` (h <- SAE reconstruction) and `zero`.
 
 BOS positions are never edited: the SAE never saw them in training (METHOD §0) and their
@@ -130,20 +132,23 @@ def probe_params(run: LoadedRun, l2: float | None = None) -> tuple[Tensor, float
     return run.gate[f"{key}/w"], float(run.gate[f"{key}/b"][0]), run.gate[f"{key}/max"]
 
 
-def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> float:
-    """The gate's threshold on the running mean of its per-token signal: for the sequence gate,
-    from the calibration of the setting's selection; for the probe gate, the calibrated score
-    percentile minus the probe's bias (trainer/detector.py)."""
+def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor, *, ramp: bool = False) -> float:
+    """The gate's threshold on the running mean of its per-token signal (`ramp`: where the
+    setting's ramp starts instead): for the sequence gate, from the calibration of the setting's
+    selection; for the probe gate, the calibrated score percentile minus the probe's bias
+    (trainer/detector.py)."""
+    explicit, percentile = ((setting.ramp_threshold, setting.ramp_percentile) if ramp
+                            else (setting.gate_threshold, setting.gate_percentile))
     if setting.gate == "probe":
         if (problem := probe_problem(run, setting.probe_l2)) is not None:
             raise EvalError(f"{run.path} {problem}: retrain it, or use --gate sequence")
         _, bias, max_C = probe_params(run, setting.probe_l2)
-        score = setting.gate_threshold
+        score = explicit
         if score is None:
-            score = threshold_at(max_C.numpy(), setting.gate_percentile)
+            score = threshold_at(max_C.numpy(), percentile)
         return score - bias
-    if setting.gate_threshold is not None:
-        return setting.gate_threshold
+    if explicit is not None:
+        return explicit
     key = setting.set_key
     if f"{key}/share" not in run.gate:
         raise EvalError(f"{run.path} has no gate calibration for selection '{key}' (calibrated: "
@@ -152,7 +157,7 @@ def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor) -> floa
     if not torch.equal(run.gate[f"{key}/features"].long().sort().values, features_S):
         raise EvalError(f"{run.path}: the gate of selection '{key}' was calibrated on other features "
                         "than the run's statistics select now; retrain the run")
-    return threshold_at(run.gate[f"{key}/share"].numpy(), setting.gate_percentile)
+    return threshold_at(run.gate[f"{key}/share"].numpy(), percentile)
 
 
 class Intervention:
@@ -166,6 +171,10 @@ class Intervention:
         gated = setting.edits_features and setting.gate != "none" and len(self.features) > 0
         self.threshold = gate_threshold(run, setting, self.features) if gated else None
         """The gate's threshold on the running mean of `signal`; None: no gate."""
+        ramped = gated and setting.ramp_percentile is not None
+        self.ramp_from = gate_threshold(run, setting, self.features, ramp=True) if ramped else None
+        """Graded gate: where the ramp starts (the gate opens above it, the clamp reaching full
+        strength at `threshold`); None: all or nothing at `threshold`."""
         probe = gated and setting.gate == "probe"
         self.probe_w_D = probe_params(run, setting.probe_l2)[0].float().clone() if probe else None
         """Probe gate: the detector's weights on the normalised residual stream (trainer/detector.py)."""
@@ -229,10 +238,12 @@ class Intervention:
             signal_BT = self.signal(gate_h_BTD)
         else:
             signal_BT = self.signal(h_BTD, active_BTS)
-        open_BT = self.gate(signal_BT, editable_BT, seg_BT, start)
+        strength_BT = self.gate_strength(signal_BT, editable_BT, seg_BT, start)
+        open_BT = strength_BT > 0
         active_BTS &= open_BT[..., None]
-        # clamp: t = -m act_u where f > 0 (SAEBench); ablate: t = 0. Elsewhere f - t = 0.
-        t_BTS = -self.t_S * active_BTS
+        # clamp: t = -m act_u where f > 0 (SAEBench), scaled by the graded gate's strength;
+        # ablate: t = 0. Elsewhere f - t = 0.
+        t_BTS = -self.t_S * active_BTS * strength_BT[..., None]
         delta_BTD = (((f_BTS * active_BTS) - t_BTS) @ self.W_dec_SD) / self.scale
         return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1), open_BT, signal_BT)
 
@@ -247,13 +258,30 @@ class Intervention:
             active_BTS = self.selected_acts(h_BTD) > 0
         return active_BTS.any(-1).float()
 
+    @property
+    def opens_above(self) -> float | None:
+        """The running score above which the gate opens (the ramp's start, else `threshold`)."""
+        return self.threshold if self.ramp_from is None else min(self.ramp_from, self.threshold)
+
     def gate(self, signal_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
              start: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """bool [B, T]: where the edit may act (all True without a gate)."""
+        return self.gate_strength(signal_BT, editable_BT, seg_BT, start) > 0
+
+    def gate_strength(self, signal_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
+                      start: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """float [B, T]: the share of the full clamp applied: 1 where the gate is open (all 1
+        without a gate), 0 where it is shut; on a graded gate's ramp, rising linearly from 0 at
+        `ramp_from` to 1 at `threshold`."""
         if self.threshold is None:
-            return torch.ones_like(editable_BT)
+            return torch.ones(editable_BT.shape, device=editable_BT.device)
         share_BT, seen_BT = firing_share(signal_BT, editable_BT, seg_BT, start)
-        return gate_open(share_BT, seen_BT, self.threshold)
+        full_BT = gate_open(share_BT, seen_BT, self.threshold).float()
+        if self.ramp_from is None or self.ramp_from >= self.threshold:
+            return full_BT
+        part_BT = ((share_BT - self.ramp_from) / (self.threshold - self.ramp_from)).clamp(0.0, 1.0)
+        on_ramp_BT = gate_open(share_BT, seen_BT, self.ramp_from)
+        return torch.where(full_BT > 0, full_BT, part_BT * on_ramp_BT)
 
     def attach(self, model: Any, *, skip_bos: bool = True) -> "Hooks":
         """Install the edit on `model` (forward hook on block `layer`); call .remove() to undo."""

@@ -327,10 +327,16 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
     args = ["eval", "--run", str(run), "--forget-mcq", cfg.forget_mcq, "--retain-mcq", cfg.retain_mcq,
             "--forget-text", cfg.forget_text, "--retain-text", cfg.retain_text, "--max-text-tokens", "200",
             "--no-ood", "--multipliers", "5", "--top-n", "10", "--selections", "candidates", "--quiet"]
-    r = CliRunner().invoke(main, args + ["--json", "--max-retain-ce-rise", "0.25", "--probe-multipliers", "7"])
+    r = CliRunner().invoke(main, args + ["--json", "--max-retain-ce-rise", "0.25", "--probe-multipliers", "7",
+                                         "--probe-ramps", "none,30"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
     assert res["config"]["max_retain_ce_rise"] == 0.25 and res["config"]["max_ood_retain_ce_rise"] == 0.5
+    probed = [e["setting"] for e in res["sweep"] if e["setting"]["gate"] == "probe"]
+    assert {s.get("ramp_percentile") for s in probed} == {None, 30.0}
+    assert all(s["ramp_threshold"] <= s["gate_threshold"] for s in probed if "ramp_percentile" in s)
+    bad = CliRunner().invoke(main, args + ["--probe-ramps", "100"])
+    assert bad.exit_code != 0 and "--probe-ramps percentiles must lie within [0, 100)" in bad.output
     assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] == "probe"} == {7.0}
     assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] != "probe"} == {5.0}
     assert set(res["best_by_gate"]) == {"none", "sequence", "probe"}
@@ -374,7 +380,8 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     data = eval_data(lm, cfg)
     data.prepare(lm.model, LAYER)
     settings = [Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=p) for p in (50.0, 100.0)]
-    got = calibrate_probe(settings + [Setting(gate="none")], run, data, cfg)
+    ramped = settings[1].replace(ramp_percentile=25.0)
+    got = calibrate_probe(settings + [ramped, Setting(gate="none")], run, data, cfg)
     assert got[-1] == Setting(gate="none"), "other gates are left alone"
     iv = Intervention(run, settings[0].replace(gate_threshold=0.0))
     peak_Q = data.retain_mcq.gate_peaks(iv)
@@ -382,6 +389,11 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     bias = float(run.gate["probe/b"][0])
     for s, p in zip(got, (0.5, 1.0)):
         assert s.gate_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), p)) + bias)
+        assert s.ramp_threshold is None
+    # a graded gate's ramp starts at its own percentile of the same dev peaks
+    assert got[2].gate_threshold == got[1].gate_threshold
+    assert got[2].ramp_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), 0.25)) + bias)
+    assert Setting.from_dict(got[2].to_dict()) == got[2]
     # the peak is what the gate sees: at a threshold just below a dev question's peak it opens there
     q = int(torch.nonzero(dev_Q)[0])
     below = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias - 1e-4))

@@ -195,6 +195,17 @@ def test_grid_settings_and_validation():
         Setting(gate="none", mode="clamp", multiplier=0)
     with pytest.raises(EvalError, match="gate"):
         Setting(gate="sometimes")
+    # graded probe gates: a ramp below each percentile only
+    ramps = SweepGrid(multipliers=(10.0,), top_n=(50,), selections=("saebench",), gates=("none", "probe"),
+                      probe_percentiles=(95.0, 99.0), probe_ramps=(None, 97.0))
+    got = [(s.gate, s.gate_percentile, s.ramp_percentile) for s in ramps.settings("baseline") if s.gate == "probe"]
+    assert sorted(got, key=str) == sorted([("probe", 95.0, None), ("probe", 99.0, None), ("probe", 99.0, 97.0)], key=str)
+    graded = ramps.settings("baseline")[-1].replace(gate_threshold=1.5, ramp_threshold=0.5)
+    assert graded.ramp_percentile == 97.0 and "ramp from p97" in graded.label
+    assert Setting.from_dict(graded.to_dict()) == graded and SweepGrid.from_dict(ramps.to_dict()) == ramps
+    assert "ramp_percentile" not in ramps.settings("baseline")[0].to_dict()
+    with pytest.raises(EvalError, match="ramp_percentile must be within"):
+        Setting(gate="probe", gate_percentile=95.0, ramp_percentile=95.0)
 
 
 def test_unlearned_defaults_to_the_runs_chosen_setting(lm, run_dir):
@@ -234,6 +245,11 @@ def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
     assert probe.changed(gate_percentile=95.0).gate_threshold is None
     assert probe.changed(probe_l2=0.1).gate_threshold is None
     assert probe.changed(gate_percentile=95.0, gate_threshold=0.5).gate_threshold == 0.5  # set explicitly
+    graded = probe.replace(ramp_percentile=95.0, ramp_threshold=0.4)
+    assert graded.changed(gate_percentile=98.0).ramp_threshold == 0.4  # the ramp's start is unchanged
+    assert graded.changed(ramp_percentile=90.0).ramp_threshold is None
+    assert graded.changed(probe_l2=0.1).ramp_threshold is None
+    assert graded.changed(ramp_percentile=None).to_dict() == probe.to_dict()
 
 
 def test_missing_run_files_and_wrong_model_are_one_line_errors(lm, run_dir, tmp_path):

@@ -306,3 +306,47 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
     if probe_layer is not None:
         with pytest.raises(EvalError, match="pass its output"):
             iv.edit(h, ids != lm.model.config.bos_token_id)
+
+
+def test_graded_gate_ramps_the_clamp_from_its_start_to_the_gates_threshold(lm, tmp_path):
+    """A graded probe gate: shut (h unchanged) up to the ramp's start, the full clamp above the
+    gate's threshold, and on the ramp the clamp of strength m * r, r rising linearly from 0 to 1;
+    still causal, and KV-cached generation equals full recompute."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    editable = ids != lm.model.config.bos_token_id
+    hard = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0)
+    with torch.no_grad():
+        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+    share, seen = firing_share(Intervention(run, hard).signal(h), editable)
+    bias = float(run.gate["probe/b"][0])
+    lo, hi = (float(torch.quantile(share[seen >= 8], q)) + bias for q in (0.25, 0.75))
+    graded = hard.replace(gate_threshold=hi, ramp_percentile=50.0, ramp_threshold=lo)
+    iv = Intervention(run, graded)
+    assert iv.opens_above == pytest.approx(lo - bias) and iv.threshold == pytest.approx(hi - bias)
+    r = iv.gate_strength(iv.signal(h), editable)
+    ok = seen >= 8
+    want = ((share - (lo - bias)) / (hi - lo)).clamp(0, 1) * ok
+    torch.testing.assert_close(r, want)
+    ramp = (r > 0) & (r < 1)
+    assert bool((r == 1).any()) and bool(ramp.any()) and bool((ok & (r == 0)).any())
+    ed = iv.edit(h, editable)
+    full = Intervention(run, hard.replace(gate_threshold=hi)).edit(h, editable)
+    torch.testing.assert_close(ed.h_BTD[r == 1], full.h_BTD[r == 1])  # the full clamp above the threshold
+    assert torch.equal(ed.h_BTD[r == 0], h[r == 0])  # shut below the ramp: untouched
+    for b, t in torch.nonzero(ramp)[:3].tolist():  # on the ramp: the static clamp of strength m * r
+        static = Intervention(run, hard.replace(gate="none", gate_threshold=None, multiplier=30.0 * float(r[b, t])))
+        torch.testing.assert_close(ed.h_BTD[b, t], static.edit(h, editable).h_BTD[b, t])
+    with torch.no_grad(), iv.hooked(lm.model):
+        base = lm.model(ids).logits
+        for t in (6, 12, 20):
+            alt = ids.clone()
+            alt[:, t] = (alt[:, t] + 7) % (lm.model.config.vocab_size - 4) + 4
+            assert torch.equal(lm.model(alt).logits[:, :t], base[:, :t]), f"a change at {t} leaked backwards"
+        cached = lm.model.generate(ids[:1, :10], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        seq = ids[:1, :10]
+        for _ in range(8):
+            seq = torch.cat([seq, lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq)
