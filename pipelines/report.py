@@ -185,8 +185,17 @@ def _change(d: dict[str, Any] | None) -> str:
     return f"{d['before']:.2f} -> {d['after']:.2f} ({d['after'] / d['before'] - 1:+.1%})"
 
 
+def _retain_kept(t: dict[str, Any], ratio: float) -> str:
+    """The test half's retain MCQ, flagged where it fell below `ratio` of clean (the bound the dev
+    half chose by)."""
+    r = t.get("retain_mcq") or {}
+    low = r.get("after") is not None and r.get("before") and r["after"] < ratio * r["before"] - 1e-12
+    return _fmt_pair(r, 2) + (f" (below {ratio:g} of clean)" if low else "")
+
+
 def markdown_table(results: dict[str, dict[int, dict]]) -> str:
     """Per layer, the four configurations: test score with interval, MCQ, CE and gate."""
+    ratio = next((r.get("config", {}).get("retain_ratio", 0.99) for m in results.values() for r in m.values()), 0.99)
     head = ("| layer | configuration | setting | test score [95% CI] | correct-subset score | forget MCQ (test) | "
             "retain MCQ (test) | forget CE | retain CE | gate open: retain / forget text | gate AUROC text / MCQ | "
             "selected features' AUROC text / MCQ |\n"
@@ -201,7 +210,7 @@ def markdown_table(results: dict[str, dict[int, dict]]) -> str:
             rows.append(
                 f"| {l} | {name} | {b['label']} | {_num(t['unlearning_score'])}{_ci(t.get('ci95'))} | "
                 f"{_num(t.get('correct_subset_score'))} | {_fmt_pair(t['forget_mcq'], 2)} | "
-                f"{_fmt_pair(t['retain_mcq'], 2)} | {_change(b.get('forget_loss'))} | {_change(b.get('retain_loss'))} | "
+                f"{_retain_kept(t, ratio)} | {_change(b.get('forget_loss'))} | {_change(b.get('retain_loss'))} | "
                 f"{_num(g.get('open_rate_retain'), 2)} / {_num(g.get('open_rate_forget'), 2)} | "
                 f"{_aurocs(_det(b), '')} | {_aurocs(b.get('selection'), '')} |")
     return head + "\n" + "\n".join(rows)

@@ -90,6 +90,9 @@ def test_report_table_and_verdict():
     results["featureforget"][8]["best_by_gate"]["none"]["best"]["gate"] = {"mode": "none"}
     assert "(+0.5%) | n/a / n/a | - | 0.95 / 0.80 |" in markdown_table(results)  # static: no gate
     assert "| 8 | baseline SAE, static | no retain-safe setting | n/a |" in table
+    assert "below" not in table
+    results["baseline"][8]["best_by_gate"]["sequence"]["best"]["test"]["retain_mcq"]["after"] = 0.69
+    assert "| 0.70 -> 0.69 (below 0.99 of clean) |" in markdown_table(results)  # the dev half's bound, missed on test
     v = verdict(results)
     assert "layer 8, gated: FeatureForget (gated) beats the baseline SAE (gated)" in v
     assert "layer 8, static: FeatureForget (static) vs the baseline SAE (static): not comparable" in v
