@@ -449,7 +449,7 @@ def _load_for_run(run: str, model: str | None, device: str):
               "[preset; full: 99,100; demo: 99]")
 @click.option("--probe-ramps", default=None, metavar="none,P,...",
               help="Graded probe gates tried: P opens the gate at that percentile, the clamp growing linearly to "
-              "full strength at the gate's percentile; none: all or nothing. [preset; full: none; demo: none,95]")
+              "full strength at the gate's percentile; none: all or nothing. [none]")
 @click.option("--max-retain-ce-rise", default=None, type=click.FloatRange(0),
               help="A retain-safe setting raises held-out retain CE by at most this fraction (out of "
               "distribution: twice it). [0.01]")
