@@ -200,11 +200,11 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
 
 def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg: EvalConfig) -> list[Setting]:
     """Probe-gated settings with their detector and threshold chosen on the dev halves
-    (cfg.gate_calibration "dev"). Threshold (and a graded gate's ramp start): the setting's percentile of the highest detector
-    score of every retain dev question, pooled in and out of distribution. Detector: of the
-    run's probes (one per L2 penalty, trainer/detector.py), the one whose gate, at the highest
-    percentile asked for, opens on the most forget dev questions (ties: the default). The test
-    halves never enter."""
+    (cfg.gate_calibration "dev"). Threshold (and a graded gate's ramp start): the setting's
+    percentile of the highest detector score of every retain dev question, pooled in and out of
+    distribution. Detector: of the run's probes (one per L2 penalty, trainer/detector.py), the
+    one whose gate, at the highest percentile asked for, opens on the most forget dev questions
+    (ties: the default). The test halves never enter."""
     if cfg.gate_calibration not in ("dev", "train"):
         raise EvalError(f"unknown gate calibration '{cfg.gate_calibration}': use dev or train")
     todo = [s for s in settings if s.gate == "probe" and s.gate_threshold is None and s.edits_features]

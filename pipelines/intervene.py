@@ -9,7 +9,8 @@ sequence gate (trainer/selection.py) a position is edited only where the share o
 tokens so far on which a selected feature fired exceeds the run's retain-calibrated threshold;
 the decision at a position depends on it and earlier positions only (causal). A graded gate
 (Setting.ramp_percentile) opens lower and scales the clamp: t = -r m act_u, r rising linearly
-from 0 at the ramp's start to 1 at the gate's threshold. Only the encoder columns of S are kept (W_enc[:, S]), so the edit costs d x |S|.
+from 0 at the ramp's start to 1 at the gate's threshold. Only the encoder columns of S are kept
+(W_enc[:, S]), so the edit costs d x |S|.
 Two reference modes for CE loss (METHOD §8): `splice` (h <- SAE reconstruction) and `zero`.
 
 BOS positions are never edited: the SAE never saw them in training (METHOD §0) and their
@@ -175,6 +176,10 @@ class Intervention:
         self.ramp_from = gate_threshold(run, setting, self.features, ramp=True) if ramped else None
         """Graded gate: where the ramp starts (the gate opens above it, the clamp reaching full
         strength at `threshold`); None: all or nothing at `threshold`."""
+        if self.ramp_from is not None and self.ramp_from > self.threshold:
+            raise EvalError(f"the graded gate's ramp starts above the gate's threshold ({self.ramp_from:.4g} > "
+                            f"{self.threshold:.4g} on the running score): calibrate both on the same prompts "
+                            "(ff eval --probe-ramps ... --save, or a new --gate-percentile)")
         probe = gated and setting.gate == "probe"
         self.probe_w_D = probe_params(run, setting.probe_l2)[0].float().clone() if probe else None
         """Probe gate: the detector's weights on the normalised residual stream (trainer/detector.py)."""
@@ -261,7 +266,7 @@ class Intervention:
     @property
     def opens_above(self) -> float | None:
         """The running score above which the gate opens (the ramp's start, else `threshold`)."""
-        return self.threshold if self.ramp_from is None else min(self.ramp_from, self.threshold)
+        return self.threshold if self.ramp_from is None else self.ramp_from
 
     def gate(self, signal_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
              start: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -277,7 +282,7 @@ class Intervention:
             return torch.ones(editable_BT.shape, device=editable_BT.device)
         share_BT, seen_BT = firing_share(signal_BT, editable_BT, seg_BT, start)
         full_BT = gate_open(share_BT, seen_BT, self.threshold).float()
-        if self.ramp_from is None or self.ramp_from >= self.threshold:
+        if self.ramp_from is None or self.ramp_from == self.threshold:
             return full_BT
         part_BT = ((share_BT - self.ramp_from) / (self.threshold - self.ramp_from)).clamp(0.0, 1.0)
         on_ramp_BT = gate_open(share_BT, seen_BT, self.ramp_from)

@@ -350,3 +350,13 @@ def test_graded_gate_ramps_the_clamp_from_its_start_to_the_gates_threshold(lm, t
         for _ in range(8):
             seq = torch.cat([seq, lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(cached, seq)
+
+
+def test_a_ramp_starting_above_the_gates_threshold_is_refused(lm, tmp_path):
+    """Thresholds from two calibrations (e.g. the gate's from the dev questions, the ramp's from
+    training contexts) can cross: a clear error, not a silently all-or-nothing gate."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    s = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.5, ramp_percentile=50.0)
+    assert Intervention(run, s.replace(ramp_threshold=0.2)).opens_above < Intervention(run, s.replace(ramp_percentile=None)).threshold
+    with pytest.raises(EvalError, match="ramp starts above the gate's threshold"):
+        Intervention(run, s.replace(ramp_threshold=0.8))
