@@ -589,8 +589,8 @@ def format_eval(res: dict) -> str:
               help="An explicit gate threshold (firing share, or probe score); overrides the percentile.")
 @click.option("--gate-ramp", default=None, metavar="P|none",
               help="A graded gate opening at retain percentile P, the clamp growing to full strength at the gate's "
-              "threshold (another than the chosen setting's takes its threshold from the run's retain training "
-              "contexts); none: all or nothing.")
+              "threshold (a new ramp takes both thresholds from the run's retain training contexts); none: all or "
+              "nothing.")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,

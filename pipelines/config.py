@@ -162,7 +162,8 @@ class Setting:
         """`replace` for a user's overrides of a chosen setting: a calibrated `gate_threshold` is
         dropped where the change makes it meaningless (another gate, percentile or detector),
         unless the change sets one; so is `ramp_threshold` (another gate, detector or ramp
-        percentile). An unknown field is an EvalError."""
+        percentile), and a new ramp drops both, so that they come from one calibration. An
+        unknown field is an EvalError."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise EvalError(f"unknown setting field(s) {', '.join(sorted(unknown))}: use "
@@ -170,8 +171,9 @@ class Setting:
         def differs(*keys: str) -> bool:
             return any(k in changes and changes[k] != getattr(self, k) for k in keys)
 
-        if differs("gate", "gate_percentile", "probe_l2") and "gate_threshold" not in changes:
-            changes = {**changes, "gate_threshold": None}
+        new_ramp = differs("ramp_percentile") and changes["ramp_percentile"] is not None
+        if (differs("gate", "gate_percentile", "probe_l2") or new_ramp) and "gate_threshold" not in changes:
+            changes = {**changes, "gate_threshold": None}  # a new ramp: both thresholds from one calibration
         if differs("gate", "ramp_percentile", "probe_l2") and "ramp_threshold" not in changes:
             changes = {**changes, "ramp_threshold": None}
         return replace(self, **changes)

@@ -179,7 +179,7 @@ class Intervention:
         if self.ramp_from is not None and self.ramp_from > self.threshold:
             raise EvalError(f"the graded gate's ramp starts above the gate's threshold ({self.ramp_from:.4g} > "
                             f"{self.threshold:.4g} on the running score): calibrate both on the same prompts "
-                            "(ff eval --probe-ramps ... --save, or a new --gate-percentile)")
+                            "(ff eval --probe-ramps ... --save)")
         probe = gated and setting.gate == "probe"
         self.probe_w_D = probe_params(run, setting.probe_l2)[0].float().clone() if probe else None
         """Probe gate: the detector's weights on the normalised residual stream (trainer/detector.py)."""

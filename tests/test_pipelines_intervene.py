@@ -248,6 +248,8 @@ def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
     graded = probe.replace(ramp_percentile=95.0, ramp_threshold=0.4)
     assert graded.changed(gate_percentile=98.0).ramp_threshold == 0.4  # the ramp's start is unchanged
     assert graded.changed(ramp_percentile=90.0).ramp_threshold is None
+    assert graded.changed(ramp_percentile=90.0).gate_threshold is None  # both from one calibration
+    assert graded.changed(ramp_percentile=None).gate_threshold == 1.2  # switching the ramp off keeps the gate's
     assert graded.changed(probe_l2=0.1).ramp_threshold is None
     assert graded.changed(ramp_percentile=None).to_dict() == probe.to_dict()
 
