@@ -267,6 +267,22 @@ def test_probe_learns_the_topic_directions_and_calibrates_on_unseen_retain_conte
     assert float((u_new > thr).float().mean()) > 0.9 and float((r_new > thr).float().mean()) < 0.1
 
 
+def _assert_causal_and_cached(lm, iv: Intervention, ids: torch.Tensor) -> None:
+    """With `iv` in the model: changing token t changes no output before t, and greedy generation
+    with the KV cache gives the tokens of a full forward per step."""
+    with torch.no_grad(), iv.hooked(lm.model):
+        base = lm.model(ids).logits
+        for t in (6, 12, 20):
+            alt = ids.clone()
+            alt[:, t] = (alt[:, t] + 7) % (lm.model.config.vocab_size - 4) + 4
+            assert torch.equal(lm.model(alt).logits[:, :t], base[:, :t]), f"a change at {t} leaked backwards"
+        cached = lm.model.generate(ids[:1, :10], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        seq = ids[:1, :10]
+        for _ in range(8):
+            seq = torch.cat([seq, lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(cached, seq)
+
+
 @pytest.mark.parametrize("probe_layer", [None, LAYER - 1, LAYER + 1])
 def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_path, probe_layer):
     """The probe gate decides at t from tokens <= t only, also across KV-cached steps; also
@@ -289,17 +305,7 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
         share, seen = firing_share(probe.signal(gate_h), ids != lm.model.config.bos_token_id)
     median = float(share[seen >= 8].median()) + float(run.gate["probe/b"][0])
     iv = Intervention(run, Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=median))
-    with torch.no_grad(), iv.hooked(lm.model):
-        base = lm.model(ids).logits
-        for t in (6, 12, 20):
-            alt = ids.clone()
-            alt[:, t] = (alt[:, t] + 7) % (lm.model.config.vocab_size - 4) + 4
-            assert torch.equal(lm.model(alt).logits[:, :t], base[:, :t]), f"a change at {t} leaked backwards"
-        cached = lm.model.generate(ids[:1, :10], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-        seq = ids[:1, :10]
-        for _ in range(8):
-            seq = torch.cat([seq, lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(cached, seq)
+    _assert_causal_and_cached(lm, iv, ids)
     ed = iv.edit(h, ids != lm.model.config.bos_token_id, gate_h_BTD=gate_h)
     opened = ed.open_BT[seen >= 8]
     assert 0 < float(opened.float().mean()) < 1, "at the median the gate is open at some positions only"
@@ -339,17 +345,7 @@ def test_graded_gate_ramps_the_clamp_from_its_start_to_the_gates_threshold(lm, t
     for b, t in torch.nonzero(ramp)[:3].tolist():  # on the ramp: the static clamp of strength m * r
         static = Intervention(run, hard.replace(gate="none", gate_threshold=None, multiplier=30.0 * float(r[b, t])))
         torch.testing.assert_close(ed.h_BTD[b, t], static.edit(h, editable).h_BTD[b, t])
-    with torch.no_grad(), iv.hooked(lm.model):
-        base = lm.model(ids).logits
-        for t in (6, 12, 20):
-            alt = ids.clone()
-            alt[:, t] = (alt[:, t] + 7) % (lm.model.config.vocab_size - 4) + 4
-            assert torch.equal(lm.model(alt).logits[:, :t], base[:, :t]), f"a change at {t} leaked backwards"
-        cached = lm.model.generate(ids[:1, :10], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-        seq = ids[:1, :10]
-        for _ in range(8):
-            seq = torch.cat([seq, lm.model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(cached, seq)
+    _assert_causal_and_cached(lm, iv, ids)
 
 
 def test_a_ramp_starting_above_the_gates_threshold_is_refused(lm, tmp_path):
