@@ -214,8 +214,8 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
     pcts = {s.gate_percentile for s in todo} | {s.ramp_percentile for s in todo if s.ramp_percentile is not None}
     best: tuple[float, float | None, dict[float, float]] | None = None
     for l2 in stored_l2s(run.gate) if todo[0].probe_l2 is None else [todo[0].probe_l2]:
-        thr, opened = _probe_thresholds(run, data, todo[0].replace(gate_threshold=0.0, probe_l2=l2),
-                                        pcts, top)
+        probe = todo[0].replace(gate_threshold=0.0, probe_l2=l2, ramp_percentile=None, ramp_threshold=None)
+        thr, opened = _probe_thresholds(run, data, probe, pcts, top)
         if best is None or opened > best[0]:
             best = (opened, l2, thr)
     assert best is not None  # evaluate_run refuses a run without a probe before this

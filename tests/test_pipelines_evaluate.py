@@ -374,9 +374,15 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
 def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_path):
     """gate_calibration "dev": the probe threshold is the percentile of the retain dev questions'
     peak scores; the test half never enters (changing it leaves the threshold unchanged)."""
+    from safetensors.torch import load_file, save_file
+
     from pipelines.evaluate import calibrate_probe
 
-    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash))
+    path = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    gate = load_file(str(path / "gate.safetensors"))  # training contexts score far above the questions,
+    gate["probe/max"] = gate["probe/max"] + 50.0      # as 128-token prose does on the demo
+    save_file(gate, str(path / "gate.safetensors"))
+    run = load_run(path)
     data = eval_data(lm, cfg)
     data.prepare(lm.model, LAYER)
     settings = [Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=p) for p in (50.0, 100.0)]
@@ -394,6 +400,7 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     assert got[2].gate_threshold == got[1].gate_threshold
     assert got[2].ramp_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), 0.25)) + bias)
     assert Setting.from_dict(got[2].to_dict()) == got[2]
+    assert calibrate_probe([ramped], run, data, cfg) == [got[2]], "a graded setting alone calibrates the same"
     # the peak is what the gate sees: at a threshold just below a dev question's peak it opens there
     q = int(torch.nonzero(dev_Q)[0])
     below = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias - 1e-4))
