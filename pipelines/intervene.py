@@ -281,12 +281,10 @@ class Intervention:
         if self.threshold is None:
             return torch.ones(editable_BT.shape, device=editable_BT.device)
         share_BT, seen_BT = firing_share(signal_BT, editable_BT, seg_BT, start)
-        full_BT = gate_open(share_BT, seen_BT, self.threshold).float()
         if self.ramp_from is None or self.ramp_from == self.threshold:
-            return full_BT
+            return gate_open(share_BT, seen_BT, self.threshold).float()
         part_BT = ((share_BT - self.ramp_from) / (self.threshold - self.ramp_from)).clamp(0.0, 1.0)
-        on_ramp_BT = gate_open(share_BT, seen_BT, self.ramp_from)
-        return torch.where(full_BT > 0, full_BT, part_BT * on_ramp_BT)
+        return part_BT * gate_open(share_BT, seen_BT, self.ramp_from)  # 1 above the threshold
 
     def attach(self, model: Any, *, skip_bos: bool = True) -> "Hooks":
         """Install the edit on `model` (forward hook on block `layer`); call .remove() to undo."""
