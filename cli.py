@@ -450,6 +450,10 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--probe-ramps", default=None, metavar="none,P,...",
               help="Graded probe gates tried: P opens the gate at that percentile, the clamp growing linearly to "
               "full strength at the gate's percentile; none: all or nothing. [none]")
+@click.option("--probe-pools", default=None, metavar="mean,positive",
+              help="Poolings of the probe gate's per-token detector scores tried: mean (the score of their mean), "
+              "positive (the mean of each token's positive log-odds: retain-looking tokens do not cancel "
+              "topical ones). [mean]")
 @click.option("--max-retain-ce-rise", default=None, type=click.FloatRange(0),
               help="A retain-safe setting raises held-out retain CE by at most this fraction (out of "
               "distribution: twice it). [0.01]")
@@ -464,7 +468,7 @@ def _load_for_run(run: str, model: str | None, device: str):
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             probe_ramps, max_retain_ce_rise, gate_calibration, device, as_json, save, quiet):
+             probe_ramps, probe_pools, max_retain_ce_rise, gate_calibration, device, as_json, save, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -520,6 +524,13 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
             raise EvalError(f"--probe-ramps takes 'none' or comma-separated percentiles: {e}") from None
         if not all(r is None or 0 <= r < 100 for r in grid["probe_ramps"]):
             raise EvalError("--probe-ramps percentiles must lie within [0, 100)")
+    if probe_pools:
+        from pipelines.config import PROBE_POOLS
+
+        grid["probe_pools"] = tuple(dict.fromkeys(x.strip() for x in probe_pools.split(",") if x.strip()))
+        bad = [x for x in grid["probe_pools"] if x not in PROBE_POOLS]
+        if bad or not grid["probe_pools"]:
+            raise EvalError(f"--probe-pools: unknown pooling '{','.join(bad) or probe_pools}': use {', '.join(PROBE_POOLS)}")
     if gate_calibration:
         cfg = cfg.replace(gate_calibration=gate_calibration)
     if max_retain_ce_rise is not None:
@@ -591,10 +602,13 @@ def format_eval(res: dict) -> str:
               help="A graded gate opening at retain percentile P, the clamp growing to full strength at the gate's "
               "threshold (a new ramp takes both thresholds from the run's retain training contexts); none: all or "
               "nothing.")
+@click.option("--probe-pool", default=None, type=click.Choice(["mean", "positive"]),
+              help="How the probe gate pools its detector's per-token scores (another pooling takes the gate's "
+              "threshold from the run's retain training contexts).")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,
-                 gate_threshold, gate_ramp, model, device):
+                 gate_threshold, gate_ramp, probe_pool, model, device):
     """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
     The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
     else a gated clamp; the options override single fields."""
@@ -605,7 +619,7 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
     setting = run_setting(run_dir)  # an unreadable RUN/unlearning.json or a bad option fails before the model loads
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
                                   "gate": gate, "gate_percentile": gate_percentile,
-                                  "gate_threshold": gate_threshold}.items() if v is not None}
+                                  "gate_threshold": gate_threshold, "probe_pool": probe_pool}.items() if v is not None}
     if gate_ramp is not None:
         try:
             changes["ramp_percentile"] = None if gate_ramp.strip() == "none" else float(gate_ramp)

@@ -15,6 +15,8 @@ from pipelines.errors import EvalError
 MODES = ("ablate", "clamp", "splice", "zero")
 SELECTIONS = ("candidates", "saebench", "ratio")
 GATES = ("none", "sequence", "probe")
+PROBE_POOLS = ("mean", "positive")
+"""How the probe gate pools its detector's per-token scores (trainer/detector.py)."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,12 @@ class Setting:
     """Probe gate: which of the run's detectors (trainer/detector.py, PROBE_L2S), by its L2
     penalty; None: the default one. `ff eval` chooses it on the dev questions."""
 
+    probe_pool: str = "mean"
+    """Probe gate: how the detector's per-token scores are pooled over the tokens so far.
+    "mean": the logistic score of their mean; "positive": the mean of each token's positive
+    log-odds max(w . x + b, 0), so that tokens that look like retain text do not cancel those
+    that name the topic (trainer/detector.py). Thresholds are in the pool's own units."""
+
     ramp_percentile: float | None = None
     """A graded gate: the percentile (below `gate_percentile`) whose threshold opens it. Between
     that threshold and the gate's the clamp grows linearly with the running score, from 0 (the
@@ -93,6 +101,8 @@ class Setting:
             raise EvalError(f"unknown gate '{self.gate}': use {', '.join(GATES)}")
         if not 0 <= self.gate_percentile <= 100 or not 0 <= self.ratio_percentile <= 100:
             raise EvalError("gate_percentile and ratio_percentile must be within [0, 100]")
+        if self.probe_pool not in PROBE_POOLS:
+            raise EvalError(f"unknown probe pooling '{self.probe_pool}': use {', '.join(PROBE_POOLS)}")
         if self.ramp_percentile is not None and not 0 <= self.ramp_percentile < self.gate_percentile:
             raise EvalError(f"ramp_percentile must be within [0, gate_percentile = {self.gate_percentile:g}), "
                             f"got {self.ramp_percentile:g}")
@@ -112,7 +122,8 @@ class Setting:
         sel = {"candidates": "candidates", "saebench": f"saebench freq_r<{self.freq_threshold:g}",
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
         gate = {"none": " static", "sequence": f" gate p{self.gate_percentile:g}",
-                "probe": f" probe{'' if self.probe_l2 is None else f' l2={self.probe_l2:g}'} p{self.gate_percentile:g}"}[self.gate]
+                "probe": f" probe{'' if self.probe_l2 is None else f' l2={self.probe_l2:g}'}"
+                         f"{'' if self.probe_pool == 'mean' else ' ' + self.probe_pool} p{self.gate_percentile:g}"}[self.gate]
         if self.gate != "none" and self.gate_threshold is not None:
             gate += f" (threshold {self.gate_threshold:.3g})"
         if self.gate != "none" and self.ramp_percentile is not None:
@@ -142,6 +153,8 @@ class Setting:
             d.pop("gate_threshold")
         if self.gate != "probe" or self.probe_l2 is None:
             d.pop("probe_l2")
+        if self.gate != "probe" or self.probe_pool == "mean":
+            d.pop("probe_pool")
         if self.gate == "none" or self.ramp_percentile is None:
             d.pop("ramp_percentile")
         if self.gate == "none" or self.ramp_threshold is None:
@@ -160,9 +173,10 @@ class Setting:
 
     def changed(self, **changes: Any) -> "Setting":
         """`replace` for a user's overrides of a chosen setting: a calibrated `gate_threshold` is
-        dropped where the change makes it meaningless (another gate, percentile or detector),
-        unless the change sets one; so is `ramp_threshold` (another gate, detector or ramp
-        percentile), and a new ramp drops both, so that they come from one calibration. An
+        dropped where the change makes it meaningless (another gate, percentile, detector or
+        pooling),
+        unless the change sets one; so is `ramp_threshold` (another gate, detector, pooling or
+        ramp percentile), and a new ramp drops both, so that they come from one calibration. An
         unknown field is an EvalError."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
@@ -172,9 +186,9 @@ class Setting:
             return any(k in changes and changes[k] != getattr(self, k) for k in keys)
 
         new_ramp = differs("ramp_percentile") and changes["ramp_percentile"] is not None
-        if (differs("gate", "gate_percentile", "probe_l2") or new_ramp) and "gate_threshold" not in changes:
+        if (differs("gate", "gate_percentile", "probe_l2", "probe_pool") or new_ramp) and "gate_threshold" not in changes:
             changes = {**changes, "gate_threshold": None}  # a new ramp: both thresholds from one calibration
-        if differs("gate", "ramp_percentile", "probe_l2") and "ramp_threshold" not in changes:
+        if differs("gate", "ramp_percentile", "probe_l2", "probe_pool") and "ramp_threshold" not in changes:
             changes = {**changes, "ramp_threshold": None}
         return replace(self, **changes)
 
@@ -212,6 +226,9 @@ class SweepGrid:
     """Graded probe gates to try (Setting.ramp_percentile: the percentile whose threshold opens
     the gate, the clamp growing to full strength at the gate's own); None: all or nothing."""
 
+    probe_pools: tuple[str, ...] = ("mean",)
+    """Poolings of the probe gate's detector scores to try (Setting.probe_pool)."""
+
     ctx_caps: tuple[float, ...] = (1.0,)
     """Context-frequency caps (Setting.max_ctx_r) to try."""
 
@@ -236,11 +253,12 @@ class SweepGrid:
                             continue
                         pcts = self.probe_percentiles if gate == "probe" else (self.gate_percentile,)
                         ramps = self.probe_ramps if gate == "probe" else (None,)
+                        pools = self.probe_pools if gate == "probe" else ("mean",)
                         out += [s.replace(selection=sel, freq_threshold=float(thr), top_n=n, gate=gate,
                                           gate_percentile=float(p), max_ctx_r=float(cap),
-                                          ramp_percentile=None if r is None else float(r))
-                                for s in modes for cap in self.ctx_caps for p in pcts for r in ramps
-                                if r is None or r < p]
+                                          ramp_percentile=None if r is None else float(r), probe_pool=pool)
+                                for s in modes for cap in self.ctx_caps for pool in pools for p in pcts
+                                for r in ramps if r is None or r < p]
         if not out:
             raise EvalError(f"the sweep grid gives no settings for a {method} run")
         return out

@@ -28,7 +28,7 @@ from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_layer, probe_params,
                                  probe_problem)
 from pipelines.scoring import auroc, gate_split, half, pick_best, retain_safe, unlearning_score
-from trainer.detector import stored_l2s
+from trainer.detector import score_offset, stored_l2s
 from trainer.evaluate import eval_corpus
 
 METRICS = ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")
@@ -185,7 +185,8 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
             if name == f"{key}forget_mcq":
                 split = gate_split(fc[0], fc[1], opened_Q, f_test, es.layout.n_choices_Q)
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, "ramp_percentile": iv.setting.ramp_percentile
+                   else None, "threshold": iv.threshold, "pool": iv.setting.probe_pool if iv.probe_w_D is not None
+                   else None, "ramp_percentile": iv.setting.ramp_percentile
                    if iv.ramp_from is not None else None, "ramp_threshold": iv.ramp_from,
                    **rates, "open_rate_questions": questions,
                    "forget_split": split}
@@ -204,25 +205,29 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
     percentile of the highest detector score of every retain dev question, pooled in and out of
     distribution. Detector: of the run's probes (one per L2 penalty, trainer/detector.py), the
     one whose gate, at the highest percentile asked for, opens on the most forget dev questions
-    (ties: the default). The test halves never enter."""
+    (ties: the default); chosen per pooling (Setting.probe_pool). The test halves never enter."""
     if cfg.gate_calibration not in ("dev", "train"):
         raise EvalError(f"unknown gate calibration '{cfg.gate_calibration}': use dev or train")
     todo = [s for s in settings if s.gate == "probe" and s.gate_threshold is None and s.edits_features]
     if cfg.gate_calibration == "train" or not todo:
         return settings
-    top = max(s.gate_percentile for s in todo)
-    pcts = {s.gate_percentile for s in todo} | {s.ramp_percentile for s in todo if s.ramp_percentile is not None}
-    best: tuple[float, float | None, dict[float, float]] | None = None
-    for l2 in stored_l2s(run.gate) if todo[0].probe_l2 is None else [todo[0].probe_l2]:
-        probe = todo[0].replace(gate_threshold=0.0, probe_l2=l2, ramp_percentile=None, ramp_threshold=None)
-        thr, opened = _probe_thresholds(run, data, probe, pcts, top)
-        if best is None or opened > best[0]:
-            best = (opened, l2, thr)
-    assert best is not None  # evaluate_run refuses a run without a probe before this
-    _, l2, thr = best
-    return [s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2,
-                      ramp_threshold=None if s.ramp_percentile is None else thr[s.ramp_percentile])
-            if s in todo else s for s in settings]
+    chosen: dict[Setting, Setting] = {}
+    for pool in dict.fromkeys(s.probe_pool for s in todo):  # each pooling its own detector and thresholds
+        group = [s for s in todo if s.probe_pool == pool]
+        top = max(s.gate_percentile for s in group)
+        pcts = {s.gate_percentile for s in group} | {s.ramp_percentile for s in group if s.ramp_percentile is not None}
+        best: tuple[float, float | None, dict[float, float]] | None = None
+        for l2 in stored_l2s(run.gate) if group[0].probe_l2 is None else [group[0].probe_l2]:
+            probe = group[0].replace(gate_threshold=0.0, probe_l2=l2, ramp_percentile=None, ramp_threshold=None)
+            thr, opened = _probe_thresholds(run, data, probe, pcts, top)
+            if best is None or opened > best[0]:
+                best = (opened, l2, thr)
+        assert best is not None  # evaluate_run refuses a run without a probe before this
+        _, l2, thr = best
+        chosen.update({s: s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2,
+                                    ramp_threshold=None if s.ramp_percentile is None else thr[s.ramp_percentile])
+                       for s in group})
+    return [chosen.get(s, s) for s in settings]
 
 
 def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentiles: set[float],
@@ -230,7 +235,7 @@ def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percenti
     """({percentile: threshold score} from the retain dev questions, share of forget dev
     questions on which the gate opens at the `top` percentile, one of `percentiles`) for one probe."""
     iv = Intervention(run, setting)  # refuses a run without that probe
-    bias = probe_params(run, setting.probe_l2)[1]
+    bias = score_offset(probe_params(run, setting.probe_l2)[1], setting.probe_pool)
 
     def dev_peaks(names: tuple[str, ...]) -> Tensor:
         peaks = [getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q] for n in names if data.has(n)]

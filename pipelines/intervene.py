@@ -35,7 +35,7 @@ from cache.models import decoder_layers
 from pipelines.errors import EvalError
 from pipelines.config import Setting
 from trainer.sae import SAE
-from trainer.detector import probe_prefix, stored_l2s, token_scores
+from trainer.detector import pool_signal, probe_prefix, score_offset, stored_l2s, token_scores
 from trainer.selection import firing_share, gate_open, select, threshold_at
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
@@ -127,27 +127,37 @@ def probe_layer(run: LoadedRun) -> tuple[int, float]:
     return run.layer, run.scale
 
 
-def probe_params(run: LoadedRun, l2: float | None = None) -> tuple[Tensor, float, Tensor]:
-    """(weights [D], bias, retain calibration scores [C]) of the run's probe fitted with `l2`."""
+def probe_params(run: LoadedRun, l2: float | None = None) -> tuple[Tensor, float]:
+    """(weights [D], bias) of the run's probe fitted with `l2`."""
     key = probe_prefix(l2)
-    return run.gate[f"{key}/w"], float(run.gate[f"{key}/b"][0]), run.gate[f"{key}/max"]
+    return run.gate[f"{key}/w"], float(run.gate[f"{key}/b"][0])
+
+
+def probe_calibration(run: LoadedRun, l2: float | None, pool: str) -> Tensor:
+    """The highest score of every retain training context [C] (`ff train`'s calibration) under
+    the probe fitted with `l2`, pooled as `pool` says."""
+    key = f"{probe_prefix(l2)}/{'max' if pool == 'mean' else 'max_pos'}"
+    if key not in run.gate:
+        raise EvalError(f"{run.path} has no training calibration of the '{pool}' probe pooling (a run from an "
+                        "older ff): calibrate it on dev prompts (ff eval), or retrain the run")
+    return run.gate[key]
 
 
 def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor, *, ramp: bool = False) -> float:
     """The gate's threshold on the running mean of its per-token signal (`ramp`: where the
     setting's ramp starts instead): for the sequence gate, from the calibration of the setting's
-    selection; for the probe gate, the calibrated score percentile minus the probe's bias
-    (trainer/detector.py)."""
+    selection; for the probe gate, the calibrated score percentile minus what turns the pooled
+    running mean into a score (the bias, for the "mean" pooling; trainer/detector.py)."""
     explicit, percentile = ((setting.ramp_threshold, setting.ramp_percentile) if ramp
                             else (setting.gate_threshold, setting.gate_percentile))
     if setting.gate == "probe":
         if (problem := probe_problem(run, setting.probe_l2)) is not None:
             raise EvalError(f"{run.path} {problem}: retrain it, or use --gate sequence")
-        _, bias, max_C = probe_params(run, setting.probe_l2)
+        bias = probe_params(run, setting.probe_l2)[1]
         score = explicit
         if score is None:
-            score = threshold_at(max_C.numpy(), percentile)
-        return score - bias
+            score = threshold_at(probe_calibration(run, setting.probe_l2, setting.probe_pool).numpy(), percentile)
+        return score - score_offset(bias, setting.probe_pool)
     if explicit is not None:
         return explicit
     key = setting.set_key
@@ -181,8 +191,10 @@ class Intervention:
                             f"{self.threshold:.4g} on the running score): calibrate both on the same prompts "
                             "(ff eval --probe-ramps ... --save)")
         probe = gated and setting.gate == "probe"
-        self.probe_w_D = probe_params(run, setting.probe_l2)[0].float().clone() if probe else None
-        """Probe gate: the detector's weights on the normalised residual stream (trainer/detector.py)."""
+        w_D, self.probe_b = probe_params(run, setting.probe_l2) if probe else (None, 0.0)
+        self.probe_w_D = w_D.float().clone() if w_D is not None else None
+        """Probe gate: the detector's weights on the normalised residual stream, and its bias
+        (trainer/detector.py)."""
         self.gate_layer, self.gate_scale = probe_layer(run) if probe else (run.layer, run.scale)
         """The block whose output the gate's signal reads (the probe's layer; else `layer`), and its scale."""
         if self.gate_layer > self.layer:
@@ -255,10 +267,11 @@ class Intervention:
     @torch.no_grad()
     def signal(self, h_BTD: Tensor, active_BTS: Tensor | None = None) -> Tensor:
         """The gate's per-token signal [B, T], whose running mean it compares with the threshold:
-        whether a selected feature fires (sequence gate; h at `layer`), or the probe's x . w
-        (probe gate; h at `gate_layer`)."""
+        whether a selected feature fires (sequence gate; h at `layer`), or the probe's x . w,
+        pooled as the setting says (probe gate; h at `gate_layer`)."""
         if self.probe_w_D is not None:
-            return token_scores(h_BTD.to(self.probe_w_D.dtype) * self.gate_scale, self.probe_w_D)
+            scores_BT = token_scores(h_BTD.to(self.probe_w_D.dtype) * self.gate_scale, self.probe_w_D)
+            return pool_signal(scores_BT, self.probe_b, self.setting.probe_pool)
         if active_BTS is None:
             active_BTS = self.selected_acts(h_BTD) > 0
         return active_BTS.any(-1).float()

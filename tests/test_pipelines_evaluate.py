@@ -328,7 +328,7 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
             "--forget-text", cfg.forget_text, "--retain-text", cfg.retain_text, "--max-text-tokens", "200",
             "--no-ood", "--multipliers", "5", "--top-n", "10", "--selections", "candidates", "--quiet"]
     r = CliRunner().invoke(main, args + ["--json", "--max-retain-ce-rise", "0.25", "--probe-multipliers", "7",
-                                         "--probe-ramps", "none,30"])
+                                         "--probe-ramps", "none,30", "--probe-pools", "mean,positive"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
     assert res["config"]["max_retain_ce_rise"] == 0.25 and res["config"]["max_ood_retain_ce_rise"] == 0.5
@@ -337,6 +337,9 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
     assert all(s["ramp_threshold"] <= s["gate_threshold"] for s in probed if "ramp_percentile" in s)
     bad = CliRunner().invoke(main, args + ["--probe-ramps", "100"])
     assert bad.exit_code != 0 and "--probe-ramps percentiles must lie within [0, 100)" in bad.output
+    assert {s.get("probe_pool", "mean") for s in probed} == {"mean", "positive"}
+    bad = CliRunner().invoke(main, args + ["--probe-pools", "mean,max"])
+    assert bad.exit_code != 0 and "--probe-pools: unknown pooling 'max'" in bad.output
     assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] == "probe"} == {7.0}
     assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] != "probe"} == {5.0}
     assert set(res["best_by_gate"]) == {"none", "sequence", "probe"}
@@ -407,6 +410,15 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     above = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias + 1e-4))
     assert float(below.threshold) < float(peak_Q[q]) < float(above.threshold)
     assert calibrate_probe(settings, run, data, cfg.replace(gate_calibration="train")) == settings
+    # the positive pooling gets its own thresholds, from its own peaks (no bias added), and
+    # leaves the mean pooling's unchanged
+    positive = [s.replace(probe_pool="positive") for s in settings]
+    both = calibrate_probe(settings + positive, run, data, cfg)
+    assert both[:2] == got[:2]
+    pos_Q = data.retain_mcq.gate_peaks(Intervention(run, positive[0].replace(gate_threshold=0.0)))
+    for s, p in zip(both[2:], (0.5, 1.0)):
+        assert s.probe_pool == "positive"
+        assert s.gate_threshold == pytest.approx(float(torch.quantile(pos_Q[dev_Q].double(), p)))
 
 
 def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path):

@@ -87,5 +87,7 @@ def test_ff_generate_overrides_fields_of_the_runs_chosen_setting(tiny_model, tmp
     assert label("--gate-percentile", "90") == f"setting:   {chosen.replace(gate_percentile=90.0, gate_threshold=None).label}"
     assert label("--gate", "none") == f"setting:   {chosen.replace(gate='none', gate_threshold=None).label}"
     assert label("--gate-ramp", "50") == f"setting:   {chosen.replace(ramp_percentile=50.0, gate_threshold=None).label}"
+    assert label("--gate", "probe", "--probe-pool", "positive") == (
+        f"setting:   {chosen.replace(gate='probe', probe_pool='positive', gate_threshold=None).label}")
     r = CliRunner().invoke(main, ["generate", "--run", str(run_dir), "--prompt", "x", "--gate-ramp", "lots"])
     assert r.exit_code != 0 and "--gate-ramp takes a percentile or 'none', got 'lots'" in r.output

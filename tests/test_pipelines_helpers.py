@@ -62,7 +62,7 @@ def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, d_model
     gate.update({f"{k}/share": torch.rand(40, generator=g) * share for k in sets})
     # the probe gate's detector (trainer/detector.py), random
     gate.update({"probe/w": torch.randn(d_model, generator=g), "probe/b": torch.tensor([-0.5]),
-                 "probe/max": torch.randn(40, generator=g)})
+                 "probe/max": torch.randn(40, generator=g), "probe/max_pos": torch.rand(40, generator=g)})
     save_file(gate, str(path / "gate.safetensors"))
 
 

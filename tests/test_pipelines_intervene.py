@@ -206,6 +206,44 @@ def test_grid_settings_and_validation():
     assert "ramp_percentile" not in ramps.settings("baseline")[0].to_dict()
     with pytest.raises(EvalError, match="ramp_percentile must be within"):
         Setting(gate="probe", gate_percentile=95.0, ramp_percentile=95.0)
+    # poolings of the probe gate: for the probe gate only, each with every percentile
+    pools = SweepGrid(multipliers=(10.0,), top_n=(50,), selections=("saebench",), gates=("none", "probe"),
+                      probe_percentiles=(95.0, 99.0), probe_pools=("mean", "positive"))
+    got = [(s.gate, s.gate_percentile, s.probe_pool) for s in pools.settings("baseline")]
+    assert sorted(got) == sorted([("none", 95.0, "mean"), *((("probe", p, pool) for p in (95.0, 99.0)
+                                                              for pool in ("mean", "positive")))])
+    positive = pools.settings("baseline")[-1].replace(gate_threshold=0.3)
+    assert positive.probe_pool == "positive" and "probe positive p99" in positive.label
+    assert Setting.from_dict(positive.to_dict()) == positive and SweepGrid.from_dict(pools.to_dict()) == pools
+    assert "probe_pool" not in pools.settings("baseline")[1].to_dict(), "the default pooling is not written"
+    with pytest.raises(EvalError, match="unknown probe pooling 'max'"):
+        Setting(gate="probe", probe_pool="max")
+
+
+def test_probe_pooling_thresholds_come_from_their_own_calibration(tmp_path):
+    """Without an explicit threshold, each pooling takes its percentile from its own retain
+    training calibration (probe/max, probe/max_pos), the mean pooling less the probe's bias; a
+    run without the positive pooling's calibration is refused with a way out."""
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.intervene import gate_threshold
+    from trainer.selection import threshold_at
+
+    path = make_run(tmp_path / "run", 64, 3, "h")
+    run = load_run(path)
+    feats = torch.arange(3)
+    mean, pos = (Setting(gate="probe", gate_percentile=90.0, probe_pool=p) for p in ("mean", "positive"))
+    b = float(run.gate["probe/b"][0])
+    assert gate_threshold(run, mean, feats) == pytest.approx(threshold_at(run.gate["probe/max"].numpy(), 90.0) - b)
+    assert gate_threshold(run, pos, feats) == pytest.approx(threshold_at(run.gate["probe/max_pos"].numpy(), 90.0))
+    assert np.isfinite(gate_threshold(run, pos.replace(gate_threshold=0.25), feats))
+    gate = load_file(str(path / "gate.safetensors"))
+    del gate["probe/max_pos"]
+    save_file(gate, str(path / "gate.safetensors"))
+    with pytest.raises(EvalError, match="no training calibration of the 'positive' probe pooling"):
+        gate_threshold(load_run(path), pos, feats)
+    assert gate_threshold(load_run(path), pos.replace(gate_threshold=0.25), feats) == 0.25
 
 
 def test_unlearned_defaults_to_the_runs_chosen_setting(lm, run_dir):
@@ -244,6 +282,7 @@ def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
     assert probe.changed(gate="sequence").gate_threshold is None
     assert probe.changed(gate_percentile=95.0).gate_threshold is None
     assert probe.changed(probe_l2=0.1).gate_threshold is None
+    assert probe.changed(probe_pool="positive").gate_threshold is None  # another pooling, other units
     assert probe.changed(gate_percentile=95.0, gate_threshold=0.5).gate_threshold == 0.5  # set explicitly
     graded = probe.replace(ramp_percentile=95.0, ramp_threshold=0.4)
     assert graded.changed(gate_percentile=98.0).ramp_threshold == 0.4  # the ramp's start is unchanged
@@ -251,6 +290,7 @@ def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
     assert graded.changed(ramp_percentile=90.0).gate_threshold is None  # both from one calibration
     assert graded.changed(ramp_percentile=None).gate_threshold == 1.2  # switching the ramp off keeps the gate's
     assert graded.changed(probe_l2=0.1).ramp_threshold is None
+    assert graded.changed(probe_pool="positive").ramp_threshold is None
     assert graded.changed(ramp_percentile=None).to_dict() == probe.to_dict()
 
 

@@ -256,6 +256,12 @@ def test_probe_learns_the_topic_directions_and_calibrates_on_unseen_retain_conte
     x, m = retain[0][0][0], retain[0][1][0]
     s_T = (token_scores(x, probe.w_D) * m).cumsum(0) / m.float().cumsum(0).clamp_min(1) + probe.b
     assert float(max_score(x, m, probe.w_D, probe.b)) == pytest.approx(float(s_T[m.cumsum(0) >= 8].max()), abs=1e-5)
+    # "positive" pooling: the running mean of each token's positive log-odds, calibrated alike
+    p_T = (torch.relu(token_scores(x, probe.w_D) + probe.b) * m).cumsum(0) / m.float().cumsum(0).clamp_min(1)
+    got = float(max_score(x, m, probe.w_D, probe.b, pool="positive"))
+    assert got == pytest.approx(float(p_T[m.cumsum(0) >= 8].max()), abs=1e-5)
+    assert probe.retain_max_pos_C.shape == (24,) and bool((probe.retain_max_pos_C >= 0).all())
+    assert not torch.allclose(probe.retain_max_pos_C, probe.retain_max_C)
 
     # fresh contexts: the whole-context score separates the corpora, and the calibrated p100
     # threshold keeps the gate shut on most unseen retain contexts while unlearn ones pass it
@@ -312,6 +318,42 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
     if probe_layer is not None:
         with pytest.raises(EvalError, match="pass its output"):
             iv.edit(h, ids != lm.model.config.bos_token_id)
+
+
+def test_positive_pooling_gate_is_causal_and_pools_positive_log_odds(lm, tmp_path):
+    """The probe gate's "positive" pooling: its per-token signal is max(w . x + b, 0), compared in
+    its running mean with the threshold as is (no bias); a long run of retain-looking tokens does
+    not cancel the evidence of a topical one; causal, and KV-cached generation equals recompute."""
+    from trainer.detector import token_scores
+
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    editable = ids != lm.model.config.bos_token_id
+    pos = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0, probe_pool="positive")
+    with torch.no_grad():
+        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+    iv = Intervention(run, pos)
+    b = float(run.gate["probe/b"][0])
+    want = torch.relu(token_scores(h * run.scale, run.gate["probe/w"]) + b)
+    torch.testing.assert_close(iv.signal(h), want)
+    assert iv.threshold == 0.0, "the positive pooling's threshold is on its running mean itself"
+    mean = Intervention(run, pos.replace(probe_pool="mean"))
+    assert mean.threshold == pytest.approx(-b) and torch.equal(mean.signal(h), token_scores(h * run.scale, run.gate["probe/w"]))
+    # one strongly topical token among retain-looking ones: the mean pooling's score falls
+    # below the token's own log-odds, the positive pooling's stays above zero
+    s_T = torch.tensor([-3.0] * 7 + [6.0] + [-3.0] * 4) - b
+    m_T = torch.ones(12, dtype=torch.bool)
+    mean_sc = firing_share(s_T[None], m_T[None])[0][0] + b
+    pos_sc = firing_share(torch.relu(s_T + b)[None], m_T[None])[0][0]
+    assert float(mean_sc[-1]) < 0 < float(pos_sc[-1]) == pytest.approx(6.0 / 12)
+    share, seen = firing_share(iv.signal(h), editable)
+    median = float(share[seen >= 8].median())
+    gated = Intervention(run, pos.replace(gate_threshold=median))
+    _assert_causal_and_cached(lm, gated, ids)
+    opened = gated.edit(h, editable).open_BT[seen >= 8]
+    assert 0 < float(opened.float().mean()) < 1, "at the median the gate is open at some positions only"
 
 
 def test_graded_gate_ramps_the_clamp_from_its_start_to_the_gates_threshold(lm, tmp_path):

@@ -91,6 +91,7 @@ def test_train_from_store_writes_run_folder(tmp_path, method):
     gate = load_file(str(tmp_path / "run" / "gate.safetensors"))  # the probe gate reads the residual stream
     assert gate["probe/w"].shape == (D,) and gate["probe/b"].shape == (1,)
     assert len(gate["probe/max"]) == config["retain_contexts"][0] and bool(torch.isfinite(gate["probe/max"]).all())
+    assert gate["probe/max_pos"].shape == gate["probe/max"].shape and bool((gate["probe/max_pos"] >= 0).all())
     from trainer.detector import PROBE_L2S, probe_prefix, stored_l2s
     assert stored_l2s(gate) == [None, *PROBE_L2S[1:]], "one detector per L2 penalty, the default first"
     ws = [gate[f"{probe_prefix(l2)}/w"] for l2 in PROBE_L2S]

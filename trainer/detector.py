@@ -10,7 +10,13 @@ well they *detect*. The probe gate reads the layer's whole (normalised) residual
 
 Because the score is linear in the running mean it is causal and cheap: a token contributes
 the scalar `x_s . w` once, and the gate keeps a running sum, exactly like the firing share of
-the sequence gate (KV-cached generation carries the two sums). An earlier version read the
+the sequence gate (KV-cached generation carries the two sums).
+
+Pooling (`PROBE_POOLS`): "mean" is the score above. "positive" averages each token's evidence
+*for* the topic only, `mean_{s <= t} max(w . x_s + b, 0)`: tokens that look like retain text (a
+question's template, function words) no longer cancel the few that name the topic, so a short
+prompt with two topical words among ten scores higher, while retain text, whose tokens carry
+little positive evidence, stays low. Equally causal and cheap (one running sum of a scalar). An earlier version read the
 SAE's feature firing instead; on the demo the residual stream detects the topic better, on
 question prompts and on prose (docs/method.md, "The probe gate"). Both methods' runs at one layer
 thus share one kind of detector, and their comparison is about the features they edit.
@@ -51,6 +57,8 @@ run's default probe (gate.safetensors keys "probe/...")."""
 PROBE_L2S = (PROBE_L2, 1e-2, 1e-3)
 """Penalties `ff train` fits a probe for (the others under "probe@<l2>/..."): which detects
 prompts best depends on the layer and the data, so `ff eval` chooses on the dev questions."""
+PROBE_POOLS = ("mean", "positive")
+"""How the gate pools the per-token scores over the tokens so far (module docstring)."""
 PROBE_MAX_CONTEXTS = 2048
 """At most this many contexts per corpus feed the probe (evenly spaced); the rest add little."""
 
@@ -62,6 +70,8 @@ class Probe(NamedTuple):
     """Bias (log-odds)."""
     retain_max_C: Tensor
     """Per retain training context: its highest out-of-fold score (the gate's calibration)."""
+    retain_max_pos_C: Tensor
+    """The same for the "positive" pooling."""
 
 
 def _kept(contexts: Contexts, keep_every: int) -> Iterable[tuple[Tensor, Tensor]]:
@@ -123,15 +133,33 @@ def _fit(x_NF: Tensor, y_N: Tensor, l2: float) -> tuple[Tensor, float]:
     return w_raw_F, float(b.detach() - (w_raw_F * mu_F).sum())
 
 
+def pool_signal(scores_BT: Tensor, b: float, pool: str) -> Tensor:
+    """The per-token signal whose running mean the gate pools ([B, T]) from the tokens' x . w:
+    x . w itself ("mean": the running mean plus b is the score), or the positive part of each
+    token's log-odds, max(x . w + b, 0) ("positive": the running mean is the score)."""
+    if pool == "mean":
+        return scores_BT
+    if pool == "positive":
+        return torch.relu(scores_BT + b)
+    raise ValueError(f"unknown probe pooling '{pool}': use {', '.join(PROBE_POOLS)}")
+
+
+def score_offset(b: float, pool: str) -> float:
+    """What turns the running mean of `pool_signal` into the detector's score."""
+    return b if pool == "mean" else 0.0
+
+
 @torch.no_grad()
-def max_score(x_TD: Tensor, m_T: Tensor, w_D: Tensor, b: float, min_tokens: int = GATE_MIN_TOKENS) -> Tensor:
+def max_score(x_TD: Tensor, m_T: Tensor, w_D: Tensor, b: float, min_tokens: int = GATE_MIN_TOKENS,
+              pool: str = "mean") -> Tensor:
     """A context's highest causal score at any position with >= min_tokens editable tokens (a
-    shorter context: its whole-context score; none editable: -inf)."""
+    shorter context: its whole-context score; none editable: -inf), pooled as `pool` says."""
     if not bool(m_T.any()):
         return torch.tensor(float("-inf"))
-    share_1T, seen_1T = firing_share(token_scores(x_TD, w_D)[None], m_T[None])  # the gate's running mean
+    signal_1T = pool_signal(token_scores(x_TD, w_D)[None], b, pool)
+    share_1T, seen_1T = firing_share(signal_1T, m_T[None])  # the gate's running mean
     ok_T = (seen_1T[0] >= min(min_tokens, float(seen_1T[0, -1]))) & m_T
-    return share_1T[0][ok_T].max() + b
+    return share_1T[0][ok_T].max() + score_offset(b, pool)
 
 
 def fit_probe(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: int, n_unlearn: int,
@@ -160,12 +188,16 @@ def fit_probes(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: i
     del x_r, x_u
     fits = {l2: [_fit(x_ND[fold_N != k], y_N[fold_N != k], l2) for k in (0, 1)] for l2 in l2s}
     # cross-fitting: each retain context is scored by the probe that did not see it
-    oof: dict[float, list[Tensor]] = {l2: [] for l2 in l2s}
+    oof: dict[tuple[float, str], list[Tensor]] = {(l2, pool): [] for l2 in l2s for pool in PROBE_POOLS}
     for c, (x_TD, m_T) in enumerate(_kept(retain(), keep_r)):
-        for l2 in l2s:
-            oof[l2].append(max_score(x_TD, m_T, *fits[l2][c % 2]))
+        for l2, pool in oof:
+            oof[l2, pool].append(max_score(x_TD, m_T, *fits[l2][c % 2], pool=pool))
+
+    def stacked(l2: float, pool: str) -> Tensor:
+        return torch.stack(oof[l2, pool]) if oof[l2, pool] else torch.zeros(0)
+
     return {l2: Probe(torch.stack([w for w, _ in fits[l2]]).mean(0), float(np.mean([b for _, b in fits[l2]])),
-                      torch.stack(oof[l2]) if oof[l2] else torch.zeros(0)) for l2 in l2s}
+                      stacked(l2, "mean"), stacked(l2, "positive")) for l2 in l2s}
 
 
 def probe_prefix(l2: float | None) -> str:

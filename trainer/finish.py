@@ -144,7 +144,7 @@ def fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
     for l2, probe in fit_probes(retain, unlearn, n_retain=max(n_r, 1), n_unlearn=max(n_u, 1)).items():
         key = probe_prefix(l2)
         out.update({f"{key}/w": probe.w_D.float(), f"{key}/b": torch.tensor([probe.b], dtype=torch.float32),
-                    f"{key}/max": probe.retain_max_C.float()})
+                    f"{key}/max": probe.retain_max_C.float(), f"{key}/max_pos": probe.retain_max_pos_C.float()})
     if sd.probe is not None:  # read by pipelines/intervene.py (probe_layer)
         out.update({"probe/layer": torch.tensor([sd.probe.layer], dtype=torch.int64),
                     "probe/scale": torch.tensor([sd.probe.scale], dtype=torch.float32)})
