@@ -281,7 +281,9 @@ probe-gated at the 99th percentile, also at a ten times stronger clamp (docs/met
 99,100`) was never chosen in distribution and costs the demo about 2 minutes. The sequence gate
 (`--gate all`) kept no retain question set intact at any layer measured (docs/method.md, "Layer
 choice"). A graded probe gate (`--probe-ramps none,95`) forgets more but lost retain test answers in
-three of the four runs whose dev half chose it (docs/method.md, "Unlearning on the demo")."""
+three of the four runs whose dev half chose it, and the positive pooling (`--probe-pools
+mean,positive`) was never chosen for FeatureForget in distribution and costs about 4 minutes
+(docs/method.md, "Unlearning on the demo")."""
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
