@@ -25,8 +25,8 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
-from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_layer, probe_params,
-                                 probe_problem)
+from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_calibration, probe_layer,
+                                 probe_params, probe_problem)
 from pipelines.scoring import auroc, gate_split, half, pick_best, retain_safe, unlearning_score
 from trainer.detector import score_offset, stored_l2s
 from trainer.evaluate import eval_corpus
@@ -318,6 +318,9 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     check_model(run, lm)
     if "probe" in cfg.grid.gates and (problem := probe_problem(run)) is not None:  # before the clean passes
         raise EvalError(f"{run.path} {problem}: retrain it, or sweep the other gates with --gate both")
+    if "probe" in cfg.grid.gates and cfg.gate_calibration == "train":
+        for pool in cfg.grid.probe_pools:
+            probe_calibration(run, None, pool)  # a run from an older ff has no positive pooling's
     run.sae.to(lm.device)
     model, tag = lm.model, f"[eval {run.path.name}: {run.method} layer {run.layer}]"
     verify_fast_path(model, run.layer)

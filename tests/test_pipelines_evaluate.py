@@ -458,6 +458,13 @@ def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path)
         Intervention(run, settings[0].replace(probe_l2=0.001))
 
 
+class _Unread:
+    """Evaluation data that fails when read: a refusal must come before the clean passes."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the evaluation read its data ({name}) before refusing the run")
+
+
 def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, tmp_path):
     from dataclasses import replace
 
@@ -475,6 +482,13 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
         evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
     with pytest.raises(EvalError, match="no probe gate on the residual stream.*--gate sequence"):  # generate / API
         Intervention(load_run(run), Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe"))
+    # a run without the positive pooling's training calibration, asked to calibrate from training
+    older = {k: v for k, v in load_file(str(make_run(tmp_path / "run2", lm.info.d_model, LAYER, lm.info.weights_hash)
+                                             / "gate.safetensors")).items() if not k.endswith("/max_pos")}
+    save_file(older, str(tmp_path / "run2" / "gate.safetensors"))
+    pooled = cfg.replace(gate_calibration="train", grid=replace(cfg.grid, gates=("probe",), probe_pools=("positive",)))
+    with pytest.raises(EvalError, match="no training calibration of the 'positive' probe pooling"):
+        evaluate_run(tmp_path / "run2", lm, pooled, data=_Unread(), progress=False)
     save_file(gate, str(run / "gate.safetensors"))
     small = cfg.replace(grid=replace(cfg.grid, gates=("none", "sequence"), multipliers=(5.0,), top_n=(10,),
                                      selections=("candidates",)))
