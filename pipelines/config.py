@@ -16,7 +16,8 @@ MODES = ("ablate", "clamp", "splice", "zero")
 SELECTIONS = ("candidates", "saebench", "ratio")
 GATES = ("none", "sequence", "probe")
 PROBE_POOLS = ("mean", "positive")
-"""How the probe gate pools its detector's per-token scores (trainer/detector.py)."""
+"""How the probe gate pools its detector's per-token scores (trainer/detector.py's PROBE_POOLS;
+this module stays free of torch)."""
 
 
 @dataclass(frozen=True)
@@ -174,10 +175,9 @@ class Setting:
     def changed(self, **changes: Any) -> "Setting":
         """`replace` for a user's overrides of a chosen setting: a calibrated `gate_threshold` is
         dropped where the change makes it meaningless (another gate, percentile, detector or
-        pooling),
-        unless the change sets one; so is `ramp_threshold` (another gate, detector, pooling or
-        ramp percentile), and a new ramp drops both, so that they come from one calibration. An
-        unknown field is an EvalError."""
+        pooling), unless the change sets one; so is `ramp_threshold` (another gate, detector,
+        pooling or ramp percentile), and a new ramp drops both, so that they come from one
+        calibration. An unknown field is an EvalError."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise EvalError(f"unknown setting field(s) {', '.join(sorted(unknown))}: use "

@@ -218,6 +218,9 @@ def test_grid_settings_and_validation():
     assert "probe_pool" not in pools.settings("baseline")[1].to_dict(), "the default pooling is not written"
     with pytest.raises(EvalError, match="unknown probe pooling 'max'"):
         Setting(gate="probe", probe_pool="max")
+    from pipelines.config import PROBE_POOLS
+    from trainer.detector import PROBE_POOLS as TRAINED_POOLS
+    assert PROBE_POOLS == TRAINED_POOLS, "every pooling a setting may name is one ff train calibrates"
 
 
 def test_probe_pooling_thresholds_come_from_their_own_calibration(tmp_path):

@@ -10,16 +10,16 @@ well they *detect*. The probe gate reads the layer's whole (normalised) residual
 
 Because the score is linear in the running mean it is causal and cheap: a token contributes
 the scalar `x_s . w` once, and the gate keeps a running sum, exactly like the firing share of
-the sequence gate (KV-cached generation carries the two sums).
+the sequence gate (KV-cached generation carries the two sums). An earlier version read the
+SAE's feature firing instead; on the demo the residual stream detects the topic better, on
+question prompts and on prose (docs/method.md, "The probe gate"). Both methods' runs at one layer
+thus share one kind of detector, and their comparison is about the features they edit.
 
 Pooling (`PROBE_POOLS`): "mean" is the score above. "positive" averages each token's evidence
 *for* the topic only, `mean_{s <= t} max(w . x_s + b, 0)`: tokens that look like retain text (a
 question's template, function words) no longer cancel the few that name the topic, so a short
 prompt with two topical words among ten scores higher, while retain text, whose tokens carry
-little positive evidence, stays low. Equally causal and cheap (one running sum of a scalar). An earlier version read the
-SAE's feature firing instead; on the demo the residual stream detects the topic better, on
-question prompts and on prose (docs/method.md, "The probe gate"). Both methods' runs at one layer
-thus share one kind of detector, and their comparison is about the features they edit.
+little positive evidence, stays low. Equally causal and cheap (one running sum of a scalar).
 
 Training (`ff train`, from the store, no LLM): examples are windows of the training contexts
 of both corpora, labelled unlearn = 1 and retain = 0: per context and per length in
