@@ -35,7 +35,7 @@ from cache.models import decoder_layers
 from pipelines.errors import EvalError
 from pipelines.config import Setting
 from trainer.sae import SAE
-from trainer.detector import pool_signal, probe_prefix, score_offset, stored_l2s, token_scores
+from trainer.detector import CALIBRATION_KEYS, pool_signal, probe_prefix, score_offset, stored_l2s, token_scores
 from trainer.selection import firing_share, gate_open, select, threshold_at
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
@@ -136,7 +136,7 @@ def probe_params(run: LoadedRun, l2: float | None = None) -> tuple[Tensor, float
 def probe_calibration(run: LoadedRun, l2: float | None, pool: str) -> Tensor:
     """The highest score of every retain training context [C] (`ff train`'s calibration) under
     the probe fitted with `l2`, pooled as `pool` says."""
-    key = f"{probe_prefix(l2)}/{'max' if pool == 'mean' else 'max_pos'}"
+    key = f"{probe_prefix(l2)}/{CALIBRATION_KEYS[pool]}"
     if key not in run.gate:
         raise EvalError(f"{run.path} has no training calibration of the '{pool}' probe pooling (a run from an "
                         "older ff): calibrate it on dev prompts (ff eval), or retrain the run")

@@ -227,7 +227,6 @@ def test_probe_pooling_thresholds_come_from_their_own_calibration(tmp_path):
     """Without an explicit threshold, each pooling takes its percentile from its own retain
     training calibration (probe/max, probe/max_pos), the mean pooling less the probe's bias; a
     run without the positive pooling's calibration is refused with a way out."""
-    import numpy as np
     from safetensors.torch import load_file, save_file
 
     from pipelines.intervene import gate_threshold
@@ -240,7 +239,7 @@ def test_probe_pooling_thresholds_come_from_their_own_calibration(tmp_path):
     b = float(run.gate["probe/b"][0])
     assert gate_threshold(run, mean, feats) == pytest.approx(threshold_at(run.gate["probe/max"].numpy(), 90.0) - b)
     assert gate_threshold(run, pos, feats) == pytest.approx(threshold_at(run.gate["probe/max_pos"].numpy(), 90.0))
-    assert np.isfinite(gate_threshold(run, pos.replace(gate_threshold=0.25), feats))
+    assert gate_threshold(run, pos.replace(gate_threshold=0.25), feats) == 0.25  # an explicit one, as is
     gate = load_file(str(path / "gate.safetensors"))
     del gate["probe/max_pos"]
     save_file(gate, str(path / "gate.safetensors"))

@@ -324,7 +324,7 @@ def test_positive_pooling_gate_is_causal_and_pools_positive_log_odds(lm, tmp_pat
     """The probe gate's "positive" pooling: its per-token signal is max(w . x + b, 0), compared in
     its running mean with the threshold as is (no bias); a long run of retain-looking tokens does
     not cancel the evidence of a topical one; causal, and KV-cached generation equals recompute."""
-    from trainer.detector import token_scores
+    from trainer.detector import pool_signal, token_scores
 
     run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
     g = torch.Generator().manual_seed(4)
@@ -345,8 +345,8 @@ def test_positive_pooling_gate_is_causal_and_pools_positive_log_odds(lm, tmp_pat
     # below the token's own log-odds, the positive pooling's stays above zero
     s_T = torch.tensor([-3.0] * 7 + [6.0] + [-3.0] * 4) - b
     m_T = torch.ones(12, dtype=torch.bool)
-    mean_sc = firing_share(s_T[None], m_T[None])[0][0] + b
-    pos_sc = firing_share(torch.relu(s_T + b)[None], m_T[None])[0][0]
+    mean_sc = firing_share(pool_signal(s_T[None], b, "mean"), m_T[None])[0][0] + b
+    pos_sc = firing_share(pool_signal(s_T[None], b, "positive"), m_T[None])[0][0]
     assert float(mean_sc[-1]) < 0 < float(pos_sc[-1]) == pytest.approx(6.0 / 12)
     share, seen = firing_share(iv.signal(h), editable)
     median = float(share[seen >= 8].median())

@@ -59,6 +59,8 @@ PROBE_L2S = (PROBE_L2, 1e-2, 1e-3)
 prompts best depends on the layer and the data, so `ff eval` chooses on the dev questions."""
 PROBE_POOLS = ("mean", "positive")
 """How the gate pools the per-token scores over the tokens so far (module docstring)."""
+CALIBRATION_KEYS = {"mean": "max", "positive": "max_pos"}
+"""Per pooling, the gate.safetensors key (after the probe's prefix) of its retain calibration."""
 PROBE_MAX_CONTEXTS = 2048
 """At most this many contexts per corpus feed the probe (evenly spaced); the rest add little."""
 
