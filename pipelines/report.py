@@ -363,8 +363,25 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
             if f"FeatureForget, {how}" not in conf or f"baseline SAE, {how}" not in conf:
                 continue
             line = compare(_test(a)[1], _test(b)[1], f"FeatureForget ({how})", f"the baseline SAE ({how})")
-            lines.append(f"- layer {l}, {how}: {line}; test scores {_num(_test(a)[0])} vs {_num(_test(b)[0])}.")
+            lines.append(f"- layer {l}, {how}: {line}; test scores {_num(_test(a)[0])} vs {_num(_test(b)[0])}"
+                         f"{_paired(a, b)}.")
     return "\n".join(lines)
+
+
+def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """"; difference ... [interval] on the same test questions" where both chosen settings were
+    scored on the same test questions with the same clean answers (else nothing)."""
+    from pipelines.scoring import paired_difference, unbits
+
+    fa, fb = ((x or {}).get("test", {}).get("forget_correct") for x in (a, b))
+    if not fa or not fb or fa["before"] != fb["before"]:
+        return ""
+    got = paired_difference(unbits(fa["before"]), unbits(fa["after"]), unbits(fb["after"]))
+    if got is None:
+        return ""
+    diff, (lo, hi) = got
+    where = "above zero" if lo > 0 else "below zero" if hi < 0 else "contains zero"
+    return f"; difference {diff:+.3f} [{lo:+.2f}, {hi:+.2f}] on the same test questions (paired bootstrap; {where})"
 
 
 def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:

@@ -5,6 +5,8 @@ tested against known cases.
 
 - `unlearning_score`: SAEBench's 1 - acc_after / acc_before on the forget questions.
 - `bootstrap_ci`: a percentile bootstrap over questions (paired before/after), seeded.
+- `paired_difference`: one method's score minus another's on the same questions, with a
+  bootstrap that resamples the questions once for both.
 - `half`: one half (dev or test) of a sweep entry: accuracies, score, interval, and the score on
   the questions the clean model answers correctly (SAEBench protocol: there acc_before = 1).
 - `pick_best`: the highest dev score among retain-safe settings; None with a reason otherwise
@@ -62,7 +64,36 @@ def half(forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor], mask_Q: T
            "correct_subset_score": 1.0 - _acc(fa[known]) if bool(known.any()) else None}
     if bootstrap:
         out["ci95"] = bootstrap_ci(fb, fa, n=bootstrap, seed=seed)
+        out["forget_correct"] = {"before": bits(fb), "after": bits(fa)}
     return out
+
+
+def bits(x_Q: Tensor) -> str:
+    """Per-question correctness as a string of 0/1, in file order (compact in JSON)."""
+    return "".join("1" if bool(v) else "0" for v in x_Q.tolist())
+
+
+def unbits(s: str) -> Tensor:
+    return torch.tensor([c == "1" for c in s], dtype=torch.bool)
+
+
+def paired_difference(before_Q: Tensor, after_a_Q: Tensor, after_b_Q: Tensor, *, n: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, list[float]] | None:
+    """Score of A minus score of B on the same questions (same clean answers), with a percentile
+    bootstrap interval that resamples the questions once for both (paired): tighter than two
+    separate intervals, since the questions' difficulty cancels. None where nothing is known."""
+    Q = len(before_Q)
+    b = before_Q.double()
+    if Q == 0 or n < 1 or float(b.sum()) == 0:
+        return None
+    diff = float((after_b_Q.double().sum() - after_a_Q.double().sum()) / b.sum())
+    g = torch.Generator().manual_seed(seed)
+    idx_NQ = torch.randint(0, Q, (n, Q), generator=g)
+    b_N = b[idx_NQ].sum(1)
+    ok = b_N > 0
+    d_N = (after_b_Q.double()[idx_NQ].sum(1) - after_a_Q.double()[idx_NQ].sum(1))[ok] / b_N[ok]
+    lo, hi = torch.quantile(d_N, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return diff, [float(lo), float(hi)]
 
 
 def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tensor,

@@ -11,7 +11,7 @@ from pipelines.config import Setting
 from pipelines.data import Question, sample_split
 from pipelines.errors import EvalError
 from pipelines.intervene import Intervention, load_run
-from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, verdict
+from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, paired_difference, unbits, verdict
 from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 from trainer.sae import SAE
 from trainer.selection import (calibrate, corpus_stats, firing_share, gate_open, prefix_counts, row_share,
@@ -192,6 +192,28 @@ def test_bootstrap_interval_on_known_cases():
     h = half((before, after), (before, before), torch.ones(100, dtype=torch.bool),
              torch.ones(100, dtype=torch.bool), bootstrap=500)
     assert h["unlearning_score"] == 0.5 and h["correct_subset_score"] == 0.5 and len(h["ci95"]) == 2
+    # the half's per-question answers, for paired comparisons in the report
+    assert torch.equal(unbits(h["forget_correct"]["after"]), after) and torch.equal(unbits(h["forget_correct"]["before"]), before)
+    assert "forget_correct" not in half((before, after), (before, before), torch.ones(100, dtype=torch.bool),
+                                        torch.ones(100, dtype=torch.bool))  # the sweep's entries stay small
+
+
+def test_paired_difference_on_known_cases():
+    before = torch.ones(100, dtype=torch.bool)
+    a, b = torch.zeros(100, dtype=torch.bool), torch.zeros(100, dtype=torch.bool)
+    a[:30], b[:50] = True, True  # A: score 0.7, B: 0.5, and A keeps a subset of what B keeps
+    diff, (lo, hi) = paired_difference(before, a, b, n=4000, seed=1)
+    assert abs(diff - 0.2) < 1e-12 and lo < 0.2 < hi
+    # paired: only the 20 questions where the two differ vary the difference, so its interval is
+    # narrower than either score's own (about +-0.09 each here)
+    assert 0.11 < lo < 0.15 and 0.25 < hi < 0.29
+    assert paired_difference(before, a, a, n=500) == (0.0, [0.0, 0.0])  # the same answers: no difference at all
+    swapped = paired_difference(before, b, a, n=4000, seed=1)
+    assert abs(swapped[0] + 0.2) < 1e-12 and abs(swapped[1][0] + hi) < 1e-9 and abs(swapped[1][1] + lo) < 1e-9
+    before[:40] = False  # 60 known: the difference of the two unlearning scores, 1 - after / before each
+    diff, _ = paired_difference(before, a, b, n=200)
+    assert abs(diff - ((1 - 30 / 60) - (1 - 50 / 60))) < 1e-12
+    assert paired_difference(torch.zeros(5, dtype=torch.bool), a[:5], b[:5]) is None  # nothing known
 
 
 def test_gate_split_on_a_known_case():

@@ -97,7 +97,16 @@ def test_report_table_and_verdict():
     assert "layer 8, gated: FeatureForget (gated) beats the baseline SAE (gated)" in v
     assert "layer 8, static: FeatureForget (static) vs the baseline SAE (static): not comparable" in v
     results["baseline"][8] = _res((None,), (0.5, [0.2, 0.6], 0.8, 0.4, 0.7, 0.7))
-    assert "within noise" in verdict(results)
+    assert "within noise" in verdict(results) and "same test questions" not in verdict(results)
+    # with the test halves' per-question answers on the same questions: the paired difference too
+    ff_test = results["featureforget"][8]["best_by_gate"]["sequence"]["best"]["test"]
+    base_test = results["baseline"][8]["best_by_gate"]["sequence"]["best"]["test"]
+    ff_test["forget_correct"] = {"before": "1" * 10, "after": "0" * 10}
+    base_test["forget_correct"] = {"before": "1" * 10, "after": "1" * 5 + "0" * 5}
+    assert ("test scores 0.600 vs 0.500; difference +0.500 [+0.20, +0.80] on the same test questions "
+            "(paired bootstrap; above zero)." in verdict(results))
+    base_test["forget_correct"] = {"before": "1" * 9 + "0", "after": "0" * 10}  # other questions (or clean answers)
+    assert "same test questions" not in verdict(results)
 
 
 def test_limits_table_splits_the_forget_questions_by_the_gate():
