@@ -405,6 +405,34 @@ def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
     return "\n".join(rows)
 
 
+def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
+    """The verdict per training seed, and FeatureForget minus the baseline SAE averaged over the
+    seeds with a paired bootstrap interval over the (shared) test questions, per layer and gate."""
+    import torch
+
+    from pipelines.scoring import paired_difference, unbits
+
+    n = min((len(rs) for by in seeds.values() for rs in by.values()), default=0)
+    lines = []
+    for k in range(n):
+        per_seed = {m: {l: rs[k] for l, rs in by.items()} for m, by in seeds.items()}
+        lines += [f"- seed {k}: {line[2:]}" for line in verdict(per_seed).splitlines()]
+    for l in sorted({l for by in seeds.values() for l in by}):
+        for gate, how in GATE_NAMES.items():
+            halves = [[((r.get("best_by_gate", {}).get(gate) or {}).get("best") or {}).get("test", {}).get("forget_correct")
+                       for r in seeds.get(m, {}).get(l, [])[:n]] for m in ("featureforget", "baseline")]
+            ff, base = halves
+            if n < 2 or not all(ff + base) or len({h["before"] for h in ff + base}) != 1:
+                continue  # a seed without a retain-safe setting, or other questions: no average
+            mean_after = [torch.stack([unbits(h["after"]).double() for h in hs]).mean(0) for hs in halves]
+            diff, (lo, hi) = paired_difference(unbits(ff[0]["before"]), *mean_after)
+            where = "above zero" if lo > 0 else "below zero" if hi < 0 else "contains zero"
+            lines.append(f"- layer {l}, {how}, mean over {n} seeds: FeatureForget minus the baseline SAE "
+                         f"{diff:+.3f} [{lo:+.2f}, {hi:+.2f}] on the same test questions (paired bootstrap over "
+                         f"questions, the seeds fixed; {where}).")
+    return "\n".join(lines)
+
+
 def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str, dict[int, Path]],
                  header: dict[str, Any], seeds: dict[str, dict[int, list[dict]]] | None = None) -> dict[str, Path]:
     """Write report.json, report.md and the figures into `out`; return the figure paths."""
@@ -447,6 +475,8 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
            "contain; general accuracy must stay >= 0.99 of clean.", "", ood_table(results), ""]
     if seeds:
         md += ["## Training seeds", "", seeds_table(seeds), ""]
+        if per_seed := seeds_verdict(seeds):
+            md += [per_seed, ""]
     md += [f"![{k}]({p.name})" for k, p in figs.items()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return figs

@@ -178,3 +178,26 @@ def test_seeds_table_mean_and_spread():
     runs[1]["best_ood"] = {"ood": {"test": {"unlearning_score": 0.3}}}
     table = seeds_table({"featureforget": {4: runs}})
     assert "| 4 | featureforget | out of distribution (chosen on its dev half) | 2 (2 general-safe) | 0.400 | 0.300 - 0.500 |" in table
+
+
+def test_seeds_verdict_per_seed_and_paired_mean():
+    from pipelines.report import seeds_verdict
+
+    def run(score, after):
+        r = _res((None,), (score, [score - 0.1, score + 0.1], 0.8, 0.4, 0.7, 0.7))
+        r["best_by_gate"]["sequence"]["best"]["test"] = {
+            **r["best_by_gate"]["sequence"]["best"]["test"], "forget_correct": {"before": "1" * 8, "after": after}}
+        return r
+
+    seeds = {"featureforget": {4: [run(0.75, "11000000"), run(0.5, "11110000")]},
+             "baseline": {4: [run(0.25, "11111100"), run(0.5, "11110000")]}}
+    text = seeds_verdict(seeds)
+    assert "- seed 0: layer 4, gated: FeatureForget (gated) beats the baseline SAE (gated)" in text
+    assert "- seed 1: layer 4, gated: FeatureForget (gated) vs the baseline SAE (gated): within noise" in text
+    # mean over the seeds: FeatureForget keeps (2 + 4) / 2 = 3 of 8, the baseline (6 + 4) / 2 = 5: +0.25
+    assert "- layer 4, gated, mean over 2 seeds: FeatureForget minus the baseline SAE +0.250 [" in text
+    assert text.count("mean over") == 1  # the static gate had no retain-safe setting: no average for it
+    seeds["baseline"][4][1]["best_by_gate"]["sequence"]["best"]["test"]["forget_correct"]["before"] = "1" * 7 + "0"
+    assert "mean over" not in seeds_verdict(seeds)  # other questions in one seed: no paired average
+    assert seeds_verdict({"featureforget": {4: seeds["featureforget"][4][:1]}, "baseline": {4: seeds["baseline"][4][:1]}}).count(
+        "mean over") == 0  # one seed: its verdict only
