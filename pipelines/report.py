@@ -368,20 +368,29 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
-def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
-    """"; difference ... [interval] on the same test questions" where both chosen settings were
-    scored on the same test questions with the same clean answers (else nothing)."""
-    from pipelines.scoring import paired_difference, unbits
+def _difference(before_Q: Any, after_a_Q: Any, after_b_Q: Any, note: str = "") -> str:
+    """"+d [lo, hi] on the same test questions (...)": score A minus score B, paired bootstrap
+    (pipelines/scoring.py paired_difference); "" where no question was known before."""
+    from pipelines.scoring import paired_difference
 
-    fa, fb = ((x or {}).get("test", {}).get("forget_correct") for x in (a, b))
-    if not fa or not fb or fa["before"] != fb["before"]:
-        return ""
-    got = paired_difference(unbits(fa["before"]), unbits(fa["after"]), unbits(fb["after"]))
+    got = paired_difference(before_Q, after_a_Q, after_b_Q)
     if got is None:
         return ""
     diff, (lo, hi) = got
     where = "above zero" if lo > 0 else "below zero" if hi < 0 else "contains zero"
-    return f"; difference {diff:+.3f} [{lo:+.2f}, {hi:+.2f}] on the same test questions (paired bootstrap; {where})"
+    return f"{diff:+.3f} [{lo:+.2f}, {hi:+.2f}] on the same test questions (paired bootstrap{note}; {where})"
+
+
+def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    """"; difference ..." where both chosen settings were scored on the same test questions with
+    the same clean answers (else nothing)."""
+    from pipelines.scoring import unbits
+
+    fa, fb = ((x or {}).get("test", {}).get("forget_correct") for x in (a, b))
+    if not fa or not fb or fa["before"] != fb["before"]:
+        return ""
+    diff = _difference(unbits(fa["before"]), unbits(fa["after"]), unbits(fb["after"]))
+    return f"; difference {diff}" if diff else ""
 
 
 def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
@@ -410,7 +419,7 @@ def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
     seeds with a paired bootstrap interval over the (shared) test questions, per layer and gate."""
     import torch
 
-    from pipelines.scoring import paired_difference, unbits
+    from pipelines.scoring import unbits
 
     n = min((len(rs) for by in seeds.values() for rs in by.values()), default=0)
     lines = []
@@ -425,11 +434,8 @@ def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
             if n < 2 or not all(ff + base) or len({h["before"] for h in ff + base}) != 1:
                 continue  # a seed without a retain-safe setting, or other questions: no average
             mean_after = [torch.stack([unbits(h["after"]).double() for h in hs]).mean(0) for hs in halves]
-            diff, (lo, hi) = paired_difference(unbits(ff[0]["before"]), *mean_after)
-            where = "above zero" if lo > 0 else "below zero" if hi < 0 else "contains zero"
-            lines.append(f"- layer {l}, {how}, mean over {n} seeds: FeatureForget minus the baseline SAE "
-                         f"{diff:+.3f} [{lo:+.2f}, {hi:+.2f}] on the same test questions (paired bootstrap over "
-                         f"questions, the seeds fixed; {where}).")
+            if diff := _difference(unbits(ff[0]["before"]), *mean_after, note=" over questions, the seeds fixed"):
+                lines.append(f"- layer {l}, {how}, mean over {n} seeds: FeatureForget minus the baseline SAE {diff}.")
     return "\n".join(lines)
 
 
