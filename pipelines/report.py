@@ -337,6 +337,26 @@ def ood_table(results: dict[str, dict[int, dict]]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def ood_verdict(results: dict[str, dict[int, dict]]) -> str:
+    """FeatureForget vs the baseline SAE on the out-of-distribution test half, per layer: the
+    settings chosen on the OOD dev half, and the in-distribution choices; intervals and the
+    paired difference on the same questions."""
+    from pipelines.scoring import verdict as compare
+
+    lines = []
+    for l in sorted({l for r in results.values() for l in r}):
+        ff, base = (results.get(m, {}).get(l) or {} for m in ("featureforget", "baseline"))
+        for how, pick in (("chosen on the OOD dev half", lambda r: ((r.get("best_ood") or {}).get("ood"))),
+                          ("the in-distribution choices", lambda r: ((r.get("best") or {}).get("ood")))):
+            a, b = pick(ff), pick(base)
+            if not a or not b or "test" not in a or "test" not in b:
+                continue
+            line = compare(_test(a)[1], _test(b)[1], "FeatureForget", "the baseline SAE")
+            lines.append(f"- layer {l}, {how}: {line}; OOD test scores {_num(_test(a)[0])} vs {_num(_test(b)[0])}"
+                         f"{_paired(a, b)}.")
+    return "\n".join(lines)
+
+
 def detection_table(results: dict[str, dict[int, dict]]) -> str:
     """Topic detection of every selection each run evaluated: AUROC of the per-sequence firing
     share, forget vs retain held-out sequences, in and out of distribution."""
@@ -415,8 +435,9 @@ def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
 
 
 def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
-    """The verdict per training seed, and FeatureForget minus the baseline SAE averaged over the
-    seeds with a paired bootstrap interval over the (shared) test questions, per layer and gate."""
+    """The verdicts per training seed (in and out of distribution), and FeatureForget minus the
+    baseline SAE averaged over the seeds with a paired bootstrap interval over the (shared) test
+    questions, per layer and gate."""
     import torch
 
     from pipelines.scoring import unbits
@@ -425,7 +446,8 @@ def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
     lines = []
     for k in range(n):
         per_seed = {m: {l: rs[k] for l, rs in by.items()} for m, by in seeds.items()}
-        lines += [f"- seed {k}: {line[2:]}" for line in verdict(per_seed).splitlines()]
+        lines += [f"- seed {k}: {line[2:]}" for line in (verdict(per_seed) + "\n" + ood_verdict(per_seed)).splitlines()
+                  if line]
     for l in sorted({l for by in seeds.values() for l in by}):
         for gate, how in GATE_NAMES.items():
             halves = [[((r.get("best_by_gate", {}).get(gate) or {}).get("best") or {}).get("test", {}).get("forget_correct")
@@ -479,6 +501,8 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
     md += ["## Out of distribution", "",
            "Textbook-style biology and general-knowledge questions and prose that the training corpora never "
            "contain; general accuracy must stay >= 0.99 of clean.", "", ood_table(results), ""]
+    if ood_lines := ood_verdict(results):
+        md += [ood_lines, ""]
     if seeds:
         md += ["## Training seeds", "", seeds_table(seeds), ""]
         if per_seed := seeds_verdict(seeds):

@@ -201,3 +201,25 @@ def test_seeds_verdict_per_seed_and_paired_mean():
     assert "mean over" not in seeds_verdict(seeds)  # other questions in one seed: no paired average
     assert seeds_verdict({"featureforget": {4: seeds["featureforget"][4][:1]}, "baseline": {4: seeds["baseline"][4][:1]}}).count(
         "mean over") == 0  # one seed: its verdict only
+
+
+def test_ood_verdict_compares_both_choices_on_the_same_questions():
+    from pipelines.report import ood_verdict
+
+    def ood(score, ci, after):
+        return {"test": {"unlearning_score": score, "ci95": ci,
+                         "forget_correct": {"before": "1" * 10, "after": after}}}
+
+    ff = _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))
+    base = _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))
+    assert ood_verdict({"featureforget": {4: ff}, "baseline": {4: base}}) == ""  # no OOD sets evaluated
+    ff["best_ood"], base["best_ood"] = {"ood": ood(0.9, [0.7, 1.0], "1" + "0" * 9)}, {"ood": ood(0.3, [0.1, 0.5], "1" * 7 + "0" * 3)}
+    ff["best"] = {"ood": ood(0.5, [0.2, 0.8], "1" * 5 + "0" * 5)}
+    base["best"] = {"ood": {"test": {"unlearning_score": 0.4, "ci95": [0.1, 0.7],
+                                     "forget_correct": {"before": "0" + "1" * 9, "after": "0" * 10}}}}
+    text = ood_verdict({"featureforget": {4: ff}, "baseline": {4: base}})
+    assert ("- layer 4, chosen on the OOD dev half: FeatureForget beats the baseline SAE (intervals do not overlap); "
+            "OOD test scores 0.900 vs 0.300; difference +0.600 [" in text)
+    # the in-distribution choices: other clean answers recorded, so the intervals only
+    assert "- layer 4, the in-distribution choices: FeatureForget vs the baseline SAE: within noise (intervals overlap); " \
+           "OOD test scores 0.500 vs 0.400." in text
