@@ -402,8 +402,8 @@ def _difference(before_Q: Any, after_a_Q: Any, after_b_Q: Any, note: str = "") -
 
 
 def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
-    """"; difference ..." where both chosen settings were scored on the same test questions with
-    the same clean answers (else nothing)."""
+    """"; difference ..." where both chosen settings were scored on the same test questions (`ff
+    run` evaluates every run on one sample; equal clean answers are checked as well), else ""."""
     from pipelines.scoring import unbits
 
     fa, fb = ((x or {}).get("test", {}).get("forget_correct") for x in (a, b))
