@@ -450,12 +450,12 @@ def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
                   if line]
     for l in sorted({l for by in seeds.values() for l in by}):
         for gate, how in GATE_NAMES.items():
-            halves = [[((r.get("best_by_gate", {}).get(gate) or {}).get("best") or {}).get("test", {}).get("forget_correct")
-                       for r in seeds.get(m, {}).get(l, [])[:n]] for m in ("featureforget", "baseline")]
-            ff, base = halves
+            answers = [[((r.get("best_by_gate", {}).get(gate) or {}).get("best") or {}).get("test", {}).get("forget_correct")
+                        for r in seeds.get(m, {}).get(l, [])[:n]] for m in ("featureforget", "baseline")]
+            ff, base = answers  # per method, each seed's test-half answers ({before, after})
             if n < 2 or not all(ff + base) or len({h["before"] for h in ff + base}) != 1:
                 continue  # a seed without a retain-safe setting, or other questions: no average
-            mean_after = [torch.stack([unbits(h["after"]).double() for h in hs]).mean(0) for hs in halves]
+            mean_after = [torch.stack([unbits(h["after"]).double() for h in hs]).mean(0) for hs in answers]
             if diff := _difference(unbits(ff[0]["before"]), *mean_after, note=" over questions, the seeds fixed"):
                 lines.append(f"- layer {l}, {how}, mean over {n} seeds: FeatureForget minus the baseline SAE {diff}.")
     return "\n".join(lines)

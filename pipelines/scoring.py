@@ -35,15 +35,23 @@ def bootstrap_ci(before_Q: Tensor, after_Q: Tensor, *, n: int = 2000, seed: int 
     Q = len(before_Q)
     if Q == 0 or n < 1:
         return None
-    g = torch.Generator().manual_seed(seed)
-    idx_NQ = torch.randint(0, Q, (n, Q), generator=g)
+    idx_NQ = _resampled(Q, n, seed)
     b_N = before_Q.double()[idx_NQ].mean(1)
     a_N = after_Q.double()[idx_NQ].mean(1)
     ok = b_N > 0
     if not bool(ok.any()):
         return None
-    s_N = 1 - a_N[ok] / b_N[ok]
-    lo, hi = torch.quantile(s_N, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return _interval(1 - a_N[ok] / b_N[ok], level)
+
+
+def _resampled(Q: int, n: int, seed: int) -> Tensor:
+    """n bootstrap resamples of Q questions' indices [n, Q], seeded."""
+    return torch.randint(0, Q, (n, Q), generator=torch.Generator().manual_seed(seed))
+
+
+def _interval(x_N: Tensor, level: float) -> list[float]:
+    """The central `level` percentile interval of bootstrap values."""
+    lo, hi = torch.quantile(x_N, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return [float(lo), float(hi)]
 
 
@@ -87,13 +95,11 @@ def paired_difference(before_Q: Tensor, after_a_Q: Tensor, after_b_Q: Tensor, *,
     if Q == 0 or n < 1 or float(b.sum()) == 0:
         return None
     diff = float((after_b_Q.double().sum() - after_a_Q.double().sum()) / b.sum())
-    g = torch.Generator().manual_seed(seed)
-    idx_NQ = torch.randint(0, Q, (n, Q), generator=g)
+    idx_NQ = _resampled(Q, n, seed)
     b_N = b[idx_NQ].sum(1)
     ok = b_N > 0
     d_N = (after_b_Q.double()[idx_NQ].sum(1) - after_a_Q.double()[idx_NQ].sum(1))[ok] / b_N[ok]
-    lo, hi = torch.quantile(d_N, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
-    return diff, [float(lo), float(hi)]
+    return diff, _interval(d_N, level)
 
 
 def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tensor,
