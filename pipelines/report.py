@@ -341,8 +341,6 @@ def ood_verdict(results: dict[str, dict[int, dict]]) -> str:
     """FeatureForget vs the baseline SAE on the out-of-distribution test half, per layer: the
     settings chosen on the OOD dev half, and the in-distribution choices; intervals and the
     paired difference on the same questions."""
-    from pipelines.scoring import verdict as compare
-
     lines = []
     for l in sorted({l for r in results.values() for l in r}):
         ff, base = (results.get(m, {}).get(l) or {} for m in ("featureforget", "baseline"))
@@ -351,9 +349,7 @@ def ood_verdict(results: dict[str, dict[int, dict]]) -> str:
             a, b = pick(ff), pick(base)
             if not a or not b or "test" not in a or "test" not in b:
                 continue
-            line = compare(_test(a)[1], _test(b)[1], "FeatureForget", "the baseline SAE")
-            lines.append(f"- layer {l}, {how}: {line}; OOD test scores {_num(_test(a)[0])} vs {_num(_test(b)[0])}"
-                         f"{_paired(a, b)}.")
+            lines.append(_verdict_line(l, how, a, b, "FeatureForget", "the baseline SAE", "OOD test scores"))
     return "\n".join(lines)
 
 
@@ -373,8 +369,6 @@ def detection_table(results: dict[str, dict[int, dict]]) -> str:
 
 def verdict(results: dict[str, dict[int, dict]]) -> str:
     """FeatureForget vs the baseline SAE under the same gate, by test-half intervals."""
-    from pipelines.scoring import verdict as compare
-
     lines = []
     for l in sorted({l for r in results.values() for l in r}):
         conf = {n: b for n, b, _ in configurations(results, l)}
@@ -382,10 +376,18 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
             a, b = conf.get(f"FeatureForget, {how}"), conf.get(f"baseline SAE, {how}")
             if f"FeatureForget, {how}" not in conf or f"baseline SAE, {how}" not in conf:
                 continue
-            line = compare(_test(a)[1], _test(b)[1], f"FeatureForget ({how})", f"the baseline SAE ({how})")
-            lines.append(f"- layer {l}, {how}: {line}; test scores {_num(_test(a)[0])} vs {_num(_test(b)[0])}"
-                         f"{_paired(a, b)}.")
+            lines.append(_verdict_line(l, how, a, b, f"FeatureForget ({how})", f"the baseline SAE ({how})"))
     return "\n".join(lines)
+
+
+def _verdict_line(layer: int, how: str, a: dict[str, Any] | None, b: dict[str, Any] | None, name_a: str,
+                  name_b: str, scores: str = "test scores") -> str:
+    """One verdict line: the intervals' verdict (pipelines/scoring.py), both test scores and the
+    paired difference where the two were scored on the same questions."""
+    from pipelines.scoring import verdict as compare
+
+    line = compare(_test(a)[1], _test(b)[1], name_a, name_b)
+    return f"- layer {layer}, {how}: {line}; {scores} {_num(_test(a)[0])} vs {_num(_test(b)[0])}{_paired(a, b)}."
 
 
 def _difference(before_Q: Any, after_a_Q: Any, after_b_Q: Any, note: str = "") -> str:
