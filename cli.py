@@ -58,6 +58,21 @@ def parse_layers(value: str | None) -> tuple[int, ...] | None:
     return layers
 
 
+def parse_window(value: str, flag: str) -> int | None:
+    """'none' -> None, else a positive number of tokens."""
+    from pipelines.errors import EvalError
+
+    if value.strip() == "none":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise EvalError(f"{flag} takes a number of tokens or 'none', got '{value}'") from None
+    if n < 1:
+        raise EvalError(f"{flag} must be at least 1 token, got {n}")
+    return n
+
+
 def _layers_cb(_ctx, _param, value):
     return parse_layers(value)
 
@@ -454,6 +469,10 @@ def _load_for_run(run: str, model: str | None, device: str):
               help="Poolings of the probe gate's per-token detector scores tried: mean (the score of their mean), "
               "positive (the mean of each token's positive log-odds: retain-looking tokens do not cancel "
               "topical ones). [mean]")
+@click.option("--gate-window", default=None, metavar="N|none",
+              help="The probe gate averages its detector's scores over the last N tokens instead of every token "
+              "since the start: it follows the topic of what is read now (a question after a long general "
+              "preamble, a general question after a biology passage). [none]")
 @click.option("--max-retain-ce-rise", default=None, type=click.FloatRange(0),
               help="A retain-safe setting raises held-out retain CE by at most this fraction (out of "
               "distribution: twice it). [0.01]")
@@ -468,7 +487,8 @@ def _load_for_run(run: str, model: str | None, device: str):
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             probe_ramps, probe_pools, max_retain_ce_rise, gate_calibration, device, as_json, save, quiet):
+             probe_ramps, probe_pools, gate_window, max_retain_ce_rise, gate_calibration, device, as_json, save,
+             quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -531,6 +551,8 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
         bad = [x for x in grid["probe_pools"] if x not in PROBE_POOLS]
         if bad or not grid["probe_pools"]:
             raise EvalError(f"--probe-pools: unknown pooling '{','.join(bad) or probe_pools}': use {', '.join(PROBE_POOLS)}")
+    if gate_window is not None:
+        grid["gate_window"] = parse_window(gate_window, "--gate-window")
     if gate_calibration:
         cfg = cfg.replace(gate_calibration=gate_calibration)
     if max_retain_ce_rise is not None:
@@ -605,10 +627,13 @@ def format_eval(res: dict) -> str:
 @click.option("--probe-pool", default=None, type=click.Choice(["mean", "positive"]),
               help="How the probe gate pools its detector's per-token scores (another pooling takes the gate's "
               "threshold from the run's retain training contexts).")
+@click.option("--gate-window", default=None, metavar="N|none",
+              help="The gate averages its signal over the last N tokens (none: every token since the start); the "
+              "threshold stays the chosen setting's.")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,
-                 gate_threshold, gate_ramp, probe_pool, model, device):
+                 gate_threshold, gate_ramp, probe_pool, gate_window, model, device):
     """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
     The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
     else a gated clamp; the options override single fields."""
@@ -625,6 +650,8 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
             changes["ramp_percentile"] = None if gate_ramp.strip() == "none" else float(gate_ramp)
         except ValueError:
             raise EvalError(f"--gate-ramp takes a percentile or 'none', got '{gate_ramp}'") from None
+    if gate_window is not None:
+        changes["gate_window"] = parse_window(gate_window, "--gate-window")
     setting = setting.changed(**changes)  # a new gate or percentile drops the chosen threshold
     lm = _load_for_run(run_dir, model, device)
     pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting)

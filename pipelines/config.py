@@ -89,6 +89,13 @@ class Setting:
     """An explicit threshold where the ramp starts, overriding `ramp_percentile`'s, in the units of
     `gate_threshold`; `ff eval` calibrates it with the gate's."""
 
+    gate_window: int | None = None
+    """The gate averages its signal over the last `gate_window` editable tokens (None: over
+    every token since the start). A window follows the topic of what is being read now: a
+    question after a long general preamble still opens the gate, and a general question after a
+    biology passage no longer inherits its opening. Prompts no longer than the window score as
+    without it. The thresholds keep their units, so changing the window keeps a calibrated one."""
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise EvalError(f"unknown intervention mode '{self.mode}': use {', '.join(MODES)}")
@@ -107,6 +114,8 @@ class Setting:
         if self.ramp_percentile is not None and not 0 <= self.ramp_percentile < self.gate_percentile:
             raise EvalError(f"ramp_percentile must be within [0, gate_percentile = {self.gate_percentile:g}), "
                             f"got {self.ramp_percentile:g}")
+        if self.gate_window is not None and self.gate_window < 1:
+            raise EvalError(f"gate_window must be a positive number of tokens or None, got {self.gate_window}")
 
     @property
     def edits_features(self) -> bool:
@@ -129,6 +138,8 @@ class Setting:
             gate += f" (threshold {self.gate_threshold:.3g})"
         if self.gate != "none" and self.ramp_percentile is not None:
             gate += f" ramp from p{self.ramp_percentile:g}"
+        if self.gate != "none" and self.gate_window is not None:
+            gate += f" window {self.gate_window}"
         cap = f" ctx_r<{self.max_ctx_r:g}" if self.max_ctx_r < 1.0 else ""
         return f"{head} {n} {sel}{cap}{gate}"
 
@@ -162,6 +173,8 @@ class Setting:
             d.pop("ramp_threshold")
         if self.max_ctx_r >= 1.0:
             d.pop("max_ctx_r")
+        if self.gate == "none" or self.gate_window is None:
+            d.pop("gate_window")
         return d
 
     @classmethod
@@ -235,6 +248,9 @@ class SweepGrid:
     gate_percentile: float = 95.0
     """Percentile of retain contexts' max firing share that sets the gate threshold."""
 
+    gate_window: int | None = None
+    """Every probe-gated setting's window (Setting.gate_window; None: from the start)."""
+
     def settings(self, method: str) -> list[Setting]:
         """Every setting to evaluate for a run of `method` ("featureforget" | "baseline")."""
         out: list[Setting] = []
@@ -256,7 +272,8 @@ class SweepGrid:
                         pools = self.probe_pools if gate == "probe" else ("mean",)
                         out += [s.replace(selection=sel, freq_threshold=float(thr), top_n=n, gate=gate,
                                           gate_percentile=float(p), max_ctx_r=float(cap),
-                                          ramp_percentile=None if r is None else float(r), probe_pool=pool)
+                                          ramp_percentile=None if r is None else float(r), probe_pool=pool,
+                                          gate_window=self.gate_window if gate == "probe" else None)
                                 for s in modes for cap in self.ctx_caps for pool in pools for p in pcts
                                 for r in ramps if r is None or r < p]
         if not out:

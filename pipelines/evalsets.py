@@ -126,7 +126,7 @@ class EvalSet:
         question exactly when its peak exceeds `iv.threshold`."""
         rows, owner, n = [], [], 0
         for b, h_BTD in zip(self.batches, self._gate_stream(iv)):
-            share_BT, seen_BT = firing_share(iv.signal(h_BTD), b.editable_BT, b.seg_BT)
+            share_BT, seen_BT = firing_share(iv.signal(h_BTD), b.editable_BT, b.seg_BT, window=iv.window)
             ok_BT = b.editable_BT & (seen_BT >= GATE_MIN_TOKENS)
             rows.append(torch.where(ok_BT, share_BT, float("-inf")).max(1).values)
             if self.is_mcq:  # every row holds choices of one question

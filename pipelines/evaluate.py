@@ -205,15 +205,16 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
     percentile of the highest detector score of every retain dev question, pooled in and out of
     distribution. Detector: of the run's probes (one per L2 penalty, trainer/detector.py), the
     one whose gate, at the highest percentile asked for, opens on the most forget dev questions
-    (ties: the default); chosen per pooling (Setting.probe_pool). The test halves never enter."""
+    (ties: the default); chosen per pooling and window (Setting.probe_pool, gate_window). The test
+    halves never enter."""
     if cfg.gate_calibration not in ("dev", "train"):
         raise EvalError(f"unknown gate calibration '{cfg.gate_calibration}': use dev or train")
     todo = [s for s in settings if s.gate == "probe" and s.gate_threshold is None and s.edits_features]
     if cfg.gate_calibration == "train" or not todo:
         return settings
     chosen: dict[Setting, Setting] = {}
-    for pool in dict.fromkeys(s.probe_pool for s in todo):  # each pooling its own detector and thresholds
-        group = [s for s in todo if s.probe_pool == pool]
+    for pool, window in dict.fromkeys((s.probe_pool, s.gate_window) for s in todo):
+        group = [s for s in todo if (s.probe_pool, s.gate_window) == (pool, window)]  # own detector, thresholds
         top = max(s.gate_percentile for s in group)
         pcts = {s.gate_percentile for s in group} | {s.ramp_percentile for s in group if s.ramp_percentile is not None}
         best: tuple[float, float | None, dict[float, float]] | None = None

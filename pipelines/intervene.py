@@ -36,7 +36,7 @@ from pipelines.errors import EvalError
 from pipelines.config import Setting
 from trainer.sae import SAE
 from trainer.detector import CALIBRATION_KEYS, pool_signal, probe_prefix, score_offset, stored_l2s, token_scores
-from trainer.selection import firing_share, gate_open, select, threshold_at
+from trainer.selection import carry, firing_share, gate_open, select, threshold_at
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
 
@@ -143,6 +143,15 @@ def probe_calibration(run: LoadedRun, l2: float | None, pool: str) -> Tensor:
     return run.gate[key]
 
 
+def _refuse_window(run: LoadedRun, setting: Setting) -> None:
+    """`ff train` calibrates the gates on the mean from the start of each retain context; a
+    windowed gate's peaks over a long context lie higher, so that calibration does not carry."""
+    if setting.gate_window is not None:
+        raise EvalError(f"{run.path}: the training calibration is of the gate's mean from the start, not over a "
+                        f"window of {setting.gate_window} tokens: calibrate the windowed gate on dev prompts "
+                        "(ff eval --gate-window, --gate-calibration dev) or give its threshold")
+
+
 def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor, *, ramp: bool = False) -> float:
     """The gate's threshold on the running mean of its per-token signal (`ramp`: where the
     setting's ramp starts instead): for the sequence gate, from the calibration of the setting's
@@ -156,10 +165,12 @@ def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor, *, ramp
         bias = probe_params(run, setting.probe_l2)[1]
         score = explicit
         if score is None:
+            _refuse_window(run, setting)
             score = threshold_at(probe_calibration(run, setting.probe_l2, setting.probe_pool).numpy(), percentile)
         return score - score_offset(bias, setting.probe_pool)
     if explicit is not None:
         return explicit
+    _refuse_window(run, setting)
     key = setting.set_key
     if f"{key}/share" not in run.gate:
         raise EvalError(f"{run.path} has no gate calibration for selection '{key}' (calibrated: "
@@ -209,6 +220,8 @@ class Intervention:
             self.W_dec_SD = sae.W_dec[self.features].detach().clone()
             self.b_dec_D = sae.b_dec.detach().clone()
         self.sae = sae if setting.mode == "splice" else None
+        self.window = setting.gate_window
+        """The gate's running mean covers the last `window` editable tokens (None: all so far)."""
 
     @property
     def n_features(self) -> int:
@@ -293,7 +306,7 @@ class Intervention:
         `ramp_from` to 1 at `threshold`."""
         if self.threshold is None:
             return torch.ones(editable_BT.shape, device=editable_BT.device)
-        share_BT, seen_BT = firing_share(signal_BT, editable_BT, seg_BT, start)
+        share_BT, seen_BT = firing_share(signal_BT, editable_BT, seg_BT, start, window=self.window)
         if self.ramp_from is None or self.ramp_from == self.threshold:
             return gate_open(share_BT, seen_BT, self.threshold).float()
         part_BT = ((share_BT - self.ramp_from) / (self.threshold - self.ramp_from)).clamp(0.0, 1.0)
@@ -328,10 +341,7 @@ class Intervention:
             edited = iv.edit(h_BTD, editable_BT, start=start, gate_h_BTD=gate_h)
             new_BTD = edited.h_BTD
             if iv.threshold is not None:
-                fires_B1 = (edited.signal_BT * editable_BT).sum(1, keepdim=True)
-                seen_B1 = editable_BT.sum(1, keepdim=True)
-                prev = start or (0, 0)
-                state["counts"] = (prev[0] + fires_B1.float(), prev[1] + seen_B1.float())
+                state["counts"] = carry(start, edited.signal_BT, editable_BT, window=iv.window)
             return (new_BTD, *output[1:]) if isinstance(output, (tuple, list)) else new_BTD
 
         def gate_hook(_module, _inputs, output):  # the probe's layer runs first: keep its output

@@ -494,3 +494,27 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
                                      selections=("candidates",)))
     res = evaluate_run(run, lm, small, progress=False)
     assert set(res["best_by_gate"]) == {"none", "sequence"}
+
+
+def test_a_windowed_probe_gate_calibrates_on_its_own_windowed_dev_peaks(lm, cfg, tmp_path):
+    """--gate-window: the grid puts the window on probe-gated settings only; the threshold is the
+    percentile of the retain dev questions' peaks of the windowed mean, which differ from the
+    mean from the start once a prompt is longer than the window."""
+    from pipelines.evaluate import calibrate_probe
+
+    grid = SweepGrid(multipliers=(5.0,), top_n=(10,), selections=("saebench",), gates=("none", "probe"),
+                     probe_percentiles=(90.0,), gate_window=3)
+    windows = {s.gate: s.gate_window for s in grid.settings("baseline")}
+    assert windows == {"none": None, "probe": 3}
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash))
+    data = eval_data(lm, cfg)
+    data.prepare(lm.model, LAYER)
+    plain = Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=90.0)
+    windowed = plain.replace(gate_window=3)
+    got_plain, got_win = calibrate_probe([plain, windowed], run, data, cfg)
+    assert got_win.gate_window == 3 and got_plain.gate_window is None
+    peak_Q = data.retain_mcq.gate_peaks(Intervention(run, windowed.replace(gate_threshold=0.0)))
+    assert not torch.equal(peak_Q, data.retain_mcq.gate_peaks(Intervention(run, plain.replace(gate_threshold=0.0))))
+    dev_Q = ~data.retain_mcq.test_Q
+    bias = float(run.gate["probe/b"][0])
+    assert got_win.gate_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), 0.9)) + bias)

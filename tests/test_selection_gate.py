@@ -14,7 +14,7 @@ from pipelines.intervene import Intervention, load_run
 from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, paired_difference, unbits, verdict
 from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 from trainer.sae import SAE
-from trainer.selection import (calibrate, corpus_stats, firing_share, gate_open, prefix_counts, row_share,
+from trainer.selection import (calibrate, carry, corpus_stats, firing_share, gate_open, prefix_counts, row_share,
                                select, threshold_at)
 
 LAYER = 1
@@ -41,6 +41,53 @@ def test_gate_opens_only_above_threshold_after_enough_tokens():
     # counts carried in from earlier KV-cached calls continue the same sequence
     share2, seen2 = firing_share(fires[:, 4:], editable[:, 4:], start=(share[:, 3:4] * 4, seen[:, 3:4]))
     torch.testing.assert_close(share2, share[:, 4:])
+
+
+def _window_by_hand(x, e, seg, window):
+    """The mean of x over the last `window` editable tokens each position sees, by enumeration."""
+    out = torch.zeros(x.shape)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            if seg is None:
+                seen = range(t + 1)
+            elif seg[b, t] == 0:
+                seen = [s for s in range(t + 1) if seg[b, s] == 0]
+            else:
+                seen = [s for s in range(t + 1) if seg[b, s] in (0, seg[b, t])]
+            kept = [s for s in seen if e[b, s]][-window:]
+            out[b, t] = sum(float(x[b, s]) for s in kept) / max(1, len(kept))
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 5, 40])
+def test_windowed_share_is_the_mean_of_the_last_editable_tokens(window):
+    g = torch.Generator().manual_seed(window)
+    x = torch.randn(3, 20, generator=g)
+    e = torch.rand(3, 20, generator=g) > 0.25
+    share, seen = firing_share(x, e, window=window)
+    torch.testing.assert_close(share, _window_by_hand(x, e, None, window))
+    assert torch.equal(seen, firing_share(x, e)[1]), "tokens seen count from the start, window or not"
+    if window >= 20:  # a window longer than the row is the mean from the start
+        torch.testing.assert_close(share, firing_share(x, e)[0])
+    # tree-packed rows: a branch's window reaches back into the shared prompt, never into another branch
+    seg = torch.tensor([[0] * 8 + [1] * 4 + [2] * 4 + [3] * 4, [0] * 10 + [1] * 5 + [2] * 5,
+                        [0] * 12 + [1] * 4 + [-1] * 4])
+    share, seen = firing_share(x, e, seg, window=window)
+    real = seg >= 0
+    torch.testing.assert_close(share[real], _window_by_hand(x, e, seg, window)[real])
+    # KV-cached pieces carry the window's tail: they continue the same sequence exactly
+    start, parts = None, []
+    for lo, hi in ((0, 6), (6, 7), (7, 15), (15, 20)):
+        parts.append(firing_share(x[:, lo:hi], e[:, lo:hi], start=start, window=window))
+        start = carry(start, x[:, lo:hi], e[:, lo:hi], window=window)
+    torch.testing.assert_close(torch.cat([p[0] for p in parts], 1), firing_share(x, e, window=window)[0])
+    assert torch.equal(torch.cat([p[1] for p in parts], 1), firing_share(x, e)[1])
+
+
+def test_a_window_is_needed_to_continue_a_windowed_gate():
+    x, e = torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="carried tail"):
+        firing_share(x, e, start=carry(None, x, e), window=3)
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +387,35 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
     if probe_layer is not None:
         with pytest.raises(EvalError, match="pass its output"):
             iv.edit(h, ids != lm.model.config.bos_token_id)
+
+
+def test_windowed_probe_gate_is_causal_and_follows_the_recent_tokens(lm, tmp_path):
+    """A windowed gate decides at t from the last W tokens <= t; KV-cached generation carries
+    the window (equal to full recompute); within the first W tokens it equals the unwindowed gate;
+    the training calibration (of the mean from the start) is refused for it."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, 30), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    editable = ids != lm.model.config.bos_token_id
+    base = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0)
+    with torch.no_grad():
+        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+        share, seen = firing_share(Intervention(run, base).signal(h), editable, window=6)
+    median = float(share[seen >= 8].median()) + float(run.gate["probe/b"][0])
+    iv = Intervention(run, base.replace(gate_threshold=median, gate_window=6))
+    plain = Intervention(run, base.replace(gate_threshold=median))
+    _assert_causal_and_cached(lm, iv, ids)
+    win, full = iv.edit(h, editable).open_BT, plain.edit(h, editable).open_BT
+    assert torch.equal(win[:, :7], full[:, :7]), "within the window's first tokens the two gates agree"
+    assert not torch.equal(win, full), "past the window the gate follows the recent tokens"
+    assert 0 < float(win[seen >= 8].float().mean()) < 1
+    with pytest.raises(EvalError, match="window of 6 tokens"):
+        Intervention(run, base.replace(gate_threshold=None, gate_window=6, gate_percentile=95.0))
+    s = base.replace(gate_threshold=median, gate_window=6)
+    assert Setting.from_dict(s.to_dict()) == s and "window 6" in s.label
+    assert "gate_window" not in base.to_dict()
+    assert s.changed(gate_window=None).gate_threshold == median, "a window keeps the threshold's units"
 
 
 def test_positive_pooling_gate_is_causal_and_pools_positive_log_odds(lm, tmp_path):

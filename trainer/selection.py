@@ -28,7 +28,7 @@ Shape suffixes: B rows/tokens, T positions, D d_model, F d_sae, S selected featu
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -157,16 +157,91 @@ def prefix_counts(x_BT: Tensor, seg_BT: Tensor | None = None) -> Tensor:
 
 
 def firing_share(fires_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
-                 start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(share of editable tokens so far on which a selected feature fired, editable tokens so
-    far), each [B, T]. `start` = (fired, seen) counts carried in from earlier calls (the
-    KV-cached generation of one sequence)."""
+                 start: "GateCarry | tuple[Tensor, Tensor] | None" = None,
+                 window: int | None = None) -> tuple[Tensor, Tensor]:
+    """(mean of the per-token signal over the editable tokens so far, or over the last `window`
+    of them; editable tokens so far), each [B, T]. `start`: what earlier calls on the same rows
+    carried in (KV-cached generation of one sequence; `carry` makes it). The count of tokens
+    seen (for `GATE_MIN_TOKENS`) always runs from the start."""
     e_BT = editable_BT.to(torch.float32)
-    fired_BT = prefix_counts(fires_BT.to(torch.float32) * e_BT, seg_BT)
+    x_BT = fires_BT.to(torch.float32) * e_BT
+    if window is None:
+        fired_BT = prefix_counts(x_BT, seg_BT)
+        seen_BT = prefix_counts(e_BT, seg_BT)
+        if start is not None:
+            fired_BT, seen_BT = fired_BT + start[0], seen_BT + start[1]
+        return fired_BT / seen_BT.clamp_min(1), seen_BT
+    if window < 1:
+        raise ValueError(f"the gate's window must be at least 1 token, got {window}")
+    if start is not None:  # the carried last `window` editable signals come first
+        if not isinstance(start, GateCarry) or start.tail_BW is None:
+            raise ValueError("a windowed gate needs the carried tail of its signal (carry(..., window=W))")
+        W0 = start.tail_BW.shape[1]
+        x_BT = torch.cat([start.tail_BW.to(x_BT), x_BT], 1)
+        e_BT = torch.cat([start.tail_mask_BW.to(e_BT), e_BT], 1)
+        if seg_BT is not None:
+            raise ValueError("carried gate counts apply to plain rows only")
+    summed_BT, count_BT = _windowed(x_BT, e_BT, seg_BT, window)
     seen_BT = prefix_counts(e_BT, seg_BT)
     if start is not None:
-        fired_BT, seen_BT = fired_BT + start[0], seen_BT + start[1]
-    return fired_BT / seen_BT.clamp_min(1), seen_BT
+        summed_BT, count_BT = summed_BT[:, W0:], count_BT[:, W0:]
+        seen_BT = seen_BT[:, W0:] - start.tail_mask_BW.sum(1, keepdim=True).to(seen_BT) + start[1]
+    return summed_BT / count_BT.clamp_min(1), seen_BT
+
+
+def _windowed(x_BT: Tensor, e_BT: Tensor, seg_BT: Tensor | None, window: int) -> tuple[Tensor, Tensor]:
+    """(sum of x over the last `window` editable tokens up to each position, how many there
+    are), tree-packed rows as in `prefix_counts` (a branch's window reaches into the prompt)."""
+    P_BT, E_BT = prefix_counts(x_BT, seg_BT), prefix_counts(e_BT, seg_BT)
+    before_BT = (E_BT - window).clamp_min(0)  # editable tokens that fell out of the window
+
+    def lookup(valid_BT: Tensor) -> Tensor:
+        # P just after the `before`-th editable token of the sequence made of the valid positions
+        key_BT = torch.where(valid_BT, E_BT, torch.full_like(E_BT, -1.0)).cummax(1).values.contiguous()
+        j_BT = torch.searchsorted(key_BT, before_BT.contiguous()).clamp_max(x_BT.shape[1] - 1)
+        return torch.where(before_BT > 0, P_BT.gather(1, j_BT), torch.zeros_like(P_BT))
+
+    if seg_BT is None or not bool((seg_BT > 0).any()):
+        out_BT = lookup(torch.ones_like(e_BT, dtype=torch.bool))
+    else:
+        seg_BT = seg_BT.to(x_BT.device)
+        out_BT = lookup(seg_BT == 0)
+        for k in torch.unique(seg_BT[seg_BT > 0]).tolist():
+            out_BT = torch.where(seg_BT == k, lookup((seg_BT == 0) | (seg_BT == k)), out_BT)
+    return P_BT - out_BT, E_BT - before_BT
+
+
+class GateCarry(NamedTuple):
+    """What a gate carries from one KV-cached call to the next, per row: the sum of its signal
+    over the editable tokens so far, their count, and for a windowed gate the last `window`
+    editable signals (right-aligned) with their mask."""
+    fired_B1: Tensor
+    seen_B1: Tensor
+    tail_BW: Tensor | None = None
+    tail_mask_BW: Tensor | None = None
+
+
+def carry(start: "GateCarry | None", signal_BT: Tensor, editable_BT: Tensor,
+          window: int | None = None) -> GateCarry:
+    """The gate's carry after one more call on the same rows (`start`: before it)."""
+    e_BT = editable_BT.to(torch.float32)
+    x_BT = signal_BT.to(torch.float32) * e_BT
+    fired_B1, seen_B1 = x_BT.sum(1, keepdim=True), e_BT.sum(1, keepdim=True)
+    if start is not None:
+        fired_B1, seen_B1 = fired_B1 + start.fired_B1, seen_B1 + start.seen_B1
+    if window is None:
+        return GateCarry(fired_B1, seen_B1)
+    if start is not None and start.tail_BW is not None:
+        x_BT = torch.cat([start.tail_BW.to(x_BT), x_BT], 1)
+        e_BT = torch.cat([start.tail_mask_BW.to(e_BT), e_BT], 1)
+    from_end_BT = e_BT.flip(1).cumsum(1).flip(1)  # editable tokens from here to the end
+    keep_BT = e_BT.bool() & (from_end_BT <= window)
+    col_BT = torch.where(keep_BT, window - from_end_BT, torch.full_like(from_end_BT, window)).long()
+    tail = torch.zeros(len(x_BT), window + 1, dtype=x_BT.dtype, device=x_BT.device)
+    mask = torch.zeros(len(x_BT), window + 1, dtype=torch.bool, device=x_BT.device)
+    tail.scatter_(1, col_BT, torch.where(keep_BT, x_BT, torch.zeros_like(x_BT)))
+    mask.scatter_(1, col_BT, keep_BT)
+    return GateCarry(fired_B1, seen_B1, tail[:, :window], mask[:, :window])
 
 
 def gate_open(share_BT: Tensor, seen_BT: Tensor, threshold: float,
