@@ -73,6 +73,20 @@ def parse_window(value: str, flag: str) -> int | None:
     return n
 
 
+def parse_template(value: str) -> str:
+    """An MCQ prompt template: '\\n' becomes a newline; it must take the question, and nothing else."""
+    from pipelines.errors import EvalError
+
+    template = value.replace("\\n", "\n")
+    try:
+        filled = template.format(question="\0")
+    except (KeyError, IndexError, ValueError) as e:
+        raise EvalError(f"--mcq-template may name {{question}} only (braces as {{{{ }}}}): {e!r} in '{value}'") from None
+    if filled.count("\0") != 1:
+        raise EvalError(f"--mcq-template must hold {{question}} once, got '{value}'")
+    return template
+
+
 def _layers_cb(_ctx, _param, value):
     return parse_layers(value)
 
@@ -476,6 +490,10 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--max-retain-ce-rise", default=None, type=click.FloatRange(0),
               help="A retain-safe setting raises held-out retain CE by at most this fraction (out of "
               "distribution: twice it). [0.01]")
+@click.option("--mcq-template", default=None, metavar="TEXT",
+              help="The questions' prompt, with {question} where the question goes (\\n for a newline); each "
+              "choice is scored as ' ' + choice after it. Use the format your model will serve, so that the "
+              "probe gate is calibrated on it. ['Question: {question}\\nAnswer:']")
 @click.option("--gate-calibration", default=None, type=click.Choice(["dev", "train"]),
               help="Probe gate threshold from the retain dev questions (dev) or the retain training contexts. [dev]")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
@@ -487,8 +505,8 @@ def _load_for_run(run: str, model: str | None, device: str):
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             probe_ramps, probe_pools, gate_window, max_retain_ce_rise, gate_calibration, device, as_json, save,
-             quiet):
+             probe_ramps, probe_pools, gate_window, max_retain_ce_rise, mcq_template, gate_calibration, device,
+             as_json, save, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -506,6 +524,8 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     cfg = cfg.replace(**{k: v for k, v in files.items() if v is not None})
     if not ood:
         cfg = cfg.replace(ood_forget_mcq=None, ood_retain_mcq=None, ood_forget_text=None, ood_retain_text=None)
+    if mcq_template is not None:
+        cfg = cfg.replace(mcq_template=parse_template(mcq_template))
     grid = {}
     try:
         if multipliers:

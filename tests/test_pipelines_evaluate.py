@@ -328,10 +328,19 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
             "--forget-text", cfg.forget_text, "--retain-text", cfg.retain_text, "--max-text-tokens", "200",
             "--no-ood", "--multipliers", "5", "--top-n", "10", "--selections", "candidates", "--quiet"]
     r = CliRunner().invoke(main, args + ["--json", "--max-retain-ce-rise", "0.25", "--probe-multipliers", "7",
-                                         "--probe-ramps", "none,30", "--probe-pools", "mean,positive"])
+                                         "--probe-ramps", "none,30", "--probe-pools", "mean,positive",
+                                         "--gate-window", "6", "--mcq-template", r"Q: {question}\nA:"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
     assert res["config"]["max_retain_ce_rise"] == 0.25 and res["config"]["max_ood_retain_ce_rise"] == 0.5
+    assert res["config"]["mcq_template"] == "Q: {question}\nA:"
+    assert {e["setting"]["gate"]: e["setting"].get("gate_window") for e in res["sweep"]} == {
+        "none": None, "sequence": None, "probe": 6}
+    for flag, value, message in (("--mcq-template", "Q: {q}", "may name {question} only"),
+                                 ("--mcq-template", "Q:", "must hold {question} once"),
+                                 ("--gate-window", "0", "--gate-window must be at least 1 token")):
+        bad = CliRunner().invoke(main, args + [flag, value])
+        assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) == 1
     probed = [e["setting"] for e in res["sweep"] if e["setting"]["gate"] == "probe"]
     assert {s.get("ramp_percentile") for s in probed} == {None, 30.0}
     assert all(s["ramp_threshold"] <= s["gate_threshold"] for s in probed if "ramp_percentile" in s)

@@ -389,19 +389,25 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
             iv.edit(h, ids != lm.model.config.bos_token_id)
 
 
+def _probe_case(lm, tmp_path, T):
+    """A run with a probe, 4 random rows of T tokens after BOS, a probe-gated clamp (threshold 0)
+    and the clean residual at the edited layer."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, T), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    with torch.no_grad():
+        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+    setting = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0)
+    return run, ids, ids != lm.model.config.bos_token_id, setting, h
+
+
 def test_windowed_probe_gate_is_causal_and_follows_the_recent_tokens(lm, tmp_path):
     """A windowed gate decides at t from the last W tokens <= t; KV-cached generation carries
     the window (equal to full recompute); within the first W tokens it equals the unwindowed gate;
     the training calibration (of the mean from the start) is refused for it."""
-    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(4, lm.model.config.vocab_size, (4, 30), generator=g)
-    ids[:, 0] = lm.model.config.bos_token_id
-    editable = ids != lm.model.config.bos_token_id
-    base = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0)
-    with torch.no_grad():
-        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
-        share, seen = firing_share(Intervention(run, base).signal(h), editable, window=6)
+    run, ids, editable, base, h = _probe_case(lm, tmp_path, 30)
+    share, seen = firing_share(Intervention(run, base).signal(h), editable, window=6)
     median = float(share[seen >= 8].median()) + float(run.gate["probe/b"][0])
     iv = Intervention(run, base.replace(gate_threshold=median, gate_window=6))
     plain = Intervention(run, base.replace(gate_threshold=median))
@@ -458,14 +464,7 @@ def test_graded_gate_ramps_the_clamp_from_its_start_to_the_gates_threshold(lm, t
     """A graded probe gate: shut (h unchanged) up to the ramp's start, the full clamp above the
     gate's threshold, and on the ramp the clamp of strength m * r, r rising linearly from 0 to 1;
     still causal, and KV-cached generation equals full recompute."""
-    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
-    ids[:, 0] = lm.model.config.bos_token_id
-    editable = ids != lm.model.config.bos_token_id
-    hard = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0)
-    with torch.no_grad():
-        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+    run, ids, editable, hard, h = _probe_case(lm, tmp_path, 24)
     share, seen = firing_share(Intervention(run, hard).signal(h), editable)
     bias = float(run.gate["probe/b"][0])
     lo, hi = (float(torch.quantile(share[seen >= 8], q)) + bias for q in (0.25, 0.75))
