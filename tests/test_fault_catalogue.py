@@ -240,6 +240,10 @@ FAULTS = [
     # ff eval / generate / export on a folder that is not a run
     Fault("eval-multipliers-not-numbers", lambda w: ["eval", "--run", w.run, "--multipliers", "abc"],
           2, "--multipliers, --probe-multipliers and --top-n take comma-separated numbers"),
+    Fault("eval-template-without-question", lambda w: ["eval", "--run", w.run, "--mcq-template", "Q: {q}"],
+          2, "--mcq-template may name {question} only"),
+    Fault("eval-window-not-a-number", lambda w: ["eval", "--run", w.run, "--gate-window", "wide"],
+          2, "--gate-window takes a number of tokens or 'none', got 'wide'"),
     Fault("eval-not-a-run", lambda w: ["eval", "--run", w.store], 2,
           "is not a run folder (no config.json)"),
     Fault("generate-not-a-run", lambda w: ["generate", "--run", w.store, "--prompt", "hi"], 2,
