@@ -173,25 +173,27 @@ def firing_share(fires_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = 
         return fired_BT / seen_BT.clamp_min(1), seen_BT
     if window < 1:
         raise ValueError(f"the gate's window must be at least 1 token, got {window}")
-    if start is not None:  # the carried last `window` editable signals come first
-        if not isinstance(start, GateCarry) or start.tail_BW is None:
-            raise ValueError("a windowed gate needs the carried tail of its signal (carry(..., window=W))")
-        W0 = start.tail_BW.shape[1]
-        x_BT = torch.cat([start.tail_BW.to(x_BT), x_BT], 1)
-        e_BT = torch.cat([start.tail_mask_BW.to(e_BT), e_BT], 1)
-        if seg_BT is not None:
-            raise ValueError("carried gate counts apply to plain rows only")
-    summed_BT, count_BT = _windowed(x_BT, e_BT, seg_BT, window)
-    seen_BT = prefix_counts(e_BT, seg_BT)
-    if start is not None:
-        summed_BT, count_BT = summed_BT[:, W0:], count_BT[:, W0:]
-        seen_BT = seen_BT[:, W0:] - start.tail_mask_BW.sum(1, keepdim=True).to(seen_BT) + start[1]
-    return summed_BT / count_BT.clamp_min(1), seen_BT
+    if start is None:
+        summed_BT, count_BT, seen_BT = _windowed(x_BT, e_BT, seg_BT, window)
+        return summed_BT / count_BT.clamp_min(1), seen_BT
+    if not isinstance(start, GateCarry) or start.tail_BW is None:
+        raise ValueError("a windowed gate needs the carried tail of its signal (carry(..., window=W))")
+    if seg_BT is not None:
+        raise ValueError("carried gate counts apply to plain rows only")
+    W0 = start.tail_BW.shape[1]  # the carried last `window` editable signals come first
+    summed_BT, count_BT, seen_BT = (v[:, W0:] for v in _windowed(*_after_tail(start, x_BT, e_BT), None, window))
+    return summed_BT / count_BT.clamp_min(1), seen_BT - start.tail_mask_BW.sum(1, keepdim=True).to(seen_BT) + start[1]
 
 
-def _windowed(x_BT: Tensor, e_BT: Tensor, seg_BT: Tensor | None, window: int) -> tuple[Tensor, Tensor]:
+def _after_tail(start: "GateCarry", x_BT: Tensor, e_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """x and editable, each with a windowed gate's carried tail put before them."""
+    return torch.cat([start.tail_BW.to(x_BT), x_BT], 1), torch.cat([start.tail_mask_BW.to(e_BT), e_BT], 1)
+
+
+def _windowed(x_BT: Tensor, e_BT: Tensor, seg_BT: Tensor | None, window: int) -> tuple[Tensor, Tensor, Tensor]:
     """(sum of x over the last `window` editable tokens up to each position, how many there
-    are), tree-packed rows as in `prefix_counts` (a branch's window reaches into the prompt)."""
+    are, editable tokens so far), tree-packed rows as in `prefix_counts` (a branch's window
+    reaches into the prompt)."""
     P_BT, E_BT = prefix_counts(x_BT, seg_BT), prefix_counts(e_BT, seg_BT)
     before_BT = (E_BT - window).clamp_min(0)  # editable tokens that fell out of the window
 
@@ -208,7 +210,7 @@ def _windowed(x_BT: Tensor, e_BT: Tensor, seg_BT: Tensor | None, window: int) ->
         out_BT = lookup(seg_BT == 0)
         for k in torch.unique(seg_BT[seg_BT > 0]).tolist():
             out_BT = torch.where(seg_BT == k, lookup((seg_BT == 0) | (seg_BT == k)), out_BT)
-    return P_BT - out_BT, E_BT - before_BT
+    return P_BT - out_BT, E_BT - before_BT, E_BT
 
 
 class GateCarry(NamedTuple):
@@ -232,8 +234,7 @@ def carry(start: "GateCarry | None", signal_BT: Tensor, editable_BT: Tensor,
     if window is None:
         return GateCarry(fired_B1, seen_B1)
     if start is not None and start.tail_BW is not None:
-        x_BT = torch.cat([start.tail_BW.to(x_BT), x_BT], 1)
-        e_BT = torch.cat([start.tail_mask_BW.to(e_BT), e_BT], 1)
+        x_BT, e_BT = _after_tail(start, x_BT, e_BT)
     from_end_BT = e_BT.flip(1).cumsum(1).flip(1)  # editable tokens from here to the end
     keep_BT = e_BT.bool() & (from_end_BT <= window)
     col_BT = torch.where(keep_BT, window - from_end_BT, torch.full_like(from_end_BT, window)).long()
