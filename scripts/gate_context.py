@@ -24,11 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache.models import load_model  # noqa: E402
 from cache.corpora import DEMO_DIR  # noqa: E402
+from cache.models import load_model  # noqa: E402
+from cli import parse_window  # noqa: E402
+from pipelines.config import EvalConfig  # noqa: E402
 from pipelines.data import load_mcq, sample_split  # noqa: E402
+from pipelines.errors import EvalError  # noqa: E402
 from pipelines.intervene import Intervention, load_run, run_setting  # noqa: E402
-from trainer.selection import GATE_MIN_TOKENS, firing_share  # noqa: E402
+from trainer.selection import firing_share, gate_open  # noqa: E402
 
 
 def passages(name: str) -> list[str]:
@@ -44,7 +47,10 @@ def main() -> None:
                     help="Also try this text before every question (repeatable; \\n for a newline).")
     ap.add_argument("--sample-seed", type=int, default=0, help="The dev/test split's seed (ff eval --sample-seed).")
     args = ap.parse_args()
-    windows = [None if w.strip() == "none" else int(w) for w in args.windows.split(",")]
+    try:
+        windows = [parse_window(w, "--windows") for w in args.windows.split(",")]
+    except EvalError as e:  # one line, not a traceback
+        sys.exit(f"error: {e}")
     run = load_run(args.run)
     setting = run_setting(run.path)
     if setting.gate != "probe" or setting.gate_threshold is None:
@@ -62,6 +68,7 @@ def main() -> None:
           f"preamble of {args.words} words")
     print("questions | preamble | " + " | ".join(f"window {w or 'none'}" for w in windows))
     print("|".join(["---"] * (2 + len(windows))))
+    template = EvalConfig().mcq_template  # the format ff eval scores the bundled questions in
     for role in ("forget", "retain"):
         questions = load_mcq("demo", role)
         sampled, test_Q = sample_split(questions, None, args.sample_seed)
@@ -69,14 +76,14 @@ def main() -> None:
         for name, pre in preambles.items():
             opened = {w: 0 for w in windows}
             for i, q in enumerate(dev):
-                ids = tok(f"{pre(i)}Question: {q.question}\nAnswer:", return_tensors="pt").input_ids
+                ids = tok(pre(i) + template.format(question=q.question), return_tensors="pt").input_ids
                 with torch.no_grad():
                     h = model(ids, output_hidden_states=True).hidden_states[iv.gate_layer + 1]
                 editable = ids != model.config.bos_token_id
                 signal = iv.signal(h)
                 for w in windows:
                     share, seen = firing_share(signal, editable, window=w)
-                    opened[w] += bool(share[0, -1] > iv.threshold and seen[0, -1] >= GATE_MIN_TOKENS)
+                    opened[w] += bool(gate_open(share, seen, iv.threshold)[0, -1])
             print(f"{role} ({len(dev)}) | {name} | " + " | ".join(f"{opened[w] / len(dev):.2f}" for w in windows),
                   flush=True)
 
