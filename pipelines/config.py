@@ -18,6 +18,8 @@ GATES = ("none", "sequence", "probe")
 PROBE_POOLS = ("mean", "positive")
 """How the probe gate pools its detector's per-token scores (trainer/detector.py's PROBE_POOLS;
 this module stays free of torch)."""
+PROBE_KINDS = ("linear", "mlp")
+"""The probe gate's detector kinds (trainer/detector.py's PROBE_KINDS)."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,13 @@ class Setting:
     `ff generate` and the Python API gate exactly as the evaluation did."""
 
     probe_l2: float | None = None
-    """Probe gate: which of the run's detectors (trainer/detector.py, PROBE_L2S), by its L2
-    penalty; None: the default one. `ff eval` chooses it on the dev questions."""
+    """Probe gate: which of the run's linear detectors (trainer/detector.py, PROBE_L2S), by its
+    L2 penalty; None: the default one. `ff eval` chooses it on the dev questions."""
+
+    probe_kind: str = "linear"
+    """Probe gate: the kind of detector (trainer/detector.py, PROBE_KINDS): "linear", a logistic
+    regression on the running mean of the residual stream, or "mlp", the running mean of a small
+    network's per-token scores. `ff eval` chooses it on the dev questions with `probe_l2`."""
 
     probe_pool: str = "mean"
     """Probe gate: how the detector's per-token scores are pooled over the tokens so far.
@@ -109,6 +116,10 @@ class Setting:
             raise EvalError(f"unknown gate '{self.gate}': use {', '.join(GATES)}")
         if not 0 <= self.gate_percentile <= 100 or not 0 <= self.ratio_percentile <= 100:
             raise EvalError("gate_percentile and ratio_percentile must be within [0, 100]")
+        if self.probe_kind not in PROBE_KINDS:
+            raise EvalError(f"unknown probe detector kind '{self.probe_kind}': use {', '.join(PROBE_KINDS)}")
+        if self.probe_kind == "mlp" and self.probe_l2 is not None:
+            raise EvalError("probe_l2 names a linear detector; the 'mlp' detector has none")
         if self.probe_pool not in PROBE_POOLS:
             raise EvalError(f"unknown probe pooling '{self.probe_pool}': use {', '.join(PROBE_POOLS)}")
         if self.ramp_percentile is not None and not 0 <= self.ramp_percentile < self.gate_percentile:
@@ -133,6 +144,7 @@ class Setting:
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
         gate = {"none": " static", "sequence": f" gate p{self.gate_percentile:g}",
                 "probe": f" probe{'' if self.probe_l2 is None else f' l2={self.probe_l2:g}'}"
+                         f"{'' if self.probe_kind == 'linear' else ' ' + self.probe_kind}"
                          f"{'' if self.probe_pool == 'mean' else ' ' + self.probe_pool} p{self.gate_percentile:g}"}[self.gate]
         if self.gate != "none" and self.gate_threshold is not None:
             gate += f" (threshold {self.gate_threshold:.3g})"
@@ -165,6 +177,8 @@ class Setting:
             d.pop("gate_threshold")
         if self.gate != "probe" or self.probe_l2 is None:
             d.pop("probe_l2")
+        if self.gate != "probe" or self.probe_kind == "linear":
+            d.pop("probe_kind")
         if self.gate != "probe" or self.probe_pool == "mean":
             d.pop("probe_pool")
         if self.gate == "none" or self.ramp_percentile is None:
@@ -199,9 +213,10 @@ class Setting:
             return any(k in changes and changes[k] != getattr(self, k) for k in keys)
 
         new_ramp = differs("ramp_percentile") and changes["ramp_percentile"] is not None
-        if (differs("gate", "gate_percentile", "probe_l2", "probe_pool") or new_ramp) and "gate_threshold" not in changes:
+        if (differs("gate", "gate_percentile", "probe_l2", "probe_kind", "probe_pool") or new_ramp) \
+                and "gate_threshold" not in changes:
             changes = {**changes, "gate_threshold": None}  # a new ramp: both thresholds from one calibration
-        if differs("gate", "ramp_percentile", "probe_l2", "probe_pool") and "ramp_threshold" not in changes:
+        if differs("gate", "ramp_percentile", "probe_l2", "probe_kind", "probe_pool") and "ramp_threshold" not in changes:
             changes = {**changes, "ramp_threshold": None}
         return replace(self, **changes)
 

@@ -25,10 +25,10 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
-from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_calibration, probe_layer,
-                                 probe_params, probe_problem)
+from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_calibration, probe_detector,
+                                 probe_layer, probe_problem)
 from pipelines.scoring import auroc, gate_split, half, pick_best, retain_safe, unlearning_score
-from trainer.detector import score_offset, stored_l2s
+from trainer.detector import score_offset, stored_detectors
 from trainer.evaluate import eval_corpus
 
 METRICS = ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")
@@ -185,7 +185,7 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
             if name == f"{key}forget_mcq":
                 split = gate_split(fc[0], fc[1], opened_Q, f_test, es.layout.n_choices_Q)
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, "pool": iv.setting.probe_pool if iv.probe_w_D is not None
+                   else None, "threshold": iv.threshold, "pool": iv.setting.probe_pool if iv.detector is not None
                    else None, "ramp_percentile": iv.setting.ramp_percentile
                    if iv.ramp_from is not None else None, "ramp_threshold": iv.ramp_from,
                    **rates, "open_rate_questions": questions,
@@ -217,15 +217,17 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
         group = [s for s in todo if (s.probe_pool, s.gate_window) == (pool, window)]  # own detector, thresholds
         top = max(s.gate_percentile for s in group)
         pcts = {s.gate_percentile for s in group} | {s.ramp_percentile for s in group if s.ramp_percentile is not None}
-        best: tuple[float, float | None, dict[float, float]] | None = None
-        for l2 in stored_l2s(run.gate) if group[0].probe_l2 is None else [group[0].probe_l2]:
-            probe = group[0].replace(gate_threshold=0.0, probe_l2=l2, ramp_percentile=None, ramp_threshold=None)
+        best: tuple[float, tuple[str, float | None], dict[float, float]] | None = None
+        fixed = group[0].probe_l2 is not None or group[0].probe_kind != "linear"
+        for kind, l2 in [(group[0].probe_kind, group[0].probe_l2)] if fixed else stored_detectors(run.gate):
+            probe = group[0].replace(gate_threshold=0.0, probe_l2=l2, probe_kind=kind, ramp_percentile=None,
+                                     ramp_threshold=None)
             thr, opened = _probe_thresholds(run, data, probe, pcts, top)
             if best is None or opened > best[0]:
-                best = (opened, l2, thr)
+                best = (opened, (kind, l2), thr)
         assert best is not None  # evaluate_run refuses a run without a probe before this
-        _, l2, thr = best
-        chosen.update({s: s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2,
+        _, (kind, l2), thr = best
+        chosen.update({s: s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2, probe_kind=kind,
                                     ramp_threshold=None if s.ramp_percentile is None else thr[s.ramp_percentile])
                        for s in group})
     return [chosen.get(s, s) for s in settings]
@@ -236,7 +238,7 @@ def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percenti
     """({percentile: threshold score} from the retain dev questions, share of forget dev
     questions on which the gate opens at the `top` percentile, one of `percentiles`) for one probe."""
     iv = Intervention(run, setting)  # refuses a run without that probe
-    bias = score_offset(probe_params(run, setting.probe_l2)[1], setting.probe_pool)
+    bias = score_offset(probe_detector(run, setting.probe_l2, setting.probe_kind).b, setting.probe_pool)
 
     def dev_peaks(names: tuple[str, ...]) -> Tensor:
         peaks = [getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q] for n in names if data.has(n)]

@@ -35,7 +35,8 @@ from cache.models import decoder_layers
 from pipelines.errors import EvalError
 from pipelines.config import Setting
 from trainer.sae import SAE
-from trainer.detector import CALIBRATION_KEYS, pool_signal, probe_prefix, score_offset, stored_l2s, token_scores
+from trainer.detector import (CALIBRATION_KEYS, Detector, load_detector, pool_signal, probe_prefix, score_offset,
+                              stored_l2s)
 from trainer.selection import carry, firing_share, gate_open, select, threshold_at
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
@@ -106,13 +107,15 @@ def select_features(run: LoadedRun, setting: Setting) -> Tensor:
         raise EvalError(f"{run.path}: {e}") from None
 
 
-def probe_problem(run: LoadedRun, l2: float | None = None) -> str | None:
+def probe_problem(run: LoadedRun, l2: float | None = None, kind: str = "linear") -> str | None:
     """Why the run cannot use the probe gate (it has none, or an older one that read SAE
-    features, or none fitted with penalty `l2`), or None."""
+    features, or no detector of `kind` or none fitted with penalty `l2`), or None."""
     w = run.gate.get("probe/w")
     if w is None or w.shape != (run.sae.d_model,):
         return "has no probe gate on the residual stream (a run from an older ff)"
-    if f"{probe_prefix(l2)}/w" not in run.gate:
+    if kind == "mlp" and f"{probe_prefix(None, kind)}/W" not in run.gate:
+        return "has no 'mlp' probe detector (a run from an older ff)"
+    if kind != "mlp" and f"{probe_prefix(l2)}/w" not in run.gate:
         have = ", ".join("default" if v is None else f"{v:g}" for v in stored_l2s(run.gate))
         return f"has no probe gate fitted with L2 {l2:g} (it has: {have})"
     return None
@@ -127,16 +130,15 @@ def probe_layer(run: LoadedRun) -> tuple[int, float]:
     return run.layer, run.scale
 
 
-def probe_params(run: LoadedRun, l2: float | None = None) -> tuple[Tensor, float]:
-    """(weights [D], bias) of the run's probe fitted with `l2`."""
-    key = probe_prefix(l2)
-    return run.gate[f"{key}/w"], float(run.gate[f"{key}/b"][0])
+def probe_detector(run: LoadedRun, l2: float | None = None, kind: str = "linear") -> Detector:
+    """The run's detector of `kind` (linear: the one fitted with `l2`)."""
+    return load_detector(run.gate, probe_prefix(l2, kind))
 
 
-def probe_calibration(run: LoadedRun, l2: float | None, pool: str) -> Tensor:
+def probe_calibration(run: LoadedRun, l2: float | None, pool: str, kind: str = "linear") -> Tensor:
     """The highest score of every retain training context [C] (`ff train`'s calibration) under
-    the probe fitted with `l2`, pooled as `pool` says."""
-    key = f"{probe_prefix(l2)}/{CALIBRATION_KEYS[pool]}"
+    the detector of `kind` (linear: fitted with `l2`), pooled as `pool` says."""
+    key = f"{probe_prefix(l2, kind)}/{CALIBRATION_KEYS[pool]}"
     if key not in run.gate:
         raise EvalError(f"{run.path} has no training calibration of the '{pool}' probe pooling (a run from an "
                         "older ff): calibrate it on dev prompts (ff eval), or retrain the run")
@@ -160,13 +162,14 @@ def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor, *, ramp
     explicit, percentile = ((setting.ramp_threshold, setting.ramp_percentile) if ramp
                             else (setting.gate_threshold, setting.gate_percentile))
     if setting.gate == "probe":
-        if (problem := probe_problem(run, setting.probe_l2)) is not None:
+        if (problem := probe_problem(run, setting.probe_l2, setting.probe_kind)) is not None:
             raise EvalError(f"{run.path} {problem}: retrain it, or use --gate sequence")
-        bias = probe_params(run, setting.probe_l2)[1]
+        bias = probe_detector(run, setting.probe_l2, setting.probe_kind).b
         score = explicit
         if score is None:
             _refuse_window(run, setting)
-            score = threshold_at(probe_calibration(run, setting.probe_l2, setting.probe_pool).numpy(), percentile)
+            calibration = probe_calibration(run, setting.probe_l2, setting.probe_pool, setting.probe_kind)
+            score = threshold_at(calibration.numpy(), percentile)
         return score - score_offset(bias, setting.probe_pool)
     if explicit is not None:
         return explicit
@@ -202,10 +205,8 @@ class Intervention:
                             f"{self.threshold:.4g} on the running score): calibrate both on the same prompts "
                             "(ff eval --probe-ramps ... --save)")
         probe = gated and setting.gate == "probe"
-        w_D, self.probe_b = probe_params(run, setting.probe_l2) if probe else (None, 0.0)
-        self.probe_w_D = w_D.float().clone() if w_D is not None else None
-        """Probe gate: the detector's weights on the normalised residual stream, and its bias
-        (trainer/detector.py)."""
+        self.detector = probe_detector(run, setting.probe_l2, setting.probe_kind).to("cpu") if probe else None
+        """Probe gate: the detector on the normalised residual stream (trainer/detector.py)."""
         self.gate_layer, self.gate_scale = probe_layer(run) if probe else (run.layer, run.scale)
         """The block whose output the gate's signal reads (the probe's layer; else `layer`), and its scale."""
         if self.gate_layer > self.layer:
@@ -230,8 +231,8 @@ class Intervention:
     def to(self, device: Any) -> "Intervention":
         for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D", "t_S"):
             setattr(self, name, getattr(self, name).to(device))
-        if self.probe_w_D is not None:
-            self.probe_w_D = self.probe_w_D.to(device)
+        if self.detector is not None:
+            self.detector = self.detector.to(device)
         if self.sae is not None:
             self.sae = self.sae.to(device)
         return self
@@ -282,9 +283,9 @@ class Intervention:
         """The gate's per-token signal [B, T], whose running mean it compares with the threshold:
         whether a selected feature fires (sequence gate; h at `layer`), or the probe's x . w,
         pooled as the setting says (probe gate; h at `gate_layer`)."""
-        if self.probe_w_D is not None:
-            scores_BT = token_scores(h_BTD.to(self.probe_w_D.dtype) * self.gate_scale, self.probe_w_D)
-            return pool_signal(scores_BT, self.probe_b, self.setting.probe_pool)
+        if self.detector is not None:
+            scores_BT = self.detector.token_scores(h_BTD.to(self.detector.w.dtype) * self.gate_scale)
+            return pool_signal(scores_BT, self.detector.b, self.setting.probe_pool)
         if active_BTS is None:
             active_BTS = self.selected_acts(h_BTD) > 0
         return active_BTS.any(-1).float()

@@ -431,38 +431,45 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
 
 
 def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path):
-    """Of the run's probes (one per L2 penalty), calibrate_probe keeps the one whose gate, at the
-    highest percentile asked for, opens on the most forget dev questions, with that probe's own
-    thresholds; the chosen detector is what the setting then gates with."""
+    """Of the run's detectors (one per L2 penalty, and the "mlp" one), calibrate_probe keeps the
+    one whose gate, at the highest percentile asked for, opens on the most forget dev questions
+    (ties: the first stored), with that detector's own thresholds; the chosen detector is what
+    the setting then gates with."""
     from safetensors.torch import load_file, save_file
 
     from pipelines.evaluate import calibrate_probe
+    from trainer.detector import stored_detectors
 
-    path = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    path = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, mlp_probe=True)
     gate = load_file(str(path / "gate.safetensors"))
     gate.update({"probe@0.01/w": -gate["probe/w"], "probe@0.01/b": torch.tensor([0.7]),
                  "probe@0.01/max": gate["probe/max"] + 1})
     save_file(gate, str(path / "gate.safetensors"))
     run = load_run(path)
+    assert stored_detectors(run.gate) == [("linear", None), ("linear", 0.01), ("mlp", None)]
     data = eval_data(lm, cfg)
     data.prepare(lm.model, LAYER)
     settings = [Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=p) for p in (50.0, 90.0)]
 
-    def calibration(l2):
-        iv = Intervention(run, settings[0].replace(gate_threshold=0.0, probe_l2=l2))
+    def calibration(kind, l2):
+        iv = Intervention(run, settings[0].replace(gate_threshold=0.0, probe_l2=l2, probe_kind=kind))
         dev = lambda n: getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q].double()
         r = torch.cat([dev(n) for n in ("retain_mcq", "ood_retain_mcq") if data.has(n)])
         thr = {p: float(torch.quantile(r, p)) for p in (0.5, 0.9)}
-        return thr, float((dev("forget_mcq") > thr[0.9]).double().mean())
+        return thr, float((dev("forget_mcq") > thr[0.9]).double().mean()), iv.detector.b
 
-    (thr_a, open_a), (thr_b, open_b) = calibration(None), calibration(0.01)
-    assert open_a != open_b, "the two detectors must open on different shares for the test to decide"
-    want, thr, bias = (None, thr_a, -0.5) if open_a > open_b else (0.01, thr_b, 0.7)
+    cals = [calibration(*d) for d in stored_detectors(run.gate)]
+    assert len({c[1] for c in cals}) > 1, "the detectors must open on different shares for the test to decide"
+    best = max(range(len(cals)), key=lambda i: (cals[i][1], -i))
+    (kind, want), (thr, _, bias) = stored_detectors(run.gate)[best], cals[best]
     got = calibrate_probe(settings, run, data, cfg)
-    assert [s.probe_l2 for s in got] == [want, want]
+    assert [(s.probe_kind, s.probe_l2) for s in got] == [(kind, want)] * 2
     for s, p in zip(got, (0.5, 0.9)):
         assert s.gate_threshold == pytest.approx(thr[p] + bias)
     assert Setting.from_dict(got[0].to_dict()) == got[0], "the choice round-trips through unlearning.json"
+    # a setting that names its detector is calibrated with that one only
+    mlp = calibrate_probe([settings[1].replace(probe_kind="mlp")], run, data, cfg)[0]
+    assert mlp.probe_kind == "mlp" and mlp.gate_threshold == pytest.approx(cals[2][0][0.9] + cals[2][2])
     with pytest.raises(EvalError, match="no probe gate fitted with L2 0.001"):
         Intervention(run, settings[0].replace(probe_l2=0.001))
 

@@ -13,9 +13,11 @@ import torch
 
 def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: int | None = None,
              method: str = "featureforget", n_candidates: int = 12, scale: float = 0.5, seed: int = 0,
-             b_enc: float = -0.3, model: str = "tiny", probe_layer: int | None = None) -> Path:
+             b_enc: float = -0.3, model: str = "tiny", probe_layer: int | None = None,
+             mlp_probe: bool = False) -> Path:
     """Write RUN/{sae.safetensors, features.safetensors, config.json} like `ff train` does.
-    `probe_layer`: the probe reads that block's output (`ff train --probe-offset`)."""
+    `probe_layer`: the probe reads that block's output (`ff train --probe-offset`); `mlp_probe`:
+    the run also has a (random) "mlp" detector."""
     from safetensors.torch import save_file
 
     from trainer.sae import SAE
@@ -37,7 +39,7 @@ def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: in
         for c in ("r", "u"):
             feats[f"{k}_{c}"] = torch.rand(d_sae, generator=g)
     save_file(feats, str(path / "features.safetensors"))
-    write_gate(path, feats, method, g, d_model)
+    write_gate(path, feats, method, g, d_model, mlp_probe=mlp_probe)
     if probe_layer is not None:
         from safetensors.torch import load_file
 
@@ -50,9 +52,11 @@ def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: in
     return path
 
 
-def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, d_model: int, share: float = 0.1) -> None:
+def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, d_model: int, share: float = 0.1,
+               mlp_probe: bool = False) -> None:
     """RUN/gate.safetensors for every selection `ff train` calibrates, with retain shares drawn
-    uniformly in [0, share) over 40 contexts."""
+    uniformly in [0, share) over 40 contexts, and a random probe (`mlp_probe`: and a random
+    "mlp" detector of 8 hidden units)."""
     from safetensors.torch import save_file
 
     from trainer.selection import calibration_sets
@@ -63,6 +67,10 @@ def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, d_model
     # the probe gate's detector (trainer/detector.py), random
     gate.update({"probe/w": torch.randn(d_model, generator=g), "probe/b": torch.tensor([-0.5]),
                  "probe/max": torch.randn(40, generator=g), "probe/max_pos": torch.rand(40, generator=g)})
+    if mlp_probe:
+        gate.update({"probe@mlp/W": torch.randn(8, d_model, generator=g), "probe@mlp/c": torch.randn(8, generator=g),
+                     "probe@mlp/w": torch.randn(8, generator=g), "probe@mlp/b": torch.tensor([0.3]),
+                     "probe@mlp/max": torch.randn(40, generator=g), "probe@mlp/max_pos": torch.rand(40, generator=g)})
     save_file(gate, str(path / "gate.safetensors"))
 
 

@@ -189,6 +189,13 @@ def test_grid_settings_and_validation():
     chosen = ff[-1].replace(probe_l2=0.01)
     assert "l2=0.01" in chosen.label and Setting.from_dict(chosen.to_dict()) == chosen
     assert "probe_l2" not in ff[-1].to_dict() and "probe_l2" not in ff[0].replace(probe_l2=0.01).to_dict()
+    mlp = ff[-1].replace(probe_kind="mlp")
+    assert " probe mlp p" in mlp.label and Setting.from_dict(mlp.to_dict()) == mlp
+    assert "probe_kind" not in ff[-1].to_dict(), "the default detector kind is not written"
+    with pytest.raises(EvalError, match="unknown probe detector kind 'tree'"):
+        Setting(gate="probe", probe_kind="tree")
+    with pytest.raises(EvalError, match="the 'mlp' detector has none"):
+        Setting(gate="probe", probe_kind="mlp", probe_l2=0.01)
     with pytest.raises(EvalError, match="mode"):
         Setting(gate="none", mode="erase")
     with pytest.raises(EvalError, match="multiplier"):
@@ -221,6 +228,9 @@ def test_grid_settings_and_validation():
     from pipelines.config import PROBE_POOLS
     from trainer.detector import PROBE_POOLS as TRAINED_POOLS
     assert PROBE_POOLS == TRAINED_POOLS, "every pooling a setting may name is one ff train calibrates"
+    from pipelines.config import PROBE_KINDS
+    from trainer.detector import PROBE_KINDS as TRAINED_KINDS
+    assert PROBE_KINDS == TRAINED_KINDS, "every detector kind a setting may name is one ff train fits"
 
 
 def test_probe_pooling_thresholds_come_from_their_own_calibration(tmp_path):
@@ -285,6 +295,7 @@ def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
     assert probe.changed(gate_percentile=95.0).gate_threshold is None
     assert probe.changed(probe_l2=0.1).gate_threshold is None
     assert probe.changed(probe_pool="positive").gate_threshold is None  # another pooling, other units
+    assert probe.changed(probe_l2=None, probe_kind="mlp").gate_threshold is None  # another detector
     assert probe.changed(gate_percentile=95.0, gate_threshold=0.5).gate_threshold == 0.5  # set explicitly
     graded = probe.replace(ramp_percentile=95.0, ramp_threshold=0.4)
     assert graded.changed(gate_percentile=98.0).ramp_threshold == 0.4  # the ramp's start is unchanged

@@ -342,6 +342,58 @@ def test_probe_learns_the_topic_directions_and_calibrates_on_unseen_retain_conte
     assert float((u_new > thr).float().mean()) > 0.9 and float((r_new > thr).float().mean()) < 0.1
 
 
+def _xor_contexts(n: int, same: bool, seed: int):
+    """Contexts whose tokens carry two random bits (dims 0, 1) that agree on 90% of the tokens
+    (`same`) or disagree on 90%: each bit is 1 on half the tokens in both kinds, so no function
+    of the running mean of the residual stream tells the kinds apart, only the tokens jointly."""
+    g = torch.Generator().manual_seed(seed)
+    T = 32
+    a = (torch.rand(n, T, generator=g) < 0.5).float()
+    agree = torch.rand(n, T, generator=g) < (0.9 if same else 0.1)
+    x = torch.zeros(n, T, 4)
+    x[..., 0], x[..., 1] = a, torch.where(agree, a, 1 - a)
+    x[..., 2] = torch.randn(n, T, generator=g)
+    m = torch.ones(n, T, dtype=torch.bool)
+    m[:, 0] = False
+    return [(x[i:i + 4], m[i:i + 4]) for i in range(0, n, 4)]
+
+
+def test_mlp_probe_detects_a_topic_that_only_tokens_jointly_show():
+    """The "mlp" detector scores each token with a small network and pools like the linear one:
+    it separates corpora that differ only in how features co-occur within a token, which no
+    linear probe of the running mean can; it is calibrated out of fold like the linear ones, and
+    the stored detector is the two folds' networks side by side."""
+    from trainer.detector import _side_by_side, fit_probes, max_score, token_scores
+
+    retain, unlearn = _xor_contexts(48, False, 0), _xor_contexts(48, True, 1)
+    probes = fit_probes(lambda: iter(retain), unlearn, n_retain=48, n_unlearn=48, lengths=(8, 16), l2s=(0.01,),
+                        mlp=True)
+    assert set(probes) == {0.01, "mlp"}
+    mlp, lin = probes["mlp"].detector, probes[0.01].detector
+    assert mlp.kind == "mlp" and lin.kind == "linear" and mlp.W_HD.shape[1] == 4
+
+    def whole(det, ctxs):  # each fresh context's score over all its tokens
+        return torch.cat([(det.token_scores(x) * m).sum(1) / m.sum(1) + det.b for x, m in ctxs])
+
+    r_new, u_new = _xor_contexts(24, False, 5), _xor_contexts(24, True, 6)
+    assert auroc(whole(mlp, u_new), whole(mlp, r_new)) > 0.95
+    assert auroc(whole(lin, u_new), whole(lin, r_new)) < 0.8, "the test needs a topic a linear probe cannot see"
+    # calibration: every retain context's highest causal score from GATE_MIN_TOKENS on
+    cal = probes["mlp"].retain_max_C
+    assert cal.shape == (48,) and bool(torch.isfinite(cal).all())
+    x, m = retain[0][0][0], retain[0][1][0]
+    s_T = (mlp.token_scores(x[None])[0] * m).cumsum(0) / m.float().cumsum(0).clamp_min(1) + mlp.b
+    assert float(max_score(x, m, mlp, mlp.b)) == pytest.approx(float(s_T[m.cumsum(0) >= 8].max()), abs=1e-5)
+    assert torch.allclose(token_scores(x[None], mlp), mlp.token_scores(x[None]))
+    # side by side: the mean of two networks' token scores
+    h = int(mlp.W_HD.shape[0]) // 2
+    a = type(mlp)(mlp.w[:h] * 2, 0.2, mlp.W_HD[:h], mlp.c_H[:h])
+    b = type(mlp)(mlp.w[h:] * 2, -0.4, mlp.W_HD[h:], mlp.c_H[h:])
+    both = _side_by_side(a, b)
+    assert torch.allclose(both.token_scores(x[None]), (a.token_scores(x[None]) + b.token_scores(x[None])) / 2, atol=1e-6)
+    assert both.b == pytest.approx(-0.1)
+
+
 def _assert_causal_and_cached(lm, iv: Intervention, ids: torch.Tensor) -> None:
     """With `iv` in the model: changing token t changes no output before t, and greedy generation
     with the KV cache gives the tokens of a full forward per step."""
@@ -387,6 +439,34 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
     if probe_layer is not None:
         with pytest.raises(EvalError, match="pass its output"):
             iv.edit(h, ids != lm.model.config.bos_token_id)
+
+
+def test_mlp_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_path):
+    """A setting with the run's "mlp" detector gates on the running mean of its token scores,
+    decides at t from tokens <= t only, and gives cached generation equal to full recompute."""
+    from trainer.detector import load_detector
+
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40,
+                            mlp_probe=True))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    setting = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", probe_kind="mlp", gate_threshold=0.0)
+    det = load_detector(run.gate, "probe@mlp")
+    probe = Intervention(run, setting)
+    with torch.no_grad():
+        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+        want = det.token_scores(h * run.scale)
+        assert torch.allclose(probe.signal(h), want, atol=1e-5), "the gate pools the network's token scores"
+        share, seen = firing_share(probe.signal(h), ids != lm.model.config.bos_token_id)
+    median = float(share[seen >= 8].median()) + det.b
+    iv = Intervention(run, setting.replace(gate_threshold=median))
+    _assert_causal_and_cached(lm, iv, ids)
+    opened = iv.edit(h, ids != lm.model.config.bos_token_id).open_BT[seen >= 8]
+    assert 0 < float(opened.float().mean()) < 1, "at the median the gate is open at some positions only"
+    plain = load_run(make_run(tmp_path / "plain", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
+    with pytest.raises(EvalError, match="no 'mlp' probe detector"):
+        Intervention(plain, setting)
 
 
 def _probe_case(lm, tmp_path, T):

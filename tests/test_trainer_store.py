@@ -97,6 +97,11 @@ def test_train_from_store_writes_run_folder(tmp_path, method):
     ws = [gate[f"{probe_prefix(l2)}/w"] for l2 in PROBE_L2S]
     assert all(w.shape == (D,) for w in ws) and not torch.equal(ws[0], ws[-1])
     assert ws[-1].norm() > ws[0].norm(), "a weaker penalty leaves larger weights"
+    from trainer.detector import PROBE_MLP_HIDDEN, load_detector, stored_detectors
+    assert stored_detectors(gate)[-1] == ("mlp", None), "and one 'mlp' detector"
+    mlp = load_detector(gate, "probe@mlp")
+    assert mlp.W_HD.shape == (2 * PROBE_MLP_HIDDEN, D) and mlp.w.shape == mlp.c_H.shape == (2 * PROBE_MLP_HIDDEN,)
+    assert gate["probe@mlp/max"].shape == gate["probe/max"].shape and bool(torch.isfinite(gate["probe@mlp/max"]).all())
 
 
 def test_cli_train_options_reach_the_run_config(tmp_path):

@@ -32,7 +32,16 @@ at least `GATE_MIN_TOKENS` editable tokens, scored by a probe that did not see t
 folds, cross-fitted), so that at the 95th percentile the gate opens somewhere in about 5% of
 unseen retain contexts. The stored probe averages the two folds' weights.
 
-Shape suffixes: C contexts, T positions, D d_model, N examples.
+Kinds (`PROBE_KINDS`): the "linear" detector above, and an "mlp" detector whose per-token score
+is a small network, `s(x_s) = w . gelu(W x_s + c)`, pooled like the linear one
+(`score_t = mean_{s <= t} s(x_s) + b`). Still a running mean of one scalar per token, so just as
+causal and cheap to carry across KV-cached steps, but a token's evidence may depend on its
+features jointly. It is trained on the same kinds of windows by gradient descent on the pooled
+score (AdamW, balanced classes), one network per fold; the stored detector is the two folds'
+networks side by side (the mean of their scores), and each retain context is calibrated by the
+fold's network that did not see it.
+
+Shape suffixes: C contexts, T positions, D d_model, H hidden units, N examples.
 """
 from __future__ import annotations
 
@@ -40,6 +49,7 @@ from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from trainer.selection import GATE_MIN_TOKENS, firing_share
@@ -65,15 +75,60 @@ PROBE_MAX_CONTEXTS = 2048
 """At most this many contexts per corpus feed the probe (evenly spaced); the rest add little."""
 
 
-class Probe(NamedTuple):
-    w_D: Tensor
-    """Weights on the running mean of the normalised residual stream."""
+PROBE_KINDS = ("linear", "mlp")
+"""Detector kinds (module docstring): `ff train` fits one "mlp" detector beside the linear ones."""
+PROBE_MLP_HIDDEN = 64
+"""Hidden units of each fold's network ("mlp" detector; the stored one has twice as many)."""
+PROBE_MLP_STEPS = 400
+"""AdamW steps per fold's network."""
+PROBE_MLP_BATCH = 32
+"""Contexts per corpus per step, each giving `PROBE_MLP_WINDOWS` windows."""
+PROBE_MLP_WINDOWS = 12
+PROBE_MLP_LR = 3e-3
+PROBE_MLP_WD = 1e-3
+
+
+class Detector(NamedTuple):
+    """A per-token scorer whose running mean plus `b` is the detector's score: linear,
+    `x . w` (W_HD None), or a one-hidden-layer network, `w . gelu(W x + c)` (w then [H])."""
+    w: Tensor
     b: float
-    """Bias (log-odds)."""
+    W_HD: Tensor | None = None
+    c_H: Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        return "linear" if self.W_HD is None else "mlp"
+
+    def token_scores(self, x_BTD: Tensor) -> Tensor:
+        """Each token's score [B, T] (the gate averages it over the tokens so far)."""
+        x = x_BTD.to(self.w.dtype)
+        if self.W_HD is None:
+            return x @ self.w
+        return F.gelu(x @ self.W_HD.T + self.c_H) @ self.w
+
+    def to(self, device) -> "Detector":
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=torch.float32)
+        return Detector(move(self.w), self.b, move(self.W_HD), move(self.c_H))
+
+
+class Probe(NamedTuple):
+    detector: Detector
     retain_max_C: Tensor
     """Per retain training context: its highest out-of-fold score (the gate's calibration)."""
     retain_max_pos_C: Tensor
     """The same for the "positive" pooling."""
+
+    @property
+    def w_D(self) -> Tensor:
+        """Linear detector: weights on the running mean of the normalised residual stream."""
+        return self.detector.w
+
+    @property
+    def b(self) -> float:
+        """Bias (log-odds)."""
+        return self.detector.b
 
 
 def _kept(contexts: Contexts, keep_every: int) -> Iterable[tuple[Tensor, Tensor]]:
@@ -88,10 +143,13 @@ def _kept(contexts: Contexts, keep_every: int) -> Iterable[tuple[Tensor, Tensor]
 
 @torch.no_grad()
 def _windows(contexts: Contexts, keep_every: int, lengths: tuple[int, ...], starts: int,
-             g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(window means [N, D], context index [N]) of the kept contexts."""
+             g: torch.Generator, keep: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+    """(window means [N, D], context index [N]) of the kept contexts (appended to `keep`,
+    in half precision, when given)."""
     means, ctx_ids = [], []
     for c, (x_TD, m_T) in enumerate(_kept(contexts, keep_every)):
+        if keep is not None:
+            keep.append((x_TD.half(), m_T))
         cum_TD = torch.cat([x_TD.new_zeros(1, x_TD.shape[1]), (x_TD * m_T[:, None]).cumsum(0)])
         seen_T = torch.cat([torch.zeros(1), m_T.float().cumsum(0)])
         n, T = float(seen_T[-1]), len(m_T)
@@ -135,6 +193,74 @@ def _fit(x_NF: Tensor, y_N: Tensor, l2: float) -> tuple[Tensor, float]:
     return w_raw_F, float(b.detach() - (w_raw_F * mu_F).sum())
 
 
+def _stack(ctxs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Contexts -> (x [C, T, D], editable [C, T]), shorter ones padded (not editable)."""
+    T = max(len(m) for _, m in ctxs)
+    x = torch.zeros(len(ctxs), T, ctxs[0][0].shape[1], dtype=ctxs[0][0].dtype)
+    m = torch.zeros(len(ctxs), T, dtype=torch.bool)
+    for i, (x_TD, m_T) in enumerate(ctxs):
+        x[i, :len(m_T)], m[i, :len(m_T)] = x_TD, m_T
+    return x, m
+
+
+def _window_means(s_CT: Tensor, m_CT: Tensor, lengths: Tensor, per: int, g: torch.Generator) -> Tensor:
+    """Mean token score of `per` windows per context: lengths drawn from `lengths` and the whole
+    context, a quarter of them prefixes, the rest at random starts; windows over mostly padding
+    dropped (as in `_windows`)."""
+    C, T = s_CT.shape
+    cs = torch.cat([s_CT.new_zeros(C, 1), (s_CT * m_CT).cumsum(1)], 1)
+    cn = torch.cat([torch.zeros(C, 1), m_CT.float().cumsum(1)], 1)
+    all_L = torch.cat([lengths[lengths < T], torch.tensor([T])])
+    L = all_L[torch.randint(0, len(all_L), (C, per), generator=g)]
+    start = (torch.rand(C, per, generator=g) * (T - L + 1)).long().clamp(max=T - L)
+    start = torch.where(torch.rand(C, per, generator=g) < 0.25, 0, start)
+    c = torch.arange(C)[:, None].expand(C, per)
+    k = cn[c, start + L] - cn[c, start]
+    ok = k >= (L.clamp(max=GATE_MIN_TOKENS) // 2).clamp_min(1)
+    return ((cs[c, start + L] - cs[c, start]) / k.clamp_min(1))[ok]
+
+
+def _fit_mlp(retain: list[tuple[Tensor, Tensor]], unlearn: list[tuple[Tensor, Tensor]], lengths: tuple[int, ...],
+             g: torch.Generator, hidden: int = PROBE_MLP_HIDDEN, steps: int = PROBE_MLP_STEPS,
+             batch: int = PROBE_MLP_BATCH) -> Detector:
+    """One network on the contexts of both corpora (module docstring), the standardisation
+    folded into its first layer."""
+    x_r, m_r = _stack(retain)
+    x_u, m_u = _stack(unlearn)
+    tok = torch.cat([x_r[m_r], x_u[m_u]]).float()
+    mu_D, sd_D = tok.mean(0), tok.std(0)
+    del tok
+    sd_D = torch.where(sd_D > 0, sd_D, torch.ones_like(sd_D))
+    D = x_r.shape[-1]
+    W = ((torch.rand(hidden, D, generator=g) * 2 - 1) / D ** 0.5).requires_grad_()
+    c = torch.zeros(hidden, requires_grad=True)
+    w = ((torch.rand(hidden, generator=g) * 2 - 1) / hidden ** 0.5).requires_grad_()
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.AdamW([W, c, w, b], lr=PROBE_MLP_LR, weight_decay=PROBE_MLP_WD)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    L = torch.tensor(lengths, dtype=torch.long)
+    for _ in range(steps):
+        loss = torch.zeros(())
+        for x, m, label in ((x_r, m_r, 0.0), (x_u, m_u, 1.0)):  # balanced classes
+            i = torch.randint(0, len(x), (min(batch, len(x)),), generator=g)
+            z = (x[i].float() - mu_D) / sd_D
+            logit = _window_means(F.gelu(z @ W.T + c) @ w, m[i], L, PROBE_MLP_WINDOWS, g) + b
+            loss = loss + 0.5 * F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, label))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        W_raw = W / sd_D
+        return Detector(w.detach().clone(), float(b), W_raw.detach(), (c - W_raw @ mu_D).detach())
+
+
+def _side_by_side(a: Detector, b: Detector) -> Detector:
+    """The network whose token score is the mean of two networks' (their hidden units side by side)."""
+    return Detector(torch.cat([a.w, b.w]) / 2, (a.b + b.b) / 2, torch.cat([a.W_HD, b.W_HD]),
+                    torch.cat([a.c_H, b.c_H]))
+
+
 def pool_signal(scores_BT: Tensor, b: float, pool: str) -> Tensor:
     """The per-token signal whose running mean the gate pools ([B, T]) from the tokens' x . w:
     x . w itself ("mean": the running mean plus b is the score), or the positive part of each
@@ -152,13 +278,14 @@ def score_offset(b: float, pool: str) -> float:
 
 
 @torch.no_grad()
-def max_score(x_TD: Tensor, m_T: Tensor, w_D: Tensor, b: float, min_tokens: int = GATE_MIN_TOKENS,
+def max_score(x_TD: Tensor, m_T: Tensor, w_D: "Tensor | Detector", b: float, min_tokens: int = GATE_MIN_TOKENS,
               pool: str = "mean") -> Tensor:
     """A context's highest causal score at any position with >= min_tokens editable tokens (a
-    shorter context: its whole-context score; none editable: -inf), pooled as `pool` says."""
+    shorter context: its whole-context score; none editable: -inf), pooled as `pool` says, under
+    the linear weights `w_D` or a `Detector`."""
     if not bool(m_T.any()):
         return torch.tensor(float("-inf"))
-    signal_1T = pool_signal(token_scores(x_TD, w_D)[None], b, pool)
+    signal_1T = pool_signal(token_scores(x_TD[None], w_D), b, pool)
     share_1T, seen_1T = firing_share(signal_1T, m_T[None])  # the gate's running mean
     ok_T = (seen_1T[0] >= min(min_tokens, float(seen_1T[0, -1]))) & m_T
     return share_1T[0][ok_T].max() + score_offset(b, pool)
@@ -176,45 +303,89 @@ def fit_probe(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: in
 def fit_probes(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: int, n_unlearn: int,
                lengths: tuple[int, ...] = PROBE_LENGTHS, starts: int = PROBE_STARTS,
                l2s: tuple[float, ...] = PROBE_L2S, max_contexts: int = PROBE_MAX_CONTEXTS,
-               seed: int = 0) -> dict[float, Probe]:
-    """`fit_probe` for each L2 penalty in `l2s`, on the same windows and calibration pass."""
+               mlp: bool = False, seed: int = 0) -> dict[float | str, Probe]:
+    """`fit_probe` for each L2 penalty in `l2s`, on the same windows and calibration pass, and
+    with `mlp` the "mlp" detector (key "mlp") on the same contexts and folds."""
     keep_r, keep_u = max(1, -(-n_retain // max_contexts)), max(1, -(-n_unlearn // max_contexts))
     g = torch.Generator().manual_seed(seed)
-    x_r, ctx_r = _windows(retain(), keep_r, lengths, starts, g)
-    x_u, ctx_u = _windows(unlearn, keep_u, lengths, starts, g)
+    kept: dict[str, list[tuple[Tensor, Tensor]]] = {"r": [], "u": []}
+    x_r, ctx_r = _windows(retain(), keep_r, lengths, starts, g, kept["r"] if mlp else None)
+    x_u, ctx_u = _windows(unlearn, keep_u, lengths, starts, g, kept["u"] if mlp else None)
     if len(x_r) == 0 or len(x_u) == 0:
         raise ValueError("the probe needs contexts with editable tokens in both corpora")
     x_ND = torch.cat([x_r, x_u])
     y_N = torch.cat([torch.zeros(len(x_r)), torch.ones(len(x_u))])
     fold_N = torch.cat([ctx_r % 2, ctx_u % 2])
     del x_r, x_u
-    fits = {l2: [_fit(x_ND[fold_N != k], y_N[fold_N != k], l2) for k in (0, 1)] for l2 in l2s}
+    fits: dict[float | str, list[Detector]] = {
+        l2: [Detector(*_fit(x_ND[fold_N != k], y_N[fold_N != k], l2)) for k in (0, 1)] for l2 in l2s}
+    del x_ND
+    if mlp:  # each fold's network on the other fold's contexts, like the linear fits
+
+        def fold(ctxs: list[tuple[Tensor, Tensor]], k: int) -> list[tuple[Tensor, Tensor]]:
+            return [c for i, c in enumerate(ctxs) if i % 2 != k] or ctxs
+
+        fits["mlp"] = [_fit_mlp(fold(kept["r"], k), fold(kept["u"], k), lengths, g) for k in (0, 1)]
+    del kept
     # cross-fitting: each retain context is scored by the probe that did not see it
-    oof: dict[tuple[float, str], list[Tensor]] = {(l2, pool): [] for l2 in l2s for pool in PROBE_POOLS}
+    oof: dict[tuple[float | str, str], list[Tensor]] = {(key, pool): [] for key in fits for pool in PROBE_POOLS}
     for c, (x_TD, m_T) in enumerate(_kept(retain(), keep_r)):
-        for l2, pool in oof:
-            oof[l2, pool].append(max_score(x_TD, m_T, *fits[l2][c % 2], pool=pool))
+        for key, pool in oof:
+            det = fits[key][c % 2]
+            oof[key, pool].append(max_score(x_TD, m_T, det, det.b, pool=pool))
 
-    def stacked(l2: float, pool: str) -> Tensor:
-        return torch.stack(oof[l2, pool]) if oof[l2, pool] else torch.zeros(0)
+    def stacked(key: float | str, pool: str) -> Tensor:
+        return torch.stack(oof[key, pool]) if oof[key, pool] else torch.zeros(0)
 
-    return {l2: Probe(torch.stack([w for w, _ in fits[l2]]).mean(0), float(np.mean([b for _, b in fits[l2]])),
-                      stacked(l2, "mean"), stacked(l2, "positive")) for l2 in l2s}
+    def joined(key: float | str) -> Detector:
+        a, b = fits[key]
+        if a.W_HD is not None:
+            return _side_by_side(a, b)
+        return Detector((a.w + b.w) / 2, (a.b + b.b) / 2)
+
+    return {key: Probe(joined(key), stacked(key, "mean"), stacked(key, "positive")) for key in fits}
 
 
-def probe_prefix(l2: float | None) -> str:
-    """The gate.safetensors key prefix of the probe fitted with penalty `l2` (None: the default)."""
+def probe_prefix(l2: float | None, kind: str = "linear") -> str:
+    """The gate.safetensors key prefix of the detector of `kind` (linear: the one fitted with
+    penalty `l2`, None the default)."""
+    if kind == "mlp":
+        return "probe@mlp"
     return "probe" if l2 is None or l2 == PROBE_L2 else f"probe@{l2:g}"
 
 
 def stored_l2s(gate: dict[str, Tensor]) -> list[float | None]:
-    """The probe variants a run's gate.safetensors holds: None (the default) first, then the
-    other penalties from the strongest down."""
-    others = sorted((float(k[len("probe@"):-len("/w")]) for k in gate if k.startswith("probe@") and k.endswith("/w")),
-                    reverse=True)
+    """The linear probe variants a run's gate.safetensors holds: None (the default) first, then
+    the other penalties from the strongest down."""
+    others = sorted((float(k[len("probe@"):-len("/w")]) for k in gate
+                     if k.startswith("probe@") and k.endswith("/w") and k != "probe@mlp/w"), reverse=True)
     return ([None] if "probe/w" in gate else []) + others
 
 
-def token_scores(x_BTD: Tensor, w_D: Tensor) -> Tensor:
-    """Each token's contribution x . w  [B, T] (the gate averages it over the prefix)."""
+def stored_detectors(gate: dict[str, Tensor]) -> list[tuple[str, float | None]]:
+    """(kind, l2) of every detector a run's gate.safetensors holds: the linear ones
+    (`stored_l2s`), then the "mlp" one (l2 None) where there is one."""
+    return [("linear", l2) for l2 in stored_l2s(gate)] + ([("mlp", None)] if "probe@mlp/W" in gate else [])
+
+
+def detector_tensors(key: str, det: Detector) -> dict[str, Tensor]:
+    """A detector as gate.safetensors entries under the prefix `key` (`load_detector` reads them)."""
+    out = {f"{key}/w": det.w.float(), f"{key}/b": torch.tensor([det.b], dtype=torch.float32)}
+    if det.W_HD is not None:
+        out.update({f"{key}/W": det.W_HD.float(), f"{key}/c": det.c_H.float()})
+    return out
+
+
+def load_detector(gate: dict[str, Tensor], key: str) -> Detector:
+    """The detector stored under the prefix `key` (`detector_tensors`)."""
+    W = gate.get(f"{key}/W")
+    return Detector(gate[f"{key}/w"].float(), float(gate[f"{key}/b"][0]), None if W is None else W.float(),
+                    None if W is None else gate[f"{key}/c"].float())
+
+
+def token_scores(x_BTD: Tensor, w_D: "Tensor | Detector") -> Tensor:
+    """Each token's contribution [B, T] (the gate averages it over the prefix): x . w for the
+    linear weights `w_D`, or a `Detector`'s token score."""
+    if isinstance(w_D, Detector):
+        return w_D.token_scores(x_BTD)
     return x_BTD.to(w_D.dtype) @ w_D

@@ -136,15 +136,15 @@ def finish_run(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=No
 def fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
     """The probe gate's detector on the residual stream, fitted on the training contexts of both
     corpora and calibrated on retain contexts it did not see (trainer/detector.py)."""
-    from trainer.detector import CALIBRATION_KEYS, fit_probes, probe_prefix
+    from trainer.detector import CALIBRATION_KEYS, detector_tensors, fit_probes, probe_prefix
 
     n_r, n_u = (int((meta.get(f"{c}_contexts") or [0])[0]) for c in ("retain", "unlearn"))
     retain, unlearn = (sd.retain_contexts, sd.unlearn()) if sd.probe is None else (sd.probe.retain, sd.probe.unlearn())
     out: dict[str, Tensor] = {}
-    for l2, probe in fit_probes(retain, unlearn, n_retain=max(n_r, 1), n_unlearn=max(n_u, 1)).items():
-        key = probe_prefix(l2)
-        out.update({f"{key}/w": probe.w_D.float(), f"{key}/b": torch.tensor([probe.b], dtype=torch.float32),
-                    f"{key}/{CALIBRATION_KEYS['mean']}": probe.retain_max_C.float(),
+    for name, probe in fit_probes(retain, unlearn, n_retain=max(n_r, 1), n_unlearn=max(n_u, 1), mlp=True).items():
+        key = probe_prefix(None, "mlp") if name == "mlp" else probe_prefix(float(name))
+        out.update(detector_tensors(key, probe.detector))
+        out.update({f"{key}/{CALIBRATION_KEYS['mean']}": probe.retain_max_C.float(),
                     f"{key}/{CALIBRATION_KEYS['positive']}": probe.retain_max_pos_C.float()})
     if sd.probe is not None:  # read by pipelines/intervene.py (probe_layer)
         out.update({"probe/layer": torch.tensor([sd.probe.layer], dtype=torch.int64),
