@@ -58,8 +58,8 @@ class Setting:
     """"none": edit wherever a selected feature fires (static clamp); "sequence": edit only
     where the share of tokens so far on which a selected feature fired exceeds the run's
     retain-calibrated threshold (causal; trainer/selection.py); "probe": edit only where the
-    run's topic detector, a logistic regression on the running mean of the residual stream,
-    scores the tokens so far above its retain-calibrated threshold (causal; trainer/detector.py)."""
+    run's topic detector (`probe_kind`, `probe_l2`) scores the tokens so far above its
+    retain-calibrated threshold (causal; trainer/detector.py)."""
 
     gate_percentile: float = 95.0
     """The gate's threshold: this percentile of the retain training contexts' firing shares
