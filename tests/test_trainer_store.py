@@ -142,6 +142,27 @@ def test_resume_through_train_matches_uninterrupted(tmp_path):
     assert metrics[0] == metrics[1]
 
 
+def test_runs_on_the_same_store_and_layer_share_one_detector_fit(tmp_path, monkeypatch):
+    """The detectors depend on the store, layer, split and scale, not on the SAE: a second run of
+    the process with the same ones (another method or seed) reuses the first fit, bit for bit,
+    and a run on another layer fits its own."""
+    import trainer.detector as detector
+
+    calls = []
+    fit = detector.fit_probes
+    monkeypatch.setattr(detector, "fit_probes", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    store = str(make_store(tmp_path / "s.zarr"))
+    cfg = CFG.replace(steps=4)
+    train(cfg, store, 2, str(tmp_path / "ff"), progress=False)
+    train(cfg.replace(method="baseline", seed=1), store, 2, str(tmp_path / "base"), progress=False)
+    assert len(calls) == 1, "the second run reuses the first run's detectors"
+    a, b = (load_file(str(tmp_path / r / "gate.safetensors")) for r in ("ff", "base"))
+    for key in [k for k in a if k.startswith("probe")]:
+        assert torch.equal(a[key], b[key]), key
+    train(cfg, store, 1, str(tmp_path / "l1"), progress=False)
+    assert len(calls) == 2, "another layer: its own fit"
+
+
 def test_probe_offset_fits_the_probe_on_an_earlier_layer_of_the_store(tmp_path):
     """`probe_offset` 1 at layer 2: the probe is the one a run at layer 1 fits (same contexts,
     that layer's own scale), and the run records which layer it reads."""

@@ -36,6 +36,9 @@ class StatsData(NamedTuple):
     """Retain training contexts (x [C, T, D] normalised, editable [C, T]) for the gate."""
     probe: "ProbeData | None" = None
     """The probe's layer when it is not the trained one (TrainConfig.probe_offset)."""
+    probe_key: tuple | None = None
+    """What the detectors depend on (store, layer, split, scale, context counts): runs of one
+    process with the same key (e.g. `ff run`'s methods and seeds) share one fit."""
 
 
 class ProbeData(NamedTuple):
@@ -133,9 +136,31 @@ def finish_run(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=No
     write_json(run.eval, {"method": cfg.method, "layer": meta.get("layer"), **report})
 
 
+_PROBE_MEMO: dict[tuple, dict[str, Tensor]] = {}
+"""The detectors fitted in this process, by `StatsData.probe_key` (the fit is deterministic and
+does not depend on the SAE, so a run with the same key gets the same tensors without refitting)."""
+PROBE_MEMO_SIZE = 4
+
+
 def fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
-    """The probe gate's detector on the residual stream, fitted on the training contexts of both
-    corpora and calibrated on retain contexts it did not see (trainer/detector.py)."""
+    """The probe gate's detectors on the residual stream, fitted on the training contexts of both
+    corpora and calibrated on retain contexts they did not see (trainer/detector.py); reused from
+    an earlier run of this process with the same `sd.probe_key`."""
+    if sd.probe_key is not None and sd.probe_key in _PROBE_MEMO:
+        out = {k: v.clone() for k, v in _PROBE_MEMO[sd.probe_key].items()}
+    else:
+        out = _fit_run_probes(sd, meta)
+        if sd.probe_key is not None:
+            while len(_PROBE_MEMO) >= PROBE_MEMO_SIZE:
+                _PROBE_MEMO.pop(next(iter(_PROBE_MEMO)))
+            _PROBE_MEMO[sd.probe_key] = {k: v.clone() for k, v in out.items()}
+    if sd.probe is not None:  # read by pipelines/intervene.py (probe_layer)
+        out.update({"probe/layer": torch.tensor([sd.probe.layer], dtype=torch.int64),
+                    "probe/scale": torch.tensor([sd.probe.scale], dtype=torch.float32)})
+    return out
+
+
+def _fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
     from trainer.detector import CALIBRATION_KEYS, detector_tensors, fit_probes, probe_prefix
 
     n_r, n_u = (int((meta.get(f"{c}_contexts") or [0])[0]) for c in ("retain", "unlearn"))
@@ -146,9 +171,6 @@ def fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
         out.update(detector_tensors(key, probe.detector))
         out.update({f"{key}/{CALIBRATION_KEYS['mean']}": probe.retain_max_C.float(),
                     f"{key}/{CALIBRATION_KEYS['positive']}": probe.retain_max_pos_C.float()})
-    if sd.probe is not None:  # read by pipelines/intervene.py (probe_layer)
-        out.update({"probe/layer": torch.tensor([sd.probe.layer], dtype=torch.int64),
-                    "probe/scale": torch.tensor([sd.probe.scale], dtype=torch.float32)})
     return out
 
 

@@ -98,7 +98,10 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
         return lambda ranks=SINGLE: iter_contexts(shard(c.train, ranks.rank, ranks.world),
                                                   meta["scale"])
 
-    stats = StatsData(contexts(data.retain), contexts(data.unlearn), contexts(data.retain), probe)
+    probe_key = (str(store_path), str(unlearn_store), meta.get("model_hash"), eval_frac,
+                 meta["layer"] if probe is None else probe.layer, meta["scale"] if probe is None else probe.scale,
+                 *(tuple(meta.get(f"{c}_contexts") or ()) for c in ("retain", "unlearn")))
+    stats = StatsData(contexts(data.retain), contexts(data.unlearn), contexts(data.retain), probe, probe_key)
     try:
         return run_loop(cfg, run, meta, *streams, held_out=held, progress=progress, on_step=on_step,
                         stats_data=stats, ranks=ranks)
