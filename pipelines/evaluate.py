@@ -222,7 +222,7 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
         for kind, l2 in [(group[0].probe_kind, group[0].probe_l2)] if fixed else stored_detectors(run.gate):
             probe = group[0].replace(gate_threshold=0.0, probe_l2=l2, probe_kind=kind, ramp_percentile=None,
                                      ramp_threshold=None)
-            thr, opened = _probe_thresholds(run, data, probe, pcts, top)
+            thr, opened = probe_thresholds(run, data, probe, pcts, top)
             if best is None or opened > best[0]:
                 best = (opened, (kind, l2), thr)
         assert best is not None  # evaluate_run refuses a run without a probe before this
@@ -233,8 +233,8 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
     return [chosen.get(s, s) for s in settings]
 
 
-def _probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentiles: set[float],
-                      top: float) -> tuple[dict[float, float], float]:
+def probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentiles: set[float],
+                     top: float) -> tuple[dict[float, float], float]:
     """({percentile: threshold score} from the retain dev questions, share of forget dev
     questions on which the gate opens at the `top` percentile, one of `percentiles`) for one probe."""
     iv = Intervention(run, setting)  # refuses a run without that probe

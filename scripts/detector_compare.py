@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache.models import load_model  # noqa: E402
 from pipelines.config import EvalConfig, Setting  # noqa: E402
+from pipelines.evaluate import probe_thresholds  # noqa: E402
 from pipelines.evalsets import eval_data  # noqa: E402
 from pipelines.intervene import Intervention, load_run  # noqa: E402
 from pipelines.scoring import auroc  # noqa: E402
@@ -48,11 +49,12 @@ def main() -> None:
           + " | ".join(n.replace("_text", " text") for n in text) + " | AUROC questions (ID / OOD) |")
     print("|" + "---|" * (2 + len(mcq) + len(text)))
     for kind, l2 in stored_detectors(run.gate):
-        iv = Intervention(run, probe.replace(probe_kind=kind, probe_l2=l2))
+        setting = probe.replace(probe_kind=kind, probe_l2=l2)
+        iv = Intervention(run, setting)
+        score, _ = probe_thresholds(run, data, setting, {args.percentile}, args.percentile)  # as ff eval does
+        thr = score[args.percentile] - score_offset(iv.detector.b, "mean")  # in the peaks' units
         peaks = {n: getattr(data, n).gate_peaks(iv) for n in mcq + text}
         dev = {n: peaks[n][~getattr(data, n).test_Q] for n in mcq}
-        retain = torch.cat([dev[n] for n in ("retain_mcq", "ood_retain_mcq") if n in dev]).double()
-        thr = float(torch.quantile(retain[torch.isfinite(retain)], args.percentile / 100.0))
 
         def rate(p: torch.Tensor) -> str:
             return f"{float((p > thr).double().mean()):.2f}"
@@ -62,7 +64,7 @@ def main() -> None:
         aucs = [f"{auroc(peaks[f'{p}forget_mcq'], peaks[f'{p}retain_mcq']):.3f}"
                 for p in ("", "ood_") if f"{p}forget_mcq" in peaks]
         name = kind if kind == "mlp" else f"linear, L2 {PROBE_L2 if l2 is None else l2:g}"
-        print(f"| {name} (threshold {thr + score_offset(iv.detector.b, 'mean'):.3g}) | " + " | ".join(cells)
+        print(f"| {name} (threshold {score[args.percentile]:.3g}) | " + " | ".join(cells)
               + f" | {' / '.join(aucs)} |", flush=True)
 
 
