@@ -160,12 +160,16 @@ def _collate(items: list[tuple], pad_id: int, bos_id: int | None) -> Batch:
 
 
 def mcq_batches(tokenizer: Any, questions: list[Question], *, template: str, max_batch_tokens: int,
-                window: int | None) -> tuple[list[Batch], McqLayout]:
+                window: int | None, prompts: list[str] | None = None) -> tuple[list[Batch], McqLayout]:
     """Tree-pack each question (prompt once, every choice after it), sort by length to limit
-    padding, and cut into batches of at most `max_batch_tokens` padded tokens."""
+    padding, and cut into batches of at most `max_batch_tokens` padded tokens. `prompts`: each
+    question's whole prompt (a prompt format, pipelines/formats.py) instead of `template`'s."""
+    if prompts is not None and len(prompts) != len(questions):
+        raise ValueError(f"{len(prompts)} prompts for {len(questions)} questions")
     trees = []  # (length, ids, pos, seg, [(col, target, choice, question)])
     for qi, q in enumerate(questions):
-        prompt = tokenizer(template.format(question=q.question))["input_ids"]
+        text = template.format(question=q.question) if prompts is None else prompts[qi]
+        prompt = tokenizer(text)["input_ids"]
         conts = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in q.choices]
         groups = [conts] if not window or len(prompt) + sum(map(len, conts)) <= window else [[c] for c in conts]
         offset = 0  # a question longer than the sliding window: one row per choice instead
