@@ -12,7 +12,7 @@ from typing import Any
 
 from pipelines.errors import EvalError
 
-MODES = ("ablate", "clamp", "splice", "zero")
+MODES = ("ablate", "clamp", "retain_mean", "project", "splice", "zero")
 SELECTIONS = ("candidates", "saebench", "ratio")
 GATES = ("none", "sequence", "probe")
 PROBE_POOLS = ("mean", "positive")
@@ -131,14 +131,14 @@ class Setting:
     @property
     def edits_features(self) -> bool:
         """True for the unlearning modes, which act on a selected feature set."""
-        return self.mode in ("ablate", "clamp")
+        return self.mode in ("ablate", "clamp", "retain_mean", "project")
 
     @property
     def label(self) -> str:
         """Short human-readable name, e.g. "clamp m=50 top20 candidates"."""
         if not self.edits_features:
             return self.mode
-        head = f"clamp m={self.multiplier:g}" if self.mode == "clamp" else "ablate"
+        head = f"clamp m={self.multiplier:g}" if self.mode == "clamp" else self.mode.replace("_", " ")
         n = "all" if self.top_n is None and self.selection == "candidates" else f"top{self.top_n or 20}"
         sel = {"candidates": "candidates", "saebench": f"saebench freq_r<{self.freq_threshold:g}",
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
@@ -376,6 +376,26 @@ class EvalConfig:
     mcq_template: str = "Question: {question}\nAnswer:"
     """MCQ prompt; each choice is scored as the continuation " " + choice (the demo data's format)."""
 
+    formats: tuple[str, ...] = ("plain",)
+    """Prompt formats every question set is also scored in (pipelines/formats.py): "plain" is
+    `mcq_template` itself; the others wrap it (instruction header, general few-shot examples,
+    a general preamble, a dialogue, a biology passage before the question). A setting is
+    retain-safe only if it is retain-safe in every format."""
+
+    format_questions: int | None = None
+    """Questions per set in each format other than "plain" (half dev, half test, taken in
+    order from each half of the sample); None: all of them."""
+
+    fluency_prompts: int = 16
+    """Prose prompts per held-out text set (the first FLUENCY_PROMPT_TOKENS tokens of its first
+    paragraphs) whose greedy continuations measure fluency (pipelines/fluency.py); 0: none."""
+
+    max_fluency_nll_rise: float | None = 1.0
+    """A setting qualifies only if the clean model's mean NLL (nats/token) of its greedy
+    continuations of forget-prose prompts exceeds that of the clean model's own continuations
+    by at most this (None: no bound): the edited model must still speak the language where it
+    forgets. Relative, so that it means the same for every model (docs/method.md, "Fluency")."""
+
     grid: SweepGrid = field(default_factory=SweepGrid)
     """Settings tried per run (METHOD §8 sweep)."""
 
@@ -416,7 +436,7 @@ class EvalConfig:
         return (self.forget_mcq, self.retain_mcq, self.forget_text, self.retain_text, self.ood_forget_mcq,
                 self.ood_retain_mcq, self.ood_forget_text, self.ood_retain_text, self.max_questions,
                 self.sample_seed, self.max_text_tokens, self.ctx_len, self.mcq_template, self.max_batch_tokens,
-                self.text_batch_contexts)
+                self.text_batch_contexts, self.formats, self.format_questions, self.fluency_prompts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -427,6 +447,8 @@ class EvalConfig:
     def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
+        if isinstance(kw.get("formats"), list):
+            kw["formats"] = tuple(kw["formats"])
         if isinstance(kw.get("grid"), dict):
             kw["grid"] = SweepGrid.from_dict(kw["grid"])
         return cls(**kw)

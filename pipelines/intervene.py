@@ -220,6 +220,11 @@ class Intervention:
             self.b_enc_S = sae.b_enc[self.features].detach().clone()
             self.W_dec_SD = sae.W_dec[self.features].detach().clone()
             self.b_dec_D = sae.b_dec.detach().clone()
+            self.mean_r_S = run.features["mean_r"][self.features].float().clone() \
+                if "mean_r" in run.features else torch.zeros(len(self.features))
+            # orthonormal basis of the selected decoder directions' span ("project")
+            self.Q_DR = torch.linalg.qr(self.W_dec_SD.T.float())[0] if len(self.features) \
+                else torch.zeros(self.d_model, 0)
         self.sae = sae if setting.mode == "splice" else None
         self.window = setting.gate_window
         """The gate's running mean covers the last `window` editable tokens (None: all so far)."""
@@ -229,7 +234,7 @@ class Intervention:
         return len(self.features)
 
     def to(self, device: Any) -> "Intervention":
-        for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D", "t_S"):
+        for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D", "t_S", "mean_r_S", "Q_DR"):
             setattr(self, name, getattr(self, name).to(device))
         if self.detector is not None:
             self.detector = self.detector.to(device)
@@ -263,12 +268,9 @@ class Intervention:
                           editable_BT, all_BT)
         f_BTS = self.selected_acts(h_BTD) * editable_BT[..., None]
         active_BTS = f_BTS > 0
-        if self.threshold is not None and self.gate_layer != self.layer:
-            if gate_h_BTD is None:
-                raise EvalError(f"the probe gate reads layer {self.gate_layer}: pass its output (gate_h_BTD)")
-            signal_BT = self.signal(gate_h_BTD)
-        else:
-            signal_BT = self.signal(h_BTD, active_BTS)
+        if mode in ("retain_mean", "project"):
+            return self._replace(h_BTD, f_BTS, active_BTS, editable_BT, seg_BT, start, gate_h_BTD)
+        signal_BT = self._gate_signal(h_BTD, active_BTS, gate_h_BTD)
         strength_BT = self.gate_strength(signal_BT, editable_BT, seg_BT, start)
         open_BT = strength_BT > 0
         active_BTS &= open_BT[..., None]
@@ -277,6 +279,29 @@ class Intervention:
         t_BTS = -self.t_S * active_BTS * strength_BT[..., None]
         delta_BTD = (((f_BTS * active_BTS) - t_BTS) @ self.W_dec_SD) / self.scale
         return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1), open_BT, signal_BT)
+
+    def _gate_signal(self, h_BTD: Tensor, active_BTS: Tensor, gate_h_BTD: Tensor | None) -> Tensor:
+        if self.threshold is not None and self.gate_layer != self.layer:
+            if gate_h_BTD is None:
+                raise EvalError(f"the probe gate reads layer {self.gate_layer}: pass its output (gate_h_BTD)")
+            return self.signal(gate_h_BTD)
+        return self.signal(h_BTD, active_BTS)
+
+    def _replace(self, h_BTD: Tensor, f_BTS: Tensor, active_BTS: Tensor, editable_BT: Tensor,
+                 seg_BT: Tensor | None, start: Any, gate_h_BTD: Tensor | None) -> Edited:
+        """The edits that act on every open position, fired or not: "retain_mean" sets the
+        selected features to their mean on retain tokens (f_i -> E_r f_i); "project" removes
+        the component of x - b_dec in the span of their decoder directions (the error term's
+        share of that span too)."""
+        signal_BT = self._gate_signal(h_BTD, active_BTS, gate_h_BTD)
+        open_BT = (self.gate_strength(signal_BT, editable_BT, seg_BT, start) > 0) & editable_BT
+        if self.setting.mode == "retain_mean":
+            delta_BTD = ((f_BTS - self.mean_r_S) @ self.W_dec_SD) / self.scale
+        else:
+            x_BTD = h_BTD.to(self.Q_DR.dtype) * self.scale - self.b_dec_D
+            delta_BTD = ((x_BTD @ self.Q_DR) @ self.Q_DR.T) / self.scale
+        delta_BTD = delta_BTD * open_BT[..., None]
+        return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), open_BT, open_BT, signal_BT)
 
     @torch.no_grad()
     def signal(self, h_BTD: Tensor, active_BTS: Tensor | None = None) -> Tensor:

@@ -331,3 +331,32 @@ def test_every_preset_grid_setting_has_its_sequence_gate_calibrated_by_train(tmp
         for s in grid.settings(method):
             if s.gate == "sequence":
                 assert s.set_key in calibrated, (preset, s.label)
+
+
+def test_project_removes_the_span_of_the_selected_directions(lm, run_dir):
+    run = load_run(run_dir)
+    iv = Intervention(run, Setting(gate="none", mode="project", top_n=5))
+    ids = _ids(lm)
+    h, h_new = _resid(lm, ids), _resid(lm, ids, iv)
+    W = run.sae.W_dec[iv.features].detach()  # [S, D]
+    x_new = h_new[:, 1:] * run.scale - run.sae.b_dec.detach()
+    # after the edit, x - b_dec has no component along any selected decoder direction
+    torch.testing.assert_close(x_new @ W.T, torch.zeros(*x_new.shape[:2], len(W)), atol=1e-4, rtol=0)
+    # and the removed part lies in their span (nothing else is touched)
+    delta = (h - h_new)[:, 1:].reshape(-1, h.shape[-1]).T
+    coef = torch.linalg.lstsq(W.T, delta).solution
+    torch.testing.assert_close(W.T @ coef, delta, atol=1e-4, rtol=1e-4)
+    assert torch.equal(h_new[:, 0], h[:, 0]), "BOS must pass unchanged"
+
+
+def test_retain_mean_sets_the_selected_features_to_their_retain_mean(lm, run_dir):
+    run = load_run(run_dir)
+    iv = Intervention(run, Setting(gate="none", mode="retain_mean", top_n=5))
+    ids = _ids(lm)
+    h, h_new = _resid(lm, ids), _resid(lm, ids, iv)
+    f = _selected_acts(run, iv.features, h)
+    mean_S = run.features["mean_r"][iv.features]
+    assert not torch.equal(mean_S, torch.zeros_like(mean_S)), "the test needs non-zero retain means"
+    expected = h - ((f - mean_S) @ run.sae.W_dec[iv.features].detach()) / run.scale
+    expected[:, 0] = h[:, 0]
+    torch.testing.assert_close(h_new, expected, atol=1e-5, rtol=1e-5)
