@@ -496,6 +496,13 @@ def _load_for_run(run: str, model: str | None, device: str):
               "probe gate is calibrated on it. ['Question: {question}\\nAnswer:']")
 @click.option("--gate-calibration", default=None, type=click.Choice(["dev", "train"]),
               help="Probe gate threshold from the retain dev questions (dev) or the retain training contexts. [dev]")
+@click.option("--formats", default=None, metavar="F1,F2,...|all",
+              help="Prompt formats every question set is scored in: plain, instruct (instruction header), kshot2 / "
+              "kshot5 (general few-shot examples), preamble (a general paragraph), dialogue (a general first turn), "
+              "after_bio (a biology paragraph first). A setting must be retain-safe in every format; its score is "
+              "the minimum over them. [preset; full: plain; demo: all]")
+@click.option("--format-questions", default=None, type=click.IntRange(2),
+              help="Questions per set in each format other than plain (half dev, half test). [preset; demo: 40]")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--save", is_flag=True,
@@ -505,8 +512,8 @@ def _load_for_run(run: str, model: str | None, device: str):
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             probe_ramps, probe_pools, gate_window, max_retain_ce_rise, mcq_template, gate_calibration, device,
-             as_json, save, quiet):
+             probe_ramps, probe_pools, gate_window, max_retain_ce_rise, mcq_template, gate_calibration, formats,
+             format_questions, device, as_json, save, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -526,6 +533,12 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
         cfg = cfg.replace(ood_forget_mcq=None, ood_retain_mcq=None, ood_forget_text=None, ood_retain_text=None)
     if mcq_template is not None:
         cfg = cfg.replace(mcq_template=parse_template(mcq_template))
+    if formats is not None:
+        from pipelines.formats import parse_formats
+
+        cfg = cfg.replace(formats=parse_formats(formats))
+    if format_questions is not None:
+        cfg = cfg.replace(format_questions=format_questions)
     grid = {}
     try:
         if multipliers:
@@ -617,10 +630,26 @@ def format_eval(res: dict) -> str:
 
     for gate, g in res.get("best_by_gate", {}).items():
         lines.append(one(f"best, gate {gate}", g["best"], g["reason"]))
+        lines += format_lines(g["best"])
         lines += [f"  held back: {label} (dev {score:.3f}): {why}" for score, label, why in held_back(res, gate)]
     if res.get("best_ood") is not None or res.get("best_ood_reason") != "no out-of-distribution sets configured":
         lines.append(one("best out of distribution", res.get("best_ood"), res.get("best_ood_reason"), "ood"))
+        lines += format_lines((res.get("best_ood") or {}).get("ood"))
     return "\n".join(lines)
+
+
+def format_lines(part: dict | None) -> list[str]:
+    """Per prompt format, the chosen setting's test score and retain accuracy (ff eval --formats)."""
+    if not part or not part.get("formats"):
+        return []
+    out = []
+    for fmt, p in part["formats"].items():
+        t, ci = p["test"], p["test"].get("ci95") or [float("nan")] * 2
+        out.append(f"  format {fmt}: test score {_maybe(t['unlearning_score'])} [{ci[0]:.3f}, {ci[1]:.3f}], "
+                   f"retain MCQ {t['retain_mcq']['before']:.3f} -> {t['retain_mcq']['after']:.3f}")
+    m = part.get("formats_min") or {}
+    out.append(f"  minimum over formats: test {_maybe(m.get('test'))} (dev {_maybe(m.get('dev'))})")
+    return out
 
 
 @main.command("generate")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from pipelines.config import EvalConfig
-from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_correct, sample_split, text_batches
+from pipelines.data import DEMO_TEXT, OOD_TEXT, McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_correct, sample_split, text_batches
 from pipelines.errors import EvalError
 from pipelines.fastlm import Batch, resid_at, score, text_config
 from pipelines.intervene import Intervention
@@ -187,15 +187,25 @@ class EvalData:
     """The evaluation sets of one (model, data config), plus per-layer CE references. The four
     in-distribution sets are always there; the `ood_` ones when the config names them."""
 
-    def __init__(self, sets: dict[str, EvalSet]):
+    def __init__(self, sets: dict[str, EvalSet], fluency: dict[str, Tensor] | None = None):
         self.by_name = sets
+        self.fluency = fluency or {}
+        """Prose prompts [P, 1 + FLUENCY_PROMPT_TOKENS] per text set name (pipelines/fluency.py)."""
+        self.fluency_ref: dict[str, Any] = {}
+        """text set name -> the clean model's continuations (fluency.CleanRef), computed once."""
         self.zero_ce: dict[int, float] = {}
         """layer -> retain-text CE with the layer's output zeroed (shared by every run there)."""
 
     def __getattr__(self, name: str) -> EvalSet:
-        if name in SET_NAMES:
+        if name in SET_NAMES or "@" in name:
             return self.__dict__["by_name"][name]
         raise AttributeError(name)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The prompt formats the question sets are scored in ("plain" first)."""
+        extra = dict.fromkeys(n.split("@", 1)[1] for n in self.by_name if "@" in n)
+        return ("plain", *extra)
 
     def has(self, name: str) -> bool:
         return name in self.by_name
@@ -204,11 +214,66 @@ class EvalData:
     def sets(self) -> tuple[EvalSet, ...]:
         return tuple(self.by_name.values())
 
+    def fluency_of(self, model: Any, tokenizer: Any, iv: Intervention | None,
+                   names: Sequence[str] | None = None, examples: int = 0) -> dict[str, dict[str, Any]]:
+        """Fluency (pipelines/fluency.py) of `iv`'s greedy continuations of the prose prompts of
+        `names` (default: every text set with prompts) -> {name: Fluency.to_dict()}."""
+        from pipelines.fluency import clean_reference, measure_fluency
+
+        out = {}
+        for name in names if names is not None else list(self.fluency):
+            if name not in self.fluency:
+                continue
+            ids = self.fluency[name]
+            if name not in self.fluency_ref:
+                self.fluency_ref[name] = clean_reference(model, tokenizer, ids, FLUENCY_NEW_TOKENS)
+            edit = None if iv is None else (lambda: iv.hooked(model))
+            out[name] = measure_fluency(model, tokenizer, ids, edit, n_new=FLUENCY_NEW_TOKENS,
+                                        clean_cont=self.fluency_ref[name], examples=examples).to_dict()
+        return out
+
     def prepare(self, model: Any, layers: int | Sequence[int]) -> None:
         """Clean passes and residual streams at `layers`. Call it once with every layer an
         `ff run` will evaluate, so that one forward per set captures them all."""
         for s in self.sets:
             s.prepare(model, layers)
+
+
+def _format_set(tok: Any, name: str, fmt: str, qs: list, test_Q: Tensor, cfg: EvalConfig,
+                window: int | None) -> EvalSet:
+    """One question set in one prompt format: "plain" scores every question of the sample; the
+    others a subset (cfg.format_questions: the first half from the dev half, the rest from the
+    test half), each question's prompt built by pipelines/formats.py."""
+    from pipelines.formats import prompts
+
+    if fmt != "plain" and cfg.format_questions is not None:
+        n = cfg.format_questions
+        dev = torch.nonzero(~test_Q).flatten()[: n // 2]
+        test = torch.nonzero(test_Q).flatten()[: n - n // 2]
+        keep = torch.cat([dev, test]).tolist()
+        qs, test_Q = [qs[i] for i in keep], test_Q[keep]
+    texts = None if fmt == "plain" else prompts(fmt, [q.question for q in qs], base=cfg.mcq_template)
+    batches, layout = mcq_batches(tok, qs, template=cfg.mcq_template, max_batch_tokens=cfg.max_batch_tokens,
+                                  window=window, prompts=texts)
+    return EvalSet(name, batches, layout, test_Q, [q.question for q in qs])
+
+
+FLUENCY_PROMPT_TOKENS = 12
+"""Tokens of a paragraph's start that make a fluency prompt (after BOS)."""
+FLUENCY_NEW_TOKENS = 32
+"""Greedy tokens generated per fluency prompt."""
+
+
+def _fluency_prompts(tok: Any, spec: str, role: str, n: int) -> Tensor:
+    """The first tokens of the first `n` paragraphs of a held-out text spec."""
+    from itertools import islice
+
+    from cache.corpora import iter_documents, resolve_corpus
+    from pipelines.fluency import fluency_prompts
+
+    spec = {"demo": f"demo:{DEMO_TEXT[role]}", "demo-ood": f"demo:{OOD_TEXT[role]}"}.get(spec, spec)
+    docs = list(islice(iter_documents(resolve_corpus(spec, role)), 4 * n))
+    return fluency_prompts(tok, docs, n_prompts=n, prompt_tokens=FLUENCY_PROMPT_TOKENS)
 
 
 ITEM_TOKENS = 16
@@ -228,6 +293,7 @@ def eval_data(lm: Any, cfg: EvalConfig) -> EvalData:
     tok = lm.tokenizer
     window = getattr(text_config(lm.model), "sliding_window", None)
     sets: dict[str, EvalSet] = {}
+    fluency: dict[str, Tensor] = {}
     for prefix in ("", "ood_"):
         for role in ("forget", "retain"):
             spec = getattr(cfg, f"{prefix}{role}_mcq")
@@ -237,10 +303,9 @@ def eval_data(lm: Any, cfg: EvalConfig) -> EvalData:
             if len(qs) < 2:
                 raise EvalError(f"{role} MCQ source '{spec}' holds {len(qs)} question(s); "
                                 "at least 2 are needed (dev and test halves)")
-            batches, layout = mcq_batches(tok, qs, template=cfg.mcq_template,
-                                          max_batch_tokens=cfg.max_batch_tokens, window=window)
-            sets[f"{prefix}{role}_mcq"] = EvalSet(f"{prefix}{role}_mcq", batches, layout, test_Q,
-                                                  [q.question for q in qs])
+            for fmt in cfg.formats:
+                name = f"{prefix}{role}_mcq" + ("" if fmt == "plain" else f"@{fmt}")
+                sets[name] = _format_set(tok, name, fmt, qs, test_Q, cfg, window)
         for role in ("forget", "retain"):
             spec = getattr(cfg, f"{prefix}{role}_text")
             if spec is None:
@@ -250,6 +315,8 @@ def eval_data(lm: Any, cfg: EvalConfig) -> EvalData:
             heads = [tok.decode(ids[ok][:ITEM_TOKENS]).strip() for b in batches
                      for ids, ok in zip(b.input_ids_BT, b.editable_BT)]
             sets[f"{prefix}{role}_text"] = EvalSet(f"{prefix}{role}_text", batches, items=heads)
-    data = EvalData(sets)
+            if cfg.fluency_prompts:
+                fluency[f"{prefix}{role}_text"] = _fluency_prompts(tok, spec, role, cfg.fluency_prompts)
+    data = EvalData(sets, fluency)
     per_model[key] = data
     return data

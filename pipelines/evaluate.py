@@ -27,7 +27,7 @@ from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_calibration, probe_detector,
                                  probe_layer, probe_problem)
-from pipelines.scoring import auroc, gate_split, half, pick_best, retain_safe, unlearning_score
+from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
 from trainer.detector import score_offset, stored_detectors
 from trainer.evaluate import eval_corpus
 
@@ -140,8 +140,38 @@ def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             e.update(part)
             f = part["forget_mcq"]
             e["unlearning_score"] = None if f["after"] is None else unlearning_score(f["before"], f["after"])
+    rerun += measure_formats(e, data, model, iv, clean_only=iv.n_features == 0 or not any(m.endswith("_mcq")
+                                                                                          for m in metrics))
     e["rows_rerun"], e["seconds"] = rerun, round(time.perf_counter() - t0, 2)
     return e
+
+
+def measure_formats(e: dict[str, Any], data: EvalData, model: Any, iv: Intervention, *,
+                    clean_only: bool = False) -> int:
+    """The entry's MCQ halves in every prompt format besides "plain" (EvalConfig.formats), in
+    place: e["formats"][fmt] and e["ood"]["formats"][fmt] hold {"dev", "test"} halves as the
+    plain ones do. Returns the rows rerun."""
+    rerun = 0
+    for fmt in data.formats:
+        if fmt == "plain":
+            continue
+        for prefix in ("", "ood_"):
+            names = (f"{prefix}forget_mcq@{fmt}", f"{prefix}retain_mcq@{fmt}")
+            part = e if not prefix else e.get("ood")
+            if part is None or not all(data.has(n) for n in names):
+                continue
+            pairs = []
+            for es in (getattr(data, n) for n in names):
+                before = es.clean_result()
+                after = before if clean_only else es.run(model, iv)
+                rerun += after.rows_rerun
+                pairs.append((before.correct_Q, after.correct_Q))
+            f_set, r_set = (getattr(data, n) for n in names)
+            e.setdefault("_correct", {})[f"{prefix}@{fmt}"] = (*pairs, f_set.test_Q, r_set.test_Q)
+            part.setdefault("formats", {})[fmt] = {
+                "dev": half(pairs[0], pairs[1], ~f_set.test_Q, ~r_set.test_Q),
+                "test": half(pairs[0], pairs[1], f_set.test_Q, r_set.test_Q)}
+    return rerun
 
 
 def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
@@ -159,6 +189,21 @@ def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Interventio
             part["retain_text_opened"] = opened_rows(text, iv)
 
 
+def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, cfg: EvalConfig) -> None:
+    """The fluency of the forget-prose continuations (in and out of distribution) of an entry that
+    is retain-safe on the dev half, in place (e["fluency"]["forget"], e["ood"]["fluency"]["forget"]):
+    the fluency bound (EvalConfig.max_fluency_nll) decides among those, and a setting that is not
+    retain-safe needs no more measuring."""
+    if cfg.max_fluency_nll_rise is None or iv.n_features == 0:
+        return
+    for name, part, ce in (("forget_text", e, cfg.max_retain_ce_rise),
+                           ("ood_forget_text", e.get("ood"), cfg.max_ood_retain_ce_rise)):
+        if part and "dev" in part and name in data.fluency and retain_safe(part, cfg.retain_ratio, ce):
+            f = data.fluency_of(lm.model, lm.tokenizer, iv, [name])[name]
+            part["fluency"] = {"forget": {k: f[k] for k in ("nll", "nll_clean", "distinct", "distinct_clean",
+                                                             "changed")}}
+
+
 def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,
               selection: dict[str, Any], detection: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
     """The chosen entry with intervals on both halves, the gate's open rates and the selection's
@@ -168,6 +213,11 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     part = out[key.rstrip("_")] if key else out
     for name, mask, rmask in (("dev", ~f_test, ~r_test), ("test", f_test, r_test)):
         part[name] = half(fc, rc, mask, rmask, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
+    for fmt in part.get("formats") or {}:
+        fc_, rc_, ft_, rt_ = best["_correct"][f"{key}@{fmt}"]
+        part["formats"][fmt]["test"] = half(fc_, rc_, ft_, rt_, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
+    if part.get("formats"):
+        part["formats_min"] = {h: min_score(part, h) for h in ("dev", "test")}
     if not key:
         out["unlearning_score"] = out["test"]["unlearning_score"]
     iv = Intervention(run, Setting.from_dict(best["setting"]))
@@ -233,6 +283,19 @@ def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg
     return [chosen.get(s, s) for s in settings]
 
 
+CALIBRATION_EXCLUDED = ("after_bio",)
+"""Prompt formats whose retain questions do not calibrate the gate: their biology passage opens
+it, as it should; what counts there is that the general question keeps its answer, which the
+retain bound checks."""
+
+
+def calibration_sets(data: EvalData, role: str) -> tuple[str, ...]:
+    """The MCQ sets of `role` whose dev halves calibrate the probe gate: every prompt format but
+    CALIBRATION_EXCLUDED, in and out of distribution."""
+    fmts = [f for f in data.formats if f not in CALIBRATION_EXCLUDED]
+    return tuple(f"{p}{role}_mcq" + ("" if f == "plain" else f"@{f}") for p in ("", "ood_") for f in fmts)
+
+
 def probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentiles: set[float],
                      top: float) -> tuple[dict[float, float], float]:
     """({percentile: threshold score} from the retain dev questions, share of forget dev
@@ -245,11 +308,11 @@ def probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentil
         peak_Q = torch.cat(peaks).double() if peaks else torch.zeros(0, dtype=torch.float64)
         return peak_Q[torch.isfinite(peak_Q)]
 
-    retain_Q = dev_peaks(("retain_mcq", "ood_retain_mcq"))
+    retain_Q = dev_peaks(calibration_sets(data, "retain"))
     if len(retain_Q) == 0:
         raise EvalError("no retain dev question is long enough to calibrate the probe gate on")
     thr = {p: float(torch.quantile(retain_Q, p / 100.0)) + bias for p in percentiles}
-    forget_Q = dev_peaks(("forget_mcq",))
+    forget_Q = dev_peaks(tuple(n for n in calibration_sets(data, "forget") if not n.startswith("ood_")))
     opened = float((forget_Q + bias > thr[top]).double().mean()) if len(forget_Q) else 0.0
     return thr, opened
 
@@ -347,6 +410,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         e = measure(data, model, iv, clean, metrics)
         if not cfg.sweep_losses:
             retain_losses(e, data, model, iv, clean, cfg.retain_ratio)
+        sweep_fluency(e, data, lm, iv, cfg)
         sweep.append(e)
         _log(progress, f"{tag} {i}/{len(settings)} {_describe(sweep[-1])}")
     measured: dict[str, dict[str, Any]] = {}
@@ -368,13 +432,16 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         if key and not any(e.get("ood") for e in sweep):
             out[name], out[f"{name}_reason"] = None, "no out-of-distribution sets configured"
             continue
-        best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"))
+        best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"), max_nll=cfg.max_fluency_nll_rise)
         out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection, detection)
+        if out[name] is not None and data.fluency:
+            iv = Intervention(run, Setting.from_dict(best["setting"]))
+            out[name]["fluency"] = data.fluency_of(model, lm.tokenizer, iv, examples=3)
         out[f"{name}_reason"] = reason
     by_gate = {}
     for gate in cfg.grid.gates:
         b, reason = pick_best([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
-                              cfg.max_retain_ce_rise)
+                              cfg.max_retain_ce_rise, max_nll=cfg.max_fluency_nll_rise)
         by_gate[gate] = {"best": None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection),
                          "reason": reason}
     if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:

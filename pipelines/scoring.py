@@ -119,49 +119,66 @@ def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tens
     return out
 
 
+def min_score(e: dict[str, Any], part: str = "dev") -> float | None:
+    """The entry's unlearning score on the `part` half, the minimum over its prompt formats
+    (plain and e["formats"]); None where no format has a score."""
+    scores = [p[part]["unlearning_score"] for p in (e, *(e.get("formats") or {}).values()) if part in p]
+    scores = [v for v in scores if v is not None]
+    return min(scores) if scores else None
+
+
 def why_unsafe(e: dict[str, Any], ratio: float, max_ce_rise: float, *, part: str = "dev",
-               loss_key: str = "retain_loss") -> str | None:
-    """Why an entry is not retain-safe on the `part` half (retain MCQ below ratio x clean, or the
-    retain CE rise above max_ce_rise where the entry measured it), or None where it is."""
-    r = e[part]["retain_mcq"]
-    if r["after"] < ratio * r["before"] - 1e-9:  # 1e-9: 0.495 >= 0.99 * 0.5 despite rounding
-        return f"retain MCQ {r['before']:.3f} -> {r['after']:.3f} (< {ratio:g} x clean)"
+               loss_key: str = "retain_loss", max_nll: float | None = None) -> str | None:
+    """Why an entry is not retain-safe on the `part` half (retain MCQ below ratio x clean in any
+    prompt format, or the retain CE rise above max_ce_rise where the entry measured it), or None
+    where it is."""
+    for fmt, p in (("plain", e), *(e.get("formats") or {}).items()):
+        r = p[part]["retain_mcq"]
+        if r["after"] < ratio * r["before"] - 1e-9:  # 1e-9: 0.495 >= 0.99 * 0.5 despite rounding
+            where = "" if fmt == "plain" else f" in format {fmt}"
+            return f"retain MCQ {r['before']:.3f} -> {r['after']:.3f}{where} (< {ratio:g} x clean)"
     loss = e.get(loss_key) or {}
     if loss.get("after") is not None and loss.get("before"):
         rise = loss["after"] / loss["before"] - 1
         if loss["after"] > loss["before"] * (1 + max_ce_rise) + 1e-12:
             return f"retain CE {rise:+.1%} (> {max_ce_rise:.0%})"
+    f = (e.get("fluency") or {}).get("forget") or {}
+    if max_nll is not None and f and f["nll"] > f["nll_clean"] + max_nll + 1e-9:
+        return (f"forget-prose continuations at {f['nll']:.2f} nats/token under the clean model (its own: "
+                f"{f['nll_clean']:.2f}; more than {max_nll:g} above: not fluent)")
     return None
 
 
 def retain_safe(e: dict[str, Any], ratio: float, max_ce_rise: float, *, part: str = "dev",
-                loss_key: str = "retain_loss") -> bool:
+                loss_key: str = "retain_loss", max_nll: float | None = None) -> bool:
     """Retain MCQ on the `part` half kept >= ratio x clean (and the retain CE rise <= max_ce_rise
     where the entry measured it)."""
-    return why_unsafe(e, ratio, max_ce_rise, part=part, loss_key=loss_key) is None
+    return why_unsafe(e, ratio, max_ce_rise, part=part, loss_key=loss_key, max_nll=max_nll) is None
 
 
 def pick_best(sweep: list[dict[str, Any]], ratio: float, max_ce_rise: float, *, key: str = "",
-              ) -> tuple[dict[str, Any] | None, str | None]:
-    """The highest dev-half unlearning score among retain-safe settings that edit at least one
-    feature -> (entry, None), or (None, reason). `key` "ood": use the entry's "ood" part."""
+              max_nll: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """The highest dev-half unlearning score (the minimum over prompt formats, `min_score`) among
+    retain-safe settings that edit at least one feature -> (entry, None), or (None, reason).
+    `key` "ood": use the entry's "ood" part."""
     def part(e):
         return e[key] if key else e
 
     edits = [e for e in sweep if e["n_features"] > 0 and (not key or e.get(key))]
     if not edits:
         return None, "no setting selected any feature (the run has no candidates?)"
-    real = [e for e in edits if part(e)["dev"]["unlearning_score"] is not None]
+    real = [e for e in edits if min_score(part(e)) is not None]
     if not real:
         return None, "the clean model answers no dev-half forget question correctly: nothing to unlearn"
-    ok = [e for e in real if retain_safe(part(e), ratio, max_ce_rise)]
+    ok = [e for e in real if retain_safe(part(e), ratio, max_ce_rise, max_nll=max_nll)]
     if not ok:
         top = max(real, key=lambda e: part(e)["dev"]["retain_mcq"]["after"])
         r = part(top)["dev"]["retain_mcq"]
         return None, (f"no retain-safe setting: none kept retain MCQ >= {ratio:g} x clean "
-                      f"({r['before']:.3f}) with retain CE rise <= {max_ce_rise:.0%} on the dev half; "
-                      f"the closest was {top['label']} at {r['after']:.3f}")
-    return max(ok, key=lambda e: part(e)["dev"]["unlearning_score"]), None  # max keeps the first tie
+                      f"({r['before']:.3f}) with retain CE rise <= {max_ce_rise:.0%}"
+                      f"{'' if max_nll is None else f' and fluent continuations (NLL rise <= {max_nll:g} nats/token)'} "
+                      f"on the dev half; the closest was {top['label']} at {r['after']:.3f}")
+    return max(ok, key=lambda e: min_score(part(e))), None  # max keeps the first tie
 
 
 def auroc(pos: Tensor, neg: Tensor) -> float | None:

@@ -1,0 +1,164 @@
+"""Which gate and which edit hold in every prompt format? A dev-half frontier over the format suite.
+
+Usage (from the repository root, after `ff run --preset demo --out ff-demo`):
+
+    .venv/bin/python scripts/format_frontier.py --run ff-demo/runs/layer_4/featureforget
+    .venv/bin/python scripts/format_frontier.py --run RUN --windows none,16,24 --modes clamp100,ablate,project
+
+Starting from the run's chosen setting (RUN/unlearning.json: features, detector), for each gate
+window it calibrates the probe gate's threshold on the retain dev questions of *every* format
+(pipelines/formats.py; `--percentile` of their highest windowed detector scores), then for each
+edit form prints, per format, the dev-half unlearning score (forget) and retain accuracy ratio,
+in and out of distribution, and the minimum over formats. Test halves never enter. With
+`--fluency N` it also scores greedy continuations of N held-out forget and retain prose prompts
+(pipelines/fluency.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cache.models import load_model  # noqa: E402
+from pipelines.config import EvalConfig, Setting  # noqa: E402
+from pipelines.evalsets import eval_data  # noqa: E402
+from pipelines.formats import FORMATS, parse_formats  # noqa: E402
+from pipelines.intervene import Intervention, load_run, probe_detector, probe_layer, run_setting  # noqa: E402
+from trainer.detector import score_offset  # noqa: E402
+
+MODES = {"clamp1000": dict(mode="clamp", multiplier=1000.0), "clamp100": dict(mode="clamp", multiplier=100.0),
+         "clamp30": dict(mode="clamp", multiplier=30.0), "clamp10": dict(mode="clamp", multiplier=10.0),
+         "clamp3": dict(mode="clamp", multiplier=3.0), "ablate": dict(mode="ablate"),
+         "retain_mean": dict(mode="retain_mean"), "project": dict(mode="project")}
+
+
+def set_names(fmt: str, prefix: str, role: str) -> str:
+    return f"{prefix}{role}_mcq" + ("" if fmt == "plain" else f"@{fmt}")
+
+
+def calibrate(data, iv: Intervention, formats, percentile: float, bias: float) -> float:
+    peaks = []
+    for fmt in (f for f in formats if f != "after_bio"):  # its biology prefix should open the gate
+        for prefix in ("", "ood_"):
+            es = getattr(data, set_names(fmt, prefix, "retain"))
+            p = es.gate_peaks(iv)[~es.test_Q]
+            peaks.append(p[torch.isfinite(p)])
+    return float(torch.quantile(torch.cat(peaks).double(), percentile / 100.0)) + bias
+
+
+def dev_table(data, model, iv: Intervention, formats) -> dict:
+    out = {}
+    for fmt in formats:
+        row = {}
+        for prefix in ("", "ood_"):
+            f_set, r_set = (getattr(data, set_names(fmt, prefix, r)) for r in ("forget", "retain"))
+            fc, rc = f_set.clean_result().correct_Q, r_set.clean_result().correct_Q
+            fa, ra = f_set.run(model, iv).correct_Q, r_set.run(model, iv).correct_Q
+            dev_f, dev_r = ~f_set.test_Q, ~r_set.test_Q
+            f0, f1 = fc[dev_f].double().mean().item(), fa[dev_f].double().mean().item()
+            r0, r1 = rc[dev_r].double().mean().item(), ra[dev_r].double().mean().item()
+            opened = float((f_set.gate_peaks(iv)[dev_f] > iv.opens_above).double().mean())
+            r_open = float((r_set.gate_peaks(iv)[dev_r] > iv.opens_above).double().mean())
+            row[prefix or "in"] = {"score": 1 - f1 / f0 if f0 else None, "forget": (f0, f1), "retain": (r0, r1),
+                                   "open_f": opened, "open_r": r_open}
+        out[fmt] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--formats", default="all")
+    ap.add_argument("--format-questions", type=int, default=60, help="Questions per set and format (half dev).")
+    ap.add_argument("--windows", default="none,16,24,32")
+    ap.add_argument("--modes", default="clamp100,clamp10,ablate,retain_mean,project")
+    ap.add_argument("--percentile", type=float, default=99.0)
+    ap.add_argument("--top-n", type=int, default=None, help="Override the chosen setting's feature count.")
+    ap.add_argument("--selection", default=None)
+    ap.add_argument("--fluency", type=int, default=0, help="Prose prompts per side for the fluency metric.")
+    ap.add_argument("--json", default=None, help="Also write the table here.")
+    args = ap.parse_args()
+    formats = parse_formats(args.formats)
+    run = load_run(args.run)
+    if (run.path / "unlearning.json").is_file():
+        base = run_setting(run.path).replace(gate_threshold=None)
+    else:  # the demo's choice (README): SAEBench rule, top 200, probe gate p99, network detector
+        base = Setting(mode="clamp", multiplier=100.0, top_n=200, selection="saebench", gate="probe",
+                       probe_kind="mlp", gate_percentile=99.0)
+    if args.top_n:
+        base = base.replace(top_n=args.top_n)
+    if args.selection:
+        base = base.replace(selection=args.selection)
+    lm = load_model(run.config["model"], device="cpu")
+    cfg = EvalConfig.preset("demo").replace(formats=formats, format_questions=args.format_questions)
+    data = eval_data(lm, cfg)
+    t0 = time.time()
+    data.prepare(lm.model, sorted({run.layer, probe_layer(run)[0]}))
+    print(f"clean passes: {time.time() - t0:.0f} s; base setting {base.label}", flush=True)
+    bias = score_offset(probe_detector(run, base.probe_l2, base.probe_kind).b, base.probe_pool)
+    results = []
+    for w in args.windows.split(","):
+        window = None if w == "none" else int(w)
+        probe = Intervention(run, base.replace(gate_window=window, gate_threshold=0.0))
+        thr = calibrate(data, probe, formats, args.percentile, bias)
+        print(f"window {window}: threshold {thr:.3f} (probe window {probe.window})", flush=True)
+        for name in args.modes.split(","):
+            s = base.replace(gate_window=window, gate_threshold=thr, **MODES[name])
+            iv = Intervention(run, s)
+            t1 = time.time()
+            table = dev_table(data, lm.model, iv, formats)
+            entry = {"window": window, "mode": name, "threshold": thr, "table": table}
+            if args.fluency:
+                entry["fluency"] = fluency(lm, run, iv, args.fluency)
+            results.append(entry)
+            print_entry(entry, time.time() - t1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+_REF: dict = {}
+
+
+def fluency(lm, run, iv: Intervention, n: int) -> dict:
+    from cache.corpora import DEMO_DIR
+    from pipelines.fluency import clean_reference, fluency_prompts, measure_fluency
+
+    out = {}
+    for side, fname in (("forget", "unlearn_heldout.txt"), ("retain", "retain_heldout.txt"),
+                        ("ood_forget", "ood_forget_text.txt"), ("ood_retain", "ood_retain_text.txt")):
+        paras = [p for p in (DEMO_DIR / fname).read_text().split("\n") if p.strip()]
+        if side not in _REF:
+            ids = fluency_prompts(lm.tokenizer, paras, n_prompts=n, prompt_tokens=12)
+            _REF[side] = (ids, clean_reference(lm.model, lm.tokenizer, ids, 32))
+        ids, ref = _REF[side]
+        fl = measure_fluency(lm.model, lm.tokenizer, ids, lambda: iv.hooked(lm.model), clean_cont=ref)
+        out[side] = fl.to_dict()
+    return out
+
+
+def print_entry(e: dict, secs: float) -> None:
+    t = e["table"]
+    mins = {k: min((r[k]["score"] or 0) for r in t.values()) for k in ("in", "ood_")}
+    print(f"\n== window {e['window']} {e['mode']} thr {e['threshold']:.3f}: min dev score in {mins['in']:.2f} "
+          f"ood {mins['ood_']:.2f} ({secs:.0f} s)")
+    for fmt, r in t.items():
+        cells = []
+        for k in ("in", "ood_"):
+            c = r[k]
+            cells.append(f"{k:4s} score {c['score']:.2f} f {c['forget'][0]:.2f}->{c['forget'][1]:.2f} "
+                         f"r {c['retain'][0]:.2f}->{c['retain'][1]:.2f} open f {c['open_f']:.2f} r {c['open_r']:.2f}")
+        print(f"  {fmt:10s} " + " | ".join(cells))
+    for side, f in (e.get("fluency") or {}).items():
+        print(f"  fluency {side}: nll {f['nll']:.2f} (clean {f['nll_clean']:.2f}) distinct {f['distinct']:.2f} "
+              f"changed {f['changed']:.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The prompt-format suite and the fluency bound inside `ff eval` (tiny model, offline)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cache.models import load_model
+from pipelines.config import EvalConfig, SweepGrid
+from pipelines.evalsets import eval_data
+from pipelines.evaluate import evaluate_run
+from pipelines.formats import build_prompt
+from pipelines.scoring import min_score, pick_best, unlearning_score, why_unsafe
+from test_pipelines_evaluate import write_mcq
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, tiny_corpora):
+    d = tmp_path_factory.mktemp("mcq")
+    retain, unlearn = tiny_corpora
+    return EvalConfig(forget_mcq=write_mcq(d / "f.jsonl", 16, 1), retain_mcq=write_mcq(d / "r.jsonl", 12, 2),
+                      forget_text=unlearn, retain_text=retain, max_text_tokens=300, ctx_len=32,
+                      max_batch_tokens=400, text_batch_contexts=4, ood_forget_mcq=None, ood_retain_mcq=None,
+                      ood_forget_text=None, ood_retain_text=None, bootstrap=100, fluency_prompts=4,
+                      formats=("plain", "kshot2", "after_bio"), format_questions=8,
+                      grid=SweepGrid(multipliers=(5.0,), ablate=True, top_n=(10,), selections=("saebench",),
+                                     gates=("none",)))
+
+
+def _part(forget, retain):
+    return {"forget_mcq": {"before": forget[0], "after": forget[1]},
+            "retain_mcq": {"before": retain[0], "after": retain[1]},
+            "unlearning_score": unlearning_score(*forget)}
+
+
+def _entry(label, forget, retain, formats=None, fluency=None):
+    e = {"label": label, "n_features": 10, "dev": _part(forget, retain), "test": _part(forget, retain)}
+    if formats:
+        e["formats"] = {f: {"dev": _part(*v), "test": _part(*v)} for f, v in formats.items()}
+    if fluency:
+        e["fluency"] = {"forget": {"nll": fluency[0], "nll_clean": fluency[1]}}
+    return e
+
+
+def test_a_setting_unsafe_in_one_format_is_never_chosen_and_scores_are_minima():
+    a = _entry("a", (0.8, 0.2), (0.7, 0.7), {"kshot2": ((0.8, 0.2), (0.7, 0.6))})  # loses retain in kshot2
+    b = _entry("b", (0.8, 0.4), (0.7, 0.7), {"kshot2": ((0.8, 0.6), (0.7, 0.7))})  # plain 0.5, kshot2 0.25
+    c = _entry("c", (0.8, 0.5), (0.7, 0.7), {"kshot2": ((0.8, 0.5), (0.7, 0.7))})  # 0.375 in both
+    assert "in format kshot2" in why_unsafe(a, 0.99, 0.01)
+    assert min_score(b) == pytest.approx(0.25) and min_score(c) == pytest.approx(0.375)
+    best, reason = pick_best([a, b, c], 0.99, 0.01)
+    assert reason is None and best["label"] == "c"  # the highest minimum, not the highest plain score
+    best, reason = pick_best([a], 0.99, 0.01)
+    assert best is None and "no retain-safe setting" in reason
+
+
+def test_the_fluency_bound_holds_back_a_setting_that_garbles():
+    garbles = _entry("garbles", (0.8, 0.2), (0.7, 0.7), fluency=(4.7, 0.9))
+    fluent = _entry("fluent", (0.8, 0.4), (0.7, 0.7), fluency=(1.5, 0.9))
+    assert "not fluent" in why_unsafe(garbles, 0.99, 0.01, max_nll=1.0)
+    assert pick_best([garbles, fluent], 0.99, 0.01, max_nll=1.0)[0]["label"] == "fluent"
+    assert pick_best([garbles, fluent], 0.99, 0.01, max_nll=None)[0]["label"] == "garbles"
+    assert pick_best([garbles, fluent], 0.99, 0.01, max_nll=0.5)[0] is None
+
+
+def test_each_format_set_holds_the_documented_prompts(lm, cfg):
+    data = eval_data(lm, cfg)
+    assert data.formats == ("plain", "kshot2", "after_bio")
+    plain = data.forget_mcq
+    for fmt in ("kshot2", "after_bio"):
+        es = getattr(data, f"forget_mcq@{fmt}")
+        assert es.size == cfg.format_questions == len(es.test_Q)
+        assert int(es.test_Q.sum()) == cfg.format_questions // 2  # half dev, half test
+        # the subset keeps each question's half of the plain sample
+        for q, t in zip(es.items, es.test_Q.tolist()):
+            assert bool(plain.test_Q[plain.items.index(q)]) == t
+        # the tokens of the first row's shared prompt are the format's prompt of its question
+        b = es.batches[0]
+        prompt_ids = b.input_ids_BT[0][(b.seg_BT[0] == 0)].tolist()
+        text = lm.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        qi = int(es.layout.question_N[(b.row_N == 0).nonzero()[0, 0]])
+        want = lm.tokenizer.decode(lm.tokenizer(build_prompt(fmt, es.items[qi]))["input_ids"],
+                                   skip_special_tokens=True)
+        assert text == want
+    assert set(data.fluency) == {"forget_text", "retain_text"}
+    assert all(ids.shape == (cfg.fluency_prompts, 13) for ids in data.fluency.values())
+
+
+def test_evaluate_run_reports_every_format_and_fluency(lm, cfg, tmp_path):
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    res = evaluate_run(run, lm, cfg.replace(retain_ratio=0.0, max_fluency_nll_rise=None), progress=False)
+    best = res["best"]
+    assert best is not None, res["best_reason"]
+    assert set(best["formats"]) == {"kshot2", "after_bio"}
+    for fmt, p in best["formats"].items():
+        assert p["test"]["questions"] == cfg.format_questions // 2 and "ci95" in p["test"]
+    scores = [best["test"]["unlearning_score"]] + [p["test"]["unlearning_score"] for p in best["formats"].values()]
+    assert best["formats_min"]["test"] == pytest.approx(min(s for s in scores if s is not None))
+    assert set(best["fluency"]) == {"forget_text", "retain_text"}
+    f = best["fluency"]["forget_text"]
+    assert 0 <= f["changed"] <= 1 and f["nll_clean"] > 0 and len(f["examples"]) == 3
+    # every sweep entry carries its per-format halves; the clean accuracy is the same in each entry
+    befores = {e["label"]: e["formats"]["kshot2"]["dev"]["forget_mcq"]["before"] for e in res["sweep"]}
+    assert len(set(befores.values())) == 1
+    assert torch.isfinite(torch.tensor(list(befores.values()))).all()
