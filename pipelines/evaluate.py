@@ -104,10 +104,19 @@ def opened_rows(es: Any, iv: Intervention) -> list[dict[str, Any]]:
             for r in rows[:MAX_ITEMS]]
 
 
+def _plain_safe(e: dict[str, Any], ratio: float) -> bool:
+    """Whether the entry keeps the retain dev questions of the plain format (in or out of
+    distribution): only then can it be chosen, and only then are the other formats worth scoring."""
+    return any(p and "dev" in p and retain_safe(p, ratio, float("inf")) for p in (e, e.get("ood")))
+
+
 def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
-            metrics: tuple[str, ...]) -> dict[str, Any]:
+            metrics: tuple[str, ...], formats: float | str | None = "all") -> dict[str, Any]:
     """One sweep entry: `metrics` before/after `iv` (the others get "after": None), with the
-    dev and test halves of the MCQ sets (scoring.half)."""
+    dev and test halves of the MCQ sets (scoring.half), and of every other prompt format
+    (`measure_formats`): always ("all"), never (None), or only where the entry keeps the plain
+    retain dev questions at this ratio of clean (a float: the sweep's shortcut, since a setting
+    unsafe in one format is never chosen)."""
     t0 = time.perf_counter()
     res: dict[str, SetResult | None] = {m: None for m in clean}
     rerun = 0
@@ -140,8 +149,8 @@ def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             e.update(part)
             f = part["forget_mcq"]
             e["unlearning_score"] = None if f["after"] is None else unlearning_score(f["before"], f["after"])
-    rerun += measure_formats(e, data, model, iv, clean_only=iv.n_features == 0 or not any(m.endswith("_mcq")
-                                                                                          for m in metrics))
+    if formats is not None and (formats == "all" or _plain_safe(e, formats)):
+        rerun += measure_formats(e, data, model, iv, clean_only=iv.n_features == 0)
     e["rows_rerun"], e["seconds"] = rerun, round(time.perf_counter() - t0, 2)
     return e
 
@@ -407,7 +416,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         iv = Intervention(run, setting)
         if setting.set_key not in selection:
             selection[setting.set_key] = selection_quality(data, iv)
-        e = measure(data, model, iv, clean, metrics)
+        e = measure(data, model, iv, clean, metrics, formats=cfg.retain_ratio)
         if not cfg.sweep_losses:
             retain_losses(e, data, model, iv, clean, cfg.retain_ratio)
         sweep_fluency(e, data, lm, iv, cfg)

@@ -234,6 +234,45 @@ def limits_table(results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+def formats_table(results: dict[str, dict[int, dict]]) -> str:
+    """Per configuration and prompt format, the chosen setting's test score with its interval and
+    the retain accuracy, in and out of distribution (ff eval --formats), and the minimum."""
+    rows = ["| layer | configuration | where | " + " | ".join(["format", "test score [95% CI]", "forget MCQ",
+                                                                   "retain MCQ"]) + " |", "|---|---|---|---|---|---|---|"]
+    for l in sorted({l for r in results.values() for l in r}):
+        for name, b, _ in configurations(results, l):
+            for where, part in (("in distribution", b), ("out of distribution", (b or {}).get("ood"))):
+                if not part or not part.get("formats") or "test" not in part:
+                    continue
+                for fmt, p in (("plain", part), *part["formats"].items()):
+                    t = p["test"]
+                    rows.append(f"| {l} | {name} | {where} | {fmt} | {_num(t['unlearning_score'])}{_ci(t.get('ci95'))} "
+                                f"| {_fmt_pair(t['forget_mcq'], 2)} | {_fmt_pair(t['retain_mcq'], 2)} |")
+                m = part.get("formats_min") or {}
+                rows.append(f"| {l} | {name} | {where} | **minimum** | **{_num(m.get('test'))}** | | |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def fluency_table(results: dict[str, dict[int, dict]]) -> str:
+    """Per configuration, the fluency of the chosen setting's greedy continuations of held-out
+    prose prompts (pipelines/fluency.py), with one example of a forget-prose continuation."""
+    rows = ["| layer | configuration | prose | clean-model NLL: edited (own) | distinct bigrams: edited (own) | "
+            "changed |", "|---|---|---|---|---|---|"]
+    examples = []
+    for l in sorted({l for r in results.values() for l in r}):
+        for name, b, _ in configurations(results, l):
+            for side, f in ((b or {}).get("fluency") or {}).items():
+                rows.append(f"| {l} | {name} | {side.replace('_text', '')} | {f['nll']:.2f} ({f['nll_clean']:.2f}) | "
+                            f"{f['distinct']:.2f} ({f['distinct_clean']:.2f}) | {f['changed']:.2f} |")
+                if side == "forget_text" and f.get("examples"):
+                    ex = f["examples"][0]
+                    examples.append(f"- {name}, layer {l}: {_quote(ex['prompt'], 80)} -> clean: "
+                                    f"{_quote(ex['clean'], 120)}; edited: {_quote(ex['edited'], 120)}")
+    if len(rows) <= 2:
+        return ""
+    return "\n".join(rows) + ("\n\nExamples (forget prose):\n\n" + "\n".join(examples) if examples else "")
+
+
 HELD_BACK = 3
 """Rows per configuration in the "held back by the retain bounds" table."""
 
@@ -500,6 +539,17 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
                f"Settings that score higher on the dev half than the chosen one but break a retain bound (the "
                f"{HELD_BACK} highest per configuration): the frontier's other side, and which bound binds.", "",
                held, ""]
+    if fmts := formats_table(results):
+        md += ["## Prompt formats", "",
+               "Each question set scored in every prompt format of the suite (pipelines/formats.py: an instruction "
+               "header, general few-shot examples, a general preamble, a dialogue, a biology passage before the "
+               "question); the setting was chosen on the dev halves by its minimum over formats, retain-safe in "
+               "each.", "", fmts, ""]
+    if flu := fluency_table(results):
+        md += ["## Fluency", "",
+               "Greedy continuations (32 tokens) of the first words of held-out paragraphs with the chosen setting, "
+               "scored by the clean model (mean NLL per token; its own continuations in brackets), their "
+               "distinct-bigram ratio, and the share that differ from the clean model's.", "", flu, ""]
     md += ["## Out of distribution", "",
            "Textbook-style biology and general-knowledge questions and prose that the training corpora never "
            "contain; general accuracy must stay >= 0.99 of clean.", "", ood_table(results), ""]

@@ -32,10 +32,13 @@ from pipelines.formats import FORMATS, parse_formats  # noqa: E402
 from pipelines.intervene import Intervention, load_run, probe_detector, probe_layer, run_setting  # noqa: E402
 from trainer.detector import score_offset  # noqa: E402
 
-MODES = {"clamp1000": dict(mode="clamp", multiplier=1000.0), "clamp100": dict(mode="clamp", multiplier=100.0),
-         "clamp30": dict(mode="clamp", multiplier=30.0), "clamp10": dict(mode="clamp", multiplier=10.0),
-         "clamp3": dict(mode="clamp", multiplier=3.0), "ablate": dict(mode="ablate"),
-         "retain_mean": dict(mode="retain_mean"), "project": dict(mode="project")}
+def edit_form(name: str) -> dict:
+    """"clamp30", "ablate", "retain_mean", "project", each optionally ":N" (top N features)."""
+    head, _, n = name.partition(":")
+    out: dict = {"top_n": int(n)} if n else {}
+    if head.startswith("clamp"):
+        return {**out, "mode": "clamp", "multiplier": float(head[5:])}
+    return {**out, "mode": head}
 
 
 def set_names(fmt: str, prefix: str, role: str) -> str:
@@ -77,7 +80,8 @@ def main() -> None:
     ap.add_argument("--formats", default="all")
     ap.add_argument("--format-questions", type=int, default=60, help="Questions per set and format (half dev).")
     ap.add_argument("--windows", default="none,16,24,32")
-    ap.add_argument("--modes", default="clamp100,clamp10,ablate,retain_mean,project")
+    ap.add_argument("--modes", default="clamp100,clamp10,ablate,retain_mean,project",
+                    help="Edit forms: clampM, ablate, retain_mean, project, each optionally :N (top N features).")
     ap.add_argument("--percentile", type=float, default=99.0)
     ap.add_argument("--top-n", type=int, default=None, help="Override the chosen setting's feature count.")
     ap.add_argument("--selection", default=None)
@@ -109,7 +113,7 @@ def main() -> None:
         thr = calibrate(data, probe, formats, args.percentile, bias)
         print(f"window {window}: threshold {thr:.3f} (probe window {probe.window})", flush=True)
         for name in args.modes.split(","):
-            s = base.replace(gate_window=window, gate_threshold=thr, **MODES[name])
+            s = base.replace(gate_window=window, gate_threshold=thr, **edit_form(name))
             iv = Intervention(run, s)
             t1 = time.time()
             table = dev_table(data, lm.model, iv, formats)

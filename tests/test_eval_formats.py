@@ -110,3 +110,12 @@ def test_evaluate_run_reports_every_format_and_fluency(lm, cfg, tmp_path):
     befores = {e["label"]: e["formats"]["kshot2"]["dev"]["forget_mcq"]["before"] for e in res["sweep"]}
     assert len(set(befores.values())) == 1
     assert torch.isfinite(torch.tensor(list(befores.values()))).all()
+
+
+def test_the_demo_preset_scores_every_format_of_the_suite():
+    from pipelines.config import DEMO_FORMATS
+    from pipelines.formats import FORMATS
+
+    demo = EvalConfig.preset("demo")
+    assert DEMO_FORMATS == FORMATS and demo.formats == FORMATS and demo.grid.gate_window is not None
+    assert EvalConfig.preset("full").formats == ("plain",)

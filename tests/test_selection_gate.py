@@ -575,3 +575,31 @@ def test_a_ramp_starting_above_the_gates_threshold_is_refused(lm, tmp_path):
     assert Intervention(run, s.replace(ramp_threshold=0.2)).opens_above < Intervention(run, s.replace(ramp_percentile=None)).threshold
     with pytest.raises(EvalError, match="ramp starts above the gate's threshold"):
         Intervention(run, s.replace(ramp_threshold=0.8))
+
+
+@pytest.mark.parametrize("mode", ["project", "retain_mean", "clamp"])
+def test_every_edit_form_behind_a_windowed_network_gate_is_causal_and_cache_exact(lm, tmp_path, mode):
+    """The demo's gate (the "mlp" detector's scores averaged over the last W tokens) with each
+    edit form: a later token never changes an earlier output, KV-cached generation equals full
+    recompute, and the edit acts only where the gate is open."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40,
+                            mlp_probe=True))
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(4, lm.model.config.vocab_size, (4, 30), generator=g)
+    ids[:, 0] = lm.model.config.bos_token_id
+    editable = ids != lm.model.config.bos_token_id
+    base = Setting(mode=mode, multiplier=30.0, top_n=20, gate="probe", probe_kind="mlp", gate_threshold=0.0,
+                   gate_window=6)
+    with torch.no_grad():
+        h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+        share, seen = firing_share(Intervention(run, base).signal(h), editable, window=6)
+    from trainer.detector import load_detector
+
+    median = float(share[seen >= 8].median()) + load_detector(run.gate, "probe@mlp").b
+    iv = Intervention(run, base.replace(gate_threshold=median))
+    _assert_causal_and_cached(lm, iv, ids)
+    ed = iv.edit(h, editable)
+    assert 0 < float(ed.open_BT[seen >= 8].float().mean()) < 1
+    shut_BT = ~ed.open_BT
+    assert torch.equal(ed.h_BTD[shut_BT], h[shut_BT]), "a position where the gate is shut is left bit-identical"
+    assert not torch.equal(ed.h_BTD, h)
