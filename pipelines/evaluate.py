@@ -198,6 +198,15 @@ def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Interventio
             part["retain_text_opened"] = opened_rows(text, iv)
 
 
+def _carry_formats(src: dict[str, Any], dst: dict[str, Any]) -> None:
+    """Copy the prompt-format halves (and their per-question answers) that the sweep measured for
+    an entry into its complete re-measurement, in place: they do not depend on the CE losses."""
+    for part_s, part_d in ((src, dst), (src.get("ood"), dst.get("ood"))):
+        if part_s and part_d is not None and "formats" in part_s:
+            part_d["formats"] = part_s["formats"]
+    dst.setdefault("_correct", {}).update({k: v for k, v in src.get("_correct", {}).items() if "@" in k})
+
+
 def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, cfg: EvalConfig) -> None:
     """The fluency of the forget-prose continuations (in and out of distribution) of an entry that
     is retain-safe on the dev half, in place (e["fluency"]["forget"], e["ood"]["fluency"]["forget"]):
@@ -365,9 +374,17 @@ def _describe(e: dict[str, Any]) -> str:
     ood = e.get("ood") or {}
     ood_s = "" if "dev" not in ood or ood["dev"]["unlearning_score"] is None else \
         f", ood dev score {ood['dev']['unlearning_score']:.3f} (general {ood['dev']['retain_mcq']['after']:.3f})"
+    low = ""
+    if e.get("formats"):
+        m_in, m_ood = min_score(e), min_score(ood) if ood.get("formats") else None
+        low = f"; minimum over formats {_maybe(m_in)}, ood {_maybe(m_ood)}"
     return (f"{e['label']} ({e['n_features']} features): dev forget MCQ {f['before']:.3f}->{f['after']:.3f}, "
             f"retain MCQ {r['before']:.3f}->{r['after']:.3f}, score "
-            f"{'n/a' if score is None else f'{score:.3f}'}{ood_s} ({e['seconds']:.1f} s)")
+            f"{'n/a' if score is None else f'{score:.3f}'}{ood_s}{low} ({e['seconds']:.1f} s)")
+
+
+def _maybe(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
 
 def save_result(run_dir: str | Path, res: dict[str, Any]) -> Path:
@@ -432,10 +449,13 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             return e
         if e["label"] not in measured:
             iv = Intervention(run, Setting.from_dict(e["setting"]))
-            measured[e["label"]] = measure(data, model, iv, clean, all_metrics)
+            m = measure(data, model, iv, clean, all_metrics, formats=None)
+            _carry_formats(e, m)
+            measured[e["label"]] = m
         return measured[e["label"]]
 
     out: dict[str, Any] = {}
+    fluent: dict[str, dict[str, Any]] = {}  # label -> the chosen setting's fluency, measured once
     for name, key, subset, ce in (("best", "", sweep, cfg.max_retain_ce_rise),
                                   ("best_ood", "ood_", sweep, cfg.max_ood_retain_ce_rise)):
         if key and not any(e.get("ood") for e in sweep):
@@ -444,8 +464,10 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"), max_nll=cfg.max_fluency_nll_rise)
         out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection, detection)
         if out[name] is not None and data.fluency:
-            iv = Intervention(run, Setting.from_dict(best["setting"]))
-            out[name]["fluency"] = data.fluency_of(model, lm.tokenizer, iv, examples=3)
+            if best["label"] not in fluent:
+                iv = Intervention(run, Setting.from_dict(best["setting"]))
+                fluent[best["label"]] = data.fluency_of(model, lm.tokenizer, iv, examples=3)
+            out[name]["fluency"] = fluent[best["label"]]
         out[f"{name}_reason"] = reason
     by_gate = {}
     for gate in cfg.grid.gates:

@@ -119,3 +119,16 @@ def test_the_demo_preset_scores_every_format_of_the_suite():
     demo = EvalConfig.preset("demo")
     assert DEMO_FORMATS == FORMATS and demo.formats == FORMATS and demo.grid.gate_window is not None
     assert EvalConfig.preset("full").formats == ("plain",)
+
+
+def test_without_sweep_losses_the_chosen_setting_keeps_the_format_halves_the_sweep_measured(lm, cfg, tmp_path):
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    res = evaluate_run(run, lm, cfg.replace(retain_ratio=0.0, max_fluency_nll_rise=None, sweep_losses=False),
+                       progress=False)
+    best = res["best"]
+    entry = next(e for e in res["sweep"] if e["label"] == best["label"])
+    for fmt in ("kshot2", "after_bio"):
+        assert best["formats"][fmt]["dev"] == entry["formats"][fmt]["dev"]
+        assert best["formats"][fmt]["test"]["unlearning_score"] == entry["formats"][fmt]["test"]["unlearning_score"]
+        assert "ci95" in best["formats"][fmt]["test"]
+    assert best["retain_loss"]["after"] is not None  # the complete re-measurement ran
