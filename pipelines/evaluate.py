@@ -222,6 +222,16 @@ def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, 
                                                              "changed")}}
 
 
+def _format_tests(part: dict[str, Any], correct: dict[str, Any], key: str, cfg: EvalConfig) -> None:
+    """A chosen entry's test halves in every prompt format with their intervals, and the minimum
+    over formats (`formats_min`), in place; `key` "" or "ood_" names the part."""
+    for fmt in part.get("formats") or {}:
+        fc, rc, f_test, r_test = correct[f"{key}@{fmt}"]
+        part["formats"][fmt]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
+    if part.get("formats"):
+        part["formats_min"] = {h: min_score(part, h) for h in ("dev", "test")}
+
+
 def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,
               selection: dict[str, Any], detection: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
     """The chosen entry with intervals on both halves, the gate's open rates and the selection's
@@ -231,11 +241,7 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     part = out[key.rstrip("_")] if key else out
     for name, mask, rmask in (("dev", ~f_test, ~r_test), ("test", f_test, r_test)):
         part[name] = half(fc, rc, mask, rmask, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
-    for fmt in part.get("formats") or {}:
-        fc_, rc_, ft_, rt_ = best["_correct"][f"{key}@{fmt}"]
-        part["formats"][fmt]["test"] = half(fc_, rc_, ft_, rt_, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
-    if part.get("formats"):
-        part["formats_min"] = {h: min_score(part, h) for h in ("dev", "test")}
+    _format_tests(part, best["_correct"], key, cfg)
     if not key:
         out["unlearning_score"] = out["test"]["unlearning_score"]
     iv = Intervention(run, Setting.from_dict(best["setting"]))
@@ -476,8 +482,10 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         by_gate[gate] = {"best": None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection),
                          "reason": reason}
     if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:
-        fc, rc, f_test, r_test = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]["ood_"]
+        correct = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]
+        fc, rc, f_test, r_test = correct["ood_"]
         out["best"]["ood"]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
+        _format_tests(out["best"]["ood"], correct, "ood_", cfg)
     for e in sweep:
         e.pop("_correct", None)
     return {

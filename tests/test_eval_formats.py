@@ -132,3 +132,14 @@ def test_without_sweep_losses_the_chosen_setting_keeps_the_format_halves_the_swe
         assert best["formats"][fmt]["test"]["unlearning_score"] == entry["formats"][fmt]["test"]["unlearning_score"]
         assert "ci95" in best["formats"][fmt]["test"]
     assert best["retain_loss"]["after"] is not None  # the complete re-measurement ran
+
+
+def test_the_in_distribution_choice_reports_its_out_of_distribution_formats_with_intervals(lm, cfg, tmp_path):
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    ood = cfg.replace(ood_forget_mcq=cfg.forget_mcq, ood_retain_mcq=cfg.retain_mcq, retain_ratio=0.0,
+                      max_fluency_nll_rise=None, sweep_losses=False, fluency_prompts=0)
+    best = evaluate_run(run, lm, ood, progress=False)["best"]
+    part = best["ood"]
+    assert set(part["formats"]) == {"kshot2", "after_bio"}
+    assert all("ci95" in p["test"] for p in part["formats"].values())
+    assert part["formats_min"]["test"] == min_score(part, "test")
