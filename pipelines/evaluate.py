@@ -462,6 +462,16 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
 
     out: dict[str, Any] = {}
     fluent: dict[str, dict[str, Any]] = {}  # label -> the chosen setting's fluency, measured once
+
+    def add_fluency(chosen: dict[str, Any] | None) -> None:
+        """A chosen entry's fluency on every prose set, with examples (once per setting)."""
+        if chosen is None or not data.fluency:
+            return
+        if chosen["label"] not in fluent:
+            iv = Intervention(run, Setting.from_dict(chosen["setting"]))
+            fluent[chosen["label"]] = data.fluency_of(model, lm.tokenizer, iv, examples=3)
+        chosen["fluency"] = fluent[chosen["label"]]
+
     for name, key, subset, ce in (("best", "", sweep, cfg.max_retain_ce_rise),
                                   ("best_ood", "ood_", sweep, cfg.max_ood_retain_ce_rise)):
         if key and not any(e.get("ood") for e in sweep):
@@ -469,11 +479,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             continue
         best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"), max_nll=cfg.max_fluency_nll_rise)
         out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection, detection)
-        if out[name] is not None and data.fluency:
-            if best["label"] not in fluent:
-                iv = Intervention(run, Setting.from_dict(best["setting"]))
-                fluent[best["label"]] = data.fluency_of(model, lm.tokenizer, iv, examples=3)
-            out[name]["fluency"] = fluent[best["label"]]
+        add_fluency(out[name])
         out[f"{name}_reason"] = reason
     by_gate = {}
     for gate in cfg.grid.gates:
@@ -481,6 +487,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
                               cfg.max_retain_ce_rise, max_nll=cfg.max_fluency_nll_rise)
         by_gate[gate] = {"best": None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection),
                          "reason": reason}
+        add_fluency(by_gate[gate]["best"])
     if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:
         correct = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]
         fc, rc, f_test, r_test = correct["ood_"]

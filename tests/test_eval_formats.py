@@ -104,6 +104,7 @@ def test_evaluate_run_reports_every_format_and_fluency(lm, cfg, tmp_path):
     scores = [best["test"]["unlearning_score"]] + [p["test"]["unlearning_score"] for p in best["formats"].values()]
     assert best["formats_min"]["test"] == pytest.approx(min(s for s in scores if s is not None))
     assert set(best["fluency"]) == {"forget_text", "retain_text"}
+    assert res["best_by_gate"]["none"]["best"]["fluency"] == best["fluency"]
     f = best["fluency"]["forget_text"]
     assert 0 <= f["changed"] <= 1 and f["nll_clean"] > 0 and len(f["examples"]) == 3
     # every sweep entry carries its per-format halves; the clean accuracy is the same in each entry
