@@ -244,6 +244,8 @@ FAULTS = [
           2, "--mcq-template may name {question} only"),
     Fault("eval-window-not-a-number", lambda w: ["eval", "--run", w.run, "--gate-window", "wide"],
           2, "--gate-window takes a number of tokens or 'none', got 'wide'"),
+    Fault("eval-unknown-format", lambda w: ["eval", "--run", w.run, "--formats", "plain,bogus"],
+          2, "unknown prompt format 'bogus'; valid: plain, instruct"),
     Fault("eval-not-a-run", lambda w: ["eval", "--run", w.store], 2,
           "is not a run folder (no config.json)"),
     Fault("generate-not-a-run", lambda w: ["generate", "--run", w.store, "--prompt", "hi"], 2,
