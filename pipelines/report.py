@@ -416,7 +416,16 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
             if f"FeatureForget, {how}" not in conf or f"baseline SAE, {how}" not in conf:
                 continue
             lines.append(_verdict_line(l, how, a, b, f"FeatureForget ({how})", f"the baseline SAE ({how})"))
+            lines += _format_verdicts(l, how, a, b)
     return "\n".join(lines)
+
+
+def _format_verdicts(layer: int, how: str, a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """The verdict in each prompt format both chosen settings were scored in (ff eval --formats),
+    with the paired difference on the format's test questions."""
+    fa, fb = ((x or {}).get("formats") or {} for x in (a, b))
+    return [_verdict_line(layer, f"{how}, format {fmt}", fa[fmt], fb[fmt], "FeatureForget", "the baseline SAE")
+            for fmt in fa if fmt in fb]
 
 
 def _verdict_line(layer: int, how: str, a: dict[str, Any] | None, b: dict[str, Any] | None, name_a: str,

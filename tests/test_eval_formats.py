@@ -144,3 +144,26 @@ def test_the_in_distribution_choice_reports_its_out_of_distribution_formats_with
     assert set(part["formats"]) == {"kshot2", "after_bio"}
     assert all("ci95" in p["test"] for p in part["formats"].values())
     assert part["formats_min"]["test"] == min_score(part, "test")
+
+
+def test_the_report_gives_a_paired_verdict_in_each_format():
+    from pipelines.report import verdict
+    from pipelines.scoring import half
+
+    before = torch.tensor([True] * 10 + [False] * 2)
+    test = torch.ones(12, dtype=torch.bool)
+    keep = (torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+
+    def chosen(after_plain, after_fmt):
+        def part(after):
+            return half((before, after), keep, test, torch.ones(4, dtype=torch.bool), bootstrap=200)
+        return {"label": "x", "test": part(after_plain), "formats": {"kshot2": {"test": part(after_fmt)}}}
+
+    forgot, kept = torch.zeros(12, dtype=torch.bool), before.clone()
+    res = {"featureforget": {4: {"best_by_gate": {"probe": {"best": chosen(forgot, kept), "reason": None}}}},
+           "baseline": {4: {"best_by_gate": {"probe": {"best": chosen(kept, kept), "reason": None}}}}}
+    lines = verdict(res).splitlines()
+    plain = next(x for x in lines if "format" not in x)
+    fmt = next(x for x in lines if "format kshot2" in x)
+    assert "FeatureForget (probe-gated) beats" in plain and "+1.000" in plain
+    assert "within noise" in fmt and "+0.000" in fmt  # the same answers in kshot2: no difference
