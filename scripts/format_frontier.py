@@ -76,15 +76,16 @@ def dev_table(data, model, iv: Intervention, formats) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", required=True)
-    ap.add_argument("--formats", default="all")
+    ap.add_argument("--run", required=True, help="A run folder (ff train); its unlearning.json's setting is the base.")
+    ap.add_argument("--formats", default="all", help="Prompt formats (pipelines/formats.py), comma-separated, or all.")
     ap.add_argument("--format-questions", type=int, default=60, help="Questions per set and format (half dev).")
-    ap.add_argument("--windows", default="none,16,24,32")
+    ap.add_argument("--windows", default="none,16,24,32", help="Gate windows in tokens; none: from the start.")
     ap.add_argument("--modes", default="clamp100,clamp10,ablate,retain_mean,project",
                     help="Edit forms: clampM, ablate, retain_mean, project, each optionally :N (top N features).")
-    ap.add_argument("--percentile", type=float, default=99.0)
+    ap.add_argument("--percentile", type=float, default=99.0,
+                    help="The threshold's percentile of the retain dev questions' peaks (every format but after_bio).")
     ap.add_argument("--top-n", type=int, default=None, help="Override the chosen setting's feature count.")
-    ap.add_argument("--selection", default=None)
+    ap.add_argument("--selection", default=None, help="Override the chosen setting's selection rule.")
     ap.add_argument("--fluency", type=int, default=0, help="Prose prompts per side for the fluency metric.")
     ap.add_argument("--json", default=None, help="Also write the table here.")
     args = ap.parse_args()
