@@ -26,8 +26,11 @@ PROBE_KINDS = ("linear", "mlp")
 class Setting:
     mode: str = "clamp"
     """"ablate": selected features -> 0; "clamp": selected active features -> -multiplier
-    (SAEBench, Farrell et al. 2024); "splice": h -> full SAE reconstruction (no feature edit);
-    "zero": h -> 0. The last two are CE-loss references (METHOD §8), not unlearning settings."""
+    (SAEBench, Farrell et al. 2024); "retain_mean": selected features -> their retain mean;
+    "project": x - b_dec loses its component in the selected decoder directions' span (the last
+    two measured in docs/results.md, reached from Python and scripts/format_frontier.py);
+    "splice": h -> full SAE reconstruction (no feature edit); "zero": h -> 0. The last two are
+    CE-loss references (METHOD §8), not unlearning settings."""
 
     multiplier: float = 10.0
     """Clamp strength m: an active selected feature i is set to -m * act_u[i], its mean firing
