@@ -215,10 +215,15 @@ def mcq_accuracy(logprob_N: Tensor, layout: McqLayout) -> float:
     return float(mcq_correct(logprob_N, layout).double().mean())
 
 
+def text_spec(spec: str, role: str) -> str:
+    """A held-out text spec as `cache.corpora` reads it: "demo" / "demo-ood" name the role's file."""
+    return {"demo": f"demo:{DEMO_TEXT[role]}", "demo-ood": f"demo:{OOD_TEXT[role]}"}.get(spec, spec)
+
+
 def text_batches(tokenizer: Any, spec: str, role: str, *, max_tokens: int, ctx_len: int,
                  batch_contexts: int) -> list[Batch]:
     """Held-out text packed into BOS-prefixed contexts of ctx_len; every next token is scored."""
-    spec = {"demo": f"demo:{DEMO_TEXT[role]}", "demo-ood": f"demo:{OOD_TEXT[role]}"}.get(spec, spec)
+    spec = text_spec(spec, role)
     n = max(1, max_tokens // (ctx_len - 1))
     try:
         tokens = torch.from_numpy(pack(resolve_corpus(spec, role), tokenizer, n_contexts=n,

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from pipelines.config import EvalConfig
-from pipelines.data import DEMO_TEXT, OOD_TEXT, McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_correct, sample_split, text_batches
+from pipelines.data import (McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_correct, sample_split, text_batches,
+                            text_spec)
 from pipelines.errors import EvalError
 from pipelines.fastlm import Batch, resid_at, score, text_config
 from pipelines.intervene import Intervention
@@ -271,8 +272,7 @@ def _fluency_prompts(tok: Any, spec: str, role: str, n: int) -> Tensor:
     from cache.corpora import iter_documents, resolve_corpus
     from pipelines.fluency import fluency_prompts
 
-    spec = {"demo": f"demo:{DEMO_TEXT[role]}", "demo-ood": f"demo:{OOD_TEXT[role]}"}.get(spec, spec)
-    docs = list(islice(iter_documents(resolve_corpus(spec, role)), 4 * n))
+    docs = list(islice(iter_documents(resolve_corpus(text_spec(spec, role), role)), 4 * n))
     return fluency_prompts(tok, docs, n_prompts=n, prompt_tokens=FLUENCY_PROMPT_TOKENS)
 
 
