@@ -606,13 +606,10 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     click.echo(format_eval(res))
 
 
-def _maybe(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
 def format_eval(res: dict) -> str:
     """The human summary of `ff eval`: SAE quality, then the best setting per gate (with the
     higher-scoring settings a retain bound held back) and OOD."""
+    from pipelines.evaluate import maybe_num as _maybe
     from pipelines.report import held_back
 
     lines = [f"{res['method']} layer {res['layer']}: SAE fvu {res['sae']['fvu']:.3f}, L0 {res['sae']['l0']:.1f}, "
@@ -640,6 +637,8 @@ def format_eval(res: dict) -> str:
 
 def format_lines(part: dict | None) -> list[str]:
     """Per prompt format, the chosen setting's test score and retain accuracy (ff eval --formats)."""
+    from pipelines.evaluate import maybe_num as _maybe
+
     if not part or not part.get("formats"):
         return []
     out = []

@@ -210,7 +210,7 @@ def _carry_formats(src: dict[str, Any], dst: dict[str, Any]) -> None:
 def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, cfg: EvalConfig) -> None:
     """The fluency of the forget-prose continuations (in and out of distribution) of an entry that
     is retain-safe on the dev half, in place (e["fluency"]["forget"], e["ood"]["fluency"]["forget"]):
-    the fluency bound (EvalConfig.max_fluency_nll) decides among those, and a setting that is not
+    the fluency bound (EvalConfig.max_fluency_nll_rise) decides among those, and a setting that is not
     retain-safe needs no more measuring."""
     if cfg.max_fluency_nll_rise is None or iv.n_features == 0:
         return
@@ -383,13 +383,14 @@ def _describe(e: dict[str, Any]) -> str:
     low = ""
     if e.get("formats"):
         m_in, m_ood = min_score(e), min_score(ood) if ood.get("formats") else None
-        low = f"; minimum over formats {_maybe(m_in)}, ood {_maybe(m_ood)}"
+        low = f"; minimum over formats {maybe_num(m_in)}, ood {maybe_num(m_ood)}"
     return (f"{e['label']} ({e['n_features']} features): dev forget MCQ {f['before']:.3f}->{f['after']:.3f}, "
             f"retain MCQ {r['before']:.3f}->{r['after']:.3f}, score "
             f"{'n/a' if score is None else f'{score:.3f}'}{ood_s}{low} ({e['seconds']:.1f} s)")
 
 
-def _maybe(v: float | None) -> str:
+def maybe_num(v: float | None) -> str:
+    """A score to three decimals, or "n/a" (the progress lines and `ff eval`'s summary)."""
     return "n/a" if v is None else f"{v:.3f}"
 
 

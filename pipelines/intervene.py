@@ -223,8 +223,8 @@ class Intervention:
             self.mean_r_S = run.features["mean_r"][self.features].float().clone() \
                 if "mean_r" in run.features else torch.zeros(len(self.features))
             # orthonormal basis of the selected decoder directions' span ("project")
-            self.Q_DR = torch.linalg.qr(self.W_dec_SD.T.float())[0] if len(self.features) \
-                else torch.zeros(self.d_model, 0)
+            self.Q_DR = torch.linalg.qr(self.W_dec_SD.T.float())[0] \
+                if setting.mode == "project" and len(self.features) else torch.zeros(self.d_model, 0)
         self.sae = sae if setting.mode == "splice" else None
         self.window = setting.gate_window
         """The gate's running mean covers the last `window` editable tokens (None: all so far)."""

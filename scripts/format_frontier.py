@@ -21,16 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache.models import load_model  # noqa: E402
 from pipelines.config import EvalConfig, Setting  # noqa: E402
 from pipelines.evalsets import eval_data  # noqa: E402
-from pipelines.formats import FORMATS, parse_formats  # noqa: E402
-from pipelines.intervene import Intervention, load_run, probe_detector, probe_layer, run_setting  # noqa: E402
-from trainer.detector import score_offset  # noqa: E402
+from pipelines.formats import parse_formats  # noqa: E402
+from pipelines.evaluate import probe_thresholds  # noqa: E402
+from pipelines.intervene import Intervention, load_run, probe_layer, run_setting  # noqa: E402
 
 def edit_form(name: str) -> dict:
     """"clamp30", "ablate", "retain_mean", "project", each optionally ":N" (top N features)."""
@@ -43,16 +42,6 @@ def edit_form(name: str) -> dict:
 
 def set_names(fmt: str, prefix: str, role: str) -> str:
     return f"{prefix}{role}_mcq" + ("" if fmt == "plain" else f"@{fmt}")
-
-
-def calibrate(data, iv: Intervention, formats, percentile: float, bias: float) -> float:
-    peaks = []
-    for fmt in (f for f in formats if f != "after_bio"):  # its biology prefix should open the gate
-        for prefix in ("", "ood_"):
-            es = getattr(data, set_names(fmt, prefix, "retain"))
-            p = es.gate_peaks(iv)[~es.test_Q]
-            peaks.append(p[torch.isfinite(p)])
-    return float(torch.quantile(torch.cat(peaks).double(), percentile / 100.0)) + bias
 
 
 def dev_table(data, model, iv: Intervention, formats) -> dict:
@@ -106,12 +95,11 @@ def main() -> None:
     t0 = time.time()
     data.prepare(lm.model, sorted({run.layer, probe_layer(run)[0]}))
     print(f"clean passes: {time.time() - t0:.0f} s; base setting {base.label}", flush=True)
-    bias = score_offset(probe_detector(run, base.probe_l2, base.probe_kind).b, base.probe_pool)
     results = []
     for w in args.windows.split(","):
         window = None if w == "none" else int(w)
         probe = Intervention(run, base.replace(gate_window=window, gate_threshold=0.0))
-        thr = calibrate(data, probe, formats, args.percentile, bias)
+        thr = probe_thresholds(run, data, probe.setting, {args.percentile}, args.percentile)[0][args.percentile]
         print(f"window {window}: threshold {thr:.3f} (probe window {probe.window})", flush=True)
         for name in args.modes.split(","):
             s = base.replace(gate_window=window, gate_threshold=thr, **edit_form(name))
