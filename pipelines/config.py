@@ -429,6 +429,12 @@ class EvalConfig:
     text_batch_contexts: int = 16
     """Text contexts per forward batch."""
 
+    kv_cache_gib: float = 8.0
+    """Memory (GiB) the clean pass may keep for the attention keys and values of the blocks above
+    the edited layer, so that a setting recomputes each rerun row only from its first edited
+    position on (pipelines/fastlm.py); where the sets need more, or at 0, every rerun row is
+    recomputed whole (the same scores, more time)."""
+
     @classmethod
     def preset(cls, name: str) -> "EvalConfig":
         if name not in PRESETS:
@@ -440,7 +446,8 @@ class EvalConfig:
         return (self.forget_mcq, self.retain_mcq, self.forget_text, self.retain_text, self.ood_forget_mcq,
                 self.ood_retain_mcq, self.ood_forget_text, self.ood_retain_text, self.max_questions,
                 self.sample_seed, self.max_text_tokens, self.ctx_len, self.mcq_template, self.max_batch_tokens,
-                self.text_batch_contexts, self.formats, self.format_questions, self.fluency_prompts)
+                self.text_batch_contexts, self.formats, self.format_questions, self.fluency_prompts,
+                self.kv_cache_gib)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

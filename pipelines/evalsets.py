@@ -21,7 +21,7 @@ from pipelines.config import EvalConfig
 from pipelines.data import (McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_correct, sample_split, text_batches,
                             text_spec)
 from pipelines.errors import EvalError
-from pipelines.fastlm import Batch, resid_at, score, text_config
+from pipelines.fastlm import KV, Batch, kv_reuse_ok, resid_at, score, suffix_score, text_config
 from pipelines.intervene import Intervention
 from trainer.selection import GATE_MIN_TOKENS, firing_share
 
@@ -46,6 +46,13 @@ class EvalSet:
         first words."""
         self.clean: list[Tensor] | None = None
         self.resid: dict[int, list[Tensor]] = {}
+        self.kv: list[dict[int, tuple[Tensor, Tensor]]] | None = None
+        """Per batch, the clean keys and values of the attention layers after `kv_above`
+        ({layer: (K, V) [B, heads, T, head_dim]}), kept by prepare(kv_above=...)."""
+        self.kv_above: int | None = None
+        self.tokens_rerun = 0
+        """Positions run through the blocks above the edited layer by `logprobs` so far (a count
+        for benchmarks)."""
 
     @property
     def is_mcq(self) -> bool:
@@ -64,24 +71,32 @@ class EvalSet:
         lp_N = torch.cat(logprobs)
         return mcq_accuracy(lp_N, self.layout) if self.is_mcq else float(-lp_N.double().mean())
 
-    def prepare(self, model: Any, layers: int | Sequence[int]) -> None:
+    def prepare(self, model: Any, layers: int | Sequence[int], kv_above: int | None = None) -> None:
         """Clean scores (once) and the clean residual stream at each of `layers` (once per
-        layer; all missing layers are captured in one forward)."""
+        layer; all missing layers are captured in one forward). `kv_above`: the clean pass also
+        keeps the keys and values of the attention layers after this one (`logprobs` then
+        reruns a row from its first edited position on, for interventions at or after it)."""
         layers = [layers] if isinstance(layers, int) else list(layers)
         missing = sorted(set(layers) - set(self.resid))
         if self.clean is not None and not missing:
             return
         clean, resid = [], {layer: [] for layer in missing}
+        kv: list[dict[int, tuple[Tensor, Tensor]]] = []
         for b in self.batches:
             if self.clean is None:
-                lp_N, got = score(model, b, capture=missing)
+                rec = None if kv_above is None else KV(record_above=kv_above)
+                lp_N, got = score(model, b, capture=missing, kv=rec)
                 clean.append(lp_N)
+                if rec is not None:
+                    kv.append({i: (k.cpu(), v.cpu()) for i, (k, v) in rec.got.items()})
             else:
                 got = resid_at(model, b, missing)
             for layer in missing:
                 resid[layer].append(got[layer].cpu())
         if self.clean is None:
             self.clean = clean
+            if kv_above is not None:
+                self.kv, self.kv_above = kv, kv_above
         self.resid.update(resid)
 
     def clean_value(self) -> float:
@@ -148,7 +163,11 @@ class EvalSet:
         dev = next(model.parameters()).device
         iv.to(dev)
         out, rerun = [], 0
-        for b, clean_N, h_BTD, g_BTD in zip(self.batches, self.clean, self.resid[iv.layer], self.gate_resid(iv)):
+        reuse = self.kv is not None and self.kv_above is not None and self.kv_above <= iv.layer \
+            and kv_reuse_ok(model, iv.layer)
+        kvs = self.kv if reuse else [{}] * len(self.batches)
+        for b, clean_N, h_BTD, g_BTD, kv_b in zip(self.batches, self.clean, self.resid[iv.layer], self.gate_resid(iv),
+                                                  kvs):
             edited = iv.edit(h_BTD.to(dev), b.editable_BT.to(dev), b.seg_BT.to(dev),
                              gate_h_BTD=None if g_BTD is None else g_BTD.to(dev))
             # A target whose position precedes its row's first edit keeps its clean score (causal
@@ -162,7 +181,13 @@ class EvalSet:
                 continue
             sub, keep_N = b.select(rows_R, first_B)
             h_RTD = edited.h_BTD[rows_R.to(dev), : sub.input_ids_BT.shape[1]]
-            lp_N, _ = score(model, sub, resume=(iv.layer, h_RTD))
+            if reuse:  # only the positions from each row's first edit on
+                prefix = {i: (k[rows_R], v[rows_R]) for i, (k, v) in kv_b.items() if i > iv.layer}
+                lp_N = suffix_score(model, sub, first_B[rows_R], iv.layer, h_RTD, prefix)
+                self.tokens_rerun += int(((sub.seg_BT >= 0).sum(1) - first_B[rows_R]).clamp_min(0).sum())
+            else:
+                lp_N, _ = score(model, sub, resume=(iv.layer, h_RTD))
+                self.tokens_rerun += int((sub.seg_BT >= 0).sum())
             new_N = clean_N.clone()
             new_N[keep_N] = lp_N
             out.append(new_N)
@@ -188,8 +213,10 @@ class EvalData:
     """The evaluation sets of one (model, data config), plus per-layer CE references. The four
     in-distribution sets are always there; the `ood_` ones when the config names them."""
 
-    def __init__(self, sets: dict[str, EvalSet], fluency: dict[str, Tensor] | None = None):
+    def __init__(self, sets: dict[str, EvalSet], fluency: dict[str, Tensor] | None = None, kv_budget: float = 0):
         self.by_name = sets
+        self.kv_budget = kv_budget
+        """Bytes the clean keys and values may take (prepare(kv_above=...))."""
         self.fluency = fluency or {}
         """Prose prompts [P, 1 + FLUENCY_PROMPT_TOKENS] per text set name (pipelines/fluency.py)."""
         self.fluency_ref: dict[str, Any] = {}
@@ -218,26 +245,60 @@ class EvalData:
     def fluency_of(self, model: Any, tokenizer: Any, iv: Intervention | None,
                    names: Sequence[str] | None = None, examples: int = 0) -> dict[str, dict[str, Any]]:
         """Fluency (pipelines/fluency.py) of `iv`'s greedy continuations of the prose prompts of
-        `names` (default: every text set with prompts) -> {name: Fluency.to_dict()}."""
-        from pipelines.fluency import clean_reference, measure_fluency
+        `names` (default: every text set with prompts) -> {name: Fluency.to_dict()}. The prompts
+        of all `names` run as one batch (they have the same length): greedy decoding reads every
+        weight once per step, so one batch of 4 x 16 prompts costs little more than one of 16."""
+        from pipelines.fluency import CleanRef, continuation_nll, distinct_bigrams, greedy, summarize
 
-        out = {}
-        for name in names if names is not None else list(self.fluency):
-            if name not in self.fluency:
-                continue
-            ids = self.fluency[name]
-            if name not in self.fluency_ref:
-                self.fluency_ref[name] = clean_reference(model, tokenizer, ids, FLUENCY_NEW_TOKENS)
-            edit = None if iv is None else (lambda: iv.hooked(model))
-            out[name] = measure_fluency(model, tokenizer, ids, edit, n_new=FLUENCY_NEW_TOKENS,
-                                        clean_cont=self.fluency_ref[name], examples=examples).to_dict()
-        return out
+        names = [n for n in (names if names is not None else list(self.fluency)) if n in self.fluency]
+        if not names:
+            return {}
+        todo = [n for n in names if n not in self.fluency_ref]
+        if todo:  # the clean model's own continuations, once per set
+            ids = torch.cat([self.fluency[n] for n in todo])
+            cont = greedy(model, ids, FLUENCY_NEW_TOKENS, batch=len(ids))
+            nll = continuation_nll(model, ids, cont, batch=len(ids))
+            for n, sl in _slices(todo, [len(self.fluency[n]) for n in todo]):
+                self.fluency_ref[n] = CleanRef(cont[sl], nll[sl], distinct_bigrams(cont[sl]))
+        ids = torch.cat([self.fluency[n] for n in names])
+        if iv is None:
+            edited = torch.cat([self.fluency_ref[n].cont_PN for n in names])
+        else:
+            with iv.hooked(model):
+                edited = greedy(model, ids, FLUENCY_NEW_TOKENS, batch=len(ids))
+        nll = continuation_nll(model, ids, edited, batch=len(ids))
+        return {n: summarize(tokenizer, self.fluency[n], edited[sl], nll[sl], self.fluency_ref[n],
+                             examples=examples).to_dict()
+                for n, sl in _slices(names, [len(self.fluency[n]) for n in names])}
 
-    def prepare(self, model: Any, layers: int | Sequence[int]) -> None:
+    def prepare(self, model: Any, layers: int | Sequence[int], kv_above: int | None = None) -> None:
         """Clean passes and residual streams at `layers`. Call it once with every layer an
-        `ff run` will evaluate, so that one forward per set captures them all."""
+        `ff run` will evaluate, so that one forward per set captures them all. `kv_above`: keep
+        the clean keys and values of the attention layers after it (EvalSet.prepare) where they
+        fit in `kv_budget` bytes."""
+        todo = [s for s in self.sets if s.clean is None]
+        if kv_above is not None and todo and self.kv_bytes(model, kv_above) > self.kv_budget:
+            kv_above = None
         for s in self.sets:
-            s.prepare(model, layers)
+            s.prepare(model, layers, kv_above=kv_above)
+
+    def kv_bytes(self, model: Any, kv_above: int) -> int:
+        """Bytes the clean keys and values after layer `kv_above` take for the sets not yet prepared."""
+        cfg = text_config(model)
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = 2 * heads * head_dim * next(model.parameters()).element_size()
+        tokens = sum(b.input_ids_BT.numel() for s in self.sets if s.clean is None for b in s.batches)
+        return tokens * per_token * max(cfg.num_hidden_layers - 1 - kv_above, 0)
+
+
+def _slices(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, slice]]:
+    """Each name with its rows' slice in the concatenation of groups of `sizes` rows."""
+    out, start = [], 0
+    for n, k in zip(names, sizes):
+        out.append((n, slice(start, start + k)))
+        start += k
+    return out
 
 
 def _format_set(tok: Any, name: str, fmt: str, qs: list, test_Q: Tensor, cfg: EvalConfig,
@@ -317,6 +378,6 @@ def eval_data(lm: Any, cfg: EvalConfig) -> EvalData:
             sets[f"{prefix}{role}_text"] = EvalSet(f"{prefix}{role}_text", batches, items=heads)
             if cfg.fluency_prompts:
                 fluency[f"{prefix}{role}_text"] = _fluency_prompts(tok, spec, role, cfg.fluency_prompts)
-    data = EvalData(sets, fluency)
+    data = EvalData(sets, fluency, kv_budget=cfg.kv_cache_gib * 2**30)
     per_model[key] = data
     return data

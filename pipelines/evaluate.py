@@ -24,7 +24,7 @@ from torch import Tensor
 from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-exported for the CLI)
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
-from pipelines.fastlm import verify_fast_path
+from pipelines.fastlm import kv_reuse_ok, verify_fast_path
 from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_calibration, probe_detector,
                                  probe_layer, probe_problem)
 from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
@@ -111,21 +111,27 @@ def _plain_safe(e: dict[str, Any], ratio: float) -> bool:
 
 
 def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
-            metrics: tuple[str, ...], formats: float | str | None = "all") -> dict[str, Any]:
+            metrics: tuple[str, ...], formats: float | str | None = "all",
+            done: dict[str, SetResult] | None = None) -> dict[str, Any]:
     """One sweep entry: `metrics` before/after `iv` (the others get "after": None), with the
     dev and test halves of the MCQ sets (scoring.half), and of every other prompt format
     (`measure_formats`): always ("all"), never (None), or only where the entry keeps the plain
     retain dev questions at this ratio of clean (a float: the sweep's shortcut, since a setting
-    unsafe in one format is never chosen)."""
+    unsafe in one format is never chosen). `done`: results of the same setting measured before
+    (the sweep's entry), used as they are instead of running their sets again."""
     t0 = time.perf_counter()
     res: dict[str, SetResult | None] = {m: None for m in clean}
     rerun = 0
     for m in metrics:
         if m not in clean:
             continue
+        if done and m in done:
+            res[m] = done[m]
+            continue
         res[m] = clean[m] if iv.n_features == 0 else getattr(data, _SETS[m]).run(model, iv)
         rerun += res[m].rows_rerun
-    e: dict[str, Any] = {"setting": iv.setting.to_dict(), "label": iv.setting.label, "n_features": iv.n_features}
+    e: dict[str, Any] = {"setting": iv.setting.to_dict(), "label": iv.setting.label, "n_features": iv.n_features,
+                         "_results": {m: r for m, r in res.items() if r is not None}}
     for prefix in ("", "ood_"):
         keys = [f"{prefix}{k}" for k in ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")]
         if keys[0] not in clean:
@@ -194,7 +200,8 @@ def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Interventio
             continue
         if retain_safe(part, ratio, float("inf")):  # the questions alone
             text = getattr(data, _SETS[key])
-            part["retain_loss"]["after"] = text.run(model, iv).value
+            e["_results"][key] = text.run(model, iv)
+            part["retain_loss"]["after"] = e["_results"][key].value
             part["retain_text_opened"] = opened_rows(text, iv)
 
 
@@ -237,7 +244,7 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     """The chosen entry with intervals on both halves, the gate's open rates and the selection's
     topic-detection AUROCs (the report's and `ff eval --json`'s `best`)."""
     fc, rc, f_test, r_test = best["_correct"][key]
-    out = {k: v for k, v in best.items() if k != "_correct"}
+    out = {k: v for k, v in best.items() if not k.startswith("_")}
     part = out[key.rstrip("_")] if key else out
     for name, mask, rmask in (("dev", ~f_test, ~r_test), ("test", f_test, r_test)):
         part[name] = half(fc, rc, mask, rmask, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
@@ -425,7 +432,8 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     verify_fast_path(model, run.layer)
     data = data or eval_data(lm, cfg)
     _log(progress, f"{tag} clean passes ...")
-    data.prepare(model, sorted({run.layer, probe_layer(run)[0]}))
+    data.prepare(model, sorted({run.layer, probe_layer(run)[0]}), kv_above=run.layer if kv_reuse_ok(model, run.layer)
+                 else None)
     clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}
     _log(progress, f"{tag} clean: " + " ".join(f"{m} {v.value:.3f}" for m, v in clean.items())
          + f" ({time.perf_counter() - t0:.0f} s)")
@@ -456,7 +464,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             return e
         if e["label"] not in measured:
             iv = Intervention(run, Setting.from_dict(e["setting"]))
-            m = measure(data, model, iv, clean, all_metrics, formats=None)
+            m = measure(data, model, iv, clean, all_metrics, formats=None, done=e["_results"])
             _carry_formats(e, m)
             measured[e["label"]] = m
         return measured[e["label"]]
@@ -494,8 +502,9 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         fc, rc, f_test, r_test = correct["ood_"]
         out["best"]["ood"]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
         _format_tests(out["best"]["ood"], correct, "ood_", cfg)
-    for e in sweep:
+    for e in (*sweep, *measured.values()):
         e.pop("_correct", None)
+        e.pop("_results", None)
     return {
         "run": str(run.path), "layer": run.layer, "method": run.method, "model": lm.info.name,
         "best": out["best"], "best_reason": out["best_reason"],

@@ -65,29 +65,38 @@ def text_config(model: Any) -> Any:
 def attention_masks(model: Any, b: Batch) -> Tensor | dict[str, Tensor]:
     """Prepared 4D masks [B, 1, T, T] in the format of the model's attention implementation;
     a dict per layer type for models that have one (Gemma 2/3: full and sliding)."""
-    cfg = text_config(model)
     T = b.seg_BT.shape[1]
-    idx = torch.arange(T)
-    seg_q, seg_k = b.seg_BT[:, :, None], b.seg_BT[:, None, :]
-    ok_BTT = (idx[None, :] <= idx[:, None]) & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
-    ok_BTT |= torch.eye(T, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
+    col_BT = torch.arange(T).expand(len(b.seg_BT), T)
+    return _masks(model, col_BT, b.seg_BT, b.position_ids_BT, col_BT, b.seg_BT, b.position_ids_BT)
+
+
+def _masks(model: Any, qcol_BQ: Tensor, qseg_BQ: Tensor, qpos_BQ: Tensor, kcol_BK: Tensor, kseg_BK: Tensor,
+           kpos_BK: Tensor) -> Tensor | dict[str, Tensor]:
+    """Masks [B, 1, Q, K] for queries and keys given by their column in the packed row (causal
+    order), segment (-1: none) and position id: a query sees the keys at or before its column
+    of segment 0 and of its own segment (and, on sliding layers, within the window)."""
+    cfg = text_config(model)
+    ok_BQK = (kcol_BK[:, None, :] <= qcol_BQ[:, :, None]) & (kseg_BK[:, None, :] >= 0) & (
+        (kseg_BK[:, None, :] == 0) | (kseg_BK[:, None, :] == qseg_BQ[:, :, None]))
+    # a padding query attends to its own key (no NaN); keys follow the queries' columns there
+    ok_BQK |= (kcol_BK[:, None, :] == qcol_BQ[:, :, None]) & (qseg_BQ < 0)[:, :, None]
     window = getattr(cfg, "sliding_window", None)
-    dist_BTT = b.position_ids_BT[:, :, None] - b.position_ids_BT[:, None, :]
-    sliding_BTT = ok_BTT & (dist_BTT < window) if window else ok_BTT
+    dist_BQK = qpos_BQ[:, :, None] - kpos_BK[:, None, :]
+    sliding_BQK = ok_BQK & (dist_BQK < window) if window else ok_BQK
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
     dtype = next(model.parameters()).dtype
 
-    def fmt(m_BTT: Tensor) -> Tensor:
+    def fmt(m_BQK: Tensor) -> Tensor:
         if impl == "sdpa":
-            return m_BTT[:, None]
+            return m_BQK[:, None]
         if impl == "eager":
-            return torch.zeros(m_BTT.shape, dtype=dtype).masked_fill(~m_BTT, torch.finfo(dtype).min)[:, None]
+            return torch.zeros(m_BQK.shape, dtype=dtype).masked_fill(~m_BQK, torch.finfo(dtype).min)[:, None]
         raise EvalError(f"evaluation needs attn_implementation 'sdpa' or 'eager', the model uses '{impl}'")
 
     types = getattr(cfg, "layer_types", None)
     if not types:
-        return fmt(sliding_BTT if window else ok_BTT)
-    by_type = {"full_attention": ok_BTT, "sliding_attention": sliding_BTT}
+        return fmt(sliding_BQK if window else ok_BQK)
+    by_type = {"full_attention": ok_BQK, "sliding_attention": sliding_BQK}
     unknown = set(types) - set(by_type)
     if unknown:
         raise EvalError(f"evaluation does not support attention layer types {sorted(unknown)}")
@@ -139,12 +148,47 @@ def _resumed(model: Any, layer: int, h_BTD: Tensor) -> Iterator[None]:
             blocks[i] = block
 
 
+class KV:
+    """Stands in for transformers' cache object for one forward (duck-typed: attention layers
+    call `update`). Records the keys and values of the layers above `record_above` (the clean
+    pass), or puts a stored prefix's keys and values before the new ones (`prefix`: {attention
+    layer: (K, V) [B, heads, P, head_dim]}; a rerun from the first edited position)."""
+
+    def __init__(self, *, record_above: int | None = None, prefix: dict[int, tuple[Tensor, Tensor]] | None = None):
+        self.record_above, self.prefix = record_above, prefix or {}
+        self.got: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.record_above is not None and layer_idx > self.record_above:
+            self.got[layer_idx] = (key.detach(), value.detach())
+        if layer_idx in self.prefix:
+            k, v = self.prefix[layer_idx]
+            return torch.cat([k.to(key), key], dim=2), torch.cat([v.to(value), value], dim=2)
+        return key, value
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+
+_CACHE_KW: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def _cache_kw(base: Any) -> str:
+    """transformers 5 names the cache argument `cache`; 4.x `past_key_values`."""
+    if base not in _CACHE_KW:
+        import inspect
+        _CACHE_KW[base] = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return _CACHE_KW[base]
+
+
 @torch.inference_mode()
 def final_hidden(model: Any, b: Batch, *, capture: Sequence[int] = (), stop: bool = False,
-                 resume: tuple[int, Tensor] | None = None) -> tuple[Tensor | None, dict[int, Tensor]]:
+                 resume: tuple[int, Tensor] | None = None, kv: KV | None = None,
+                 masks: Tensor | dict[str, Tensor] | None = None) -> tuple[Tensor | None, dict[int, Tensor]]:
     """Run the decoder stack -> (final normed hidden [B, T, D], or None when `stop` ends the
     forward at the deepest captured block; {layer: resid [B, T, D]} for the `capture` layers).
-    `resume=(layer, h)` starts from h at the output of block `layer`."""
+    `resume=(layer, h)` starts from h at the output of block `layer`; `kv` records or prepends
+    keys and values (KV); `masks` replaces the masks built from `b` (attention_masks)."""
     got: dict[int, Tensor] = {}
     blocks, handles = decoder_layers(model), []
 
@@ -158,10 +202,12 @@ def final_hidden(model: Any, b: Batch, *, capture: Sequence[int] = (), stop: boo
 
     base = getattr(model, "model", model)
     dev = next(model.parameters()).device
-    masks = attention_masks(model, b)
+    masks = attention_masks(model, b) if masks is None else masks
     masks = {k: v.to(dev) for k, v in masks.items()} if isinstance(masks, dict) else masks.to(dev)
     kwargs = dict(input_ids=b.input_ids_BT.to(dev), attention_mask=masks,
                   position_ids=b.position_ids_BT.to(dev), use_cache=False)
+    if kv is not None:
+        kwargs[_cache_kw(base)] = kv
     out = None
     try:
         handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in set(capture)]
@@ -176,6 +222,36 @@ def final_hidden(model: Any, b: Batch, *, capture: Sequence[int] = (), stop: boo
         for h in handles:
             h.remove()
     return out, got
+
+
+def suffix_score(model: Any, b: Batch, start_B: Tensor, layer: int, h_BTD: Tensor,
+                 prefix: dict[int, tuple[Tensor, Tensor]]) -> Tensor:
+    """log p of every target of `b` [N] (each at a column >= its row's `start_B`), running the
+    blocks after `layer` only from column start_B[row] on: `h_BTD` is the (edited) residual
+    stream at the output of block `layer`, `prefix` the clean keys and values of every attention
+    layer after it for the same rows ({layer: (K, V) [B, heads, >= max start, head_dim]}).
+    Columns before a row's start are unchanged by an edit that starts there (the model is
+    causal), so their keys and values are the clean ones; the scores equal a rerun of the whole
+    rows (`score(model, b, resume=...)`) up to float rounding."""
+    B, T = b.seg_BT.shape
+    len_B = torch.where(b.seg_BT >= 0, torch.arange(1, T + 1), 0).max(1).values
+    U = max(int((len_B - start_B).max()), 1)
+    col_BU = start_B[:, None] + torch.arange(U)
+    valid_BU = col_BU < len_B[:, None]
+    idx_BU = col_BU.clamp(max=T - 1)
+    seg_BU = torch.where(valid_BU, b.seg_BT.gather(1, idx_BU), -1)
+    pos_BU = b.position_ids_BT.gather(1, idx_BU)
+    P = int(start_B.max())
+    pre_col_BP = torch.arange(P).expand(B, P)
+    pre_seg_BP = torch.where(pre_col_BP < start_B[:, None], b.seg_BT[:, :P], -1)
+    masks = _masks(model, col_BU, seg_BU, pos_BU, torch.cat([pre_col_BP, col_BU], 1),
+                   torch.cat([pre_seg_BP, seg_BU], 1), torch.cat([b.position_ids_BT[:, :P], pos_BU], 1))
+    sub = Batch(b.input_ids_BT.gather(1, idx_BU), pos_BU, seg_BU, valid_BU, b.row_N,
+                b.col_N - start_B[b.row_N], b.target_N)
+    h_BUD = h_BTD.gather(1, idx_BU.to(h_BTD.device)[..., None].expand(B, U, h_BTD.shape[-1]))
+    kv = KV(prefix={i: (k[:, :, :P], v[:, :, :P]) for i, (k, v) in prefix.items()})
+    hidden_BUD, _ = final_hidden(model, sub, resume=(layer, h_BUD), kv=kv, masks=masks)
+    return head_logprobs(model, hidden_BUD, sub)
 
 
 @torch.inference_mode()
@@ -200,10 +276,10 @@ def head_logprobs(model: Any, hidden_BTD: Tensor, b: Batch, *, chunk: int = 256)
     return (out_N - lse_U[inv_N]).cpu()
 
 
-def score(model: Any, b: Batch, *, capture: Sequence[int] = (),
-          resume: tuple[int, Tensor] | None = None) -> tuple[Tensor, dict[int, Tensor]]:
+def score(model: Any, b: Batch, *, capture: Sequence[int] = (), resume: tuple[int, Tensor] | None = None,
+          kv: KV | None = None) -> tuple[Tensor, dict[int, Tensor]]:
     """-> (log p of every target [N], {layer: resid [B, T, D]} for the `capture` layers)."""
-    hidden_BTD, resid = final_hidden(model, b, capture=capture, resume=resume)
+    hidden_BTD, resid = final_hidden(model, b, capture=capture, resume=resume, kv=kv)
     return head_logprobs(model, hidden_BTD, b), resid
 
 
@@ -248,3 +324,25 @@ def verify_fast_path(model: Any, layer: int) -> None:
             raise EvalError(f"fast evaluation path '{name}' does not match the plain forward of "
                             f"{type(model).__name__} (max |diff| {err:.3g}); this model is not supported")
     _VERIFIED.setdefault(model, set()).add(layer)
+    try:  # the rerun from the first edited position: where a model does not take it, rows rerun whole
+        kv = KV(record_above=layer)
+        score(model, b, kv=kv)
+        ok = len(kv.got) == len(decoder_layers(model)) - layer - 1
+        for start in (3, 7):  # in the prompt; in the first branch, before the second
+            keep_N = b.col_N >= start
+            sub = Batch(ids, pos, seg, b.editable_BT, b.row_N[keep_N], b.col_N[keep_N], b.target_N[keep_N])
+            got_N = suffix_score(model, sub, torch.tensor([start]), layer, resid[layer], kv.got)
+            ok = ok and float((got_N - ref_N[keep_N]).abs().max()) <= tol
+    except Exception:  # an attention layer that does not go through the cache object's update
+        ok = False
+    if ok:
+        _KV_OK.setdefault(model, set()).add(layer)
+
+
+_KV_OK: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
+"""model -> layers after which the clean keys and values were checked to serve a rerun."""
+
+
+def kv_reuse_ok(model: Any, layer: int) -> bool:
+    """Whether verify_fast_path(model, layer) found the rerun from the first edited position exact."""
+    return layer in _KV_OK.get(model, ())

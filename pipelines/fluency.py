@@ -118,17 +118,23 @@ def greedy(model: Any, ids_PT: Tensor, n_new: int, *, batch: int = 16) -> Tensor
 @torch.inference_mode()
 def continuation_nll(model: Any, ids_PT: Tensor, cont_PN: Tensor, *, batch: int = 16) -> Tensor:
     """float32 [P]: mean NLL (nats/token) of cont given prompt under `model` as it is, by teacher
-    forcing over cat(prompt, cont). Only the logits that predict cont are kept (a 262k vocabulary
-    times every prompt position would dominate memory)."""
-    N, dev = cont_PN.shape[1], _device(model)
+    forcing over cat(prompt, cont). The LM head runs only at the positions that predict cont,
+    a chunk of them at a time (a 262k vocabulary times every position would dominate memory)."""
+    from pipelines.fastlm import Batch, head_logprobs
+
+    T, N, dev = ids_PT.shape[1], cont_PN.shape[1], _device(model)
+    base = getattr(model, "model", model)
     out_P = []
     for i in range(0, len(ids_PT), batch):
-        ids_BT, cont_BN = ids_PT[i:i + batch].to(dev), cont_PN[i:i + batch].to(dev)
-        seq_BL = torch.cat([ids_BT, cont_BN], dim=1)
-        logits_BNV = model(input_ids=seq_BL, position_ids=torch.arange(seq_BL.shape[1], device=dev)[None],
-                           use_cache=False, logits_to_keep=N + 1).logits[:, :-1]
-        logp_BNV = torch.log_softmax(logits_BNV.float(), dim=-1)
-        out_P.append(-logp_BNV.gather(-1, cont_BN[..., None])[..., 0].mean(-1))
+        seq_BL = torch.cat([ids_PT[i:i + batch], cont_PN[i:i + batch]], dim=1)
+        B, L = seq_BL.shape
+        hidden_BLD = base(input_ids=seq_BL.to(dev), position_ids=torch.arange(L, device=dev)[None],
+                          use_cache=False).last_hidden_state
+        rows = torch.arange(B).repeat_interleave(N)
+        cols = (T - 1 + torch.arange(N)).repeat(B)
+        b = Batch(seq_BL, torch.arange(L).expand(B, L), torch.zeros(B, L, dtype=torch.long),
+                  torch.ones(B, L, dtype=torch.bool), rows, cols, cont_PN[i:i + batch].reshape(-1))
+        out_P.append(-head_logprobs(model, hidden_BLD, b).view(B, N).mean(-1))
     return torch.cat(out_P).cpu()
 
 
@@ -178,6 +184,13 @@ def measure_fluency(model: Any, tokenizer: Any, ids_PT: Tensor, edit: Callable[[
         with edit():
             edited_PN = greedy(model, ids_PT, n_new, batch=batch)
     nll_P = continuation_nll(model, ids_PT, edited_PN, batch=batch)
+    return summarize(tokenizer, ids_PT, edited_PN, nll_P, ref, examples=examples)
+
+
+def summarize(tokenizer: Any, ids_PT: Tensor, edited_PN: Tensor, nll_P: Tensor, ref: CleanRef, *,
+              examples: int = 3) -> Fluency:
+    """The Fluency of edited continuations whose clean-model NLL is `nll_P`, against `ref`."""
+    n_new = edited_PN.shape[1]
     return Fluency(nll=nll_P.mean().item(), nll_clean=ref.nll_P.mean().item(),
                    distinct=distinct_bigrams(edited_PN).mean().item(), distinct_clean=ref.distinct_P.mean().item(),
                    changed=(edited_PN != ref.cont_PN).any(-1).float().mean().item(),

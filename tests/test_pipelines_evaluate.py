@@ -534,3 +534,33 @@ def test_a_windowed_probe_gate_calibrates_on_its_own_windowed_dev_peaks(lm, cfg,
     dev_Q = ~data.retain_mcq.test_Q
     bias = float(run.gate["probe/b"][0])
     assert got_win.gate_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), 0.9)) + bias)
+
+
+def test_rerun_from_the_first_edited_position_equals_rerunning_whole_rows(lm, cfg, tmp_path):
+    """With the clean keys and values kept (EvalConfig.kv_cache_gib), a setting reruns each row
+    only from its first edited position: same log-probs as rerunning the whole rows (questions,
+    tree-packed, and text), for a gated clamp, a static clamp and the probe gate on an earlier
+    layer; fewer tokens through the blocks above the layer where the gate opens mid-row."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, probe_layer=LAYER - 1))
+    verify_fast_path(lm.model, LAYER)
+    whole, part = eval_data(lm, cfg.replace(kv_cache_gib=0.0)), eval_data(lm, cfg.replace(kv_cache_gib=1.0))
+    whole.prepare(lm.model, [LAYER - 1, LAYER], kv_above=LAYER)  # no budget: nothing kept
+    part.prepare(lm.model, [LAYER - 1, LAYER], kv_above=LAYER)
+    assert whole.forget_mcq.kv is None and part.forget_mcq.kv is not None
+    probe = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=0.0))
+    thr = float(part.forget_mcq.gate_peaks(probe).median()) + float(run.gate["probe/b"][0])
+    settings = (Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=thr),
+                Setting(gate="sequence", mode="clamp", multiplier=5.0, gate_window=4, gate_threshold=0.5),
+                Setting(gate="none", mode="clamp", multiplier=5.0))
+    for setting in settings:
+        iv = Intervention(run, setting)
+        for name in ("forget_mcq", "retain_mcq", "forget_text", "retain_text"):
+            a, b = getattr(whole, name), getattr(part, name)
+            a.tokens_rerun = b.tokens_rerun = 0
+            lp_a, rerun_a = a.logprobs(lm.model, iv)
+            lp_b, rerun_b = b.logprobs(lm.model, iv)
+            assert rerun_a == rerun_b
+            torch.testing.assert_close(torch.cat(lp_b), torch.cat(lp_a), atol=2e-5, rtol=1e-5)
+            assert b.tokens_rerun <= a.tokens_rerun
+            if setting.gate == "probe" and name == "forget_text":
+                assert 0 < b.tokens_rerun < a.tokens_rerun

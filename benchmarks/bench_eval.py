@@ -1,0 +1,190 @@
+"""Evaluation benchmark: what one sweep setting costs against the forward it must run, and the
+whole `ff eval` of a run against the same evaluation without the reuse (STYLE habit 11: ratios
+measured in one run, not timed tests).
+
+    python benchmarks/bench_eval.py --run ff-demo/runs/layer_4/featureforget
+    python benchmarks/bench_eval.py --run ff-demo/runs/layer_4/featureforget --whole
+
+Per setting (the run's sweep under the chosen preset, probe gates calibrated on the dev halves
+as `ff eval` does), rounds interleaved:
+- ours: the setting's measurement as the sweep runs it (every question set in every prompt
+  format), rerunning each changed row only from its first edited position on, from the clean
+  keys and values the clean pass kept (EvalConfig.kv_cache_gib);
+- whole rows: the same measurement rerunning each changed row whole from the edited layer
+  (kv_cache_gib 0: the path without the kept keys and values);
+- bare: the plain forward of the blocks above the edited layer over the same changed rows,
+  whole (no edit, no LM head, no bookkeeping): the least any rerun of those rows costs.
+Printed: seconds, ours / bare (target <= 1.3), whole rows / bare, and whether ours and the
+whole-row path give the same answers (every question's correctness, every format).
+
+--whole: `evaluate_run` of the run twice in this process, with the kept keys and values and
+without (kv_cache_gib 0, each with its own clean pass), and the seconds of each; the two
+results must be equal up to timing fields and float rounding of the CE values (checked).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _strip(x, path=""):
+    """The result without its timing fields (seconds, cpu_seconds), floats rounded to 5 places."""
+    if isinstance(x, dict):
+        return {k: _strip(v, f"{path}.{k}") for k, v in x.items()
+                if k not in ("seconds", "cpu_seconds", "rows_rerun") and not (k == "config")}
+    if isinstance(x, list):
+        return [_strip(v, path) for v in x]
+    if isinstance(x, float):
+        return round(x, 5)
+    return x
+
+
+def _diff(a, b, path=""):
+    """The first path where two stripped results differ, or None."""
+    if type(a) is not type(b):
+        return path
+    if isinstance(a, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}.{k}"
+            d = _diff(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list):
+        if len(a) != len(b):
+            return path
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _diff(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    return None if a == b else path
+
+
+def bare_rows(model, data, iv) -> float:
+    """Seconds of the plain forward of the blocks after iv.layer over the rows `iv` changes."""
+    from pipelines.fastlm import final_hidden
+
+    t = 0.0
+    for es in data.sets:
+        if not es.is_mcq:
+            continue
+        for b, h_BTD, g_BTD in zip(es.batches, es.resid[iv.layer], es.gate_resid(iv)):
+            ed = iv.edit(h_BTD, b.editable_BT, b.seg_BT, gate_h_BTD=g_BTD)
+            T = ed.changed_BT.shape[1]
+            first_B = torch.where(ed.changed_BT.any(1), ed.changed_BT.long().argmax(1), T)
+            rows_R = torch.unique(b.row_N[b.col_N >= first_B[b.row_N]])
+            if len(rows_R) == 0:
+                continue
+            sub, _ = b.select(rows_R)
+            h_RTD = h_BTD[rows_R, : sub.input_ids_BT.shape[1]]
+            t0 = time.perf_counter()
+            final_hidden(model, sub, resume=(iv.layer, h_RTD))
+            t += time.perf_counter() - t0
+    return t
+
+
+def per_setting(args, lm, cfg) -> None:
+    from pipelines.evalsets import eval_data
+    from pipelines.evaluate import METRICS, OOD_METRICS, _SETS, calibrate_probe, measure
+    from pipelines.fastlm import kv_reuse_ok, verify_fast_path
+    from pipelines.intervene import Intervention, load_run, probe_layer
+
+    run = load_run(args.run)
+    run.sae.to(lm.device)
+    verify_fast_path(lm.model, run.layer)
+    data = eval_data(lm, cfg)
+    t = time.perf_counter()
+    data.prepare(lm.model, sorted({run.layer, probe_layer(run)[0]}),
+                 kv_above=run.layer if kv_reuse_ok(lm.model, run.layer) else None)
+    kept = data.forget_mcq.kv is not None
+    print(f"clean pass {time.perf_counter() - t:.1f} s; keys and values kept: {kept} "
+          f"({data.kv_bytes(lm.model, run.layer) / 2**30:.2f} GiB for these sets)")
+    if not kept:
+        raise SystemExit("the clean keys and values were not kept (model unsupported or over --kv-cache-gib)")
+    clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}
+    metrics = tuple(m for m in clean if m.endswith("_mcq"))
+    settings = [s for s in calibrate_probe(cfg.grid.settings(run.method), run, data, cfg) if s.edits_features]
+    settings = settings[: args.settings] if args.settings else settings
+    kv = {es.name: (es.kv, es.kv_above) for es in data.sets}
+
+    def ours(iv):
+        for es in data.sets:
+            es.kv, es.kv_above = kv[es.name]
+        return measure(data, lm.model, iv, clean, metrics, formats="all")
+
+    def whole(iv):
+        for es in data.sets:
+            es.kv, es.kv_above = None, None
+        return measure(data, lm.model, iv, clean, metrics, formats="all")
+
+    print(f"{'setting':<72} {'ours s':>7} {'whole s':>8} {'bare s':>7} {'ours/bare':>9} {'whole/bare':>10} same")
+    ratios = []
+    for s in settings:
+        iv = Intervention(run, s)
+        best = {"ours": float("inf"), "whole": float("inf"), "bare": float("inf")}
+        res = {}
+        for _ in range(args.rounds):
+            for name, fn in (("ours", ours), ("whole", whole), ("bare", None)):
+                t = time.perf_counter()
+                if fn is None:
+                    dt = bare_rows(lm.model, data, iv)
+                else:
+                    res[name] = fn(iv)
+                    dt = time.perf_counter() - t
+                best[name] = min(best[name], dt)
+        same = all(torch.equal(x[1], y[1]) for k in res["ours"]["_correct"]
+                   for x, y in zip(res["ours"]["_correct"][k][:2], res["whole"]["_correct"][k][:2]))
+        ratios.append(best["ours"] / best["bare"])
+        print(f"{s.label:<72} {best['ours']:>7.1f} {best['whole']:>8.1f} {best['bare']:>7.1f} "
+              f"{best['ours'] / best['bare']:>9.2f} {best['whole'] / best['bare']:>10.2f} {same}", flush=True)
+    for es in data.sets:
+        es.kv, es.kv_above = kv[es.name]
+    print(f"median ours / bare over {len(ratios)} settings: {sorted(ratios)[len(ratios) // 2]:.2f} (target <= 1.3)")
+
+
+def whole_eval(args, lm, cfg) -> None:
+    from pipelines.evaluate import evaluate_run
+
+    out = {}
+    for name, c in (("kept keys and values", cfg), ("whole rows (kv_cache_gib 0)", cfg.replace(kv_cache_gib=0.0))):
+        t = time.perf_counter()
+        out[name] = evaluate_run(args.run, lm, c, progress=False)
+        print(f"evaluate_run, {name}: {time.perf_counter() - t:.0f} s", flush=True)
+    a, b = (_strip(r) for r in out.values())
+    d = _diff(a, b)
+    print("results equal (up to timing fields and CE rounding at 5 places)" if d is None
+          else f"results DIFFER at {d}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="a trained run folder (ff train / ff run)")
+    ap.add_argument("--model", default=None, help="model name or path (default: the run's)")
+    ap.add_argument("--preset", default="demo", help="evaluation preset (demo, full)")
+    ap.add_argument("--settings", type=int, default=0, help="time only the first N settings (0: all)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per setting (best kept)")
+    ap.add_argument("--whole", action="store_true", help="also time the whole evaluation with and without reuse")
+    args = ap.parse_args()
+
+    from cache.models import load_model
+    from pipelines.config import EvalConfig
+    from pipelines.intervene import load_run
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    lm = load_model(args.model or load_run(args.run).config["model"])
+    cfg = EvalConfig.preset(args.preset)
+    per_setting(args, lm, cfg)
+    if args.whole:
+        whole_eval(args, lm, cfg)
+
+
+if __name__ == "__main__":
+    main()
