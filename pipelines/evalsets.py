@@ -243,16 +243,20 @@ class EvalData:
         return tuple(self.by_name.values())
 
     def fluency_of(self, model: Any, tokenizer: Any, iv: Intervention | None,
-                   names: Sequence[str] | None = None, examples: int = 0) -> dict[str, dict[str, Any]]:
+                   names: Sequence[str] | None = None, examples: int = 0,
+                   done: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, dict[str, Any]]:
         """Fluency (pipelines/fluency.py) of `iv`'s greedy continuations of the prose prompts of
-        `names` (default: every text set with prompts) -> {name: Fluency.to_dict()}. The prompts
-        of all `names` run as one batch (they have the same length): greedy decoding reads every
-        weight once per step, so one batch of 4 x 16 prompts costs little more than one of 16."""
+        `names` (default: every text set with prompts) -> {name: Fluency.to_dict()}.
+
+        The prompts of all `names` decode as one batch (they have the same length; greedy
+        decoding reads every weight once per step, so 4 x 16 prompts cost about twice 16); an
+        edited continuation equal to the clean one keeps the clean one's NLL (only the changed
+        ones are scored). `done`: {name: (continuations, NLL)} of the same `iv` measured before,
+        used as they are; the ones measured here are added to it."""
         from pipelines.fluency import CleanRef, continuation_nll, distinct_bigrams, greedy, summarize
 
         names = [n for n in (names if names is not None else list(self.fluency)) if n in self.fluency]
-        if not names:
-            return {}
+        done = {} if done is None else done
         todo = [n for n in names if n not in self.fluency_ref]
         if todo:  # the clean model's own continuations, once per set
             ids = torch.cat([self.fluency[n] for n in todo])
@@ -260,16 +264,24 @@ class EvalData:
             nll = continuation_nll(model, ids, cont, batch=len(ids))
             for n, sl in _slices(todo, [len(self.fluency[n]) for n in todo]):
                 self.fluency_ref[n] = CleanRef(cont[sl], nll[sl], distinct_bigrams(cont[sl]))
-        ids = torch.cat([self.fluency[n] for n in names])
-        if iv is None:
-            edited = torch.cat([self.fluency_ref[n].cont_PN for n in names])
-        else:
-            with iv.hooked(model):
-                edited = greedy(model, ids, FLUENCY_NEW_TOKENS, batch=len(ids))
-        nll = continuation_nll(model, ids, edited, batch=len(ids))
-        return {n: summarize(tokenizer, self.fluency[n], edited[sl], nll[sl], self.fluency_ref[n],
-                             examples=examples).to_dict()
-                for n, sl in _slices(names, [len(self.fluency[n]) for n in names])}
+        new = [n for n in names if n not in done]
+        if new:
+            ids = torch.cat([self.fluency[n] for n in new])
+            clean_cont = torch.cat([self.fluency_ref[n].cont_PN for n in new])
+            nll = torch.cat([self.fluency_ref[n].nll_P for n in new])
+            if iv is None:
+                edited = clean_cont
+            else:
+                with iv.hooked(model):
+                    edited = greedy(model, ids, FLUENCY_NEW_TOKENS, batch=len(ids))
+                changed = (edited != clean_cont).any(-1)
+                if bool(changed.any()):
+                    nll = nll.clone()
+                    nll[changed] = continuation_nll(model, ids[changed], edited[changed], batch=len(ids))
+            for n, sl in _slices(new, [len(self.fluency[n]) for n in new]):
+                done[n] = (edited[sl], nll[sl])
+        return {n: summarize(tokenizer, self.fluency[n], done[n][0], done[n][1], self.fluency_ref[n],
+                             examples=examples).to_dict() for n in names}
 
     def prepare(self, model: Any, layers: int | Sequence[int], kv_above: int | None = None) -> None:
         """Clean passes and residual streams at `layers`. Call it once with every layer an

@@ -221,12 +221,15 @@ def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, 
     retain-safe needs no more measuring."""
     if cfg.max_fluency_nll_rise is None or iv.n_features == 0:
         return
-    for name, part, ce in (("forget_text", e, cfg.max_retain_ce_rise),
-                           ("ood_forget_text", e.get("ood"), cfg.max_ood_retain_ce_rise)):
-        if part and "dev" in part and name in data.fluency and retain_safe(part, cfg.retain_ratio, ce):
-            f = data.fluency_of(lm.model, lm.tokenizer, iv, [name])[name]
-            part["fluency"] = {"forget": {k: f[k] for k in ("nll", "nll_clean", "distinct", "distinct_clean",
-                                                             "changed")}}
+    todo = {name: part for name, part, ce in (("forget_text", e, cfg.max_retain_ce_rise),
+                                              ("ood_forget_text", e.get("ood"), cfg.max_ood_retain_ce_rise))
+            if part and "dev" in part and name in data.fluency and retain_safe(part, cfg.retain_ratio, ce)}
+    if not todo:
+        return
+    got = data.fluency_of(lm.model, lm.tokenizer, iv, list(todo), done=e.setdefault("_fluency", {}))
+    for name, part in todo.items():
+        part["fluency"] = {"forget": {k: got[name][k] for k in ("nll", "nll_clean", "distinct", "distinct_clean",
+                                                                "changed")}}
 
 
 def _format_tests(part: dict[str, Any], correct: dict[str, Any], key: str, cfg: EvalConfig) -> None:
@@ -478,7 +481,9 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             return
         if chosen["label"] not in fluent:
             iv = Intervention(run, Setting.from_dict(chosen["setting"]))
-            fluent[chosen["label"]] = data.fluency_of(model, lm.tokenizer, iv, examples=3)
+            swept = next(e for e in sweep if e["label"] == chosen["label"])  # its forget-prose continuations
+            fluent[chosen["label"]] = data.fluency_of(model, lm.tokenizer, iv, examples=3,
+                                                      done=swept.setdefault("_fluency", {}))
         chosen["fluency"] = fluent[chosen["label"]]
 
     for name, key, subset, ce in (("best", "", sweep, cfg.max_retain_ce_rise),
@@ -503,8 +508,8 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         out["best"]["ood"]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
         _format_tests(out["best"]["ood"], correct, "ood_", cfg)
     for e in (*sweep, *measured.values()):
-        e.pop("_correct", None)
-        e.pop("_results", None)
+        for k in ("_correct", "_results", "_fluency"):
+            e.pop(k, None)
     return {
         "run": str(run.path), "layer": run.layer, "method": run.method, "model": lm.info.name,
         "best": out["best"], "best_reason": out["best_reason"],

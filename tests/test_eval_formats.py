@@ -167,3 +167,29 @@ def test_the_report_gives_a_paired_verdict_in_each_format():
     fmt = next(x for x in lines if "format kshot2" in x)
     assert "FeatureForget (probe-gated) beats" in plain and "+1.000" in plain
     assert "within noise" in fmt and "+0.000" in fmt  # the same answers in kshot2: no difference
+
+
+def test_batched_fluency_equals_each_set_measured_alone(lm, cfg, tmp_path):
+    """EvalData.fluency_of decodes every prose set in one batch, scores only the continuations
+    the edit changed and reuses what it measured before: the same numbers and examples as
+    pipelines.fluency.measure_fluency on each set alone."""
+    from pipelines.config import Setting
+    from pipelines.evalsets import FLUENCY_NEW_TOKENS
+    from pipelines.fluency import measure_fluency
+    from pipelines.intervene import Intervention, load_run
+
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash))
+    data = eval_data(lm, cfg)
+    for setting in (Setting(gate="none", mode="clamp", multiplier=50.0), Setting(gate="none", mode="ablate", top_n=2)):
+        iv = Intervention(run, setting)
+        done = {}
+        got = data.fluency_of(lm.model, lm.tokenizer, iv, examples=2, done=done)
+        assert set(got) == set(done) == {"forget_text", "retain_text"}
+        for name, ids in data.fluency.items():
+            want = measure_fluency(lm.model, lm.tokenizer, ids, lambda: iv.hooked(lm.model),
+                                   n_new=FLUENCY_NEW_TOKENS, examples=2).to_dict()
+            assert got[name]["examples"] == want["examples"]
+            for k in ("nll", "nll_clean", "distinct", "distinct_clean", "changed", "n_prompts"):
+                assert got[name][k] == pytest.approx(want[k], rel=1e-5), (name, k)
+        assert data.fluency_of(lm.model, lm.tokenizer, iv, examples=2, done=done) == got  # from `done`
+    assert 0 < got["forget_text"]["changed"] < 1 or got["retain_text"]["changed"] < 1
