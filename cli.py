@@ -503,6 +503,10 @@ def _load_for_run(run: str, model: str | None, device: str):
               "the minimum over them. [preset; full: plain; demo: all]")
 @click.option("--format-questions", default=None, type=click.IntRange(2),
               help="Questions per set in each format other than plain (half dev, half test). [preset; demo: 40]")
+@click.option("--kv-cache-gib", default=None, type=click.FloatRange(0),
+              help="Memory the clean pass may keep for the attention keys and values above the edited layer, "
+              "so that each setting reruns a changed row only from its first edited position; 0, or sets that "
+              "need more, rerun whole rows (same scores, slower). [8]")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--save", is_flag=True,
@@ -513,7 +517,7 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
              probe_ramps, probe_pools, gate_window, max_retain_ce_rise, mcq_template, gate_calibration, formats,
-             format_questions, device, as_json, save, quiet):
+             format_questions, kv_cache_gib, device, as_json, save, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
@@ -539,6 +543,8 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
         cfg = cfg.replace(formats=parse_formats(formats))
     if format_questions is not None:
         cfg = cfg.replace(format_questions=format_questions)
+    if kv_cache_gib is not None:
+        cfg = cfg.replace(kv_cache_gib=kv_cache_gib)
     grid = {}
     try:
         if multipliers:

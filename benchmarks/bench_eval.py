@@ -112,6 +112,8 @@ def per_setting(args, lm, cfg) -> None:
     clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}
     metrics = tuple(m for m in clean if m.endswith("_mcq"))
     settings = [s for s in calibrate_probe(cfg.grid.settings(run.method), run, data, cfg) if s.edits_features]
+    if args.match:
+        settings = [s for s in settings if any(m in s.label for m in args.match.split(","))]
     settings = settings[: args.settings] if args.settings else settings
     kv = {es.name: (es.kv, es.kv_above) for es in data.sets}
 
@@ -170,6 +172,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model name or path (default: the run's)")
     ap.add_argument("--preset", default="demo", help="evaluation preset (demo, full)")
     ap.add_argument("--settings", type=int, default=0, help="time only the first N settings (0: all)")
+    ap.add_argument("--match", default="", help="only settings whose label contains one of these (comma-separated)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per setting (best kept)")
     ap.add_argument("--whole", action="store_true", help="also time the whole evaluation with and without reuse")
     args = ap.parse_args()

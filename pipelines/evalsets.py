@@ -4,8 +4,10 @@ Per set, computed once: the clean log-probability of every scored target (indepe
 run) and, per layer, the clean residual stream at the output of that block. A setting then
 costs: the edit on the cached residuals, and a rerun of the blocks after the layer for the rows
 where the edit changed anything (METHOD §7: a row with no selected feature active anywhere is
-left bit-identical, so its clean scores are reused as they are), with the LM head only at the
-targets at or after the row's first edited position (the model is causal).
+left bit-identical, so its clean scores are reused as they are), from the row's first edited
+position on where the clean pass kept the keys and values of those blocks (EvalConfig.
+kv_cache_gib; else the whole row), with the LM head only at the targets at or after that
+position (the model is causal).
 
 Shape suffixes: B rows, T tokens, D d_model, N scored targets.
 """

@@ -12,6 +12,12 @@ Three savings, each checked against the plain HF forward by `verify_fast_path` (
 3. Tree packing for multiple-choice questions: one row holds the prompt once and every choice
    after it; each choice attends to the prompt and to itself only, with the positions it would
    have alone (`seg` ids below), so the prompt is not recomputed per choice.
+4. Rerun from the first edit: a row's outputs before its first edited position are the clean
+   ones (the model is causal), and so are the keys and values of every attention layer there.
+   The clean pass keeps those of the layers after the edited one (`KV`); a setting then runs
+   those layers only from each row's first edited position on (`suffix_score`), its queries
+   attending to the kept prefix. With the probe gate over a 16-token window, that is about half
+   of the tokens of the rows a setting changes on the demo.
 
 Shape suffixes: B rows, T tokens, D d_model, N scored targets, V vocabulary.
 """
