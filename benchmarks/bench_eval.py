@@ -105,8 +105,9 @@ def per_setting(args, lm, cfg) -> None:
     data.prepare(lm.model, sorted({run.layer, probe_layer(run)[0]}),
                  kv_above=run.layer if kv_reuse_ok(lm.model, run.layer) else None)
     kept = data.forget_mcq.kv is not None
+    nbytes = sum(k.nbytes + v.nbytes for es in data.sets for d in (es.kv or []) for k, v in d.values())
     print(f"clean pass {time.perf_counter() - t:.1f} s; keys and values kept: {kept} "
-          f"({data.kv_bytes(lm.model, run.layer) / 2**30:.2f} GiB for these sets)")
+          f"({nbytes / 2**30:.2f} GiB)", flush=True)
     if not kept:
         raise SystemExit("the clean keys and values were not kept (model unsupported or over --kv-cache-gib)")
     clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}

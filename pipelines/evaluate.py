@@ -435,8 +435,12 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     verify_fast_path(model, run.layer)
     data = data or eval_data(lm, cfg)
     _log(progress, f"{tag} clean passes ...")
-    data.prepare(model, sorted({run.layer, probe_layer(run)[0]}), kv_above=run.layer if kv_reuse_ok(model, run.layer)
-                 else None)
+    kv_above = run.layer if kv_reuse_ok(model, run.layer) else None
+    need = data.kv_bytes(model, run.layer) if kv_above is not None else 0
+    if need > data.kv_budget:
+        _log(progress, f"{tag} the clean keys and values would take {need / 2**30:.1f} GiB (> --kv-cache-gib "
+                       f"{data.kv_budget / 2**30:g}): every changed row is rerun whole")
+    data.prepare(model, sorted({run.layer, probe_layer(run)[0]}), kv_above=kv_above)
     clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}
     _log(progress, f"{tag} clean: " + " ".join(f"{m} {v.value:.3f}" for m, v in clean.items())
          + f" ({time.perf_counter() - t0:.0f} s)")
