@@ -251,7 +251,7 @@ class EvalData:
         `names` (default: every text set with prompts) -> {name: Fluency.to_dict()}.
 
         The prompts of all `names` decode as one batch (they have the same length; greedy
-        decoding reads every weight once per step, so 4 x 16 prompts cost about twice 16); an
+        decoding reads every weight once per step, whatever the batch); an
         edited continuation equal to the clean one keeps the clean one's NLL (only the changed
         ones are scored). `done`: {name: (continuations, NLL)} of the same `iv` measured before,
         used as they are; the ones measured here are added to it."""

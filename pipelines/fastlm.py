@@ -179,8 +179,9 @@ class KV:
 _CACHE_KW: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
-def _cache_kw(base: Any) -> str:
-    """transformers 5 names the cache argument `cache`; 4.x `past_key_values`."""
+def cache_kw(base: Any) -> str:
+    """The name of `base.forward`'s cache argument: `cache` in transformers 5 (the old name
+    is deprecated there), `past_key_values` in 4.x."""
     if base not in _CACHE_KW:
         import inspect
         _CACHE_KW[base] = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -213,7 +214,7 @@ def final_hidden(model: Any, b: Batch, *, capture: Sequence[int] = (), stop: boo
     kwargs = dict(input_ids=b.input_ids_BT.to(dev), attention_mask=masks,
                   position_ids=b.position_ids_BT.to(dev), use_cache=False)
     if kv is not None:
-        kwargs[_cache_kw(base)] = kv
+        kwargs[cache_kw(base)] = kv
     out = None
     try:
         handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in set(capture)]

@@ -15,13 +15,13 @@ Shape suffixes: P prompts, B a batch of prompts, T prompt tokens, N new tokens.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, ContextManager, NamedTuple
 
 import torch
 from torch import Tensor
 
 from pipelines.errors import EvalError
+from pipelines.fastlm import cache_kw
 
 
 class CleanRef(NamedTuple):
@@ -84,15 +84,10 @@ def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _cache_kw(model: Any) -> str:
-    """transformers 5 renamed `past_key_values` to `cache` (the old name is deprecated)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _greedy_rows(model: Any, ids_BT: Tensor, n_new: int) -> Tensor:
     """[B, n_new]: one batch, KV-cached. Positions are passed explicitly so that the
     intervention's hooks see each step as the continuation of a sequence (intervene._continues)."""
-    T, dev, kw = ids_BT.shape[1], ids_BT.device, _cache_kw(model)
+    T, dev, kw = ids_BT.shape[1], ids_BT.device, cache_kw(model)
     out = model(input_ids=ids_BT, position_ids=torch.arange(T, device=dev)[None], use_cache=True,
                 logits_to_keep=1)
     new_BN = [out.logits[:, -1].argmax(-1, keepdim=True)]
