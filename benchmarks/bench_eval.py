@@ -14,8 +14,9 @@ as `ff eval` does), rounds interleaved:
   (kv_cache_gib 0: the path without the kept keys and values);
 - bare: the plain forward of the blocks above the edited layer over the same changed rows,
   whole (no edit, no LM head, no bookkeeping): the least any rerun of those rows costs.
-Printed: seconds, ours / bare (target <= 1.3), whole rows / bare, and whether ours and the
-whole-row path give the same answers (every question's correctness, every format).
+Printed: seconds, ours / bare (target <= 1.3), whole rows / bare, whether ours and the
+whole-row path give the same answers (every question's correctness, every format), and the
+tokens each path ran through the blocks above the layer.
 
 --whole: `evaluate_run` of the run twice in this process, with the kept keys and values and
 without (kv_cache_gib 0, each with its own clean pass), and the seconds of each; the two
@@ -37,7 +38,7 @@ def _strip(x, path=""):
     """The result without its timing fields (seconds, cpu_seconds), floats rounded to 5 places."""
     if isinstance(x, dict):
         return {k: _strip(v, f"{path}.{k}") for k, v in x.items()
-                if k not in ("seconds", "cpu_seconds", "rows_rerun") and not (k == "config")}
+                if k not in ("seconds", "cpu_seconds", "rows_rerun", "config")}
     if isinstance(x, list):
         return [_strip(v, path) for v in x]
     if isinstance(x, float):
@@ -70,6 +71,7 @@ def _diff(a, b, path=""):
 
 def bare_rows(model, data, iv) -> float:
     """Seconds of the plain forward of the blocks after iv.layer over the rows `iv` changes."""
+    from pipelines.evalsets import rerun_rows
     from pipelines.fastlm import final_hidden
 
     t = 0.0
@@ -78,9 +80,7 @@ def bare_rows(model, data, iv) -> float:
             continue
         for b, h_BTD, g_BTD in zip(es.batches, es.resid[iv.layer], es.gate_resid(iv)):
             ed = iv.edit(h_BTD, b.editable_BT, b.seg_BT, gate_h_BTD=g_BTD)
-            T = ed.changed_BT.shape[1]
-            first_B = torch.where(ed.changed_BT.any(1), ed.changed_BT.long().argmax(1), T)
-            rows_R = torch.unique(b.row_N[b.col_N >= first_B[b.row_N]])
+            _, rows_R = rerun_rows(b, ed.changed_BT)
             if len(rows_R) == 0:
                 continue
             sub, _ = b.select(rows_R)
@@ -118,15 +118,21 @@ def per_setting(args, lm, cfg) -> None:
     settings = settings[: args.settings] if args.settings else settings
     kv = {es.name: (es.kv, es.kv_above) for es in data.sets}
 
-    def ours(iv):
+    tokens = {}
+
+    def timed_measure(iv, name, keep):
         for es in data.sets:
-            es.kv, es.kv_above = kv[es.name]
-        return measure(data, lm.model, iv, clean, metrics, formats="all")
+            es.kv, es.kv_above = kv[es.name] if keep else (None, None)
+            es.tokens_rerun = 0
+        out = measure(data, lm.model, iv, clean, metrics, formats="all")
+        tokens[name] = sum(es.tokens_rerun for es in data.sets)
+        return out
+
+    def ours(iv):
+        return timed_measure(iv, "ours", True)
 
     def whole(iv):
-        for es in data.sets:
-            es.kv, es.kv_above = None, None
-        return measure(data, lm.model, iv, clean, metrics, formats="all")
+        return timed_measure(iv, "whole", False)
 
     print(f"{'setting':<72} {'ours s':>7} {'whole s':>8} {'bare s':>7} {'ours/bare':>9} {'whole/bare':>10} same")
     ratios = []
@@ -147,7 +153,9 @@ def per_setting(args, lm, cfg) -> None:
                    for x, y in zip(res["ours"]["_correct"][k][:2], res["whole"]["_correct"][k][:2]))
         ratios.append(best["ours"] / best["bare"])
         print(f"{s.label:<72} {best['ours']:>7.1f} {best['whole']:>8.1f} {best['bare']:>7.1f} "
-              f"{best['ours'] / best['bare']:>9.2f} {best['whole'] / best['bare']:>10.2f} {same}", flush=True)
+              f"{best['ours'] / best['bare']:>9.2f} {best['whole'] / best['bare']:>10.2f} {same} "
+              f"(tokens through the upper blocks: ours {tokens['ours']:,}, whole rows {tokens['whole']:,})",
+              flush=True)
     for es in data.sets:
         es.kv, es.kv_above = kv[es.name]
     print(f"median ours / bare over {len(ratios)} settings: {sorted(ratios)[len(ratios) // 2]:.2f} (target <= 1.3)")

@@ -37,6 +37,14 @@ class SetResult(NamedTuple):
     """MCQ: bool [Q], whether each question is answered correctly."""
 
 
+def rerun_rows(b: Batch, changed_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """(each row's first changed column [B] (T where none), the rows with a target at or after
+    it [R]): the rows an edit must rerun, and from where (the model is causal)."""
+    T = changed_BT.shape[1]
+    first_B = torch.where(changed_BT.any(1), changed_BT.long().argmax(1), T)
+    return first_B, torch.unique(b.row_N[b.col_N >= first_B[b.row_N]])
+
+
 class EvalSet:
     def __init__(self, name: str, batches: list[Batch], layout: McqLayout | None = None,
                  test_Q: Tensor | None = None, items: list[str] | None = None):
@@ -174,10 +182,7 @@ class EvalSet:
                              gate_h_BTD=None if g_BTD is None else g_BTD.to(dev))
             # A target whose position precedes its row's first edit keeps its clean score (causal
             # model); rows with no such target are not rerun at all.
-            changed_BT = edited.changed_BT.cpu()
-            T = changed_BT.shape[1]
-            first_B = torch.where(changed_BT.any(1), changed_BT.long().argmax(1), T)
-            rows_R = torch.unique(b.row_N[b.col_N >= first_B[b.row_N]])
+            first_B, rows_R = rerun_rows(b, edited.changed_BT.cpu())
             if len(rows_R) == 0:
                 out.append(clean_N)
                 continue

@@ -16,8 +16,7 @@ Three savings, each checked against the plain HF forward by `verify_fast_path` (
    ones (the model is causal), and so are the keys and values of every attention layer there.
    The clean pass keeps those of the layers after the edited one (`KV`); a setting then runs
    those layers only from each row's first edited position on (`suffix_score`), its queries
-   attending to the kept prefix. With the probe gate over a 16-token window, that is about half
-   of the tokens of the rows a setting changes on the demo.
+   attending to the kept prefix (benchmarks/bench_eval.py counts the tokens either way).
 
 Shape suffixes: B rows, T tokens, D d_model, N scored targets, V vocabulary.
 """
