@@ -133,6 +133,10 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
     t0 = time.perf_counter()
     lm = None
 
+    def at() -> str:
+        s = int(time.perf_counter() - t0)
+        return f" (at {s // 60}:{s % 60:02d})"
+
     def model():
         nonlocal lm
         if lm is None:
@@ -141,13 +145,13 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
         return lm
 
     store_path = out / "store.zarr"
-    log(f"[1/4] cache -> {store_path}")
+    log(f"[1/4] cache -> {store_path}{at()}")
     complete = (store_path / "zarr.json").is_file() and open_store(store_path).meta.complete
     build_cache(cache_cfg, store_path, progress=progress, lm=None if complete else model())
 
     variants = BASE_VARIANTS + (ABLATIONS if ablations else ())
     runs: dict[str, dict[int, list[Path]]] = {v.name: {} for v in variants}
-    log(f"[2/4] train {len(variants)} variants x {len(layers)} layers x {seeds} seed(s)")
+    log(f"[2/4] train {len(variants)} variants x {len(layers)} layers x {seeds} seed(s){at()}")
     for layer in layers:
         for seed in range(seeds):
             ff_dir = run_dir_of(out, layer, "featureforget", seed)
@@ -162,7 +166,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
 
     ecfg = EvalConfig.preset(preset.eval_preset).replace(**{**preset.eval, **(eval_overrides or {})})
     seeded: dict[str, dict[int, list[dict]]] = {v.name: {} for v in variants}
-    log("[3/4] evaluate")
+    log(f"[3/4] evaluate{at()}")
     for name, by_layer in runs.items():
         for layer, run_dirs in by_layer.items():
             for run_dir in run_dirs:
@@ -172,7 +176,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
                     save_result(run_dir, evaluate_run(run_dir, model(), ecfg, progress=progress))
                 seeded[name].setdefault(layer, []).append(json.loads(res_file.read_text()))
 
-    log("[4/4] report")
+    log(f"[4/4] report{at()}")
     results = {name: {l: rs[0] for l, rs in by.items()} for name, by in seeded.items()}
     header = {"preset": preset_name, "model": cache_cfg.model, "store": str(store_path), "layers": list(layers),
               "variants": [v.name for v in variants], "seeds": seeds, "note": preset.note,

@@ -42,7 +42,8 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
             res = rep["results"][method]["1"]
             assert res["layer"] == 1 and res["method"] == method and res["sweep"]
         md = (report / "report.md").read_text()
-        assert "| 1 | FeatureForget, probe-gated |" in md and "| 1 | baseline SAE, static |" in md and "## Verdict" in md
+        assert "| 1 | FeatureForget, probe-gated |" in md and "| 1 | baseline SAE, probe-gated |" in md and "## Verdict" in md
+        assert "static |" not in md  # the demo sweeps the probe gate only
         # the preset's probe reads the layer before the trained one: both cached, one trained
         from safetensors.torch import load_file
 
