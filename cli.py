@@ -476,13 +476,6 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--probe-percentiles", default=None, metavar="P1,P2,...",
               help="Percentiles of the retain calibration prompts' detector scores tried for the probe gate. "
               "[preset; full: 99,100; demo: 99]")
-@click.option("--probe-ramps", default=None, metavar="none,P,...",
-              help="Graded probe gates tried: P opens the gate at that percentile, the clamp growing linearly to "
-              "full strength at the gate's percentile; none: all or nothing. [none]")
-@click.option("--probe-pools", default=None, metavar="mean,positive",
-              help="Poolings of the probe gate's per-token detector scores tried: mean (the score of their mean), "
-              "positive (the mean of each token's positive log-odds: retain-looking tokens do not cancel "
-              "topical ones). [mean]")
 @click.option("--gate-window", default=None, metavar="N|none",
               help="The probe gate averages its detector's scores over the last N tokens instead of every token "
               "since the start: it follows the topic of what is read now (a question after a long general "
@@ -502,7 +495,7 @@ def _load_for_run(run: str, model: str | None, device: str):
               "after_bio (a biology paragraph first). A setting must be retain-safe in every format; its score is "
               "the minimum over them. [preset; full: plain; demo: all]")
 @click.option("--format-questions", default=None, type=click.IntRange(2),
-              help="Questions per set in each format other than plain (half dev, half test). [preset; demo: 40]")
+              help="Questions per set in each format other than plain (half dev, half test). [preset; demo: 24]")
 @click.option("--kv-cache-gib", default=None, type=click.FloatRange(0),
               help="Memory the clean pass may keep for the attention keys and values above the edited layer, "
               "so that each setting reruns a changed row only from its first edited position; 0, or sets that "
@@ -516,7 +509,7 @@ def _load_for_run(run: str, model: str | None, device: str):
 def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
-             probe_ramps, probe_pools, gate_window, max_retain_ce_rise, mcq_template, gate_calibration, formats,
+             gate_window, max_retain_ce_rise, mcq_template, gate_calibration, formats,
              format_questions, kv_cache_gib, device, as_json, save, quiet):
     """Splice the run's SAE into the model and measure unlearning: CE losses (clean, SAE spliced,
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
@@ -576,20 +569,6 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
             raise EvalError(f"--probe-percentiles takes comma-separated numbers: {e}") from None
         if not all(0 <= p <= 100 for p in grid["probe_percentiles"]):
             raise EvalError("--probe-percentiles must lie within [0, 100]")
-    if probe_ramps:
-        try:
-            grid["probe_ramps"] = tuple(None if r.strip() == "none" else float(r) for r in probe_ramps.split(","))
-        except ValueError as e:
-            raise EvalError(f"--probe-ramps takes 'none' or comma-separated percentiles: {e}") from None
-        if not all(r is None or 0 <= r < 100 for r in grid["probe_ramps"]):
-            raise EvalError("--probe-ramps percentiles must lie within [0, 100)")
-    if probe_pools:
-        from pipelines.config import PROBE_POOLS
-
-        grid["probe_pools"] = tuple(dict.fromkeys(x.strip() for x in probe_pools.split(",") if x.strip()))
-        bad = [x for x in grid["probe_pools"] if x not in PROBE_POOLS]
-        if bad or not grid["probe_pools"]:
-            raise EvalError(f"--probe-pools: unknown pooling '{','.join(bad) or probe_pools}': use {', '.join(PROBE_POOLS)}")
     if gate_window is not None:
         grid["gate_window"] = parse_window(gate_window, "--gate-window")
     if gate_calibration:
@@ -674,36 +653,23 @@ def format_lines(part: dict | None) -> list[str]:
               "from the run's retain training contexts).")
 @click.option("--gate-threshold", default=None, type=float,
               help="An explicit gate threshold (firing share, or probe score); overrides the percentile.")
-@click.option("--gate-ramp", default=None, metavar="P|none",
-              help="A graded gate opening at retain percentile P, the clamp growing to full strength at the gate's "
-              "threshold (a new ramp takes both thresholds from the run's retain training contexts); none: all or "
-              "nothing.")
-@click.option("--probe-pool", default=None, type=click.Choice(["mean", "positive"]),
-              help="How the probe gate pools its detector's per-token scores (another pooling takes the gate's "
-              "threshold from the run's retain training contexts).")
 @click.option("--gate-window", default=None, metavar="N|none",
               help="The gate averages its signal over the last N tokens (none: every token since the start); the "
               "threshold stays the chosen setting's.")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,
-                 gate_threshold, gate_ramp, probe_pool, gate_window, model, device):
+                 gate_threshold, gate_window, model, device):
     """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
     The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
     else a gated clamp; the options override single fields."""
-    from pipelines.errors import EvalError
     from pipelines.generate import generate_pair
     from pipelines.intervene import run_setting
 
     setting = run_setting(run_dir)  # an unreadable RUN/unlearning.json or a bad option fails before the model loads
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
                                   "gate": gate, "gate_percentile": gate_percentile,
-                                  "gate_threshold": gate_threshold, "probe_pool": probe_pool}.items() if v is not None}
-    if gate_ramp is not None:
-        try:
-            changes["ramp_percentile"] = None if gate_ramp.strip() == "none" else float(gate_ramp)
-        except ValueError:
-            raise EvalError(f"--gate-ramp takes a percentile or 'none', got '{gate_ramp}'") from None
+                                  "gate_threshold": gate_threshold}.items() if v is not None}
     if gate_window is not None:
         changes["gate_window"] = parse_window(gate_window, "--gate-window")
     setting = setting.changed(**changes)  # a new gate or percentile drops the chosen threshold

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -182,6 +183,8 @@ def main() -> None:
     ap.add_argument("--preset", default="demo", help="evaluation preset (demo, full)")
     ap.add_argument("--settings", type=int, default=0, help="time only the first N settings (0: all)")
     ap.add_argument("--match", default="", help="only settings whose label contains one of these (comma-separated)")
+    ap.add_argument("--gates", default="", help="gates to sweep instead of the preset's (e.g. none,probe)")
+    ap.add_argument("--multipliers", default="", help="static clamp strengths instead of the preset's (e.g. 100)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per setting (best kept)")
     ap.add_argument("--whole", action="store_true", help="also time the whole evaluation with and without reuse")
     args = ap.parse_args()
@@ -193,6 +196,12 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     lm = load_model(args.model or load_run(args.run).config["model"])
     cfg = EvalConfig.preset(args.preset)
+    grid = cfg.grid
+    if args.gates:
+        grid = replace(grid, gates=tuple(args.gates.split(",")))
+    if args.multipliers:
+        grid = replace(grid, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
+    cfg = cfg.replace(grid=grid)
     per_setting(args, lm, cfg)
     if args.whole:
         whole_eval(args, lm, cfg)

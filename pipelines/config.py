@@ -11,15 +11,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from pipelines.errors import EvalError
+from trainer.gate import PROBE_KINDS
 
 MODES = ("ablate", "clamp", "retain_mean", "project", "splice", "zero")
 SELECTIONS = ("candidates", "saebench", "ratio")
 GATES = ("none", "sequence", "probe")
-PROBE_POOLS = ("mean", "positive")
-"""How the probe gate pools its detector's per-token scores (trainer/detector.py's PROBE_POOLS;
-this module stays free of torch)."""
-PROBE_KINDS = ("linear", "mlp")
-"""The probe gate's detector kinds (trainer/detector.py's PROBE_KINDS)."""
+RETIRED_FIELDS = {"probe_pool": "mean", "ramp_percentile": None, "ramp_threshold": None}
+"""Setting fields of earlier versions, with the one value still meant: the graded gate
+(`ramp_percentile`, `ramp_threshold`) and the "positive" pooling of the probe's scores were
+measured and never chosen (docs/results.md), and are gone; a setting that needs them is refused."""
+_RETIRED_NAMES = {"probe_pool": "the 'positive' pooling of the probe gate", "ramp_percentile": "a graded gate",
+                  "ramp_threshold": "a graded gate"}
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,9 @@ class Setting:
     gate: str = "sequence"
     """"none": edit wherever a selected feature fires (static clamp); "sequence": edit only
     where the share of tokens so far on which a selected feature fired exceeds the run's
-    retain-calibrated threshold (causal; trainer/selection.py); "probe": edit only where the
+    retain-calibrated threshold (causal; trainer/gate/); "probe": edit only where the
     run's topic detector (`probe_kind`, `probe_l2`) scores the tokens so far above its
-    retain-calibrated threshold (causal; trainer/detector.py)."""
+    retain-calibrated threshold (causal; trainer/gate/detector.py)."""
 
     gate_percentile: float = 95.0
     """The gate's threshold: this percentile of the retain training contexts' firing shares
@@ -75,29 +77,13 @@ class Setting:
     `ff generate` and the Python API gate exactly as the evaluation did."""
 
     probe_l2: float | None = None
-    """Probe gate: which of the run's linear detectors (trainer/detector.py, PROBE_L2S), by its
+    """Probe gate: which of the run's linear detectors (trainer/gate/detector.py, PROBE_L2S), by its
     L2 penalty; None: the default one. `ff eval` chooses it on the dev questions."""
 
     probe_kind: str = "linear"
-    """Probe gate: the kind of detector (trainer/detector.py, PROBE_KINDS): "linear", a logistic
+    """Probe gate: the kind of detector (trainer/gate/detector.py, PROBE_KINDS): "linear", a logistic
     regression on the running mean of the residual stream, or "mlp", the running mean of a small
     network's per-token scores. `ff eval` chooses it on the dev questions with `probe_l2`."""
-
-    probe_pool: str = "mean"
-    """Probe gate: how the detector's per-token scores are pooled over the tokens so far.
-    "mean": the logistic score of their mean; "positive": the mean of each token's positive
-    log-odds max(w . x + b, 0), so that tokens that look like retain text do not cancel those
-    that name the topic (trainer/detector.py). Thresholds are in the pool's own units."""
-
-    ramp_percentile: float | None = None
-    """A graded gate: the percentile (below `gate_percentile`) whose threshold opens it. Between
-    that threshold and the gate's the clamp grows linearly with the running score, from 0 (the
-    selected features that fire are ablated) to the full -m; above the gate's threshold it is
-    the full clamp. None: all or nothing at the gate's threshold."""
-
-    ramp_threshold: float | None = None
-    """An explicit threshold where the ramp starts, overriding `ramp_percentile`'s, in the units of
-    `gate_threshold`; `ff eval` calibrates it with the gate's."""
 
     gate_window: int | None = None
     """The gate averages its signal over the last `gate_window` editable tokens (None: over
@@ -123,11 +109,6 @@ class Setting:
             raise EvalError(f"unknown probe detector kind '{self.probe_kind}': use {', '.join(PROBE_KINDS)}")
         if self.probe_kind == "mlp" and self.probe_l2 is not None:
             raise EvalError("probe_l2 names a linear detector; the 'mlp' detector has none")
-        if self.probe_pool not in PROBE_POOLS:
-            raise EvalError(f"unknown probe pooling '{self.probe_pool}': use {', '.join(PROBE_POOLS)}")
-        if self.ramp_percentile is not None and not 0 <= self.ramp_percentile < self.gate_percentile:
-            raise EvalError(f"ramp_percentile must be within [0, gate_percentile = {self.gate_percentile:g}), "
-                            f"got {self.ramp_percentile:g}")
         if self.gate_window is not None and self.gate_window < 1:
             raise EvalError(f"gate_window must be a positive number of tokens or None, got {self.gate_window}")
 
@@ -147,12 +128,9 @@ class Setting:
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
         gate = {"none": " static", "sequence": f" gate p{self.gate_percentile:g}",
                 "probe": f" probe{'' if self.probe_l2 is None else f' l2={self.probe_l2:g}'}"
-                         f"{'' if self.probe_kind == 'linear' else ' ' + self.probe_kind}"
-                         f"{'' if self.probe_pool == 'mean' else ' ' + self.probe_pool} p{self.gate_percentile:g}"}[self.gate]
+                         f"{'' if self.probe_kind == 'linear' else ' ' + self.probe_kind} p{self.gate_percentile:g}"}[self.gate]
         if self.gate != "none" and self.gate_threshold is not None:
             gate += f" (threshold {self.gate_threshold:.3g})"
-        if self.gate != "none" and self.ramp_percentile is not None:
-            gate += f" ramp from p{self.ramp_percentile:g}"
         if self.gate != "none" and self.gate_window is not None:
             gate += f" window {self.gate_window}"
         cap = f" ctx_r<{self.max_ctx_r:g}" if self.max_ctx_r < 1.0 else ""
@@ -182,12 +160,6 @@ class Setting:
             d.pop("probe_l2")
         if self.gate != "probe" or self.probe_kind == "linear":
             d.pop("probe_kind")
-        if self.gate != "probe" or self.probe_pool == "mean":
-            d.pop("probe_pool")
-        if self.gate == "none" or self.ramp_percentile is None:
-            d.pop("ramp_percentile")
-        if self.gate == "none" or self.ramp_threshold is None:
-            d.pop("ramp_threshold")
         if self.max_ctx_r >= 1.0:
             d.pop("max_ctx_r")
         if self.gate == "none" or self.gate_window is None:
@@ -196,6 +168,10 @@ class Setting:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Setting":
+        retired = [k for k, default in RETIRED_FIELDS.items() if d.get(k, default) != default]
+        if retired:
+            raise EvalError(f"the setting uses {' and '.join(dict.fromkeys(_RETIRED_NAMES[k] for k in retired))}, which ff no longer "
+                            "has (docs/results.md): run ff eval on the run again")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})  # load leniently (STYLE 3)
 
@@ -204,10 +180,8 @@ class Setting:
 
     def changed(self, **changes: Any) -> "Setting":
         """`replace` for a user's overrides of a chosen setting: a calibrated `gate_threshold` is
-        dropped where the change makes it meaningless (another gate, percentile, detector or
-        pooling), unless the change sets one; so is `ramp_threshold` (another gate, detector,
-        pooling or ramp percentile), and a new ramp drops both, so that they come from one
-        calibration. An unknown field is an EvalError."""
+        dropped where the change makes it meaningless (another gate, percentile or detector),
+        unless the change sets one. An unknown field is an EvalError."""
         unknown = set(changes) - {f.name for f in fields(self)}
         if unknown:
             raise EvalError(f"unknown setting field(s) {', '.join(sorted(unknown))}: use "
@@ -215,12 +189,8 @@ class Setting:
         def differs(*keys: str) -> bool:
             return any(k in changes and changes[k] != getattr(self, k) for k in keys)
 
-        new_ramp = differs("ramp_percentile") and changes["ramp_percentile"] is not None
-        if (differs("gate", "gate_percentile", "probe_l2", "probe_kind", "probe_pool") or new_ramp) \
-                and "gate_threshold" not in changes:
-            changes = {**changes, "gate_threshold": None}  # a new ramp: both thresholds from one calibration
-        if differs("gate", "ramp_percentile", "probe_l2", "probe_kind", "probe_pool") and "ramp_threshold" not in changes:
-            changes = {**changes, "ramp_threshold": None}
+        if differs("gate", "gate_percentile", "probe_l2", "probe_kind") and "gate_threshold" not in changes:
+            changes = {**changes, "gate_threshold": None}
         return replace(self, **changes)
 
 
@@ -253,13 +223,6 @@ class SweepGrid:
     """Percentiles tried for the probe gate's threshold (of the retain calibration prompts'
     highest detector scores; EvalConfig.gate_calibration)."""
 
-    probe_ramps: tuple[float | None, ...] = (None,)
-    """Graded probe gates to try (Setting.ramp_percentile: the percentile whose threshold opens
-    the gate, the clamp growing to full strength at the gate's own); None: all or nothing."""
-
-    probe_pools: tuple[str, ...] = ("mean",)
-    """Poolings of the probe gate's detector scores to try (Setting.probe_pool)."""
-
     ctx_caps: tuple[float, ...] = (1.0,)
     """Context-frequency caps (Setting.max_ctx_r) to try."""
 
@@ -286,14 +249,10 @@ class SweepGrid:
                         if n is None and sel != "candidates":
                             continue
                         pcts = self.probe_percentiles if gate == "probe" else (self.gate_percentile,)
-                        ramps = self.probe_ramps if gate == "probe" else (None,)
-                        pools = self.probe_pools if gate == "probe" else ("mean",)
                         out += [s.replace(selection=sel, freq_threshold=float(thr), top_n=n, gate=gate,
                                           gate_percentile=float(p), max_ctx_r=float(cap),
-                                          ramp_percentile=None if r is None else float(r), probe_pool=pool,
                                           gate_window=self.gate_window if gate == "probe" else None)
-                                for s in modes for cap in self.ctx_caps for pool in pools for p in pcts
-                                for r in ramps if r is None or r < p]
+                                for s in modes for cap in self.ctx_caps for p in pcts]
         if not out:
             raise EvalError(f"the sweep grid gives no settings for a {method} run")
         return out
@@ -323,7 +282,7 @@ DEMO_FORMATS = ("plain", "instruct", "kshot2", "kshot5", "preamble", "dialogue",
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
     "demo": {"max_text_tokens": 2048, "grid": DEMO_GRID, "sweep_losses": False, "bootstrap": 1000,
-             "formats": DEMO_FORMATS, "format_questions": 40},
+             "formats": DEMO_FORMATS, "format_questions": 24},
 }
 """EvalConfig overrides per preset ("full" = the dataclass defaults)."""
 

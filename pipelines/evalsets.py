@@ -25,7 +25,8 @@ from pipelines.data import (McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_
 from pipelines.errors import EvalError
 from pipelines.fastlm import KV, Batch, kv_reuse_ok, resid_at, score, suffix_score, text_config
 from pipelines.intervene import Intervention
-from trainer.selection import GATE_MIN_TOKENS, firing_share
+from trainer.gate import GATE_MIN_TOKENS
+from trainer.gate.causal import firing_share
 
 
 class SetResult(NamedTuple):

@@ -25,10 +25,9 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import kv_reuse_ok, verify_fast_path
-from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_calibration, probe_detector,
-                                 probe_layer, probe_problem)
+from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_detector, probe_layer,
+                                 probe_problem)
 from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
-from trainer.detector import score_offset, stored_detectors
 from trainer.evaluate import eval_corpus
 
 METRICS = ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")
@@ -78,7 +77,7 @@ MAX_ITEMS = 8
 def _margins(es: Any, iv: Intervention) -> Tensor | None:
     """Per question or row of `es`: how far the gate's peak rose above its threshold (> 0: it
     opened somewhere); None without a gate."""
-    return None if iv.opens_above is None else es.gate_peaks(iv) - iv.opens_above
+    return None if iv.threshold is None else es.gate_peaks(iv) - iv.threshold
 
 
 def lost_items(es: Any, correct: tuple[Tensor, Tensor], iv: Intervention) -> dict[str, Any]:
@@ -263,16 +262,13 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     for name in ("forget_mcq", "retain_mcq", "ood_forget_mcq", "ood_retain_mcq"):
         if data.has(name):
             es = getattr(data, name)
-            opened_Q = (es.gate_peaks(iv) > iv.opens_above if iv.opens_above is not None
+            opened_Q = (es.gate_peaks(iv) > iv.threshold if iv.threshold is not None
                         else torch.ones(len(es.test_Q), dtype=torch.bool))
             questions[name.replace("_mcq", "")] = float(opened_Q[es.test_Q].double().mean())
             if name == f"{key}forget_mcq":
                 split = gate_split(fc[0], fc[1], opened_Q, f_test, es.layout.n_choices_Q)
     out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, "pool": iv.setting.probe_pool if iv.detector is not None
-                   else None, "ramp_percentile": iv.setting.ramp_percentile
-                   if iv.ramp_from is not None else None, "ramp_threshold": iv.ramp_from,
-                   **rates, "open_rate_questions": questions,
+                   else None, "threshold": iv.threshold, **rates, "open_rate_questions": questions,
                    "forget_split": split}
     # the gate's signal depends on the run (probe) or the selection (sequence), not the threshold
     gate_key = (iv.setting.gate,) if iv.setting.gate != "sequence" else ("sequence", iv.setting.set_key)
@@ -285,34 +281,31 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
 
 def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg: EvalConfig) -> list[Setting]:
     """Probe-gated settings with their detector and threshold chosen on the dev halves
-    (cfg.gate_calibration "dev"). Threshold (and a graded gate's ramp start): the setting's
+    (cfg.gate_calibration "dev"). Threshold: the setting's
     percentile of the highest detector score of every retain dev question, pooled in and out of
-    distribution. Detector: of the run's probes (one per L2 penalty, trainer/detector.py), the
+    distribution. Detector: of the run's probes (one per L2 penalty, trainer/gate/detector.py), the
     one whose gate, at the highest percentile asked for, opens on the most forget dev questions
-    (ties: the default); chosen per pooling and window (Setting.probe_pool, gate_window). The test
-    halves never enter."""
+    (ties: the default); chosen per window (Setting.gate_window). The test halves never enter."""
     if cfg.gate_calibration not in ("dev", "train"):
         raise EvalError(f"unknown gate calibration '{cfg.gate_calibration}': use dev or train")
     todo = [s for s in settings if s.gate == "probe" and s.gate_threshold is None and s.edits_features]
     if cfg.gate_calibration == "train" or not todo:
         return settings
     chosen: dict[Setting, Setting] = {}
-    for pool, window in dict.fromkeys((s.probe_pool, s.gate_window) for s in todo):
-        group = [s for s in todo if (s.probe_pool, s.gate_window) == (pool, window)]  # own detector, thresholds
+    for window in dict.fromkeys(s.gate_window for s in todo):
+        group = [s for s in todo if s.gate_window == window]  # own detector, thresholds
         top = max(s.gate_percentile for s in group)
-        pcts = {s.gate_percentile for s in group} | {s.ramp_percentile for s in group if s.ramp_percentile is not None}
+        pcts = {s.gate_percentile for s in group}
         best: tuple[float, tuple[str, float | None], dict[float, float]] | None = None
         fixed = group[0].probe_l2 is not None or group[0].probe_kind != "linear"
-        for kind, l2 in [(group[0].probe_kind, group[0].probe_l2)] if fixed else stored_detectors(run.gate):
-            probe = group[0].replace(gate_threshold=0.0, probe_l2=l2, probe_kind=kind, ramp_percentile=None,
-                                     ramp_threshold=None)
+        for kind, l2 in [(group[0].probe_kind, group[0].probe_l2)] if fixed else run.gate.detectors():
+            probe = group[0].replace(gate_threshold=0.0, probe_l2=l2, probe_kind=kind)
             thr, opened = probe_thresholds(run, data, probe, pcts, top)
             if best is None or opened > best[0]:
                 best = (opened, (kind, l2), thr)
         assert best is not None  # evaluate_run refuses a run without a probe before this
         _, (kind, l2), thr = best
-        chosen.update({s: s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2, probe_kind=kind,
-                                    ramp_threshold=None if s.ramp_percentile is None else thr[s.ramp_percentile])
+        chosen.update({s: s.replace(gate_threshold=thr[s.gate_percentile], probe_l2=l2, probe_kind=kind)
                        for s in group})
     return [chosen.get(s, s) for s in settings]
 
@@ -335,7 +328,7 @@ def probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentil
     """({percentile: threshold score} from the retain dev questions, share of forget dev
     questions on which the gate opens at the `top` percentile, one of `percentiles`) for one probe."""
     iv = Intervention(run, setting)  # refuses a run without that probe
-    bias = score_offset(probe_detector(run, setting.probe_l2, setting.probe_kind).b, setting.probe_pool)
+    bias = probe_detector(run, setting.probe_l2, setting.probe_kind).b
 
     def dev_peaks(names: tuple[str, ...]) -> Tensor:
         peaks = [getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q] for n in names if data.has(n)]
@@ -427,9 +420,9 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     check_model(run, lm)
     if "probe" in cfg.grid.gates and (problem := probe_problem(run)) is not None:  # before the clean passes
         raise EvalError(f"{run.path} {problem}: retrain it, or sweep the other gates with --gate both")
-    if "probe" in cfg.grid.gates and cfg.gate_calibration == "train":
-        for pool in cfg.grid.probe_pools:
-            probe_calibration(run, None, pool)  # a run from an older ff has no positive pooling's
+    if "probe" in cfg.grid.gates and cfg.gate_calibration == "train" and run.gate.calibration() is None:
+        raise EvalError(f"{run.path} has no training calibration of its probe gate (a run from an older ff): "
+                        "calibrate it on dev prompts (--gate-calibration dev), or retrain the run")
     run.sae.to(lm.device)
     model, tag = lm.model, f"[eval {run.path.name}: {run.method} layer {run.layer}]"
     verify_fast_path(model, run.layer)
@@ -511,6 +504,8 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         fc, rc, f_test, r_test = correct["ood_"]
         out["best"]["ood"]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
         _format_tests(out["best"]["ood"], correct, "ood_", cfg)
+    _log(progress, f"{tag} chosen settings measured in full (CE losses, test halves, fluency; "
+                   f"{time.perf_counter() - t0:.0f} s)")
     for e in (*sweep, *measured.values()):
         for k in ("_correct", "_results", "_fluency"):
             e.pop(k, None)

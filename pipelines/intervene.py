@@ -4,13 +4,10 @@
 
 `ablate`: t = 0; `clamp`: t = -m * act_u[i] wherever f_i > 0 (act_u: the feature's mean firing
 value on unlearn tokens). Everything else, the SAE's reconstruction error included, passes
-unchanged, so a token on which no selected feature fires is left exactly as it was. With the
-sequence gate (trainer/selection.py) a position is edited only where the share of the row's
-tokens so far on which a selected feature fired exceeds the run's retain-calibrated threshold;
-the decision at a position depends on it and earlier positions only (causal). A graded gate
-(Setting.ramp_percentile) opens lower and scales the clamp: t = -r m act_u, r rising linearly
-from 0 at the ramp's start to 1 at the gate's threshold. Only the encoder columns of S are kept
-(W_enc[:, S]), so the edit costs d x |S|.
+unchanged, so a token on which no selected feature fires is left exactly as it was. Behind a
+gate (trainer/gate/: the sequence gate or the probe gate) a position is edited only where the
+gate is open, a decision that depends on it and earlier positions only (causal). Only the
+encoder columns of S are kept (W_enc[:, S]), so the edit costs d x |S|.
 Two reference modes for CE loss (METHOD §8): `splice` (h <- SAE reconstruction) and `zero`.
 
 BOS positions are never edited: the SAE never saw them in training (METHOD §0) and their
@@ -35,9 +32,10 @@ from cache.models import decoder_layers
 from pipelines.errors import EvalError
 from pipelines.config import Setting
 from trainer.sae import SAE
-from trainer.detector import (CALIBRATION_KEYS, Detector, load_detector, pool_signal, probe_prefix, score_offset,
-                              stored_l2s)
-from trainer.selection import carry, firing_share, gate_open, select, threshold_at
+from trainer.gate.detector import Detector
+from trainer.gate.gate import Gate, GateError, GateSpec
+from trainer.gate.store import GateFile
+from trainer.selection import select
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
 
@@ -52,8 +50,8 @@ class LoadedRun(NamedTuple):
     """features.safetensors: alpha_r, alpha_u, freq_r, freq_u [F] float, candidate [F] bool, ..."""
     layer: int
     method: str
-    gate: dict[str, Tensor]
-    """gate.safetensors: "<set>/features" and "<set>/share" per calibrated selection."""
+    gate: GateFile
+    """gate.safetensors: the gates' calibrations and detectors (trainer/gate/store.py)."""
 
 
 class Edited(NamedTuple):
@@ -87,7 +85,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         if key not in feats or feats[key].shape != (sae.d_sae,):
             raise EvalError(f"{path}/features.safetensors: '{key}' is missing or not of shape "
                             f"[{sae.d_sae}] (a run from an older ff: retrain it)")
-    gate = load_file(str(path / "gate.safetensors")) if (path / "gate.safetensors").is_file() else {}
+    gate = GateFile.read(path)
     if "layer" not in config:
         raise EvalError(f"{path}/config.json has no 'layer'")
     feats["candidate"] = feats["candidate"].bool()
@@ -108,81 +106,34 @@ def select_features(run: LoadedRun, setting: Setting) -> Tensor:
 
 
 def probe_problem(run: LoadedRun, l2: float | None = None, kind: str = "linear") -> str | None:
-    """Why the run cannot use the probe gate (it has none, or an older one that read SAE
-    features, or no detector of `kind` or none fitted with penalty `l2`), or None."""
-    w = run.gate.get("probe/w")
-    if w is None or w.shape != (run.sae.d_model,):
-        return "has no probe gate on the residual stream (a run from an older ff)"
-    if kind == "mlp" and f"{probe_prefix(None, kind)}/W" not in run.gate:
-        return "has no 'mlp' probe detector (a run from an older ff)"
-    if kind != "mlp" and f"{probe_prefix(l2)}/w" not in run.gate:
-        have = ", ".join("default" if v is None else f"{v:g}" for v in stored_l2s(run.gate))
-        return f"has no probe gate fitted with L2 {l2:g} (it has: {have})"
-    return None
+    """Why the run cannot use the probe gate (trainer/gate/store.py, `GateFile.probe_problem`), or None."""
+    return run.gate.probe_problem(run.sae.d_model, l2, kind)
 
 
 def probe_layer(run: LoadedRun) -> tuple[int, float]:
     """(layer, scale) of the residual stream the run's probe reads: `ff train --probe-offset k`
     fits it k blocks before the edited layer (its own normalisation scale); by default the
     edited layer itself."""
-    if "probe/layer" in run.gate:
-        return int(run.gate["probe/layer"][0]), float(run.gate["probe/scale"][0])
-    return run.layer, run.scale
+    return run.gate.probe_layer() or (run.layer, run.scale)
 
 
 def probe_detector(run: LoadedRun, l2: float | None = None, kind: str = "linear") -> Detector:
     """The run's detector of `kind` (linear: the one fitted with `l2`)."""
-    return load_detector(run.gate, probe_prefix(l2, kind))
+    return run.gate.detector(l2, kind)
 
 
-def probe_calibration(run: LoadedRun, l2: float | None, pool: str, kind: str = "linear") -> Tensor:
-    """The highest score of every retain training context [C] (`ff train`'s calibration) under
-    the detector of `kind` (linear: fitted with `l2`), pooled as `pool` says."""
-    key = f"{probe_prefix(l2, kind)}/{CALIBRATION_KEYS[pool]}"
-    if key not in run.gate:
-        raise EvalError(f"{run.path} has no training calibration of the '{pool}' probe pooling (a run from an "
-                        "older ff): calibrate it on dev prompts (ff eval), or retrain the run")
-    return run.gate[key]
+def gate_spec(setting: Setting) -> GateSpec:
+    """The gate's part of a setting (trainer/gate/gate.py)."""
+    return GateSpec(setting.gate, setting.gate_percentile, setting.gate_threshold, setting.probe_l2,
+                    setting.probe_kind, setting.gate_window, setting.set_key)
 
 
-def _refuse_window(run: LoadedRun, setting: Setting) -> None:
-    """`ff train` calibrates the gates on the mean from the start of each retain context; a
-    windowed gate's peaks over a long context lie higher, so that calibration does not carry."""
-    if setting.gate_window is not None:
-        raise EvalError(f"{run.path}: the training calibration is of the gate's mean from the start, not over a "
-                        f"window of {setting.gate_window} tokens: calibrate the windowed gate on dev prompts "
-                        "(ff eval --gate-window, --gate-calibration dev) or give its threshold")
-
-
-def gate_threshold(run: LoadedRun, setting: Setting, features_S: Tensor, *, ramp: bool = False) -> float:
-    """The gate's threshold on the running mean of its per-token signal (`ramp`: where the
-    setting's ramp starts instead): for the sequence gate, from the calibration of the setting's
-    selection; for the probe gate, the calibrated score percentile minus what turns the pooled
-    running mean into a score (the bias, for the "mean" pooling; trainer/detector.py)."""
-    explicit, percentile = ((setting.ramp_threshold, setting.ramp_percentile) if ramp
-                            else (setting.gate_threshold, setting.gate_percentile))
-    if setting.gate == "probe":
-        if (problem := probe_problem(run, setting.probe_l2, setting.probe_kind)) is not None:
-            raise EvalError(f"{run.path} {problem}: retrain it, or use --gate sequence")
-        bias = probe_detector(run, setting.probe_l2, setting.probe_kind).b
-        score = explicit
-        if score is None:
-            _refuse_window(run, setting)
-            calibration = probe_calibration(run, setting.probe_l2, setting.probe_pool, setting.probe_kind)
-            score = threshold_at(calibration.numpy(), percentile)
-        return score - score_offset(bias, setting.probe_pool)
-    if explicit is not None:
-        return explicit
-    _refuse_window(run, setting)
-    key = setting.set_key
-    if f"{key}/share" not in run.gate:
-        raise EvalError(f"{run.path} has no gate calibration for selection '{key}' (calibrated: "
-                        f"{', '.join(sorted(k.split('/')[0] for k in run.gate if k.endswith('/features'))) or 'none'}); "
-                        "use one of those, or --gate none")
-    if not torch.equal(run.gate[f"{key}/features"].long().sort().values, features_S):
-        raise EvalError(f"{run.path}: the gate of selection '{key}' was calibrated on other features "
-                        "than the run's statistics select now; retrain the run")
-    return threshold_at(run.gate[f"{key}/share"].numpy(), percentile)
+def make_gate(run: LoadedRun, setting: Setting, features_S: Tensor) -> Gate:
+    """The setting's gate over the run, calibrated; a run that cannot gate so is an EvalError."""
+    try:
+        return Gate(run.gate, gate_spec(setting), features_S, run.layer, run.scale, run.sae.d_model)
+    except GateError as e:
+        raise EvalError(f"{run.path} {e}") from None
 
 
 class Intervention:
@@ -194,24 +145,15 @@ class Intervention:
         sae = run.sae
         self.features = select_features(run, setting) if setting.edits_features else torch.arange(0)
         gated = setting.edits_features and setting.gate != "none" and len(self.features) > 0
-        self.threshold = gate_threshold(run, setting, self.features) if gated else None
+        self.gating = make_gate(run, setting, self.features) if gated else None
+        """The setting's gate (trainer/gate/gate.py); None: the edit acts wherever it applies."""
+        self.threshold = None if self.gating is None else self.gating.threshold
         """The gate's threshold on the running mean of `signal`; None: no gate."""
-        ramped = gated and setting.ramp_percentile is not None
-        self.ramp_from = gate_threshold(run, setting, self.features, ramp=True) if ramped else None
-        """Graded gate: where the ramp starts (the gate opens above it, the clamp reaching full
-        strength at `threshold`); None: all or nothing at `threshold`."""
-        if self.ramp_from is not None and self.ramp_from > self.threshold:
-            raise EvalError(f"the graded gate's ramp starts above the gate's threshold ({self.ramp_from:.4g} > "
-                            f"{self.threshold:.4g} on the running score): calibrate both on the same prompts "
-                            "(ff eval --probe-ramps ... --save)")
-        probe = gated and setting.gate == "probe"
-        self.detector = probe_detector(run, setting.probe_l2, setting.probe_kind).to("cpu") if probe else None
-        """Probe gate: the detector on the normalised residual stream (trainer/detector.py)."""
-        self.gate_layer, self.gate_scale = probe_layer(run) if probe else (run.layer, run.scale)
+        self.detector = None if self.gating is None else self.gating.detector
+        """Probe gate: the detector on the normalised residual stream (trainer/gate/detector.py)."""
+        self.gate_layer, self.gate_scale = (run.layer, run.scale) if self.gating is None else \
+            (self.gating.layer, self.gating.scale)
         """The block whose output the gate's signal reads (the probe's layer; else `layer`), and its scale."""
-        if self.gate_layer > self.layer:
-            raise EvalError(f"{run.path}: the probe reads layer {self.gate_layer}, after the edited layer "
-                            f"{self.layer}; it must read the edited layer or an earlier one")
         self.t_S = (setting.multiplier * run.features["act_u"][self.features].float()
                     if setting.mode == "clamp" else torch.zeros(len(self.features)))
         """Clamp targets -t_S: m times each feature's mean firing value on unlearn tokens."""
@@ -236,8 +178,8 @@ class Intervention:
     def to(self, device: Any) -> "Intervention":
         for name in ("W_enc_DS", "b_enc_S", "W_dec_SD", "b_dec_D", "t_S", "mean_r_S", "Q_DR"):
             setattr(self, name, getattr(self, name).to(device))
-        if self.detector is not None:
-            self.detector = self.detector.to(device)
+        if self.gating is not None:
+            self.detector = self.gating.to(device).detector
         if self.sae is not None:
             self.sae = self.sae.to(device)
         return self
@@ -271,12 +213,10 @@ class Intervention:
         if mode in ("retain_mean", "project"):
             return self._replace(h_BTD, f_BTS, active_BTS, editable_BT, seg_BT, start, gate_h_BTD)
         signal_BT = self._gate_signal(h_BTD, active_BTS, gate_h_BTD)
-        strength_BT = self.gate_strength(signal_BT, editable_BT, seg_BT, start)
-        open_BT = strength_BT > 0
+        open_BT = self.gate(signal_BT, editable_BT, seg_BT, start)
         active_BTS &= open_BT[..., None]
-        # clamp: t = -m act_u where f > 0 (SAEBench), scaled by the graded gate's strength;
-        # ablate: t = 0. Elsewhere f - t = 0.
-        t_BTS = -self.t_S * active_BTS * strength_BT[..., None]
+        # clamp: t = -m act_u where f > 0 (SAEBench); ablate: t = 0. Elsewhere f - t = 0.
+        t_BTS = -self.t_S * active_BTS
         delta_BTD = (((f_BTS * active_BTS) - t_BTS) @ self.W_dec_SD) / self.scale
         return Edited(h_BTD - delta_BTD.to(h_BTD.dtype), active_BTS.any(-1), open_BT, signal_BT)
 
@@ -294,7 +234,7 @@ class Intervention:
         the component of x - b_dec in the span of their decoder directions (the error term's
         share of that span too)."""
         signal_BT = self._gate_signal(h_BTD, active_BTS, gate_h_BTD)
-        open_BT = (self.gate_strength(signal_BT, editable_BT, seg_BT, start) > 0) & editable_BT
+        open_BT = self.gate(signal_BT, editable_BT, seg_BT, start) & editable_BT
         if self.setting.mode == "retain_mean":
             delta_BTD = ((f_BTS - self.mean_r_S) @ self.W_dec_SD) / self.scale
         else:
@@ -306,37 +246,20 @@ class Intervention:
     @torch.no_grad()
     def signal(self, h_BTD: Tensor, active_BTS: Tensor | None = None) -> Tensor:
         """The gate's per-token signal [B, T], whose running mean it compares with the threshold:
-        whether a selected feature fires (sequence gate; h at `layer`), or the probe's x . w,
-        pooled as the setting says (probe gate; h at `gate_layer`)."""
+        whether a selected feature fires (sequence gate; h at `layer`), or the detector's token
+        score (probe gate; h at `gate_layer`)."""
         if self.detector is not None:
-            scores_BT = self.detector.token_scores(h_BTD.to(self.detector.w.dtype) * self.gate_scale)
-            return pool_signal(scores_BT, self.detector.b, self.setting.probe_pool)
+            return self.gating.signal(h_BTD)
         if active_BTS is None:
             active_BTS = self.selected_acts(h_BTD) > 0
         return active_BTS.any(-1).float()
 
-    @property
-    def opens_above(self) -> float | None:
-        """The running score above which the gate opens (the ramp's start, else `threshold`)."""
-        return self.threshold if self.ramp_from is None else self.ramp_from
-
     def gate(self, signal_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
              start: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """bool [B, T]: where the edit may act (all True without a gate)."""
-        return self.gate_strength(signal_BT, editable_BT, seg_BT, start) > 0
-
-    def gate_strength(self, signal_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
-                      start: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """float [B, T]: the share of the full clamp applied: 1 where the gate is open (all 1
-        without a gate), 0 where it is shut; on a graded gate's ramp, rising linearly from 0 at
-        `ramp_from` to 1 at `threshold`."""
-        if self.threshold is None:
-            return torch.ones(editable_BT.shape, device=editable_BT.device)
-        share_BT, seen_BT = firing_share(signal_BT, editable_BT, seg_BT, start, window=self.window)
-        if self.ramp_from is None or self.ramp_from == self.threshold:
-            return gate_open(share_BT, seen_BT, self.threshold).float()
-        part_BT = ((share_BT - self.ramp_from) / (self.threshold - self.ramp_from)).clamp(0.0, 1.0)
-        return part_BT * gate_open(share_BT, seen_BT, self.ramp_from)  # 1 above the threshold
+        if self.gating is None:
+            return torch.ones(editable_BT.shape, dtype=torch.bool, device=editable_BT.device)
+        return self.gating.open(signal_BT, editable_BT, seg_BT, start)
 
     def attach(self, model: Any, *, skip_bos: bool = True) -> "Hooks":
         """Install the edit on `model` (forward hook on block `layer`); call .remove() to undo."""
@@ -366,8 +289,8 @@ class Intervention:
             gate_h, state["gate_h"] = state["gate_h"], None
             edited = iv.edit(h_BTD, editable_BT, start=start, gate_h_BTD=gate_h)
             new_BTD = edited.h_BTD
-            if iv.threshold is not None:
-                state["counts"] = carry(start, edited.signal_BT, editable_BT, window=iv.window)
+            if iv.gating is not None:
+                state["counts"] = iv.gating.carry(start, edited.signal_BT, editable_BT)
             return (new_BTD, *output[1:]) if isinstance(output, (tuple, list)) else new_BTD
 
         def gate_hook(_module, _inputs, output):  # the probe's layer runs first: keep its output

@@ -5,7 +5,7 @@ Usage (from the repository root, after `ff run --preset demo --out ff-demo`):
     .venv/bin/python scripts/detector_compare.py --run ff-demo/runs/layer_4/featureforget
 
 For every detector the run stores (the linear ones, one per L2 penalty, and the "mlp" one;
-trainer/detector.py), it calibrates the probe gate as `ff eval` does (a percentile of the highest
+trainer/gate/detector.py), it calibrates the probe gate as `ff eval` does (a percentile of the highest
 score of every retain dev question, in and out of distribution pooled) and prints on what share
 of each question set the gate then opens somewhere, on the dev and the test halves, on what
 share of the held-out text rows, and the AUROC of the question peaks. `ff eval` keeps the
@@ -27,7 +27,7 @@ from pipelines.evaluate import probe_thresholds  # noqa: E402
 from pipelines.evalsets import eval_data  # noqa: E402
 from pipelines.intervene import Intervention, load_run  # noqa: E402
 from pipelines.scoring import auroc  # noqa: E402
-from trainer.detector import PROBE_L2, score_offset, stored_detectors  # noqa: E402
+from trainer.gate.detector import PROBE_L2  # noqa: E402
 
 
 def main() -> None:
@@ -48,11 +48,11 @@ def main() -> None:
     print("| detector | " + " | ".join(n.replace("_mcq", " questions") for n in mcq) + " | "
           + " | ".join(n.replace("_text", " text") for n in text) + " | AUROC questions (ID / OOD) |")
     print("|" + "---|" * (2 + len(mcq) + len(text)))
-    for kind, l2 in stored_detectors(run.gate):
+    for kind, l2 in run.gate.detectors():
         setting = probe.replace(probe_kind=kind, probe_l2=l2)
         iv = Intervention(run, setting)
         score, _ = probe_thresholds(run, data, setting, {args.percentile}, args.percentile)  # as ff eval does
-        thr = score[args.percentile] - score_offset(iv.detector.b, "mean")  # in the peaks' units
+        thr = score[args.percentile] - iv.detector.b  # in the peaks' units
         peaks = {n: getattr(data, n).gate_peaks(iv) for n in mcq + text}
         dev = {n: peaks[n][~getattr(data, n).test_Q] for n in mcq}
 

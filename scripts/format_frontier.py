@@ -55,8 +55,8 @@ def dev_table(data, model, iv: Intervention, formats) -> dict:
             dev_f, dev_r = ~f_set.test_Q, ~r_set.test_Q
             f0, f1 = fc[dev_f].double().mean().item(), fa[dev_f].double().mean().item()
             r0, r1 = rc[dev_r].double().mean().item(), ra[dev_r].double().mean().item()
-            opened = float((f_set.gate_peaks(iv)[dev_f] > iv.opens_above).double().mean())
-            r_open = float((r_set.gate_peaks(iv)[dev_r] > iv.opens_above).double().mean())
+            opened = float((f_set.gate_peaks(iv)[dev_f] > iv.threshold).double().mean())
+            r_open = float((r_set.gate_peaks(iv)[dev_r] > iv.threshold).double().mean())
             row[prefix or "in"] = {"score": 1 - f1 / f0 if f0 else None, "forget": (f0, f1), "retain": (r0, r1),
                                    "open_f": opened, "open_r": r_open}
         out[fmt] = row

@@ -31,7 +31,7 @@ from pipelines.config import EvalConfig  # noqa: E402
 from pipelines.data import load_mcq, sample_split  # noqa: E402
 from pipelines.errors import EvalError  # noqa: E402
 from pipelines.intervene import Intervention, load_run, run_setting  # noqa: E402
-from trainer.selection import firing_share, gate_open  # noqa: E402
+from trainer.gate.causal import firing_share, gate_open  # noqa: E402
 
 
 def passages(name: str) -> list[str]:

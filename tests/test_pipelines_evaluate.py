@@ -328,7 +328,6 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
             "--forget-text", cfg.forget_text, "--retain-text", cfg.retain_text, "--max-text-tokens", "200",
             "--no-ood", "--multipliers", "5", "--top-n", "10", "--selections", "candidates", "--quiet"]
     r = CliRunner().invoke(main, args + ["--json", "--max-retain-ce-rise", "0.25", "--probe-multipliers", "7",
-                                         "--probe-ramps", "none,30", "--probe-pools", "mean,positive",
                                          "--gate-window", "6", "--mcq-template", r"Q: {question}\nA:"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
@@ -341,14 +340,9 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
                                  ("--gate-window", "0", "--gate-window must be at least 1 token")):
         bad = CliRunner().invoke(main, args + [flag, value])
         assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) == 1
-    probed = [e["setting"] for e in res["sweep"] if e["setting"]["gate"] == "probe"]
-    assert {s.get("ramp_percentile") for s in probed} == {None, 30.0}
-    assert all(s["ramp_threshold"] <= s["gate_threshold"] for s in probed if "ramp_percentile" in s)
-    bad = CliRunner().invoke(main, args + ["--probe-ramps", "100"])
-    assert bad.exit_code != 0 and "--probe-ramps percentiles must lie within [0, 100)" in bad.output
-    assert {s.get("probe_pool", "mean") for s in probed} == {"mean", "positive"}
-    bad = CliRunner().invoke(main, args + ["--probe-pools", "mean,max"])
-    assert bad.exit_code != 0 and "--probe-pools: unknown pooling 'max'" in bad.output
+    for retired in ("--probe-ramps", "--probe-pools"):  # measured, never chosen, gone (docs/results.md)
+        bad = CliRunner().invoke(main, args + [retired, "mean"])
+        assert bad.exit_code == 2 and f"No such option '{retired}'" in bad.output
     assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] == "probe"} == {7.0}
     assert {e["setting"]["multiplier"] for e in res["sweep"] if e["setting"]["gate"] != "probe"} == {5.0}
     assert set(res["best_by_gate"]) == {"none", "sequence", "probe"}
@@ -398,8 +392,7 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     data = eval_data(lm, cfg)
     data.prepare(lm.model, LAYER)
     settings = [Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=p) for p in (50.0, 100.0)]
-    ramped = settings[1].replace(ramp_percentile=25.0)
-    got = calibrate_probe(settings + [ramped, Setting(gate="none")], run, data, cfg)
+    got = calibrate_probe(settings + [Setting(gate="none")], run, data, cfg)
     assert got[-1] == Setting(gate="none"), "other gates are left alone"
     iv = Intervention(run, settings[0].replace(gate_threshold=0.0))
     peak_Q = data.retain_mcq.gate_peaks(iv)
@@ -407,27 +400,14 @@ def test_probe_gate_threshold_comes_from_retain_dev_questions_only(lm, cfg, tmp_
     bias = float(run.gate["probe/b"][0])
     for s, p in zip(got, (0.5, 1.0)):
         assert s.gate_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), p)) + bias)
-        assert s.ramp_threshold is None
-    # a graded gate's ramp starts at its own percentile of the same dev peaks
-    assert got[2].gate_threshold == got[1].gate_threshold
-    assert got[2].ramp_threshold == pytest.approx(float(torch.quantile(peak_Q[dev_Q].double(), 0.25)) + bias)
-    assert Setting.from_dict(got[2].to_dict()) == got[2]
-    assert calibrate_probe([ramped], run, data, cfg) == [got[2]], "a graded setting alone calibrates the same"
+    assert Setting.from_dict(got[1].to_dict()) == got[1]
+    assert calibrate_probe(settings[1:], run, data, cfg) == [got[1]], "a setting alone calibrates the same"
     # the peak is what the gate sees: at a threshold just below a dev question's peak it opens there
     q = int(torch.nonzero(dev_Q)[0])
     below = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias - 1e-4))
     above = Intervention(run, settings[0].replace(gate_threshold=float(peak_Q[q]) + bias + 1e-4))
     assert float(below.threshold) < float(peak_Q[q]) < float(above.threshold)
     assert calibrate_probe(settings, run, data, cfg.replace(gate_calibration="train")) == settings
-    # the positive pooling gets its own thresholds, from its own peaks (no bias added), and
-    # leaves the mean pooling's unchanged
-    positive = [s.replace(probe_pool="positive") for s in settings]
-    both = calibrate_probe(settings + positive, run, data, cfg)
-    assert both[:2] == got[:2]
-    pos_Q = data.retain_mcq.gate_peaks(Intervention(run, positive[0].replace(gate_threshold=0.0)))
-    for s, p in zip(both[2:], (0.5, 1.0)):
-        assert s.probe_pool == "positive"
-        assert s.gate_threshold == pytest.approx(float(torch.quantile(pos_Q[dev_Q].double(), p)))
 
 
 def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path):
@@ -438,7 +418,6 @@ def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path)
     from safetensors.torch import load_file, save_file
 
     from pipelines.evaluate import calibrate_probe
-    from trainer.detector import stored_detectors
 
     path = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, mlp_probe=True)
     gate = load_file(str(path / "gate.safetensors"))
@@ -446,7 +425,7 @@ def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path)
                  "probe@0.01/max": gate["probe/max"] + 1})
     save_file(gate, str(path / "gate.safetensors"))
     run = load_run(path)
-    assert stored_detectors(run.gate) == [("linear", None), ("linear", 0.01), ("mlp", None)]
+    assert run.gate.detectors() == [("linear", None), ("linear", 0.01), ("mlp", None)]
     data = eval_data(lm, cfg)
     data.prepare(lm.model, LAYER)
     settings = [Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe", gate_percentile=p) for p in (50.0, 90.0)]
@@ -458,10 +437,10 @@ def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path)
         thr = {p: float(torch.quantile(r, p)) for p in (0.5, 0.9)}
         return thr, float((dev("forget_mcq") > thr[0.9]).double().mean()), iv.detector.b
 
-    cals = [calibration(*d) for d in stored_detectors(run.gate)]
+    cals = [calibration(*d) for d in run.gate.detectors()]
     assert len({c[1] for c in cals}) > 1, "the detectors must open on different shares for the test to decide"
     best = max(range(len(cals)), key=lambda i: (cals[i][1], -i))
-    (kind, want), (thr, _, bias) = stored_detectors(run.gate)[best], cals[best]
+    (kind, want), (thr, _, bias) = run.gate.detectors()[best], cals[best]
     got = calibrate_probe(settings, run, data, cfg)
     assert [(s.probe_kind, s.probe_l2) for s in got] == [(kind, want)] * 2
     for s, p in zip(got, (0.5, 0.9)):
@@ -498,13 +477,13 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
         evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
     with pytest.raises(EvalError, match="no probe gate on the residual stream.*--gate sequence"):  # generate / API
         Intervention(load_run(run), Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe"))
-    # a run without the positive pooling's training calibration, asked to calibrate from training
+    # a run without its probe's training calibration, asked to calibrate from training
     older = {k: v for k, v in load_file(str(make_run(tmp_path / "run2", lm.info.d_model, LAYER, lm.info.weights_hash)
-                                             / "gate.safetensors")).items() if not k.endswith("/max_pos")}
+                                             / "gate.safetensors")).items() if not k.endswith("/max")}
     save_file(older, str(tmp_path / "run2" / "gate.safetensors"))
-    pooled = cfg.replace(gate_calibration="train", grid=replace(cfg.grid, gates=("probe",), probe_pools=("positive",)))
-    with pytest.raises(EvalError, match="no training calibration of the 'positive' probe pooling"):
-        evaluate_run(tmp_path / "run2", lm, pooled, data=_Unread(), progress=False)
+    trained = cfg.replace(gate_calibration="train", grid=replace(cfg.grid, gates=("probe",)))
+    with pytest.raises(EvalError, match="no training calibration of its probe gate"):
+        evaluate_run(tmp_path / "run2", lm, trained, data=_Unread(), progress=False)
     save_file(gate, str(run / "gate.safetensors"))
     small = cfg.replace(grid=replace(cfg.grid, gates=("none", "sequence"), multipliers=(5.0,), top_n=(10,),
                                      selections=("candidates",)))

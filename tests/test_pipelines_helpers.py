@@ -59,18 +59,18 @@ def write_gate(path: Path, feats: dict, method: str, g: torch.Generator, d_model
     "mlp" detector of 8 hidden units)."""
     from safetensors.torch import save_file
 
-    from trainer.selection import calibration_sets
+    from trainer.gate.calibrate import calibration_sets
 
     sets = calibration_sets(feats, method)
     gate = {f"{k}/features": v for k, v in sets.items()}
     gate.update({f"{k}/share": torch.rand(40, generator=g) * share for k in sets})
-    # the probe gate's detector (trainer/detector.py), random
+    # the probe gate's detector (trainer/gate/detector.py), random
     gate.update({"probe/w": torch.randn(d_model, generator=g), "probe/b": torch.tensor([-0.5]),
-                 "probe/max": torch.randn(40, generator=g), "probe/max_pos": torch.rand(40, generator=g)})
+                 "probe/max": torch.randn(40, generator=g)})
     if mlp_probe:
         gate.update({"probe@mlp/W": torch.randn(8, d_model, generator=g), "probe@mlp/c": torch.randn(8, generator=g),
                      "probe@mlp/w": torch.randn(8, generator=g), "probe@mlp/b": torch.tensor([0.3]),
-                     "probe@mlp/max": torch.randn(40, generator=g), "probe@mlp/max_pos": torch.rand(40, generator=g)})
+                     "probe@mlp/max": torch.randn(40, generator=g)})
     save_file(gate, str(path / "gate.safetensors"))
 
 

@@ -202,60 +202,41 @@ def test_grid_settings_and_validation():
         Setting(gate="none", mode="clamp", multiplier=0)
     with pytest.raises(EvalError, match="gate"):
         Setting(gate="sometimes")
-    # graded probe gates: a ramp below each percentile only
-    ramps = SweepGrid(multipliers=(10.0,), top_n=(50,), selections=("saebench",), gates=("none", "probe"),
-                      probe_percentiles=(95.0, 99.0), probe_ramps=(None, 97.0))
-    got = [(s.gate, s.gate_percentile, s.ramp_percentile) for s in ramps.settings("baseline") if s.gate == "probe"]
-    assert sorted(got, key=str) == sorted([("probe", 95.0, None), ("probe", 99.0, None), ("probe", 99.0, 97.0)], key=str)
-    graded = ramps.settings("baseline")[-1].replace(gate_threshold=1.5, ramp_threshold=0.5)
-    assert graded.ramp_percentile == 97.0 and "ramp from p97" in graded.label
-    assert Setting.from_dict(graded.to_dict()) == graded and SweepGrid.from_dict(ramps.to_dict()) == ramps
-    assert "ramp_percentile" not in ramps.settings("baseline")[0].to_dict()
-    with pytest.raises(EvalError, match="ramp_percentile must be within"):
-        Setting(gate="probe", gate_percentile=95.0, ramp_percentile=95.0)
-    # poolings of the probe gate: for the probe gate only, each with every percentile
-    pools = SweepGrid(multipliers=(10.0,), top_n=(50,), selections=("saebench",), gates=("none", "probe"),
-                      probe_percentiles=(95.0, 99.0), probe_pools=("mean", "positive"))
-    got = [(s.gate, s.gate_percentile, s.probe_pool) for s in pools.settings("baseline")]
-    assert sorted(got) == sorted([("none", 95.0, "mean"), *((("probe", p, pool) for p in (95.0, 99.0)
-                                                              for pool in ("mean", "positive")))])
-    positive = pools.settings("baseline")[-1].replace(gate_threshold=0.3)
-    assert positive.probe_pool == "positive" and "probe positive p99" in positive.label
-    assert Setting.from_dict(positive.to_dict()) == positive and SweepGrid.from_dict(pools.to_dict()) == pools
-    assert "probe_pool" not in pools.settings("baseline")[1].to_dict(), "the default pooling is not written"
-    with pytest.raises(EvalError, match="unknown probe pooling 'max'"):
-        Setting(gate="probe", probe_pool="max")
-    from pipelines.config import PROBE_POOLS
-    from trainer.detector import PROBE_POOLS as TRAINED_POOLS
-    assert PROBE_POOLS == TRAINED_POOLS, "every pooling a setting may name is one ff train calibrates"
+    # settings of earlier versions that name the graded gate or the positive pooling are refused;
+    # their defaults (what they meant when absent) load as before
+    for retired in ({"ramp_percentile": 97.0, "ramp_threshold": 0.5}, {"probe_pool": "positive"}):
+        with pytest.raises(EvalError, match=r"^the setting uses .*which ff no longer has.*run ff eval"):
+            Setting.from_dict({"gate": "probe", **retired})
+    old = {"gate": "probe", "gate_threshold": 1.5, "probe_pool": "mean", "ramp_percentile": None}
+    assert Setting.from_dict(old) == Setting(gate="probe", gate_threshold=1.5)
+    assert SweepGrid.from_dict({"top_n": [50], "probe_pools": ["mean", "positive"]}) == SweepGrid(top_n=(50,))
     from pipelines.config import PROBE_KINDS
-    from trainer.detector import PROBE_KINDS as TRAINED_KINDS
+    from trainer.gate.detector import PROBE_KINDS as TRAINED_KINDS
     assert PROBE_KINDS == TRAINED_KINDS, "every detector kind a setting may name is one ff train fits"
 
 
-def test_probe_pooling_thresholds_come_from_their_own_calibration(tmp_path):
-    """Without an explicit threshold, each pooling takes its percentile from its own retain
-    training calibration (probe/max, probe/max_pos), the mean pooling less the probe's bias; a
-    run without the positive pooling's calibration is refused with a way out."""
+def test_probe_threshold_comes_from_the_training_calibration(tmp_path):
+    """Without an explicit threshold the probe gate takes its percentile from the retain training
+    calibration (probe/max) less the probe's bias; a run without that calibration is refused
+    with a way out; an explicit threshold is used as is."""
     from safetensors.torch import load_file, save_file
 
-    from pipelines.intervene import gate_threshold
-    from trainer.selection import threshold_at
+    from pipelines.intervene import make_gate
+    from trainer.gate.calibrate import threshold_at
 
     path = make_run(tmp_path / "run", 64, 3, "h")
     run = load_run(path)
     feats = torch.arange(3)
-    mean, pos = (Setting(gate="probe", gate_percentile=90.0, probe_pool=p) for p in ("mean", "positive"))
+    mean = Setting(gate="probe", gate_percentile=90.0)
     b = float(run.gate["probe/b"][0])
-    assert gate_threshold(run, mean, feats) == pytest.approx(threshold_at(run.gate["probe/max"].numpy(), 90.0) - b)
-    assert gate_threshold(run, pos, feats) == pytest.approx(threshold_at(run.gate["probe/max_pos"].numpy(), 90.0))
-    assert gate_threshold(run, pos.replace(gate_threshold=0.25), feats) == 0.25  # an explicit one, as is
+    assert make_gate(run, mean, feats).threshold == pytest.approx(threshold_at(run.gate["probe/max"].numpy(), 90.0) - b)
+    assert make_gate(run, mean.replace(gate_threshold=0.25), feats).threshold == pytest.approx(0.25 - b)
     gate = load_file(str(path / "gate.safetensors"))
-    del gate["probe/max_pos"]
+    del gate["probe/max"]
     save_file(gate, str(path / "gate.safetensors"))
-    with pytest.raises(EvalError, match="no training calibration of the 'positive' probe pooling"):
-        gate_threshold(load_run(path), pos, feats)
-    assert gate_threshold(load_run(path), pos.replace(gate_threshold=0.25), feats) == 0.25
+    with pytest.raises(EvalError, match="no training calibration of its probe gate"):
+        make_gate(load_run(path), mean, feats).threshold
+    assert make_gate(load_run(path), mean.replace(gate_threshold=0.25), feats).threshold == pytest.approx(0.25 - b)
 
 
 def test_unlearned_defaults_to_the_runs_chosen_setting(lm, run_dir):
@@ -294,17 +275,8 @@ def test_changing_the_gate_drops_a_threshold_calibrated_for_another():
     assert probe.changed(gate="sequence").gate_threshold is None
     assert probe.changed(gate_percentile=95.0).gate_threshold is None
     assert probe.changed(probe_l2=0.1).gate_threshold is None
-    assert probe.changed(probe_pool="positive").gate_threshold is None  # another pooling, other units
     assert probe.changed(probe_l2=None, probe_kind="mlp").gate_threshold is None  # another detector
     assert probe.changed(gate_percentile=95.0, gate_threshold=0.5).gate_threshold == 0.5  # set explicitly
-    graded = probe.replace(ramp_percentile=95.0, ramp_threshold=0.4)
-    assert graded.changed(gate_percentile=98.0).ramp_threshold == 0.4  # the ramp's start is unchanged
-    assert graded.changed(ramp_percentile=90.0).ramp_threshold is None
-    assert graded.changed(ramp_percentile=90.0).gate_threshold is None  # both from one calibration
-    assert graded.changed(ramp_percentile=None).gate_threshold == 1.2  # switching the ramp off keeps the gate's
-    assert graded.changed(probe_l2=0.1).ramp_threshold is None
-    assert graded.changed(probe_pool="positive").ramp_threshold is None
-    assert graded.changed(ramp_percentile=None).to_dict() == probe.to_dict()
 
 
 def test_missing_run_files_and_wrong_model_are_one_line_errors(lm, run_dir, tmp_path):
@@ -322,7 +294,7 @@ def test_every_preset_grid_setting_has_its_sequence_gate_calibrated_by_train(tmp
     """`ff train` calibrates the sequence gate of every selection the preset sweeps ask for, so
     `ff run --preset demo` never stops at a gate it has no threshold for."""
     from pipelines.config import PRESETS
-    from trainer.selection import calibration_sets
+    from trainer.gate.calibrate import calibration_sets
 
     run = load_run(make_run(tmp_path / "run", 16, 1, "sha256:x", d_sae=300, method=method, n_candidates=250))
     calibrated = set(calibration_sets(run.features, method))

@@ -14,8 +14,9 @@ from pipelines.intervene import Intervention, load_run
 from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, paired_difference, unbits, verdict
 from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 from trainer.sae import SAE
-from trainer.selection import (calibrate, carry, corpus_stats, firing_share, gate_open, prefix_counts, row_share,
-                               select, threshold_at)
+from trainer.gate.calibrate import calibrate, threshold_at
+from trainer.gate.causal import carry, firing_share, gate_open, prefix_counts, row_share
+from trainer.selection import corpus_stats, select
 
 LAYER = 1
 
@@ -289,7 +290,7 @@ def test_auroc_and_verdict():
     assert np.isclose(auroc(torch.arange(10.0), torch.arange(10.0) + 100), 0.0)
 
 
-# ---- the probe gate (trainer/detector.py) ---------------------------------------------------
+# ---- the probe gate (trainer/gate/detector.py) ---------------------------------------------------
 
 
 def _marked_contexts(n: int, marker: int, seed: int, T: int = 40) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -306,7 +307,7 @@ def _marked_contexts(n: int, marker: int, seed: int, T: int = 40) -> list[tuple[
 
 
 def test_probe_learns_the_topic_directions_and_calibrates_on_unseen_retain_contexts():
-    from trainer.detector import fit_probe, max_score, token_scores
+    from trainer.gate.detector import fit_probe, max_score, token_scores
 
     retain, unlearn = _marked_contexts(24, 1, 0), _marked_contexts(24, 0, 1)
     reads = []
@@ -325,12 +326,6 @@ def test_probe_learns_the_topic_directions_and_calibrates_on_unseen_retain_conte
     x, m = retain[0][0][0], retain[0][1][0]
     s_T = (token_scores(x, probe.w_D) * m).cumsum(0) / m.float().cumsum(0).clamp_min(1) + probe.b
     assert float(max_score(x, m, probe.w_D, probe.b)) == pytest.approx(float(s_T[m.cumsum(0) >= 8].max()), abs=1e-5)
-    # "positive" pooling: the running mean of each token's positive log-odds, calibrated alike
-    p_T = (torch.relu(token_scores(x, probe.w_D) + probe.b) * m).cumsum(0) / m.float().cumsum(0).clamp_min(1)
-    got = float(max_score(x, m, probe.w_D, probe.b, pool="positive"))
-    assert got == pytest.approx(float(p_T[m.cumsum(0) >= 8].max()), abs=1e-5)
-    assert probe.retain_max_pos_C.shape == (24,) and bool((probe.retain_max_pos_C >= 0).all())
-    assert not torch.allclose(probe.retain_max_pos_C, probe.retain_max_C)
 
     # fresh contexts: the whole-context score separates the corpora, and the calibrated p100
     # threshold keeps the gate shut on most unseen retain contexts while unlearn ones pass it
@@ -363,7 +358,7 @@ def test_mlp_probe_detects_a_topic_that_only_tokens_jointly_show():
     it separates corpora that differ only in how features co-occur within a token, which no
     linear probe of the running mean can; it is calibrated out of fold like the linear ones, and
     the stored detector is the two folds' networks side by side."""
-    from trainer.detector import _side_by_side, fit_probes, max_score, token_scores
+    from trainer.gate.detector import _side_by_side, fit_probes, max_score, token_scores
 
     retain, unlearn = _xor_contexts(48, False, 0), _xor_contexts(48, True, 1)
     probes = fit_probes(lambda: iter(retain), unlearn, n_retain=48, n_unlearn=48, lengths=(8, 16), l2s=(0.01,),
@@ -444,7 +439,6 @@ def test_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_
 def test_mlp_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, tmp_path):
     """A setting with the run's "mlp" detector gates on the running mean of its token scores,
     decides at t from tokens <= t only, and gives cached generation equal to full recompute."""
-    from trainer.detector import load_detector
 
     run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40,
                             mlp_probe=True))
@@ -452,7 +446,7 @@ def test_mlp_probe_gate_is_causal_and_kv_cached_generation_equals_recompute(lm, 
     ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
     ids[:, 0] = lm.model.config.bos_token_id
     setting = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", probe_kind="mlp", gate_threshold=0.0)
-    det = load_detector(run.gate, "probe@mlp")
+    det = run.gate.detector(kind="mlp")
     probe = Intervention(run, setting)
     with torch.no_grad():
         h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
@@ -504,77 +498,29 @@ def test_windowed_probe_gate_is_causal_and_follows_the_recent_tokens(lm, tmp_pat
     assert s.changed(gate_window=None).gate_threshold == median, "a window keeps the threshold's units"
 
 
-def test_positive_pooling_gate_is_causal_and_pools_positive_log_odds(lm, tmp_path):
-    """The probe gate's "positive" pooling: its per-token signal is max(w . x + b, 0), compared in
-    its running mean with the threshold as is (no bias); a long run of retain-looking tokens does
-    not cancel the evidence of a topical one; causal, and KV-cached generation equals recompute."""
-    from trainer.detector import pool_signal, token_scores
+def test_probe_gate_signal_is_the_detectors_token_score_and_is_causal(lm, tmp_path):
+    """The probe gate's per-token signal is the detector's token score x . w; its threshold on
+    the running mean is the calibrated score less the bias; at the median it opens at some
+    positions only; causal, and KV-cached generation equals recompute."""
+    from trainer.gate.detector import token_scores
 
     run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(4, lm.model.config.vocab_size, (4, 24), generator=g)
     ids[:, 0] = lm.model.config.bos_token_id
     editable = ids != lm.model.config.bos_token_id
-    pos = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0, probe_pool="positive")
+    probe = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.0)
     with torch.no_grad():
         h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
-    iv = Intervention(run, pos)
+    iv = Intervention(run, probe)
     b = float(run.gate["probe/b"][0])
-    want = torch.relu(token_scores(h * run.scale, run.gate["probe/w"]) + b)
-    torch.testing.assert_close(iv.signal(h), want)
-    assert iv.threshold == 0.0, "the positive pooling's threshold is on its running mean itself"
-    mean = Intervention(run, pos.replace(probe_pool="mean"))
-    assert mean.threshold == pytest.approx(-b) and torch.equal(mean.signal(h), token_scores(h * run.scale, run.gate["probe/w"]))
-    # one strongly topical token among retain-looking ones: the mean pooling's score falls
-    # below the token's own log-odds, the positive pooling's stays above zero
-    s_T = torch.tensor([-3.0] * 7 + [6.0] + [-3.0] * 4) - b
-    m_T = torch.ones(12, dtype=torch.bool)
-    mean_sc = firing_share(pool_signal(s_T[None], b, "mean"), m_T[None])[0][0] + b
-    pos_sc = firing_share(pool_signal(s_T[None], b, "positive"), m_T[None])[0][0]
-    assert float(mean_sc[-1]) < 0 < float(pos_sc[-1]) == pytest.approx(6.0 / 12)
+    assert iv.threshold == pytest.approx(-b) and torch.equal(iv.signal(h), token_scores(h * run.scale, run.gate["probe/w"]))
     share, seen = firing_share(iv.signal(h), editable)
     median = float(share[seen >= 8].median())
-    gated = Intervention(run, pos.replace(gate_threshold=median))
+    gated = Intervention(run, probe.replace(gate_threshold=median + b))
     _assert_causal_and_cached(lm, gated, ids)
     opened = gated.edit(h, editable).open_BT[seen >= 8]
     assert 0 < float(opened.float().mean()) < 1, "at the median the gate is open at some positions only"
-
-
-def test_graded_gate_ramps_the_clamp_from_its_start_to_the_gates_threshold(lm, tmp_path):
-    """A graded probe gate: shut (h unchanged) up to the ramp's start, the full clamp above the
-    gate's threshold, and on the ramp the clamp of strength m * r, r rising linearly from 0 to 1;
-    still causal, and KV-cached generation equals full recompute."""
-    run, ids, editable, hard, h = _probe_case(lm, tmp_path, 24)
-    share, seen = firing_share(Intervention(run, hard).signal(h), editable)
-    bias = float(run.gate["probe/b"][0])
-    lo, hi = (float(torch.quantile(share[seen >= 8], q)) + bias for q in (0.25, 0.75))
-    graded = hard.replace(gate_threshold=hi, ramp_percentile=50.0, ramp_threshold=lo)
-    iv = Intervention(run, graded)
-    assert iv.opens_above == pytest.approx(lo - bias) and iv.threshold == pytest.approx(hi - bias)
-    r = iv.gate_strength(iv.signal(h), editable)
-    ok = seen >= 8
-    want = ((share - (lo - bias)) / (hi - lo)).clamp(0, 1) * ok
-    torch.testing.assert_close(r, want)
-    ramp = (r > 0) & (r < 1)
-    assert bool((r == 1).any()) and bool(ramp.any()) and bool((ok & (r == 0)).any())
-    ed = iv.edit(h, editable)
-    full = Intervention(run, hard.replace(gate_threshold=hi)).edit(h, editable)
-    torch.testing.assert_close(ed.h_BTD[r == 1], full.h_BTD[r == 1])  # the full clamp above the threshold
-    assert torch.equal(ed.h_BTD[r == 0], h[r == 0])  # shut below the ramp: untouched
-    for b, t in torch.nonzero(ramp)[:3].tolist():  # on the ramp: the static clamp of strength m * r
-        static = Intervention(run, hard.replace(gate="none", gate_threshold=None, multiplier=30.0 * float(r[b, t])))
-        torch.testing.assert_close(ed.h_BTD[b, t], static.edit(h, editable).h_BTD[b, t])
-    _assert_causal_and_cached(lm, iv, ids)
-
-
-def test_a_ramp_starting_above_the_gates_threshold_is_refused(lm, tmp_path):
-    """Thresholds from two calibrations (e.g. the gate's from the dev questions, the ramp's from
-    training contexts) can cross: a clear error, not a silently all-or-nothing gate."""
-    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40))
-    s = Setting(mode="clamp", multiplier=30.0, top_n=20, gate="probe", gate_threshold=0.5, ramp_percentile=50.0)
-    assert Intervention(run, s.replace(ramp_threshold=0.2)).opens_above < Intervention(run, s.replace(ramp_percentile=None)).threshold
-    with pytest.raises(EvalError, match="ramp starts above the gate's threshold"):
-        Intervention(run, s.replace(ramp_threshold=0.8))
 
 
 @pytest.mark.parametrize("mode", ["project", "retain_mean", "clamp"])
@@ -593,9 +539,8 @@ def test_every_edit_form_behind_a_windowed_network_gate_is_causal_and_cache_exac
     with torch.no_grad():
         h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
         share, seen = firing_share(Intervention(run, base).signal(h), editable, window=6)
-    from trainer.detector import load_detector
 
-    median = float(share[seen >= 8].median()) + load_detector(run.gate, "probe@mlp").b
+    median = float(share[seen >= 8].median()) + run.gate.detector(kind="mlp").b
     iv = Intervention(run, base.replace(gate_threshold=median))
     _assert_causal_and_cached(lm, iv, ids)
     ed = iv.edit(h, editable)

@@ -91,15 +91,16 @@ def test_train_from_store_writes_run_folder(tmp_path, method):
     gate = load_file(str(tmp_path / "run" / "gate.safetensors"))  # the probe gate reads the residual stream
     assert gate["probe/w"].shape == (D,) and gate["probe/b"].shape == (1,)
     assert len(gate["probe/max"]) == config["retain_contexts"][0] and bool(torch.isfinite(gate["probe/max"]).all())
-    assert gate["probe/max_pos"].shape == gate["probe/max"].shape and bool((gate["probe/max_pos"] >= 0).all())
-    from trainer.detector import PROBE_L2S, probe_prefix, stored_l2s
-    assert stored_l2s(gate) == [None, *PROBE_L2S[1:]], "one detector per L2 penalty, the default first"
+    assert not any(k.endswith("/max_pos") for k in gate), "one calibration per detector"
+    from trainer.gate.detector import PROBE_L2S
+    from trainer.gate.store import GateFile, probe_prefix
+    assert GateFile(gate).l2s() == [None, *PROBE_L2S[1:]], "one detector per L2 penalty, the default first"
     ws = [gate[f"{probe_prefix(l2)}/w"] for l2 in PROBE_L2S]
     assert all(w.shape == (D,) for w in ws) and not torch.equal(ws[0], ws[-1])
     assert ws[-1].norm() > ws[0].norm(), "a weaker penalty leaves larger weights"
-    from trainer.detector import PROBE_MLP_HIDDEN, load_detector, stored_detectors
-    assert stored_detectors(gate)[-1] == ("mlp", None), "and one 'mlp' detector"
-    mlp = load_detector(gate, "probe@mlp")
+    from trainer.gate.detector import PROBE_MLP_HIDDEN
+    assert GateFile(gate).detectors()[-1] == ("mlp", None), "and one 'mlp' detector"
+    mlp = GateFile(gate).detector(kind="mlp")
     assert mlp.W_HD.shape == (2 * PROBE_MLP_HIDDEN, D) and mlp.w.shape == mlp.c_H.shape == (2 * PROBE_MLP_HIDDEN,)
     assert gate["probe@mlp/max"].shape == gate["probe/max"].shape and bool(torch.isfinite(gate["probe@mlp/max"]).all())
 
@@ -146,11 +147,11 @@ def test_runs_on_the_same_store_and_layer_share_one_detector_fit(tmp_path, monke
     """The detectors depend on the store, layer, split and scale, not on the SAE: a second run of
     the process with the same ones (another method or seed) reuses the first fit, bit for bit,
     and a run on another layer fits its own."""
-    import trainer.detector as detector
+    import trainer.finish as finish
 
     calls = []
-    fit = detector.fit_probes
-    monkeypatch.setattr(detector, "fit_probes", lambda *a, **k: calls.append(1) or fit(*a, **k))
+    fit = finish.fit_probes
+    monkeypatch.setattr(finish, "fit_probes", lambda *a, **k: calls.append(1) or fit(*a, **k))
     store = str(make_store(tmp_path / "s.zarr"))
     cfg = CFG.replace(steps=4)
     train(cfg, store, 2, str(tmp_path / "ff"), progress=False)

@@ -140,7 +140,7 @@ class TrainConfig:
     """Ablation: a single cluster (no k-means), so one tau and one pair of gates."""
 
     probe_offset: int = 0
-    """The probe gate's detector (trainer/detector.py) reads the residual stream this many blocks
+    """The probe gate's detector (trainer/gate/detector.py) reads the residual stream this many blocks
     before the edited layer (0: the edited layer). The store must hold that layer too. A layer
     that detects the topic better than the edited one can gate the edit there; the gate's
     decision at a position still depends on that position and earlier ones only."""

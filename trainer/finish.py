@@ -3,7 +3,7 @@ selection reads, the gates' calibration and detectors, and the run folder's fina
 
 Both methods' statistics come from one estimator over the same tokens (trainer/selection.py):
 every training token of each corpus. The sequence gate is calibrated on the retain training
-contexts, and the probe gate's detectors (trainer/detector.py) are fitted on the training contexts
+contexts, and the probe gate's detectors (trainer/gate/detector.py) are fitted on the training contexts
 of the trained layer, or of an earlier one (`TrainConfig.probe_offset`). Under torchrun every rank
 measures its share of the tokens; rank 0 evaluates on the held-out tokens and writes the files.
 """
@@ -23,7 +23,10 @@ from trainer.evaluate import evaluate, saebench_select, set_shares
 from trainer.featureforget import FeatureForget
 from trainer.run import write_features, write_json
 from trainer.sae import SAE
-from trainer.selection import calibrate, calibration_sets, corpus_stats, iter_contexts
+from trainer.gate.calibrate import calibrate, calibration_sets
+from trainer.gate.detector import Probe, fit_probes
+from trainer.gate.store import GateFile
+from trainer.selection import corpus_stats, iter_contexts
 
 
 class StatsData(NamedTuple):
@@ -120,7 +123,7 @@ def finish_run(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=No
         held_mass = {"eval_mass_r": r.mass_F, "eval_mass_u": u.mass_F}
     feats.update({"cluster": cluster_F, "candidate": cand_F, **held_mass})
     shares = None
-    if sd.retain_contexts is not None:  # the sequence gate's thresholds (selection.py)
+    if sd.retain_contexts is not None:  # the sequence gate's thresholds (trainer/gate/calibrate.py)
         sets = calibration_sets(feats, cfg.method)
         shares = _calibrate(sae, sd.retain_contexts(ranks), sets, ranks)  # None but on rank 0
     if not ranks.is_main:
@@ -128,49 +131,32 @@ def finish_run(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=No
     sae.save(run.sae)
     write_features(run.features, feats)
     if shares is not None:
-        gate = {**{f"{k}/features": v for k, v in sets.items()},
-                **{f"{k}/share": torch.from_numpy(shares[k]) for k in sets}}
-        gate.update(fit_run_probes(sd, meta))
-        write_features(run.gate, gate)
+        probe_layer = None if sd.probe is None else (sd.probe.layer, sd.probe.scale)
+        GateFile.build({k: (v, torch.from_numpy(shares[k])) for k, v in sets.items()}, fit_run_probes(sd, meta),
+                       probe_layer).write(run.path)
     write_json(run.clusters, _clusters_json(ff))
     write_json(run.eval, {"method": cfg.method, "layer": meta.get("layer"), **report})
 
 
-_PROBE_MEMO: dict[tuple, dict[str, Tensor]] = {}
+_PROBE_MEMO: dict[tuple, dict[float | str, Probe]] = {}
 """The detectors fitted in this process, by `StatsData.probe_key` (the fit is deterministic and
-does not depend on the SAE, so a run with the same key gets the same tensors without refitting)."""
+does not depend on the SAE, so a run with the same key gets the same detectors without refitting)."""
 PROBE_MEMO_SIZE = 4
 
 
-def fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
+def fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[float | str, Probe]:
     """The probe gate's detectors on the residual stream, fitted on the training contexts of both
-    corpora and calibrated on retain contexts they did not see (trainer/detector.py); reused from
-    an earlier run of this process with the same `sd.probe_key`."""
+    corpora and calibrated on retain contexts they did not see (trainer/gate/detector.py); reused
+    from an earlier run of this process with the same `sd.probe_key`."""
     if sd.probe_key is not None and sd.probe_key in _PROBE_MEMO:
-        out = {k: v.clone() for k, v in _PROBE_MEMO[sd.probe_key].items()}
-    else:
-        out = _fit_run_probes(sd, meta)
-        if sd.probe_key is not None:
-            while len(_PROBE_MEMO) >= PROBE_MEMO_SIZE:
-                _PROBE_MEMO.pop(next(iter(_PROBE_MEMO)))
-            _PROBE_MEMO[sd.probe_key] = {k: v.clone() for k, v in out.items()}
-    if sd.probe is not None:  # read by pipelines/intervene.py (probe_layer)
-        out.update({"probe/layer": torch.tensor([sd.probe.layer], dtype=torch.int64),
-                    "probe/scale": torch.tensor([sd.probe.scale], dtype=torch.float32)})
-    return out
-
-
-def _fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[str, Tensor]:
-    from trainer.detector import CALIBRATION_KEYS, detector_tensors, fit_probes, probe_prefix
-
+        return _PROBE_MEMO[sd.probe_key]
     n_r, n_u = (int((meta.get(f"{c}_contexts") or [0])[0]) for c in ("retain", "unlearn"))
     retain, unlearn = (sd.retain_contexts, sd.unlearn()) if sd.probe is None else (sd.probe.retain, sd.probe.unlearn())
-    out: dict[str, Tensor] = {}
-    for name, probe in fit_probes(retain, unlearn, n_retain=max(n_r, 1), n_unlearn=max(n_u, 1), mlp=True).items():
-        key = probe_prefix(None, "mlp") if name == "mlp" else probe_prefix(float(name))
-        out.update(detector_tensors(key, probe.detector))
-        out.update({f"{key}/{CALIBRATION_KEYS['mean']}": probe.retain_max_C.float(),
-                    f"{key}/{CALIBRATION_KEYS['positive']}": probe.retain_max_pos_C.float()})
+    out = fit_probes(retain, unlearn, n_retain=max(n_r, 1), n_unlearn=max(n_u, 1), mlp=True)
+    if sd.probe_key is not None:
+        while len(_PROBE_MEMO) >= PROBE_MEMO_SIZE:
+            _PROBE_MEMO.pop(next(iter(_PROBE_MEMO)))
+        _PROBE_MEMO[sd.probe_key] = out
     return out
 
 

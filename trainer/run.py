@@ -8,8 +8,8 @@ RUN/features.safetensors  {freq,mean,mean_sq,act,alpha}_{r,u} over every trainin
                           candidate, eval_mass_r/u (held-out mass per feature); FeatureForget runs also
                           train_{alpha,freq}_{r,u}, the running means the candidate rule used
 RUN/gate.safetensors      per selection: its features and each retain training context's
-                          firing share (the sequence gate's calibration, trainer/selection.py);
-                          probe/{w,b,max}: the probe gate's detector (trainer/detector.py)
+                          firing share (the sequence gate's calibration, trainer/gate/calibrate.py);
+                          probe/{w,b,max}: the probe gate's detector (trainer/gate/detector.py)
 RUN/clusters.json         tau, gate_r, gate_u per cluster
 RUN/metrics.jsonl         one JSON object per logged step
 RUN/eval.json             held-out metrics; written last, so its presence marks a finished run

@@ -1,5 +1,6 @@
-"""Feature statistics, feature selection and the sequence gate: one module that `ff train`
-(which measures and stores) and the intervention in `pipelines/` (which selects and gates) share.
+"""Feature statistics and feature selection: one module that `ff train` (which measures and
+stores) and the intervention in `pipelines/` (which selects) share. The gates that decide where
+a selection is edited live in `trainer/gate/`.
 
 Statistics (METHOD §2, §7) are measured the same way for every method: one pass over every
 training token of each corpus after training, with the final weights. Per feature and corpus
@@ -17,30 +18,18 @@ Selection rules (`select`):
   it the rule picks features that fire on every token, only more strongly on unlearn text,
   and a gate that counts firing tokens cannot use those).
 
-The sequence gate (`gate_open`) is causal: at position t it compares the share of the
-editable tokens up to t on which any selected feature fires with a threshold. The threshold
-is a percentile, over retain training contexts, of that share over the whole context
-(`calibrate`; Muhamed et al. 2025 use the same sequence-level share). Tree-packed rows
-(prompt, then branches) count a branch's tokens after the shared prompt only (`seg`).
-
 Shape suffixes: B rows/tokens, T positions, D d_model, F d_sae, S selected features.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
 RULES = ("candidates", "saebench", "ratio")
 STATS = ("freq", "mean", "mean_sq", "act", "alpha")
-GATE_MIN_TOKENS = 8
-"""The gate stays shut until a row has this many editable tokens: a share over a few tokens is
-too noisy to call a topic: one firing prompt token such as "means:" at position 5 gives a
-share of 0.2 by itself, above most thresholds, and opened the gate on every question."""
-
 
 # ---- statistics ----------------------------------------------------------------------
 
@@ -136,153 +125,7 @@ def select(feats: dict[str, Tensor], rule: str, top_n: int | None, *, freq_thres
     return idx_S[order].sort().values
 
 
-# ---- the sequence gate ---------------------------------------------------------------
-
-
-def prefix_counts(x_BT: Tensor, seg_BT: Tensor | None = None) -> Tensor:
-    """Causal running sums of x along T. With tree-packed rows (seg 0 = shared prompt, k > 0 =
-    branch k, -1 padding; the prompt comes first), a branch token counts the whole prompt and
-    the earlier tokens of its own branch only."""
-    x_BT = x_BT.to(torch.float32)
-    if seg_BT is None or not bool((seg_BT > 0).any()):
-        return x_BT.cumsum(1)
-    seg_BT = seg_BT.to(x_BT.device)
-    prompt_BT = x_BT * (seg_BT == 0)
-    out_BT = prompt_BT.cumsum(1)
-    base_B1 = prompt_BT.sum(1, keepdim=True)
-    for k in torch.unique(seg_BT[seg_BT > 0]).tolist():
-        m_BT = seg_BT == k
-        out_BT = torch.where(m_BT, base_B1 + (x_BT * m_BT).cumsum(1), out_BT)
-    return out_BT
-
-
-def firing_share(fires_BT: Tensor, editable_BT: Tensor, seg_BT: Tensor | None = None,
-                 start: "GateCarry | tuple[Tensor, Tensor] | None" = None,
-                 window: int | None = None) -> tuple[Tensor, Tensor]:
-    """(mean of the per-token signal over the editable tokens so far, or over the last `window`
-    of them; editable tokens so far), each [B, T]. `start`: what earlier calls on the same rows
-    carried in (KV-cached generation of one sequence; `carry` makes it). The count of tokens
-    seen (for `GATE_MIN_TOKENS`) always runs from the start."""
-    e_BT = editable_BT.to(torch.float32)
-    x_BT = fires_BT.to(torch.float32) * e_BT
-    if window is None:
-        fired_BT = prefix_counts(x_BT, seg_BT)
-        seen_BT = prefix_counts(e_BT, seg_BT)
-        if start is not None:
-            fired_BT, seen_BT = fired_BT + start[0], seen_BT + start[1]
-        return fired_BT / seen_BT.clamp_min(1), seen_BT
-    if window < 1:
-        raise ValueError(f"the gate's window must be at least 1 token, got {window}")
-    if start is None:
-        summed_BT, count_BT, seen_BT = _windowed(x_BT, e_BT, seg_BT, window)
-        return summed_BT / count_BT.clamp_min(1), seen_BT
-    if not isinstance(start, GateCarry) or start.tail_BW is None:
-        raise ValueError("a windowed gate needs the carried tail of its signal (carry(..., window=W))")
-    if seg_BT is not None:
-        raise ValueError("carried gate counts apply to plain rows only")
-    W0 = start.tail_BW.shape[1]  # the carried last `window` editable signals come first
-    summed_BT, count_BT, seen_BT = (v[:, W0:] for v in _windowed(*_after_tail(start, x_BT, e_BT), None, window))
-    return summed_BT / count_BT.clamp_min(1), seen_BT - start.tail_mask_BW.sum(1, keepdim=True).to(seen_BT) + start[1]
-
-
-def _after_tail(start: "GateCarry", x_BT: Tensor, e_BT: Tensor) -> tuple[Tensor, Tensor]:
-    """x and editable, each with a windowed gate's carried tail put before them."""
-    return torch.cat([start.tail_BW.to(x_BT), x_BT], 1), torch.cat([start.tail_mask_BW.to(e_BT), e_BT], 1)
-
-
-def _windowed(x_BT: Tensor, e_BT: Tensor, seg_BT: Tensor | None, window: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(sum of x over the last `window` editable tokens up to each position, how many there
-    are, editable tokens so far), tree-packed rows as in `prefix_counts` (a branch's window
-    reaches into the prompt)."""
-    P_BT, E_BT = prefix_counts(x_BT, seg_BT), prefix_counts(e_BT, seg_BT)
-    before_BT = (E_BT - window).clamp_min(0)  # editable tokens that fell out of the window
-
-    def lookup(valid_BT: Tensor) -> Tensor:
-        # P just after the `before`-th editable token of the sequence made of the valid positions
-        key_BT = torch.where(valid_BT, E_BT, torch.full_like(E_BT, -1.0)).cummax(1).values.contiguous()
-        j_BT = torch.searchsorted(key_BT, before_BT.contiguous()).clamp_max(x_BT.shape[1] - 1)
-        return torch.where(before_BT > 0, P_BT.gather(1, j_BT), torch.zeros_like(P_BT))
-
-    if seg_BT is None or not bool((seg_BT > 0).any()):
-        out_BT = lookup(torch.ones_like(e_BT, dtype=torch.bool))
-    else:
-        seg_BT = seg_BT.to(x_BT.device)
-        out_BT = lookup(seg_BT == 0)
-        for k in torch.unique(seg_BT[seg_BT > 0]).tolist():
-            out_BT = torch.where(seg_BT == k, lookup((seg_BT == 0) | (seg_BT == k)), out_BT)
-    return P_BT - out_BT, E_BT - before_BT, E_BT
-
-
-class GateCarry(NamedTuple):
-    """What a gate carries from one KV-cached call to the next, per row: the sum of its signal
-    over the editable tokens so far, their count, and for a windowed gate the last `window`
-    editable signals (right-aligned) with their mask."""
-    fired_B1: Tensor
-    seen_B1: Tensor
-    tail_BW: Tensor | None = None
-    tail_mask_BW: Tensor | None = None
-
-
-def carry(start: "GateCarry | None", signal_BT: Tensor, editable_BT: Tensor,
-          window: int | None = None) -> GateCarry:
-    """The gate's carry after one more call on the same rows (`start`: before it)."""
-    e_BT = editable_BT.to(torch.float32)
-    x_BT = signal_BT.to(torch.float32) * e_BT
-    fired_B1, seen_B1 = x_BT.sum(1, keepdim=True), e_BT.sum(1, keepdim=True)
-    if start is not None:
-        fired_B1, seen_B1 = fired_B1 + start.fired_B1, seen_B1 + start.seen_B1
-    if window is None:
-        return GateCarry(fired_B1, seen_B1)
-    if start is not None and start.tail_BW is not None:
-        x_BT, e_BT = _after_tail(start, x_BT, e_BT)
-    from_end_BT = e_BT.flip(1).cumsum(1).flip(1)  # editable tokens from here to the end
-    keep_BT = e_BT.bool() & (from_end_BT <= window)
-    col_BT = torch.where(keep_BT, window - from_end_BT, torch.full_like(from_end_BT, window)).long()
-    tail = torch.zeros(len(x_BT), window + 1, dtype=x_BT.dtype, device=x_BT.device)
-    mask = torch.zeros(len(x_BT), window + 1, dtype=torch.bool, device=x_BT.device)
-    tail.scatter_(1, col_BT, torch.where(keep_BT, x_BT, torch.zeros_like(x_BT)))
-    mask.scatter_(1, col_BT, keep_BT)
-    return GateCarry(fired_B1, seen_B1, tail[:, :window], mask[:, :window])
-
-
-def gate_open(share_BT: Tensor, seen_BT: Tensor, threshold: float,
-              min_tokens: int = GATE_MIN_TOKENS) -> Tensor:
-    """bool [B, T]: where the gate is open (strictly above the threshold, enough tokens)."""
-    return (share_BT > threshold) & (seen_BT >= min_tokens)
-
-
-def row_share(fires_BT: Tensor, editable_BT: Tensor) -> Tensor:
-    """The share of a row's editable tokens on which a selected feature fires [B]."""
-    e_BT = editable_BT.to(torch.float32)
-    return (fires_BT.to(torch.float32) * e_BT).sum(1) / e_BT.sum(1).clamp_min(1)
-
-
-@torch.no_grad()
-def calibrate(sae, contexts: Iterable[tuple[Tensor, Tensor]],
-              sets: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    """Per selection in `sets` ({key: indices [S]}), the firing share of every retain context
-    -> {key: float32 [n_contexts]}. `contexts` yields (x [B, T, D] normalised, editable
-    mask [B, T])."""
-    union = torch.unique(torch.cat([s for s in sets.values()] + [torch.zeros(0, dtype=torch.long)]))
-    pos = {int(f): i for i, f in enumerate(union.tolist())}
-    W_DS = sae.W_enc[:, union].detach()
-    b_S = sae.b_enc[union].detach()
-    out: dict[str, list[Tensor]] = {k: [] for k in sets}
-    for x_BTD, m_BT in contexts:
-        f_BTS = torch.relu((x_BTD.to(W_DS.device) - sae.b_dec) @ W_DS + b_S) > 0
-        for k, idx in sets.items():
-            cols = torch.tensor([pos[int(i)] for i in idx.tolist()], dtype=torch.long)
-            fires_BT = f_BTS[..., cols].any(-1) if len(cols) else torch.zeros(m_BT.shape, dtype=torch.bool)
-            out[k].append(row_share(fires_BT.cpu(), m_BT))
-    return {k: torch.cat(v).numpy().astype(np.float32) if v else np.zeros(0, np.float32)
-            for k, v in out.items()}
-
-
-def threshold_at(share_C: np.ndarray, percentile: float) -> float:
-    """The gate threshold: the `percentile` of the retain contexts' firing shares."""
-    if len(share_C) == 0:
-        raise ValueError("no retain contexts to calibrate the gate on")
-    return float(np.percentile(share_C.astype(np.float64), percentile))
+# ---- reading the store -----------------------------------------------------------
 
 
 def iter_contexts(source, scale: float) -> Iterator[tuple[Tensor, Tensor]]:
@@ -295,28 +138,3 @@ def iter_contexts(source, scale: float) -> Iterator[tuple[Tensor, Tensor]]:
         raw = corpus.read_chunk_stored(source.layer, p.chunk)[p.start - c_start: p.stop - c_start]
         x = torch.from_numpy(from_storage(raw, corpus.meta.dtype)) * scale
         yield x, torch.from_numpy(corpus.mask(p.start, p.stop))
-
-
-GATE_TOP_N = (10, 20, 50, 200)
-"""Feature counts whose gate thresholds `ff train` calibrates (with every candidate for
-FeatureForget runs)."""
-SAEBENCH_THRESHOLDS = (0.001, 0.01)
-RATIO_PERCENTILES = (90.0,)
-CTX_CAPS = (1.0, 0.05)
-"""Context-frequency caps (max_ctx_r) calibrated: none, and 5% of retain contexts."""
-
-
-def calibration_sets(feats: dict[str, Tensor], method: str) -> dict[str, Tensor]:
-    """Every selection whose gate `ff train` calibrates -> {set_key: indices}."""
-    out: dict[str, Tensor] = {}
-    caps = [c for c in CTX_CAPS if c >= 1.0 or "ctx_r" in feats]
-    rules = [("saebench", thr, 90.0) for thr in SAEBENCH_THRESHOLDS]
-    rules += [("ratio", thr, p) for p in RATIO_PERCENTILES for thr in SAEBENCH_THRESHOLDS]
-    if method == "featureforget":
-        rules.append(("candidates", 0.01, 90.0))
-    for cap in caps:
-        for rule, thr, p in rules:
-            for n in GATE_TOP_N + ((None,) if rule == "candidates" else ()):
-                kw = dict(freq_threshold=thr, ratio_percentile=p, max_ctx_r=cap)
-                out[set_key(rule, n, **kw)] = select(feats, rule, n, **kw)
-    return out

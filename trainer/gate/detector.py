@@ -1,6 +1,6 @@
 """The topic detector behind the probe gate: a logistic regression on the residual stream.
 
-The sequence gate of `trainer/selection.py` counts the tokens on which any *selected* feature
+The sequence gate (`trainer/gate/`) counts the tokens on which any *selected* feature
 fires. On short prompts (a question is 10-30 tokens) that count is too coarse to tell the
 topics apart: the features chosen to be edited are chosen for what they *carry*, not for how
 well they *detect*. The probe gate reads the layer's whole (normalised) residual stream:
@@ -14,12 +14,6 @@ the sequence gate (KV-cached generation carries the two sums). An earlier versio
 SAE's feature firing instead; on the demo the residual stream detects the topic better, on
 question prompts and on prose (docs/method.md, "The probe gate"). Both methods' runs at one layer
 thus share one kind of detector, and their comparison is about the features they edit.
-
-Pooling (`PROBE_POOLS`): "mean" is the score above. "positive" averages each token's evidence
-*for* the topic only, `mean_{s <= t} max(w . x_s + b, 0)`: tokens that look like retain text (a
-question's template, function words) no longer cancel the few that name the topic, so a short
-prompt with two topical words among ten scores higher, while retain text, whose tokens carry
-little positive evidence, stays low. Equally causal and cheap (one running sum of a scalar).
 
 Training (`ff train`, from the store, no LLM): examples are windows of the training contexts
 of both corpora, labelled unlearn = 1 and retain = 0: per context and per length in
@@ -47,12 +41,12 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.selection import GATE_MIN_TOKENS, firing_share
+from trainer.gate import GATE_MIN_TOKENS, PROBE_KINDS  # noqa: F401 (PROBE_KINDS: the kinds fitted here)
+from trainer.gate.causal import firing_share
 
 Contexts = Iterable[tuple[Tensor, Tensor]]
 """(x [C, T, D] normalised, editable [C, T]) per piece of a corpus."""
@@ -67,16 +61,9 @@ run's default probe (gate.safetensors keys "probe/...")."""
 PROBE_L2S = (PROBE_L2, 1e-2, 1e-3)
 """Penalties `ff train` fits a probe for (the others under "probe@<l2>/..."): which detects
 prompts best depends on the layer and the data, so `ff eval` chooses on the dev questions."""
-PROBE_POOLS = ("mean", "positive")
-"""How the gate pools the per-token scores over the tokens so far (module docstring)."""
-CALIBRATION_KEYS = {"mean": "max", "positive": "max_pos"}
-"""Per pooling, the gate.safetensors key (after the probe's prefix) of its retain calibration."""
 PROBE_MAX_CONTEXTS = 2048
 """At most this many contexts per corpus feed the probe (evenly spaced); the rest add little."""
 
-
-PROBE_KINDS = ("linear", "mlp")
-"""Detector kinds (module docstring): `ff train` fits one "mlp" detector beside the linear ones."""
 PROBE_MLP_HIDDEN = 64
 """Hidden units of each fold's network ("mlp" detector; the stored one has twice as many)."""
 PROBE_MLP_STEPS = 400
@@ -117,8 +104,6 @@ class Probe(NamedTuple):
     detector: Detector
     retain_max_C: Tensor
     """Per retain training context: its highest out-of-fold score (the gate's calibration)."""
-    retain_max_pos_C: Tensor
-    """The same for the "positive" pooling."""
 
     @property
     def w_D(self) -> Tensor:
@@ -261,34 +246,17 @@ def _side_by_side(a: Detector, b: Detector) -> Detector:
                     torch.cat([a.c_H, b.c_H]))
 
 
-def pool_signal(scores_BT: Tensor, b: float, pool: str) -> Tensor:
-    """The per-token signal whose running mean the gate pools ([B, T]) from the tokens' x . w:
-    x . w itself ("mean": the running mean plus b is the score), or the positive part of each
-    token's log-odds, max(x . w + b, 0) ("positive": the running mean is the score)."""
-    if pool == "mean":
-        return scores_BT
-    if pool == "positive":
-        return torch.relu(scores_BT + b)
-    raise ValueError(f"unknown probe pooling '{pool}': use {', '.join(PROBE_POOLS)}")
-
-
-def score_offset(b: float, pool: str) -> float:
-    """What turns the running mean of `pool_signal` into the detector's score."""
-    return b if pool == "mean" else 0.0
-
-
 @torch.no_grad()
-def max_score(x_TD: Tensor, m_T: Tensor, w_D: "Tensor | Detector", b: float, min_tokens: int = GATE_MIN_TOKENS,
-              pool: str = "mean") -> Tensor:
+def max_score(x_TD: Tensor, m_T: Tensor, w_D: "Tensor | Detector", b: float,
+              min_tokens: int = GATE_MIN_TOKENS) -> Tensor:
     """A context's highest causal score at any position with >= min_tokens editable tokens (a
-    shorter context: its whole-context score; none editable: -inf), pooled as `pool` says, under
-    the linear weights `w_D` or a `Detector`."""
+    shorter context: its whole-context score; none editable: -inf), under the linear weights
+    `w_D` or a `Detector`."""
     if not bool(m_T.any()):
         return torch.tensor(float("-inf"))
-    signal_1T = pool_signal(token_scores(x_TD[None], w_D), b, pool)
-    share_1T, seen_1T = firing_share(signal_1T, m_T[None])  # the gate's running mean
+    share_1T, seen_1T = firing_share(token_scores(x_TD[None], w_D), m_T[None])  # the gate's running mean
     ok_T = (seen_1T[0] >= min(min_tokens, float(seen_1T[0, -1]))) & m_T
-    return share_1T[0][ok_T].max() + score_offset(b, pool)
+    return share_1T[0][ok_T].max() + b
 
 
 def fit_probe(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: int, n_unlearn: int,
@@ -328,14 +296,14 @@ def fit_probes(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: i
         fits["mlp"] = [_fit_mlp(fold(kept["r"], k), fold(kept["u"], k), lengths, g) for k in (0, 1)]
     del kept
     # cross-fitting: each retain context is scored by the probe that did not see it
-    oof: dict[tuple[float | str, str], list[Tensor]] = {(key, pool): [] for key in fits for pool in PROBE_POOLS}
+    oof: dict[float | str, list[Tensor]] = {key: [] for key in fits}
     for c, (x_TD, m_T) in enumerate(_kept(retain(), keep_r)):
-        for key, pool in oof:
+        for key in oof:
             det = fits[key][c % 2]
-            oof[key, pool].append(max_score(x_TD, m_T, det, det.b, pool=pool))
+            oof[key].append(max_score(x_TD, m_T, det, det.b))
 
-    def stacked(key: float | str, pool: str) -> Tensor:
-        return torch.stack(oof[key, pool]) if oof[key, pool] else torch.zeros(0)
+    def stacked(key: float | str) -> Tensor:
+        return torch.stack(oof[key]) if oof[key] else torch.zeros(0)
 
     def joined(key: float | str) -> Detector:
         a, b = fits[key]
@@ -343,44 +311,7 @@ def fit_probes(retain: Callable[[], Contexts], unlearn: Contexts, *, n_retain: i
             return _side_by_side(a, b)
         return Detector((a.w + b.w) / 2, (a.b + b.b) / 2)
 
-    return {key: Probe(joined(key), stacked(key, "mean"), stacked(key, "positive")) for key in fits}
-
-
-def probe_prefix(l2: float | None, kind: str = "linear") -> str:
-    """The gate.safetensors key prefix of the detector of `kind` (linear: the one fitted with
-    penalty `l2`, None the default)."""
-    if kind == "mlp":
-        return "probe@mlp"
-    return "probe" if l2 is None or l2 == PROBE_L2 else f"probe@{l2:g}"
-
-
-def stored_l2s(gate: dict[str, Tensor]) -> list[float | None]:
-    """The linear probe variants a run's gate.safetensors holds: None (the default) first, then
-    the other penalties from the strongest down."""
-    others = sorted((float(k[len("probe@"):-len("/w")]) for k in gate
-                     if k.startswith("probe@") and k.endswith("/w") and k != "probe@mlp/w"), reverse=True)
-    return ([None] if "probe/w" in gate else []) + others
-
-
-def stored_detectors(gate: dict[str, Tensor]) -> list[tuple[str, float | None]]:
-    """(kind, l2) of every detector a run's gate.safetensors holds: the linear ones
-    (`stored_l2s`), then the "mlp" one (l2 None) where there is one."""
-    return [("linear", l2) for l2 in stored_l2s(gate)] + ([("mlp", None)] if "probe@mlp/W" in gate else [])
-
-
-def detector_tensors(key: str, det: Detector) -> dict[str, Tensor]:
-    """A detector as gate.safetensors entries under the prefix `key` (`load_detector` reads them)."""
-    out = {f"{key}/w": det.w.float(), f"{key}/b": torch.tensor([det.b], dtype=torch.float32)}
-    if det.W_HD is not None:
-        out.update({f"{key}/W": det.W_HD.float(), f"{key}/c": det.c_H.float()})
-    return out
-
-
-def load_detector(gate: dict[str, Tensor], key: str) -> Detector:
-    """The detector stored under the prefix `key` (`detector_tensors`)."""
-    W = gate.get(f"{key}/W")
-    return Detector(gate[f"{key}/w"].float(), float(gate[f"{key}/b"][0]), None if W is None else W.float(),
-                    None if W is None else gate[f"{key}/c"].float())
+    return {key: Probe(joined(key), stacked(key)) for key in fits}
 
 
 def token_scores(x_BTD: Tensor, w_D: "Tensor | Detector") -> Tensor:
