@@ -682,16 +682,39 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
 
 @main.command("export")
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`.")
-@click.option("--format", "fmt", default="saelens", type=click.Choice(["saelens"]), help="Output format.")
+@click.option("--format", "fmt", default="saelens", type=click.Choice(["saelens", "hf"]),
+              help="saelens: the SAE in SAELens's format. hf: a Hugging Face model folder with the run's chosen "
+              "setting (RUN/unlearning.json) inside the forward pass; loads with AutoModelForCausalLM."
+              "from_pretrained(OUT, trust_remote_code=True), no ff needed. [saelens]")
+@click.option("--model", default=None, help="hf: the model the run was trained on. Default: the one named in the run.")
+@click.option("--device", default="cpu", help="hf: where to load the model to write it (auto, cpu or cuda). [cpu]")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.argument("out", type=click.Path())
-def export_cmd(run_dir, fmt, overwrite, out):
-    """Write the run's SAE to OUT in SAELens's on-disk format (cfg.json + sae_weights.safetensors),
-    with the normalisation scale folded in so it takes raw activations."""
-    from pipelines.export import export_saelens
+def export_cmd(run_dir, fmt, model, device, overwrite, out):
+    """Write the run's SAE to OUT in SAELens's on-disk format (cfg.json + sae_weights.safetensors,
+    the normalisation scale folded in so it takes raw activations), or (--format hf) a model folder
+    that has unlearned: the model's weights, the edit and a model card."""
+    if fmt == "saelens":
+        from pipelines.export import export_saelens
 
-    res = export_saelens(run_dir, out, overwrite=overwrite)
-    click.echo(f"wrote {res.out_dir} ({fmt})")
+        res = export_saelens(run_dir, out, overwrite=overwrite)
+        click.echo(f"wrote {res.out_dir} ({fmt})")
+        return
+    from pipelines.export import export_hf, verify_hf
+    from pipelines.intervene import chosen_setting
+
+    from pathlib import Path
+
+    from pipelines.errors import EvalError
+
+    setting = chosen_setting(run_dir)  # a run without one fails before the model loads
+    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) and not overwrite:
+        raise EvalError(f"export folder {out} exists and is not empty; pass --overwrite or pick another")
+    lm = _load_for_run(run_dir, model, device)
+    folder = export_hf(run_dir, out, lm, setting, overwrite=overwrite)
+    err = verify_hf(folder, lm, run_dir, setting)
+    click.echo(f"wrote {folder} (hf: {setting.label}); loaded back, its logits match the hooked edit "
+               f"(max |diff| {err:.2e})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -369,6 +369,25 @@ def run_setting(run_dir: str | Path) -> Setting:
     return default_setting(method)
 
 
+def chosen_setting(run_dir: str | Path) -> Setting:
+    """The setting `ff run` / `ff eval --save` chose for the run (RUN/unlearning.json); a run
+    without one is an EvalError (what ships must be what was measured)."""
+    import json
+
+    res = Path(run_dir) / RESULT_FILE
+    try:
+        result = json.loads(res.read_text())
+    except FileNotFoundError:
+        raise EvalError(f"{run_dir} has no {RESULT_FILE}: evaluate it first (ff eval --run {run_dir} --save)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvalError(f"{res} is not an ff eval result ({type(e).__name__}: {e})") from None
+    best = result.get("best") if isinstance(result, dict) else None
+    if not best:
+        reason = result.get("best_reason") if isinstance(result, dict) else None
+        raise EvalError(f"{res} holds no chosen setting ({reason or 'none'}): nothing measured to export")
+    return Setting.from_dict(best["setting"])
+
+
 @contextmanager
 def unlearned(model: Any, run_dir: str | Path | LoadedRun, setting: Setting | dict | None = None, *,
               skip_bos: bool = True, **changes: Any) -> Iterator[Intervention]:
