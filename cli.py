@@ -700,16 +700,13 @@ def export_cmd(run_dir, fmt, model, device, overwrite, out):
         res = export_saelens(run_dir, out, overwrite=overwrite)
         click.echo(f"wrote {res.out_dir} ({fmt})")
         return
-    from pipelines.export import export_hf, verify_hf
-    from pipelines.intervene import chosen_setting
-
     from pathlib import Path
 
-    from pipelines.errors import EvalError
+    from pipelines.export import check_out, export_hf, verify_hf
+    from pipelines.intervene import chosen_setting
 
-    setting = chosen_setting(run_dir)  # a run without one fails before the model loads
-    if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())) and not overwrite:
-        raise EvalError(f"export folder {out} exists and is not empty; pass --overwrite or pick another")
+    setting = chosen_setting(run_dir)  # a run without one, or a full OUT, fails before the model loads
+    check_out(Path(out), overwrite)
     lm = _load_for_run(run_dir, model, device)
     folder = export_hf(run_dir, out, lm, setting, overwrite=overwrite)
     err = verify_hf(folder, lm, run_dir, setting)

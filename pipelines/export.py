@@ -49,6 +49,12 @@ class Export(NamedTuple):
     cfg: dict[str, Any]
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """An export writes into an empty or new folder, or replaces one with `overwrite`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise EvalError(f"export folder {out} exists and is not empty; pass --overwrite or pick another")
+
+
 def saelens_weights(W_enc_DF: torch.Tensor, b_enc_F: torch.Tensor, W_dec_FD: torch.Tensor,
                     b_dec_D: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
     """Fold the normalisation scale into the weights (see the module docstring)."""
@@ -62,8 +68,7 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
 
     run = load_run(run_dir)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise EvalError(f"export folder {out} exists and is not empty; pass --overwrite or pick another")
+    check_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     sae, c = run.sae, run.config
     with torch.no_grad():
@@ -184,8 +189,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, lm: Any, setting: Any = 
 
     run = load_run(run_dir)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise EvalError(f"export folder {out} exists and is not empty; pass --overwrite or pick another")
+    check_out(out, overwrite)
     setting = setting if setting is not None else chosen_setting(run_dir)
     base = type(lm.model).__name__
     if not hasattr(transformers, base) or not hasattr(lm.model, "model") or not hasattr(lm.model.model, "layers"):

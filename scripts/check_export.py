@@ -38,7 +38,8 @@ def answers(model, tok, questions, template: str) -> torch.Tensor:
         for c in q.choices:
             cont = tok(" " + c, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + cont], device=dev)
-            logp = model(ids).logits[0, len(prompt) - 1: -1].float().log_softmax(-1)
+            logits = model(ids, logits_to_keep=len(cont) + 1).logits[0, :-1]  # the positions predicting cont
+            logp = logits.float().log_softmax(-1)
             scores.append(float(logp.gather(1, torch.tensor(cont, device=dev)[:, None]).sum()))
         out.append(max(range(len(scores)), key=scores.__getitem__))
     return torch.tensor(out)

@@ -92,11 +92,6 @@ class GateFile(Mapping):
                       "probe/scale": torch.tensor([probe_layer[1]], dtype=torch.float32)})
         return cls(t)
 
-    def with_probe_layer(self, layer: int, scale: float) -> "GateFile":
-        """The same file, its detectors reading block `layer` at `scale`."""
-        return GateFile({**self._t, "probe/layer": torch.tensor([layer], dtype=torch.int64),
-                         "probe/scale": torch.tensor([scale], dtype=torch.float32)})
-
     # ---- the sequence gate ----
     def selections(self) -> list[str]:
         """The selections whose sequence gate is calibrated."""
