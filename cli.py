@@ -638,7 +638,9 @@ def format_lines(part: dict | None) -> list[str]:
 
 @main.command("generate")
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`.")
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--prompt", "prompts", multiple=True, help="Text to continue; give it several times for several prompts.")
+@click.option("--prompts-file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A UTF-8 text file of prompts, one per line (blank lines skipped), after any --prompt.")
 @click.option("--max-new-tokens", default=40, type=click.IntRange(1), help="Tokens to generate (greedy).")
 @click.option("--mode", default=None, type=click.Choice(["clamp", "ablate"]), help="Intervention. [clamp]")
 @click.option("--multiplier", default=None, type=click.FloatRange(0, min_open=True),
@@ -658,14 +660,25 @@ def format_lines(part: dict | None) -> list[str]:
               "threshold stays the chosen setting's.")
 @click.option("--model", default=None, help="Model. Default: the one named in the run.")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
-def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selection, gate, gate_percentile,
-                 gate_threshold, gate_window, model, device):
-    """Print the model's greedy continuation of PROMPT without and with the unlearning intervention.
-    The setting defaults to the best one `ff eval` / `ff run` found for the run (RUN/unlearning.json),
-    else a gated clamp; the options override single fields."""
+def generate_cmd(run_dir, prompts, prompts_file, max_new_tokens, mode, multiplier, top_n, selection, gate,
+                 gate_percentile, gate_threshold, gate_window, model, device):
+    """Print the model's greedy continuation of each prompt without and with the unlearning
+    intervention. The setting defaults to the best one `ff eval` / `ff run` found for the run
+    (RUN/unlearning.json), else a gated clamp; the options override single fields."""
+    from pathlib import Path
+
+    from pipelines.errors import EvalError
     from pipelines.generate import generate_pair
     from pipelines.intervene import run_setting
 
+    prompts = list(prompts)
+    if prompts_file is not None:
+        try:
+            prompts += [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise EvalError(f"cannot read --prompts-file '{prompts_file}': {e}") from None
+    if not prompts:
+        raise EvalError("give a prompt to continue: --prompt TEXT (several times for several) or --prompts-file FILE")
     setting = run_setting(run_dir)  # an unreadable RUN/unlearning.json or a bad option fails before the model loads
     changes = {k: v for k, v in {"mode": mode, "multiplier": multiplier, "top_n": top_n, "selection": selection,
                                   "gate": gate, "gate_percentile": gate_percentile,
@@ -674,10 +687,11 @@ def generate_cmd(run_dir, prompt, max_new_tokens, mode, multiplier, top_n, selec
         changes["gate_window"] = parse_window(gate_window, "--gate-window")
     setting = setting.changed(**changes)  # a new gate or percentile drops the chosen threshold
     lm = _load_for_run(run_dir, model, device)
-    pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting)
     click.echo(f"setting:   {setting.label}")
-    click.echo(f"clean:     {prompt}{pair.clean}")
-    click.echo(f"unlearned: {prompt}{pair.unlearned}")
+    for i, prompt in enumerate(prompts):
+        pair = generate_pair(lm, run_dir, prompt, max_new_tokens, setting)
+        click.echo(("\n" if i else "") + f"clean:     {prompt}{pair.clean}")
+        click.echo(f"unlearned: {prompt}{pair.unlearned}")
 
 
 @main.command("export")

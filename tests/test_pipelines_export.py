@@ -94,3 +94,30 @@ def test_ff_generate_overrides_fields_of_the_runs_chosen_setting(tiny_model, tmp
     for retired in ("--gate-ramp", "--probe-pool"):  # measured, never chosen, gone (docs/results.md)
         r = CliRunner().invoke(main, ["generate", "--run", str(run_dir), "--prompt", "x", retired, "50"])
         assert r.exit_code == 2 and f"No such option '{retired}'" in r.output
+
+
+def test_ff_generate_continues_every_prompt_given_and_refuses_none(tiny_model, tmp_path):
+    """Several --prompt options and a --prompts-file each get their pair of continuations, in the
+    order given, under one setting line; no prompt at all is a one-line error."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    lm = load_model(tiny_model, device="cpu")
+    run_dir = make_run(tmp_path / "run", lm.info.d_model, 1, lm.info.weights_hash, n_candidates=200, b_enc=1.0)
+    (tmp_path / "prompts.txt").write_text("the gene\n\nthe cell protein\n", encoding="utf-8")
+    base = ["generate", "--run", str(run_dir), "--model", tiny_model, "--device", "cpu", "--max-new-tokens", "2"]
+    r = CliRunner().invoke(main, base + ["--prompt", "the cell", "--prompt", "a protein",
+                                         "--prompts-file", str(tmp_path / "prompts.txt")])
+    assert r.exit_code == 0, r.output
+    out = r.output[r.output.index("setting:"):]
+    assert out.count("setting:") == 1
+    got = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("clean:")]
+    want = ["the cell", "a protein", "the gene", "the cell protein"]
+    assert [g[: len(w)] for g, w in zip(got, want)] == want and len(got) == 4
+    assert sum(line.startswith("unlearned:") for line in out.splitlines()) == 4
+    single = CliRunner().invoke(main, base + ["--prompt", "a protein"])
+    first = [line for line in single.output.splitlines() if line.startswith(("clean:", "unlearned:"))]
+    assert first == [line for line in out.splitlines() if line.startswith(("clean:", "unlearned:"))][2:4]
+    r = CliRunner().invoke(main, ["generate", "--run", str(run_dir)])
+    assert r.exit_code != 0 and "give a prompt to continue" in r.output and len(r.output.strip().splitlines()) == 1
