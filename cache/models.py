@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import replace_dir
 from .errors import ModelError
 
 EMBEDDED = "gemma-3-270m"
@@ -161,9 +162,7 @@ def _convert_gguf(gguf: Path, sha: str) -> Path:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         tok.save_pretrained(str(tmp))
         (tmp / "ff_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        replace_dir(tmp, target)  # never a moment without a complete model folder
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

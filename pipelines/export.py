@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from cache.atomic import atomic_write, replace_dir
 from cache.models import EMBEDDED
 from pipelines.errors import EvalError
 from pipelines.intervene import load_run
@@ -110,16 +111,10 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     if model == EMBEDDED:
         meta["note"] = ("trained on ff's embedded Gemma 3 270M (Q4_K_M GGUF dequantized), close to but "
                         "not bit-identical with google/gemma-3-270m")
-    _atomic(out / "sae_weights.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic(out / "cfg.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
-    _atomic(out / "ff_meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out / "sae_weights.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(out / "cfg.json", json.dumps(cfg, indent=2) + "\n")
+    atomic_write(out / "ff_meta.json", json.dumps(meta, indent=2) + "\n")
     return Export(out, cfg)
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 HF_MODELING_FILE = "modeling_featureforget.py"
@@ -221,10 +216,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, lm: Any, setting: Any = 
     os.umask(umask)
     for f in tmp.iterdir():  # some writers create their files private; the folder is meant to be shared
         f.chmod(0o666 & ~umask)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def model_card(run_dir: str | Path, spec: dict[str, Any], model_name: str) -> str:

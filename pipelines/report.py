@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from cache.atomic import atomic_write
+
 FIGURES = {
     "scores": "fig_unlearning_score.png",
     "loss": "fig_training_loss.png",
@@ -75,7 +77,7 @@ def fig_scores(results: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set_title("Unlearning score (dev-selected, retain MCQ >= 0.99 of clean), 95% CI")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -101,7 +103,7 @@ def fig_loss(runs: dict[str, dict[int, Path]], path: Path) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("training loss")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -125,7 +127,7 @@ def fig_importance(ff_runs: dict[int, Path], path: Path) -> None:
                title=f"layer {l}")
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -163,7 +165,7 @@ def fig_tradeoff(results: dict[str, dict[int, dict]], path: Path) -> None:
     ax.set_title("Forget vs retain drop over the sweep; lines: frontiers")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -524,9 +526,7 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
     if seeds:
         payload["seeds"] = {m: {str(l): [r["best_by_gate"] for r in rs] for l, rs in by.items()}
                             for m, by in seeds.items()}
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out / "report.json")
+    atomic_write(out / "report.json", json.dumps(payload, indent=2))
     md = [f"# FeatureForget report: {header.get('model')}", "",
           f"Store `{header.get('store')}`, layers {', '.join(map(str, header.get('layers', [])))}, "
           f"training preset `{header.get('preset')}`.", "",
@@ -569,5 +569,5 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
         if per_seed := seeds_verdict(seeds):
             md += [per_seed, ""]
     md += [f"![{k}]({p.name})" for k, p in figs.items()]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write(out / "report.md", "\n".join(md) + "\n")
     return figs

@@ -111,19 +111,19 @@ def test_export_hf_refuses_bad_input_with_one_line_and_writes_nothing(tiny_model
                                          *extra, str(out)])
 
     r = export()  # no unlearning.json: nothing was measured, nothing to ship
-    assert r.exit_code != 0 and "has no unlearning.json: evaluate it first" in r.output
+    assert r.exit_code == 2 and "has no unlearning.json: evaluate it first" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not out.exists()
     (run_dir / "unlearning.json").write_text(json.dumps({"best": None, "best_reason": "no retain-safe setting"}))
     r = export()
-    assert r.exit_code != 0 and "holds no chosen setting (no retain-safe setting)" in r.output and not out.exists()
+    assert r.exit_code == 2 and "holds no chosen setting (no retain-safe setting)" in r.output and not out.exists()
     (run_dir / "unlearning.json").write_text(json.dumps({"best": {"setting": Setting(top_n=20).to_dict()}}))
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     r = export()
-    assert r.exit_code != 0 and "exists and is not empty" in r.output
+    assert r.exit_code == 2 and "exists and is not empty" in r.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     other = make_run(tmp_path / "other", lm.info.d_model, LAYER, "sha256:another-model", n_candidates=40)
     (other / "unlearning.json").write_text((run_dir / "unlearning.json").read_text())
     r = CliRunner().invoke(main, ["export", "--run", str(other), "--format", "hf", "--model", tiny_model,
                                   str(tmp_path / "export2")])
-    assert r.exit_code != 0 and "was trained on model" in r.output and not (tmp_path / "export2").exists()
+    assert r.exit_code == 2 and "was trained on model" in r.output and not (tmp_path / "export2").exists()

@@ -120,4 +120,4 @@ def test_ff_generate_continues_every_prompt_given_and_refuses_none(tiny_model, t
     first = [line for line in single.output.splitlines() if line.startswith(("clean:", "unlearned:"))]
     assert first == [line for line in out.splitlines() if line.startswith(("clean:", "unlearned:"))][2:4]
     r = CliRunner().invoke(main, ["generate", "--run", str(run_dir)])
-    assert r.exit_code != 0 and "give a prompt to continue" in r.output and len(r.output.strip().splitlines()) == 1
+    assert r.exit_code == 2 and "give a prompt to continue" in r.output and len(r.output.strip().splitlines()) == 1

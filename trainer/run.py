@@ -20,13 +20,13 @@ RUN/checkpoints/last.pt   resumable state (atomic: temp file, then rename)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from cache.atomic import atomic_write
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
 
@@ -67,19 +67,15 @@ class RunFolder:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write: temp file in the same folder, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Crash-safe JSON write (cache/atomic.py)."""
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic torch.save of a state made of tensors, dicts, lists, tuples, numbers, strings and
     None only, so that `load_checkpoint` can load it with weights_only=True."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a kill mid-write leaves the previous one intact
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -226,9 +222,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, *, keep_until: int):
         kept = [ln for ln, step in _read_metrics(path) if step <= keep_until]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(ln + "\n" for ln in kept))
         self.file = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -260,6 +254,4 @@ def _read_metrics(path: Path) -> list[tuple[str, int]]:
 def write_features(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp)))

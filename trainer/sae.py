@@ -150,10 +150,10 @@ class SAE(nn.Module):
         """Write sae.safetensors (W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D])."""
         from safetensors.torch import save_file
 
+        from cache.atomic import atomic_write
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = Path(str(path) + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)  # atomic: a reader never sees half a file
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))  # a reader never sees half a file
 
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
