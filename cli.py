@@ -13,6 +13,7 @@ Heavy imports (torch, transformers) happen inside the commands so `ff --help` is
 """
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
@@ -32,6 +33,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EIO: "an I/O error", errno.EROFS: "the file system is read-only"}
+"""OS errors that are the machine's, not ff's: one line, exit 2, like a user error."""
+
+
 class FFGroup(click.Group):
     """Turns errors a user can cause into one readable line and exit status 2."""
 
@@ -40,6 +46,13 @@ class FFGroup(click.Group):
             return super().invoke(ctx)
         except _user_errors() as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            where = f" writing '{e.filename}'" if e.filename else ""
+            click.echo(f"error: {DISK_ERRORS[e.errno]}{where} ({e.strerror or e}); what was complete is "
+                       "untouched: free space and rerun the command to go on (ff train: with --resume)", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)

@@ -19,6 +19,7 @@ RUN/checkpoints/last.pt   resumable state (atomic: temp file, then rename)
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -75,7 +76,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Atomic torch.save of a state made of tensors, dicts, lists, tuples, numbers, strings and
     None only, so that `load_checkpoint` can load it with weights_only=True."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))  # a kill mid-write leaves the previous one intact
+    buf = io.BytesIO()  # serialised first, so that a full disk is an OSError naming the file
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())  # a kill mid-write leaves the previous checkpoint intact
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -252,6 +255,6 @@ def _read_metrics(path: Path) -> list[tuple[str, int]]:
 
 
 def write_features(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    atomic_write(path, lambda tmp: save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp)))
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))

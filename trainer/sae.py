@@ -148,12 +148,12 @@ class SAE(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write sae.safetensors (W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D])."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from cache.atomic import atomic_write
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))  # a reader never sees half a file
+        atomic_write(path, save(tensors))  # a reader never sees half a file; a full disk is an OSError
 
     @classmethod
     def load(cls, path: str | Path) -> "SAE":
