@@ -17,8 +17,8 @@ The gate ("none", "sequence" or "probe") averages a per-token signal over the ed
 far (or the last `window` of them) and opens above `threshold` once a row has `min_tokens`
 editable tokens; BOS and padding (attention mask 0) are never editable. The decision at a
 position depends on it and earlier positions only, and KV-cached generation keeps each row's
-signal history, so cached generation equals recomputing the whole sequence. Beam search and
-other decoding that reorders the cache's rows are not supported.
+signal history, so cached generation equals recomputing the whole sequence. Beam search, which
+reorders the cache's rows, is refused.
 
 `ff export` writes the run's model class into BASE_CLASS.
 """
@@ -144,6 +144,16 @@ class FeatureForgetForCausalLM(getattr(transformers, BASE_CLASS)):
         if spec["gate"] == "probe" and gate_layer != layer:
             layers[gate_layer].register_forward_hook(self._ff_keep_gate_input)
         layers[layer].register_forward_hook(self._ff_edit)
+
+    def generate(self, *args, **kwargs):
+        """The base class's generate; beam search is refused (it reorders the rows of the cache,
+        which the gate's per-row history does not follow)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+        if beams > 1:
+            raise ValueError("FeatureForget's gate keeps each row's history in order and beam search reorders "
+                             "rows: use greedy decoding or sampling (num_beams=1)")
+        return super().generate(*args, **kwargs)
 
     def _ff_begin(self, _module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -36,6 +36,10 @@ LOAD = textwrap.dedent("""
         out = {"logits": model(ids).logits, "padded": model(input_ids=padded, attention_mask=mask).logits,
                "greedy": model.generate(ids[:1, :10], max_new_tokens=8, do_sample=False, pad_token_id=0),
                "class": type(model).__name__}
+        try:
+            model.generate(ids[:1, :10], max_new_tokens=2, num_beams=2, pad_token_id=0)
+        except ValueError as e:
+            out["beams"] = str(e)
     torch.save(out, sys.argv[2])
 """)
 
@@ -86,6 +90,7 @@ def test_exported_folder_loads_without_ff_and_equals_the_hooked_edit(tiny_model,
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "res")
     assert got["class"] == "FeatureForgetForCausalLM"
+    assert "beam search reorders rows" in got.get("beams", ""), "beam search is refused, not silently wrong"
 
     with torch.no_grad():
         clean = lm.model(ids).logits
