@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="the run folder the export was made from")
     ap.add_argument("--export", required=True, help="the exported folder (ff export --format hf)")
     ap.add_argument("--preset", default="demo", help="evaluation preset whose question sets to use")
+    ap.add_argument("--sets", default="forget_mcq,retain_mcq,ood_forget_mcq,ood_retain_mcq",
+                    help="which of the evaluation's question sets to score (comma-separated)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -64,7 +66,7 @@ def main() -> None:
             ("ood_forget_mcq", cfg.ood_forget_mcq, "forget"), ("ood_retain_mcq", cfg.ood_retain_mcq, "retain")]
     acc = {}
     for name, spec, role in sets:
-        if spec is None:
+        if spec is None or name not in args.sets.split(","):
             continue
         qs, test_Q = sample_split(load_mcq(spec, role), cfg.max_questions, cfg.sample_seed)
         test = [q for q, t in zip(qs, test_Q.tolist()) if t]
