@@ -196,7 +196,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, lm: Any, setting: Any = 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    (tmp / HF_MODELING_FILE).write_text(_modeling_source(base))
+    source = _modeling_source(base)
+    (tmp / HF_MODELING_FILE).write_text(source)
     cls = _load_class(tmp / HF_MODELING_FILE)
     config = lm.model.config.__class__.from_dict(lm.model.config.to_dict())
     config.featureforget = spec
@@ -210,7 +211,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, lm: Any, setting: Any = 
     model.tie_weights()
     model.save_pretrained(tmp, safe_serialization=True)
     lm.tokenizer.save_pretrained(tmp)
-    (tmp / HF_MODELING_FILE).write_text(_modeling_source(base))  # save_pretrained does not copy it
+    (tmp / HF_MODELING_FILE).write_text(source)  # save_pretrained does not copy it
     (tmp / "README.md").write_text(model_card(run_dir, spec, lm.info.name))
     umask = os.umask(0)
     os.umask(umask)
