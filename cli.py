@@ -587,7 +587,7 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     if gate_calibration:
         cfg = cfg.replace(gate_calibration=gate_calibration)
     if max_retain_ce_rise is not None:
-        cfg = cfg.replace(max_retain_ce_rise=max_retain_ce_rise, max_ood_retain_ce_rise=2 * max_retain_ce_rise)
+        cfg = cfg.replace(max_retain_ce_rise=max_retain_ce_rise)  # the OOD bound follows (EvalConfig.replace)
     if grid:
         from dataclasses import replace
 

@@ -287,6 +287,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 """EvalConfig overrides per preset ("full" = the dataclass defaults)."""
 
 
+OOD_CE_FACTOR = 2.0
+"""The out-of-distribution retain-CE bound over the in-distribution one: general prose far from the
+training text varies more between settings (EvalConfig.max_ood_retain_ce_rise)."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Every knob of `ff eval` (METHOD §8), defaults in one place; the CLI overlays its flags."""
@@ -366,7 +371,8 @@ class EvalConfig:
     """A setting qualifies for "best" if retain MCQ accuracy after >= retain_ratio * before."""
 
     max_ood_retain_ce_rise: float = 0.02
-    """The same bound for the out-of-distribution general prose (best_ood)."""
+    """The same bound for the out-of-distribution general prose (best_ood): OOD_CE_FACTOR times
+    `max_retain_ce_rise`, the ratio `replace` keeps when only that one changes."""
 
     sweep_losses: bool = True
     """Measure CE loss on held-out text for every setting of the sweep. False: the forget-side CE
@@ -424,4 +430,8 @@ class EvalConfig:
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "EvalConfig":
+        """dataclasses.replace; a new `max_retain_ce_rise` alone also sets the out-of-distribution
+        bound to OOD_CE_FACTOR times it."""
+        if "max_retain_ce_rise" in changes and "max_ood_retain_ce_rise" not in changes:
+            changes = {**changes, "max_ood_retain_ce_rise": OOD_CE_FACTOR * changes["max_retain_ce_rise"]}
         return replace(self, **changes)

@@ -543,3 +543,16 @@ def test_rerun_from_the_first_edited_position_equals_rerunning_whole_rows(lm, cf
             assert b.tokens_rerun <= a.tokens_rerun
             if setting.gate == "probe" and name == "forget_text":
                 assert 0 < b.tokens_rerun < a.tokens_rerun
+
+
+def test_the_out_of_distribution_ce_bound_follows_the_in_distribution_one():
+    """One rule, in the config's owner: the OOD retain-CE bound is OOD_CE_FACTOR times the other,
+    by default and when only the in-distribution bound changes; set both and both hold."""
+    from pipelines.config import OOD_CE_FACTOR
+
+    cfg = EvalConfig()
+    assert cfg.max_ood_retain_ce_rise == pytest.approx(OOD_CE_FACTOR * cfg.max_retain_ce_rise)
+    assert cfg.replace(max_retain_ce_rise=0.05).max_ood_retain_ce_rise == pytest.approx(OOD_CE_FACTOR * 0.05)
+    both = cfg.replace(max_retain_ce_rise=0.05, max_ood_retain_ce_rise=0.07)
+    assert (both.max_retain_ce_rise, both.max_ood_retain_ce_rise) == (0.05, 0.07)
+    assert cfg.replace(bootstrap=10).max_ood_retain_ce_rise == cfg.max_ood_retain_ce_rise
