@@ -67,6 +67,10 @@ def _flock_or_refuse(fd: int, store: Path, *, exclusive: bool = True, shard: "Sh
                              "rerun") from None
         raise StoreError(f"store '{store}' is being written by another `ff cache` ({holder}); "
                          "wait for it to finish, or stop it and rerun") from None
+    except OSError as e:  # no lock support here (ENOLCK), or a lock the file system refuses
+        os.close(fd)
+        raise StoreError(f"cannot lock store '{store}' ({e.strerror or e}): its file system gives no file locks "
+                         "here, so two writers could not be kept apart; write the store on a local disk") from None
     except BaseException:
         os.close(fd)
         raise
@@ -161,9 +165,19 @@ def check_unlocked(store: str | Path, shard: "Shard | None" = None) -> None:
         probes.append((folder / SHARD_DIR / shard.name, shard))
     for path, own in probes:
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
+            fd = _open_for_probe(path)
             _flock_or_refuse(fd, folder, exclusive=shard is None or own is not None, shard=own)
             os.close(fd)
+
+
+def _open_for_probe(path: Path) -> int:
+    """The lock file opened for the probe: read-write where we may (on NFS, flock is emulated with
+    POSIX locks, and an exclusive one needs a file open for writing; nothing is written), else
+    read-only (a store another user owns, on a local file system)."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
 
 
 def check_writable(store: str | Path) -> None:

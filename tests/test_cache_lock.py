@@ -168,3 +168,31 @@ def test_read_only_store_folder_fails_before_the_model_loads(tmp_path, tiny_mode
     assert r.stderr.startswith(f"error: cannot write to '{folder}' (read-only or no permission); "
                                "make it writable or choose another --out"), r.stderr
     assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_the_lock_probe_opens_for_writing_and_a_file_system_without_locks_is_one_line(tmp_path, monkeypatch):
+    """`check_unlocked` opens the lock file read-write where it may (NFS emulates flock with POSIX
+    locks, which need a file open for writing), writing nothing; a file system that refuses
+    locks (ENOLCK) is a StoreError naming the store, not a traceback."""
+    import errno
+    import fcntl
+
+    import cache.lock as lock
+
+    store = tmp_path / "s.zarr"
+    store.mkdir()
+    (store / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+    before = (store / LOCK_FILE).read_bytes()
+    flags = []
+    real_open = os.open
+    monkeypatch.setattr(lock.os, "open", lambda path, fl, *a: flags.append(fl) or real_open(path, fl, *a))
+    lock.check_unlocked(store)
+    assert flags and flags[0] & os.O_ACCMODE == os.O_RDWR
+    assert (store / LOCK_FILE).read_bytes() == before, "the probe writes nothing"
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(StoreError, match=r"^cannot lock store '.*s\.zarr' \(No locks available\): .*local disk$"):
+        lock.check_unlocked(store)
