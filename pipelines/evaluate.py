@@ -25,8 +25,8 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import kv_reuse_ok, verify_fast_path
-from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, probe_detector, probe_layer,
-                                 probe_problem)
+from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, make_gate, probe_detector,
+                                 probe_layer, probe_problem)
 from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
 from trainer.evaluate import eval_corpus
 
@@ -420,9 +420,8 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     check_model(run, lm)
     if "probe" in cfg.grid.gates and (problem := probe_problem(run)) is not None:  # before the clean passes
         raise EvalError(f"{run.path} {problem}: retrain it, or sweep the other gates with --gate both")
-    if "probe" in cfg.grid.gates and cfg.gate_calibration == "train" and run.gate.calibration() is None:
-        raise EvalError(f"{run.path} has no training calibration of its probe gate (a run from an older ff): "
-                        "calibrate it on dev prompts (--gate-calibration dev), or retrain the run")
+    if "probe" in cfg.grid.gates and cfg.gate_calibration == "train":
+        make_gate(run, Setting(gate="probe"), torch.arange(0))  # a run from an older ff may have no calibration
     run.sae.to(lm.device)
     model, tag = lm.model, f"[eval {run.path.name}: {run.method} layer {run.layer}]"
     verify_fast_path(model, run.layer)
