@@ -451,8 +451,11 @@ def _load_for_run(run: str, model: str | None, device: str):
 
 
 @main.command("eval")
-@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`.")
-@click.option("--model", default=None, help="Model to splice into. Default: the one named in the run.")
+@click.option("--run", "run_dir", default=None, type=click.Path(), help="Run folder made by `ff train`.")
+@click.option("--model", default=None, help="With --run: the model to splice into (default: the one named in the "
+              "run). Without: a model folder to score as it is (ff bake's), against --base.")
+@click.option("--base", default=None, help="Without --run: the model --model was made from, the 'before' of every "
+              "score. Default: the one its featureforget_bake.json names.")
 @click.option("--preset", default="full", type=click.Choice(["full", "demo"]),
               help="full: 100 questions per file and the whole sweep; demo: a small sweep for CPUs.")
 @click.option("--forget-mcq", default=None, help="Unlearn-domain questions: 'demo', a JSONL file "
@@ -519,7 +522,7 @@ def _load_for_run(run: str, model: str | None, device: str):
               help="Also write the result to RUN/unlearning.json (replaced only once complete): ff generate and "
               "the Python API apply its chosen setting by default.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
+def eval_cmd(run_dir, model, base, preset, forget_mcq, retain_mcq, forget_text, retain_text, ood, ood_forget_mcq,
              ood_retain_mcq, ood_forget_text, ood_retain_text, max_questions, sample_seed, max_text_tokens,
              multipliers, probe_multipliers, top_n, selections, gate, gate_percentile, probe_percentiles,
              gate_window, max_retain_ce_rise, mcq_template, gate_calibration, formats,
@@ -528,7 +531,10 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
     zero ablation, loss recovered), then a sweep of selections, feature counts, clamp strengths
     and gates. Each setting is chosen on the dev half of the questions (highest unlearning score
     1 - acc_after/acc_before among settings keeping retain accuracy >= 0.99 of clean) and
-    reported on the test half with a 95% bootstrap interval; in and out of distribution."""
+    reported on the test half with a 95% bootstrap interval; in and out of distribution.
+
+    With --model FOLDER and no --run: the folder's model as it is (e.g. made by ff bake) against its
+    base model, on the same question sets, prompt formats, halves, CE and fluency."""
     from pipelines.config import EvalConfig
     from pipelines.errors import EvalError
     from pipelines.evaluate import evaluate_run, save_result
@@ -592,6 +598,10 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
         from dataclasses import replace
 
         cfg = cfg.replace(grid=replace(cfg.grid, **grid))
+    if run_dir is None:
+        return _eval_model(model, base, cfg, device, as_json, save, quiet)
+    if base is not None:
+        raise EvalError("--base goes with --model FOLDER and no --run (the run names its own model)")
     lm = _load_for_run(run_dir, model, device)
     res = evaluate_run(run_dir, lm, cfg, progress=not quiet)
     if save:
@@ -602,6 +612,49 @@ def eval_cmd(run_dir, model, preset, forget_mcq, retain_mcq, forget_text, retain
         click.echo(json.dumps(res, indent=2))
         return
     click.echo(format_eval(res))
+
+
+def _eval_model(model, base, cfg, device, as_json, save, quiet) -> None:
+    """`ff eval --model FOLDER`: the folder's model as it is against its base (pipelines/artifact.py)."""
+    from cache.models import load_model
+    from pipelines.artifact import base_of, check_plain, evaluate_model
+    from pipelines.errors import EvalError
+
+    if model is None:
+        raise EvalError("pass --run RUN (a run's edit) or --model FOLDER (a model folder as it is, e.g. ff bake's)")
+    if save:
+        raise EvalError("--save writes RUN/unlearning.json; for a model folder use --json > FILE")
+    check_plain(model)
+    base = base or base_of(model)
+    if base is None:
+        raise EvalError(f"{model} names no base model (no featureforget_bake.json): pass --base MODEL")
+    res = evaluate_model(load_model(base, device=device), load_model(model, device=device), cfg, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(format_model_eval(res))
+
+
+def format_model_eval(res: dict) -> str:
+    """The human summary of `ff eval --model`: test scores per side and format, CE and fluency."""
+    from pipelines.evaluate import maybe_num as _maybe
+
+    b = res["best"]
+    lines = [f"{res['model']} against {res['base']}:"]
+    for side, p in (("in distribution", b), ("out of distribution", b.get("ood"))):
+        if not p or "test" not in p:
+            continue
+        t, ci = p["test"], p["test"].get("ci95") or [float("nan")] * 2
+        ce = "; ".join(f"{k.replace('_loss', '')} CE {p[k]['before']:.3f} -> {p[k]['after']:.3f}"
+                       for k in ("forget_loss", "retain_loss") if k in p)
+        lines.append(f"{side}: test score {_maybe(t['unlearning_score'])} [{ci[0]:.3f}, {ci[1]:.3f}]; forget MCQ "
+                     f"{t['forget_mcq']['before']:.3f} -> {t['forget_mcq']['after']:.3f}, retain MCQ "
+                     f"{t['retain_mcq']['before']:.3f} -> {t['retain_mcq']['after']:.3f}" + (f"; {ce}" if ce else ""))
+        lines += format_lines(p)
+    for name, f in (b.get("fluency") or {}).items():
+        lines.append(f"fluency {name}: clean-model NLL {f['nll']:.2f} (its own {f['nll_clean']:.2f}), distinct "
+                     f"bigrams {f['distinct']:.2f}, changed {f['changed']:.2f}")
+    return "\n".join(lines)
 
 
 def format_eval(res: dict) -> str:
@@ -739,6 +792,48 @@ def export_cmd(run_dir, fmt, model, device, overwrite, out):
     err = verify_hf(folder, lm, run_dir, setting)
     click.echo(f"wrote {folder} (hf: {setting.label}); loaded back, its logits match the hooked edit "
                f"(max |diff| {err:.2e})")
+
+
+@main.command("bake")
+@click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder made by `ff train`, "
+              "evaluated (its RUN/unlearning.json names the chosen setting).")
+@click.option("--out", required=True, type=click.Path(), help="Model folder to write (a standard Hugging Face folder).")
+@click.option("--store", default=None, help="Store whose retain and unlearn text the update trains on. "
+              "Default: the run's.")
+@click.option("--target", default="gated", type=click.Choice(["gated", "corpus"]),
+              help="gated: reproduce the chosen setting with its gate; corpus: the edit on all unlearn text, "
+              "nothing on retain text. [gated]")
+@click.option("--steps", default=200, show_default=True, type=int, help="Optimizer steps.")
+@click.option("--batch-contexts", default=4, show_default=True, type=int, help="Contexts per corpus per step.")
+@click.option("--lr", default=None, type=float, help="Learning rate. [BakeConfig.lr]")
+@click.option("--rank", default=16, show_default=True, type=int, help="LoRA rank.")
+@click.option("--model", default=None, help="The model the run was trained on. Default: the one named in the run.")
+@click.option("--device", default="cpu", help="auto, cpu or cuda. [cpu]")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT and start over instead of resuming.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def bake_cmd(run_dir, out, store, target, steps, batch_contexts, lr, rank, model, device, overwrite, quiet):
+    """Write the run's chosen edit into the weights: a low-rank update (peft LoRA) of the blocks up to
+    the edited layer, trained so their output is the edited residual, merged and saved as a standard
+    folder that `AutoModelForCausalLM.from_pretrained(OUT)` loads without ff or custom code. An
+    interrupted bake resumes when the same command is run again."""
+    import dataclasses
+    from pathlib import Path
+
+    from pipelines.bake import BakeConfig, bake, check_bake_out
+    from pipelines.intervene import chosen_setting
+
+    setting = chosen_setting(run_dir)  # a run without one, or a full OUT, fails before the model loads
+    check_bake_out(Path(out), overwrite)
+    cfg = BakeConfig(steps=steps, batch_contexts=batch_contexts, rank=rank, target=target)
+    if lr is not None:
+        cfg = dataclasses.replace(cfg, lr=lr)
+    lm = _load_for_run(run_dir, model, device)
+    res = bake(run_dir, out, lm, cfg, store=store, setting=setting, overwrite=overwrite, progress=not quiet)
+    loss = res.loss
+    resumed = f", resumed at step {res.resumed_from}" if res.resumed_from else ""
+    click.echo(f"wrote {res.out_dir} ({res.steps} steps{resumed}, {res.seconds:.0f} s); held-out error to the "
+               f"edit: retain {loss['retain_before']:.3f} -> {loss['retain_after']:.3f}, unlearn "
+               f"{loss['unlearn_before']:.3f} -> {loss['unlearn_after']:.3f} (units of the edit's size)")
 
 
 if __name__ == "__main__":  # pragma: no cover

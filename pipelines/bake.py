@@ -1,0 +1,373 @@
+"""`ff bake`: a run's chosen edit written into the model's weights, so that a plain
+`AutoModelForCausalLM.from_pretrained(OUT)` (no custom code, no hook) has forgotten.
+
+The edit acts on the residual stream at the output of block L (the run's layer). A low-rank
+update (peft LoRA) of blocks 0..L learns to produce, from the tokens alone, the residual that
+the edit produces there:
+
+    target(x) = edit(h_L(x))      h_L: the clean model's output of block L
+
+on the store's two corpora (`--target gated`: the run's chosen setting with its gate, so retain
+text mostly keeps its clean residual and forget text gets the gated edit), or the edit on every
+unlearn-corpus token and the clean residual on every retain-corpus token (`--target corpus`: the
+corpus label is the gate). The loss is the squared error at editable positions (no BOS, no
+padding) in units of the edit's mean squared size on unlearn text (so the clean model starts at
+about 1 on unlearn rows and 0 on retain rows), averaged separately over retain and unlearn rows
+and summed. Nothing above block L changes, so the LM head never runs: a step costs
+forward and backward through L + 1 blocks. The update is then merged (`merge_and_unload`) and the
+model saved as a standard folder, with `featureforget_bake.json` (the run, setting, base model and
+the bake's losses) and a model card.
+
+Work in progress lives in OUT.bake/ (a checkpoint every `checkpoint_every` steps, written
+atomically); the same command after an interruption resumes from it, bit-identically: each step's
+contexts are drawn from a generator seeded by (seed, step).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cache.atomic import atomic_write, replace_dir
+from cache.models import decoder_layers
+from pipelines.errors import EvalError
+
+BAKE_FILE = "featureforget_bake.json"
+"""In a baked folder: what it was baked from and how (run, setting, base model, config, losses)."""
+CHECKPOINT = "checkpoint.pt"
+TARGETS = ("gated", "corpus")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class BakeConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    batch_contexts: int = 4
+    """Contexts per corpus per step (a step sees twice this many)."""
+    lr: float = 2e-3
+    rank: int = 16
+    alpha: float = 32.0
+    modules: tuple[str, ...] = LORA_MODULES
+    """Linear layers of blocks 0..L that get a low-rank update."""
+    target: str = "gated"
+    """"gated": the chosen setting as it is; "corpus": the edit ungated on unlearn text only."""
+    forget_weight: float = 1.0
+    """Weight of the unlearn rows' loss against the retain rows'."""
+    warmup: int = 10
+    clip: float = 1.0
+    """Gradient norm clipping."""
+    whiten: bool = True
+    """Weigh each residual dimension by 1 / its clean variance, so that the few dimensions with
+    very large activations do not decide the loss."""
+    checkpoint_every: int = 25
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules"] = list(self.modules)
+        return d
+
+
+class BakeResult(NamedTuple):
+    out_dir: Path
+    steps: int
+    resumed_from: int
+    seconds: float
+    loss: dict[str, float]
+    """Held-out relative squared error to the target, "retain" and "unlearn" rows: before the bake
+    (the clean model) and after ("*_before", "*_after")."""
+
+
+@dataclass
+class _Corpus:
+    tokens: np.ndarray  # int32 [n, T]
+    mask: np.ndarray  # bool [n, T]: editable (not BOS, not padding)
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+class _Stop(Exception):
+    pass
+
+
+def check_bake_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise EvalError(f"bake folder {out} exists and is not empty; pass --overwrite or pick another")
+
+
+def _corpora(store_path: str, eval_rows: int) -> tuple[dict[str, _Corpus], dict[str, _Corpus]]:
+    """(train, held-out) token rows of the store's retain and unlearn corpora; the last
+    `eval_rows` contexts of each corpus are held out for the before/after loss."""
+    from cache.errors import StoreError
+    from cache.store import open_store
+
+    try:
+        store = open_store(store_path)
+    except (StoreError, OSError, FileNotFoundError) as e:
+        raise EvalError(f"cannot open the run's store {store_path}: {e} (pass --store)") from None
+    train, held = {}, {}
+    for name in ("retain", "unlearn"):
+        c = store.corpus(name)
+        tok, mask = np.asarray(c.tokens()), np.asarray(c.mask())
+        keep = tok[:, 0] >= 0  # written contexts only
+        tok, mask = tok[keep], mask[keep]
+        if len(tok) < eval_rows + 8:
+            raise EvalError(f"the store {store_path} holds {len(tok)} {name} contexts; a bake needs at least "
+                            f"{eval_rows + 8}")
+        train[name] = _Corpus(tok[:-eval_rows], mask[:-eval_rows])
+        held[name] = _Corpus(tok[-eval_rows:], mask[-eval_rows:])
+    return train, held
+
+
+def _draw(c: _Corpus, n: int, seed: int, step: int, salt: int) -> tuple[Tensor, Tensor]:
+    g = np.random.default_rng([seed, step, salt])
+    idx = g.choice(len(c.tokens), size=min(n, len(c.tokens)), replace=False)
+    return torch.from_numpy(c.tokens[idx].astype(np.int64)), torch.from_numpy(c.mask[idx])
+
+
+def _pad_to_ids(tok: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Stored rows mark unwritten tail tokens with the pad id already; attention mask from it."""
+    return tok, (tok != pad_id).long()
+
+
+class _Residual:
+    """The output of blocks `layers` on one forward through the decoder, stopping after the deepest."""
+
+    def __init__(self, model: Any, layers: list[int]):
+        self.blocks, self.layers = decoder_layers(model), sorted(set(layers))
+        self.base = getattr(model, "model", model)
+
+    def __call__(self, ids: Tensor, attn: Tensor) -> dict[int, Tensor]:
+        got: dict[int, Tensor] = {}
+        deepest = self.layers[-1]
+
+        def hook_for(layer: int) -> Callable:
+            def hook(_m, _i, output):
+                got[layer] = output[0] if isinstance(output, (tuple, list)) else output
+                if layer == deepest:
+                    raise _Stop
+            return hook
+
+        handles = [self.blocks[layer].register_forward_hook(hook_for(layer)) for layer in self.layers]
+        try:
+            self.base(input_ids=ids, attention_mask=attn, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return got
+
+
+def _targets(res: _Residual, iv: Any, iv_all: Any, ids: Tensor, attn: Tensor, editable: Tensor,
+             unlearn_B: Tensor, target: str) -> tuple[Tensor, Tensor]:
+    """(clean residual at L, target residual at L) for a batch, without gradients."""
+    with torch.no_grad():
+        got = res(ids, attn)
+        h = got[iv.layer]
+        if target == "gated":
+            tgt = iv.edit(h, editable, gate_h_BTD=got.get(iv.gate_layer)).h_BTD
+        else:
+            edited = iv_all.edit(h, editable).h_BTD
+            tgt = torch.where(unlearn_B[:, None, None], edited, h)
+    return h.detach(), tgt.detach()
+
+
+def _loss(h: Tensor, tgt: Tensor, editable: Tensor, unlearn_B: Tensor, norm: float,
+          w_D: Tensor) -> tuple[Tensor, Tensor]:
+    """(retain rows' mean weighted squared error, unlearn rows') at editable positions."""
+    err_BT = (((h - tgt) ** 2) * w_D).sum(-1) / norm
+    out = []
+    for rows in (~unlearn_B, unlearn_B):
+        m = editable & rows[:, None]
+        out.append((err_BT * m).sum() / m.sum().clamp_min(1))
+    return out[0], out[1]
+
+
+def _batch(train: dict[str, _Corpus], cfg: BakeConfig, step: int, pad_id: int,
+           salt: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Step `step`'s contexts: batch_contexts of each corpus, retain rows first."""
+    r_tok, r_mask = _draw(train["retain"], cfg.batch_contexts, cfg.seed, step, 2 * salt)
+    u_tok, u_mask = _draw(train["unlearn"], cfg.batch_contexts, cfg.seed, step, 2 * salt + 1)
+    tok = torch.cat([r_tok, u_tok])
+    ids, attn = _pad_to_ids(tok.clamp_min(0), pad_id)
+    editable = torch.cat([r_mask, u_mask]).bool()
+    unlearn_B = torch.arange(len(tok)) >= len(r_tok)
+    return ids, attn, editable, unlearn_B
+
+
+def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, store: str | None = None,
+         setting: Any = None, overwrite: bool = False, progress: bool = True, eval_rows: int = 16) -> BakeResult:
+    """Train, merge and save (module docstring). Resumes from OUT.bake/ when its checkpoint was
+    written by the same run, setting and config. The update is merged into `lm.model` in place:
+    afterwards it is the baked model."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
+    from pipelines.evaluate import check_model
+    from pipelines.intervene import Intervention, chosen_setting, load_run
+
+    if cfg.target not in TARGETS:
+        raise EvalError(f"unknown bake target '{cfg.target}': use {' or '.join(TARGETS)}")
+    if cfg.steps < 1 or cfg.batch_contexts < 1 or cfg.rank < 1:
+        raise EvalError("--steps, --batch-contexts and --rank must be positive")
+    out = Path(out_dir)
+    check_bake_out(out, overwrite)
+    run = load_run(run_dir)
+    check_model(run, lm)
+    setting = setting if setting is not None else chosen_setting(run_dir)
+    iv = Intervention(run, setting)
+    iv_all = Intervention(run, setting.changed(gate="none"))
+    if iv.n_features == 0:
+        raise EvalError(f"the setting {setting.label} edits no feature: nothing to bake")
+    store_path = store or str(run.config.get("unlearn_store") or run.config.get("store"))
+    train, held = _corpora(store_path, eval_rows)
+    model = lm.model
+    dev = next(model.parameters()).device
+    iv.to(dev), iv_all.to(dev)
+    layers = [run.layer] + ([iv.gate_layer] if iv.threshold is not None else [])
+    res = _Residual(model, layers)
+    pad_id = int(getattr(lm.tokenizer, "pad_token_id", 0) or 0)
+    same = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # what decides the weights
+    stamp = {"run": str(Path(run_dir).resolve()), "setting": setting.to_dict(), "config": same,
+             "model_hash": lm.info.weights_hash, "store": store_path}
+
+    work = out.with_name(out.name + ".bake")
+    ckpt_path = work / CHECKPOINT
+    if overwrite:
+        shutil.rmtree(work, ignore_errors=True)
+    ckpt = None
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt.get("stamp") != stamp:
+            raise EvalError(f"{work} holds a bake of another run, setting or config; pass --overwrite to start over")
+    work.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.modules),
+                      layers_to_transform=list(range(run.layer + 1)), bias="none")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pm = get_peft_model(model, lora)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)) * max(0.0, 1.0 - s / cfg.steps))
+
+    def held_loss() -> tuple[float, float]:
+        tot = [0.0, 0.0]
+        with torch.no_grad():
+            for i in range(0, eval_rows, cfg.batch_contexts):
+                tok = torch.cat([torch.from_numpy(held[n].tokens[i:i + cfg.batch_contexts].astype(np.int64))
+                                 for n in ("retain", "unlearn")])
+                mask = torch.cat([torch.from_numpy(held[n].mask[i:i + cfg.batch_contexts]) for n in ("retain", "unlearn")])
+                unl = torch.arange(len(tok)) >= len(tok) // 2
+                ids, attn = _pad_to_ids(tok.clamp_min(0), pad_id)
+                ids, attn, mask, unl = ids.to(dev), attn.to(dev), mask.bool().to(dev), unl.to(dev)
+                with pm.disable_adapter():
+                    h0, tgt = _targets(res, iv, iv_all, ids, attn, mask, unl, cfg.target)
+                h = res(ids, attn)[run.layer]
+                lr_, lu_ = _loss(h, tgt, mask, unl, norm, w_D)
+                tot[0] += float(lr_)
+                tot[1] += float(lu_)
+        n = -(-eval_rows // cfg.batch_contexts)
+        return tot[0] / n, tot[1] / n
+
+    start = 0
+    if ckpt is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(pm, ckpt["adapter"])
+        opt.load_state_dict(ckpt["opt"])
+        sched.load_state_dict(ckpt["sched"])
+        start, norm, w_D, before = int(ckpt["step"]), float(ckpt["norm"]), ckpt["w_D"].to(dev), ckpt["before"]
+    else:
+        with pm.disable_adapter():  # the loss's unit: the edit's mean squared size on unlearn text
+            ids, attn, editable, unl = (t.to(dev) for t in _batch(train, cfg, 0, pad_id, salt=1))
+            h, tgt = _targets(res, iv, iv_all, ids, attn, editable, unl, cfg.target)
+            w_D = 1.0 / h[editable].var(0).clamp_min(1e-6) if cfg.whiten else torch.ones(h.shape[-1], device=dev)
+            w_D = w_D / w_D.mean()
+            norm = float((((tgt - h) ** 2) * w_D).sum(-1)[editable & unl[:, None]].mean())
+        if not norm > 0:
+            raise EvalError(f"the setting {setting.label} changes nothing on the store's unlearn text: nothing to bake")
+        before = held_loss()
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc="bake", unit="step", disable=not progress, dynamic_ncols=True)
+    pm.train()
+    for step in range(start, cfg.steps):
+        ids, attn, editable, unl = (t.to(dev) for t in _batch(train, cfg, step, pad_id))
+        with pm.disable_adapter():
+            _, tgt = _targets(res, iv, iv_all, ids, attn, editable, unl, cfg.target)
+        h = res(ids, attn)[run.layer]
+        l_r, l_u = _loss(h, tgt, editable, unl, norm, w_D)
+        loss = l_r + cfg.forget_weight * l_u
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(retain=f"{l_r.item():.3f}", unlearn=f"{l_u.item():.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            _checkpoint(ckpt_path, pm, opt, sched, step + 1, norm, w_D, before, stamp)
+    bar.close()
+    pm.eval()
+    after = held_loss()
+    loss_d = {"retain_before": before[0], "unlearn_before": before[1], "retain_after": after[0],
+              "unlearn_after": after[1]}
+    merged = pm.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    folder = _save(merged, lm, out, {**stamp, "base_model": lm.info.name, "layer": run.layer,
+                                     "setting_label": setting.label, "loss": loss_d, "steps": cfg.steps})
+    shutil.rmtree(work, ignore_errors=True)
+    return BakeResult(folder, cfg.steps, start, round(time.perf_counter() - t0, 1), loss_d)
+
+
+def _checkpoint(path: Path, pm: Any, opt: Any, sched: Any, step: int, norm: float, w_D: Tensor, before: Any,
+                stamp: dict[str, Any]) -> None:
+    import io
+
+    from peft import get_peft_model_state_dict
+
+    buf = io.BytesIO()
+    torch.save({"adapter": get_peft_model_state_dict(pm), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "step": step, "norm": norm, "w_D": w_D.cpu(), "before": before,
+                "stamp": stamp}, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _save(model: Any, lm: Any, out: Path, meta: dict[str, Any]) -> Path:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp)
+    (tmp / BAKE_FILE).write_text(json.dumps(meta, indent=2))
+    (tmp / "README.md").write_text(bake_card(meta))
+    return replace_dir(tmp, out)
+
+
+def bake_card(meta: dict[str, Any]) -> str:
+    loss = meta["loss"]
+    return "\n".join([
+        f"# {meta['base_model']}, with FeatureForget unlearning baked into the weights", "",
+        f"A standard model folder: `AutoModelForCausalLM.from_pretrained(FOLDER)` (no custom code). Blocks 0..{meta['layer']} "
+        f"carry a merged low-rank update trained (`ff bake`) to reproduce the edit `{meta['setting_label']}` of run "
+        f"`{Path(meta['run']).name}` at the output of block {meta['layer']}.", "",
+        "## How close the weights come to the edit", "",
+        "Held-out contexts of the run's store, squared error to the edited residual in units of the edit's mean squared size on unlearn text (the clean model: about 1 there, 0 on retain text):", "",
+        f"- retain text: {loss['retain_before']:.4f} (clean model) -> {loss['retain_after']:.4f}",
+        f"- unlearn text: {loss['unlearn_before']:.4f} (clean model) -> {loss['unlearn_after']:.4f}", "",
+        "Measure it as a user would: `ff eval --model FOLDER` (the same question sets and prompt formats as the hooked edit).", "",
+        "## Threat model", "",
+        "The forgetting is in the weights: loading the folder without ff or custom code keeps it. Fine-tuning on "
+        "forget-domain text can bring it back; docs/threat-model.md in FeatureForget says what was measured.", ""])

@@ -1,0 +1,208 @@
+"""`ff bake` writes a run's edit into the weights of the blocks up to its layer (a standard folder,
+no custom code), resumes after an interruption to the same weights, and refuses bad input in one
+line; `ff eval --model FOLDER` scores a folder as it is against its base model."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import pipelines.bake as bake_mod
+from cache.models import decoder_layers, load_model
+from cli import main
+from pipelines.config import EvalConfig, Setting
+from pipelines.intervene import Intervention, load_run
+from test_pipelines_evaluate import write_mcq
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
+
+LAYER = 1
+SETTING = Setting(mode="clamp", multiplier=2.0, top_n=20, gate="none")
+"""Small enough for blocks 0..LAYER to reach: each block adds a normed (bounded) output."""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model, tiny_corpora) -> str:
+    out = tmp_path_factory.mktemp("bake") / "s.zarr"
+    r = CliRunner().invoke(main, ["cache", "--model", tiny_model, "--retain", tiny_corpora[0], "--unlearn",
+                                  tiny_corpora[1], "--contexts", "48", "--ctx-len", "16", "--layers", str(LAYER),
+                                  "--chunk-contexts", "8", "--quiet", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return load_model(tiny_model, device="cpu")
+
+
+def _run(tmp_path: Path, lm, store: str, setting: Setting = SETTING) -> Path:
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40,
+                   model=lm.info.name, b_enc=0.2)
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "store": store, "unlearn_store": store}))
+    (run / "unlearning.json").write_text(json.dumps({"best": {"setting": setting.to_dict(), "label": setting.label}}))
+    return run
+
+
+def _bake(run: Path, out: Path, *extra: str):
+    return CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(out), "--steps", "30",
+                                     "--batch-contexts", "4", "--lr", "3e-3", "--rank", "8", "--quiet", *extra])
+
+
+def _resid(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+
+
+@pytest.mark.parametrize("target", ["gated", "corpus"])
+def test_baked_folder_loads_plainly_and_its_weights_carry_the_edit(lm, store, tmp_path, target):
+    from transformers import AutoModelForCausalLM
+
+    run = _run(tmp_path, lm, store)
+    out = tmp_path / "baked"
+    r = _bake(run, out, "--target", target)
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.output and not (tmp_path / "baked.bake").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in cfg and "featureforget" not in cfg  # a standard folder: no custom code
+    baked = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    meta = json.loads((out / bake_mod.BAKE_FILE).read_text())
+    assert meta["base_model"] == lm.info.name and meta["layer"] == LAYER and meta["setting"] == SETTING.to_dict()
+    # the blocks above the edited layer and the head are the base model's, bit for bit; the ones up to it changed
+    base_sd, new_sd = lm.model.state_dict(), baked.state_dict()
+    for k, v in base_sd.items():
+        above = any(f"layers.{i}." in k for i in range(LAYER + 1, len(decoder_layers(lm.model))))
+        if above or "layers." not in k:
+            assert torch.equal(v, new_sd[k]), k
+    assert any(not torch.equal(base_sd[k], new_sd[k]) for k in base_sd if f"layers.{LAYER}." in k)
+    # on unlearn text the baked residual at the layer is closer to the edited one than the clean model's
+    from cache.store import open_store
+
+    ids = torch.from_numpy(open_store(store).corpus("unlearn").tokens()[-8:].astype("int64"))  # held out by the bake
+    assert bool((ids[:, 1:] != 0).all())  # no padding in these rows
+    iv = Intervention(load_run(run), SETTING)
+    clean = _resid(lm.model, ids)
+    target_h = iv.edit(clean, ids != lm.model.config.bos_token_id).h_BTD
+    err_clean = float(((clean - target_h) ** 2)[:, 1:].sum(-1).mean())
+    err_baked = float(((_resid(baked, ids) - target_h) ** 2)[:, 1:].sum(-1).mean())
+    assert err_baked < 0.6 * err_clean, (err_baked, err_clean)
+    loss = meta["loss"]
+    assert loss["unlearn_after"] < loss["unlearn_before"]
+
+
+def test_an_interrupted_bake_resumes_to_the_same_weights(lm, store, tmp_path, monkeypatch):
+    run = _run(tmp_path, lm, store)
+    whole = tmp_path / "whole"
+    assert _bake(run, whole, "--steps", "12").exit_code == 0
+    real = bake_mod._checkpoint
+    calls = []
+
+    def interrupted(*a, **k):
+        real(*a, **k)
+        calls.append(a[4])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies right after its second checkpoint
+
+    monkeypatch.setattr(bake_mod, "_checkpoint", interrupted)
+    out = tmp_path / "resumed"
+    cfg = bake_mod.BakeConfig(steps=12, batch_contexts=4, lr=3e-3, rank=8, checkpoint_every=4)
+    with pytest.raises(KeyboardInterrupt):
+        bake_mod.bake(run, out, load_model(lm.info.name), cfg, progress=False)
+    assert calls == [4, 8] and not out.exists() and (tmp_path / "resumed.bake" / bake_mod.CHECKPOINT).is_file()
+    monkeypatch.setattr(bake_mod, "_checkpoint", real)
+    r = _bake(run, out, "--steps", "14")  # another config does not take that checkpoint over
+    assert r.exit_code == 2 and "another run, setting or config" in r.output, r.output
+    r = _bake(run, out, "--steps", "12")
+    assert r.exit_code == 0 and "resumed at step 8" in r.output, r.output
+    a = load_model(str(whole)).model.state_dict()
+    b = load_model(str(out)).model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_path):
+    run = _run(tmp_path, lm, store)
+    cases = []
+    no_choice = tmp_path / "nochoice"
+    shutil.copytree(run, no_choice)
+    (no_choice / "unlearning.json").unlink()
+    cases.append((["--run", str(no_choice)], "ff eval --run"))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    cases.append((["--out", str(full)], "exists and is not empty"))
+    cases.append((["--store", str(tmp_path / "nowhere.zarr")], "cannot open the run's store"))
+    for extra, needle in cases:
+        args = {"--run": str(run), "--out": str(tmp_path / "o")}
+        for i in range(0, len(extra), 2):
+            args[extra[i]] = extra[i + 1]
+        r = CliRunner().invoke(main, ["bake", *[x for kv in args.items() for x in kv], "--steps", "2", "--quiet"])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert [line for line in r.output.splitlines() if line.startswith("error:")] and needle in r.output, r.output
+        assert not (tmp_path / "o").exists()
+    assert (full / "keep.txt").read_text() == "mine" and [p.name for p in full.iterdir()] == ["keep.txt"]
+
+
+def _plain_correct(model, tok, questions, template: str) -> torch.Tensor:
+    """Each question scored the plain way: one forward per choice, the sum of log p of its tokens."""
+    out = []
+    for q in questions:
+        prompt = tok(template.format(question=q.question)).input_ids
+        lps = []
+        for c in q.choices:
+            cont = tok(" " + c, add_special_tokens=False).input_ids
+            ids = torch.tensor([prompt + cont])
+            with torch.no_grad():
+                lp = model(ids).logits[0].log_softmax(-1)
+            lps.append(sum(float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(cont)))
+        out.append(int(torch.tensor(lps).argmax()) == q.answer)
+    return torch.tensor(out)
+
+
+def test_ff_eval_model_scores_a_folder_as_it_is_against_its_base(lm, tmp_path, tiny_model, tiny_corpora):
+    from pipelines.data import load_mcq, sample_split
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    model = load_model(str(other)).model
+    with torch.no_grad():
+        for p in decoder_layers(model)[2].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    model.save_pretrained(other)
+    f, r = write_mcq(tmp_path / "f.jsonl", 16, 1), write_mcq(tmp_path / "r.jsonl", 12, 2)
+    args = ["eval", "--model", str(other), "--base", tiny_model, "--forget-mcq", f, "--retain-mcq", r,
+            "--forget-text", tiny_corpora[1], "--retain-text", tiny_corpora[0], "--max-text-tokens", "200",
+            "--no-ood", "--formats", "plain,kshot2", "--format-questions", "6", "--quiet"]
+    res = CliRunner().invoke(main, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    best = out["best"]
+    qs, test_Q = sample_split(load_mcq(f, "forget"), None, EvalConfig().sample_seed)
+    tok = lm.tokenizer
+    want_after = _plain_correct(model, tok, qs, EvalConfig().mcq_template)
+    want_before = _plain_correct(lm.model, tok, qs, EvalConfig().mcq_template)
+    bits = best["test"]["forget_correct"]
+    assert bits["after"] == "".join("1" if v else "0" for v in want_after[test_Q].tolist())
+    assert bits["before"] == "".join("1" if v else "0" for v in want_before[test_Q].tolist())
+    assert bits["after"] != bits["before"] or best["forget_loss"]["after"] != best["forget_loss"]["before"]
+    assert set(best["formats"]) == {"kshot2"} and "formats_min" in best
+    assert set(best["fluency"]) == {"forget_text", "retain_text"}
+    assert best["fluency"]["forget_text"]["changed"] > 0
+    text = CliRunner().invoke(main, args)
+    assert text.exit_code == 0 and "in distribution: test score" in text.output and "format kshot2" in text.output
+
+
+def test_ff_eval_model_refuses_an_exported_folder_and_a_folder_without_base(tmp_path, tiny_model):
+    exported = tmp_path / "exported"
+    shutil.copytree(tiny_model, exported)
+    cfg = json.loads((exported / "config.json").read_text())
+    (exported / "config.json").write_text(json.dumps({**cfg, "featureforget": {"layer": 1}}))
+    for args, needle in ((["--model", str(exported), "--base", tiny_model], "exported folder"),
+                         (["--model", tiny_model], "pass --base"),
+                         (["--model", tiny_model, "--base", tiny_model, "--save"], "--json > FILE"),
+                         ([], "pass --run RUN")):
+        r = CliRunner().invoke(main, ["eval", *args, "--quiet"])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
