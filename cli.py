@@ -803,15 +803,18 @@ def export_cmd(run_dir, fmt, model, device, overwrite, out):
 @click.option("--target", default="gated", type=click.Choice(["gated", "corpus"]),
               help="gated: reproduce the chosen setting with its gate; corpus: the edit on all unlearn text, "
               "nothing on retain text. [gated]")
-@click.option("--steps", default=200, show_default=True, type=int, help="Optimizer steps.")
+@click.option("--steps", default=300, show_default=True, type=int, help="Optimizer steps.")
 @click.option("--batch-contexts", default=4, show_default=True, type=int, help="Contexts per corpus per step.")
 @click.option("--lr", default=None, type=float, help="Learning rate. [BakeConfig.lr]")
-@click.option("--rank", default=16, show_default=True, type=int, help="LoRA rank.")
+@click.option("--rank", default=32, show_default=True, type=int, help="LoRA rank.")
+@click.option("--multiplier", default=None, type=click.FloatRange(0, min_open=True),
+              help="Clamp strength of the edit baked in. [the chosen setting's]")
 @click.option("--model", default=None, help="The model the run was trained on. Default: the one named in the run.")
 @click.option("--device", default="cpu", help="auto, cpu or cuda. [cpu]")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT and start over instead of resuming.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def bake_cmd(run_dir, out, store, target, steps, batch_contexts, lr, rank, model, device, overwrite, quiet):
+def bake_cmd(run_dir, out, store, target, steps, batch_contexts, lr, rank, multiplier, model, device, overwrite,
+             quiet):
     """Write the run's chosen edit into the weights: a low-rank update (peft LoRA) of the blocks up to
     the edited layer, trained so their output is the edited residual, merged and saved as a standard
     folder that `AutoModelForCausalLM.from_pretrained(OUT)` loads without ff or custom code. An
@@ -824,7 +827,7 @@ def bake_cmd(run_dir, out, store, target, steps, batch_contexts, lr, rank, model
 
     setting = chosen_setting(run_dir)  # a run without one, or a full OUT, fails before the model loads
     check_bake_out(Path(out), overwrite)
-    cfg = BakeConfig(steps=steps, batch_contexts=batch_contexts, rank=rank, target=target)
+    cfg = BakeConfig(steps=steps, batch_contexts=batch_contexts, rank=rank, target=target, multiplier=multiplier)
     if lr is not None:
         cfg = dataclasses.replace(cfg, lr=lr)
     lm = _load_for_run(run_dir, model, device)

@@ -48,17 +48,19 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class BakeConfig:
-    steps: int = 200
+    steps: int = 300
     """Optimizer steps."""
     batch_contexts: int = 4
     """Contexts per corpus per step (a step sees twice this many)."""
-    lr: float = 2e-3
-    rank: int = 16
+    lr: float = 1e-3
+    rank: int = 32
     alpha: float = 32.0
     modules: tuple[str, ...] = LORA_MODULES
     """Linear layers of blocks 0..L that get a low-rank update."""
     target: str = "gated"
     """"gated": the chosen setting as it is; "corpus": the edit ungated on unlearn text only."""
+    multiplier: float | None = None
+    """The clamp strength of the edit baked in; None: the chosen setting's."""
     forget_weight: float = 1.0
     """Weight of the unlearn rows' loss against the retain rows'."""
     warmup: int = 10
@@ -223,6 +225,8 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     run = load_run(run_dir)
     check_model(run, lm)
     setting = setting if setting is not None else chosen_setting(run_dir)
+    if cfg.multiplier is not None:
+        setting = setting.replace(multiplier=cfg.multiplier)
     iv = Intervention(run, setting)
     iv_all = Intervention(run, setting.changed(gate="none"))
     if iv.n_features == 0:
