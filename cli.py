@@ -800,21 +800,24 @@ def export_cmd(run_dir, fmt, model, device, overwrite, out):
 @click.option("--out", required=True, type=click.Path(), help="Model folder to write (a standard Hugging Face folder).")
 @click.option("--store", default=None, help="Store whose retain and unlearn text the update trains on. "
               "Default: the run's.")
-@click.option("--target", default="gated", type=click.Choice(["gated", "corpus"]),
-              help="gated: reproduce the chosen setting with its gate; corpus: the edit on all unlearn text, "
-              "nothing on retain text. [gated]")
+@click.option("--target", default="corpus", type=click.Choice(["corpus", "gated"]),
+              help="corpus: the edit on all unlearn text, nothing on retain text; gated: reproduce the chosen "
+              "setting with its gate.")
 @click.option("--steps", default=300, show_default=True, type=int, help="Optimizer steps.")
 @click.option("--batch-contexts", default=4, show_default=True, type=int, help="Contexts per corpus per step.")
-@click.option("--lr", default=None, type=float, help="Learning rate. [BakeConfig.lr]")
+@click.option("--lr", default=None, type=float, help="Learning rate. [1e-3]")
 @click.option("--rank", default=32, show_default=True, type=int, help="LoRA rank.")
-@click.option("--multiplier", default=None, type=click.FloatRange(0, min_open=True),
-              help="Clamp strength of the edit baked in. [the chosen setting's]")
+@click.option("--multiplier", default=100.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Clamp strength of the edit baked in, in units of each feature's mean firing value (the "
+              "chosen setting's other fields are kept).")
+@click.option("--forget-weight", default=0.25, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Weight of the unlearn text's error against the retain text's.")
 @click.option("--model", default=None, help="The model the run was trained on. Default: the one named in the run.")
-@click.option("--device", default="cpu", help="auto, cpu or cuda. [cpu]")
+@click.option("--device", default="cpu", help="auto, cpu or cuda.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT and start over instead of resuming.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def bake_cmd(run_dir, out, store, target, steps, batch_contexts, lr, rank, multiplier, model, device, overwrite,
-             quiet):
+def bake_cmd(run_dir, out, store, target, steps, batch_contexts, lr, rank, multiplier, forget_weight, model, device,
+             overwrite, quiet):
     """Write the run's chosen edit into the weights: a low-rank update (peft LoRA) of the blocks up to
     the edited layer, trained so their output is the edited residual, merged and saved as a standard
     folder that `AutoModelForCausalLM.from_pretrained(OUT)` loads without ff or custom code. An
@@ -827,7 +830,8 @@ def bake_cmd(run_dir, out, store, target, steps, batch_contexts, lr, rank, multi
 
     setting = chosen_setting(run_dir)  # a run without one, or a full OUT, fails before the model loads
     check_bake_out(Path(out), overwrite)
-    cfg = BakeConfig(steps=steps, batch_contexts=batch_contexts, rank=rank, target=target, multiplier=multiplier)
+    cfg = BakeConfig(steps=steps, batch_contexts=batch_contexts, rank=rank, target=target, multiplier=multiplier,
+                     forget_weight=forget_weight)
     if lr is not None:
         cfg = dataclasses.replace(cfg, lr=lr)
     lm = _load_for_run(run_dir, model, device)

@@ -50,7 +50,8 @@ def _run(tmp_path: Path, lm, store: str, setting: Setting = SETTING) -> Path:
 
 def _bake(run: Path, out: Path, *extra: str):
     return CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(out), "--steps", "30",
-                                     "--batch-contexts", "4", "--lr", "3e-3", "--rank", "8", "--quiet", *extra])
+                                     "--batch-contexts", "4", "--lr", "3e-3", "--rank", "8", "--multiplier", "2",
+                                     "--forget-weight", "1", "--quiet", *extra])
 
 
 def _resid(model, ids: torch.Tensor) -> torch.Tensor:
@@ -109,7 +110,8 @@ def test_an_interrupted_bake_resumes_to_the_same_weights(lm, store, tmp_path, mo
 
     monkeypatch.setattr(bake_mod, "_checkpoint", interrupted)
     out = tmp_path / "resumed"
-    cfg = bake_mod.BakeConfig(steps=12, batch_contexts=4, lr=3e-3, rank=8, checkpoint_every=4)
+    cfg = bake_mod.BakeConfig(steps=12, batch_contexts=4, lr=3e-3, rank=8, multiplier=2.0, forget_weight=1.0,
+                              checkpoint_every=4)
     with pytest.raises(KeyboardInterrupt):
         bake_mod.bake(run, out, load_model(lm.info.name), cfg, progress=False)
     assert calls == [4, 8] and not out.exists() and (tmp_path / "resumed.bake" / bake_mod.CHECKPOINT).is_file()
@@ -135,6 +137,13 @@ def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_pa
     (full / "keep.txt").write_text("mine")
     cases.append((["--out", str(full)], "exists and is not empty"))
     cases.append((["--store", str(tmp_path / "nowhere.zarr")], "cannot open the run's store"))
+    other = tmp_path / "other-model"
+    shutil.copytree(lm.info.name, other)
+    m = load_model(str(other)).model
+    with torch.no_grad():
+        next(m.parameters()).add_(1.0)
+    m.save_pretrained(other)
+    cases.append((["--model", str(other)], "was trained on model"))
     for extra, needle in cases:
         args = {"--run": str(run), "--out": str(tmp_path / "o")}
         for i in range(0, len(extra), 2):
