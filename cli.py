@@ -803,10 +803,11 @@ def export_cmd(run_dir, fmt, model, device, overwrite, out):
 @click.option("--target", default="corpus", type=click.Choice(["corpus", "gated"]),
               help="corpus: the edit on all unlearn text, nothing on retain text; gated: reproduce the chosen "
               "setting with its gate.")
-@click.option("--steps", default=300, show_default=True, type=int, help="Optimizer steps.")
-@click.option("--batch-contexts", default=4, show_default=True, type=int, help="Contexts per corpus per step.")
-@click.option("--lr", default=None, type=float, help="Learning rate. [1e-3]")
-@click.option("--rank", default=32, show_default=True, type=int, help="LoRA rank.")
+@click.option("--steps", default=300, show_default=True, type=click.IntRange(1), help="Optimizer steps.")
+@click.option("--batch-contexts", default=4, show_default=True, type=click.IntRange(1),
+              help="Contexts per corpus per step.")
+@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True), help="Learning rate. [1e-3]")
+@click.option("--rank", default=32, show_default=True, type=click.IntRange(1), help="LoRA rank.")
 @click.option("--multiplier", default=100.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Clamp strength of the edit baked in, in units of each feature's mean firing value (the "
               "chosen setting's other fields are kept).")

@@ -106,9 +106,10 @@ def check_bake_out(out: Path, overwrite: bool) -> None:
         raise EvalError(f"bake folder {out} exists and is not empty; pass --overwrite or pick another")
 
 
-def _corpora(store_path: str, eval_rows: int) -> tuple[dict[str, _Corpus], dict[str, _Corpus]]:
+def _corpora(store_path: str, eval_rows: int, tokenizer_hash: str) -> tuple[dict[str, _Corpus], dict[str, _Corpus]]:
     """(train, held-out) token rows of the store's retain and unlearn corpora; the last
-    `eval_rows` contexts of each corpus are held out for the before/after loss."""
+    `eval_rows` contexts of each corpus are held out for the before/after loss. The store's
+    tokens must be the model's tokenizer's."""
     from cache.errors import StoreError
     from cache.store import open_store
 
@@ -116,6 +117,9 @@ def _corpora(store_path: str, eval_rows: int) -> tuple[dict[str, _Corpus], dict[
         store = open_store(store_path)
     except (StoreError, OSError, FileNotFoundError) as e:
         raise EvalError(f"cannot open the run's store {store_path}: {e} (pass --store)") from None
+    if store.meta.tokenizer_hash != tokenizer_hash:
+        raise EvalError(f"the store {store_path} was cached with another tokenizer than the model's "
+                        f"({store.meta.model}): bake from a store of the run's model (--store)")
     train, held = {}, {}
     for name in ("retain", "unlearn"):
         c = store.corpus(name)
@@ -234,7 +238,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     if iv.n_features == 0:
         raise EvalError(f"the setting {setting.label} edits no feature: nothing to bake")
     store_path = store or str(run.config.get("unlearn_store") or run.config.get("store"))
-    train, held = _corpora(store_path, eval_rows)
+    train, held = _corpora(store_path, eval_rows, lm.info.tokenizer_hash)
     model = lm.model
     dev = next(model.parameters()).device
     iv.to(dev), iv_all.to(dev)

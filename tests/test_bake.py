@@ -144,14 +144,19 @@ def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_pa
         next(m.parameters()).add_(1.0)
     m.save_pretrained(other)
     cases.append((["--model", str(other)], "was trained on model"))
+    from conftest import make_store
+
+    cases.append((["--store", str(make_store(tmp_path / "alien.zarr"))], "another tokenizer"))
     for extra, needle in cases:
-        args = {"--run": str(run), "--out": str(tmp_path / "o")}
+        args = {"--run": str(run), "--out": str(tmp_path / "o"), "--steps": "2"}
         for i in range(0, len(extra), 2):
             args[extra[i]] = extra[i + 1]
-        r = CliRunner().invoke(main, ["bake", *[x for kv in args.items() for x in kv], "--steps", "2", "--quiet"])
+        r = CliRunner().invoke(main, ["bake", *[x for kv in args.items() for x in kv], "--quiet"])
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert [line for line in r.output.splitlines() if line.startswith("error:")] and needle in r.output, r.output
         assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(tmp_path / "o"), "--steps", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--steps'" in r.output and not (tmp_path / "o").exists()
     assert (full / "keep.txt").read_text() == "mine" and [p.name for p in full.iterdir()] == ["keep.txt"]
 
 
