@@ -95,34 +95,35 @@ def test_baked_folder_loads_plainly_and_its_weights_carry_the_edit(lm, store, tm
     assert loss["unlearn_after"] < loss["unlearn_before"]
 
 
-def test_an_interrupted_bake_resumes_to_the_same_weights(lm, store, tmp_path, monkeypatch):
+def test_a_bake_killed_with_sigkill_resumes_to_the_same_weights(lm, store, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import kill_when
+
     run = _run(tmp_path, lm, store)
-    whole = tmp_path / "whole"
-    assert _bake(run, whole, "--steps", "12").exit_code == 0
-    real = bake_mod._checkpoint
-    calls = []
-
-    def interrupted(*a, **k):
-        real(*a, **k)
-        calls.append(a[4])
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the process dies right after its second checkpoint
-
-    monkeypatch.setattr(bake_mod, "_checkpoint", interrupted)
+    steps = ("--steps", "200")
     out = tmp_path / "resumed"
-    cfg = bake_mod.BakeConfig(steps=12, batch_contexts=4, lr=3e-3, rank=8, multiplier=2.0, forget_weight=1.0,
-                              checkpoint_every=4)
-    with pytest.raises(KeyboardInterrupt):
-        bake_mod.bake(run, out, load_model(lm.info.name), cfg, progress=False)
-    assert calls == [4, 8] and not out.exists() and (tmp_path / "resumed.bake" / bake_mod.CHECKPOINT).is_file()
-    monkeypatch.setattr(bake_mod, "_checkpoint", real)
-    r = _bake(run, out, "--steps", "14")  # another config does not take that checkpoint over
+    argv = ["bake", "--run", str(run), "--out", str(out), "--batch-contexts", "4", "--lr", "3e-3", "--rank", "8",
+            "--multiplier", "2", "--forget-weight", "1", "--quiet", *steps]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *argv], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "resumed.bake" / bake_mod.CHECKPOINT
+    kill_when(proc, lambda: int(ckpt.is_file()), 1, what="the bake")  # SIGKILL once a checkpoint is on disk
+    assert not out.exists() and ckpt.is_file()
+    at = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < at < 200
+    r = _bake(run, out, "--steps", "210")  # another config does not take that checkpoint over
     assert r.exit_code == 2 and "another run, setting or config" in r.output, r.output
-    r = _bake(run, out, "--steps", "12")
-    assert r.exit_code == 0 and "resumed at step 8" in r.output, r.output
+    r = _bake(run, out, *steps)
+    assert r.exit_code == 0 and f"resumed at step {at}" in r.output, r.output
+    whole = tmp_path / "whole"
+    assert _bake(run, whole, *steps).exit_code == 0
     a = load_model(str(whole)).model.state_dict()
     b = load_model(str(out)).model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    assert not ckpt.parent.exists()
 
 
 def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_path):
