@@ -275,9 +275,9 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         tot = [0.0, 0.0]
         with torch.no_grad():
             for i in range(0, eval_rows, cfg.batch_contexts):
-                tok = torch.cat([torch.from_numpy(held[n].tokens[i:i + cfg.batch_contexts].astype(np.int64))
-                                 for n in ("retain", "unlearn")])
-                mask = torch.cat([torch.from_numpy(held[n].mask[i:i + cfg.batch_contexts]) for n in ("retain", "unlearn")])
+                part = slice(i, i + cfg.batch_contexts)
+                tok = torch.cat([torch.from_numpy(held[n].tokens[part]).long() for n in ("retain", "unlearn")])
+                mask = torch.cat([torch.from_numpy(held[n].mask[part]) for n in ("retain", "unlearn")])
                 unl = torch.arange(len(tok)) >= len(tok) // 2
                 ids, attn = _pad_to_ids(tok.clamp_min(0), pad_id)
                 ids, attn, mask, unl = ids.to(dev), attn.to(dev), mask.bool().to(dev), unl.to(dev)
@@ -367,17 +367,20 @@ def _save(model: Any, lm: Any, out: Path, meta: dict[str, Any]) -> Path:
 
 
 def bake_card(meta: dict[str, Any]) -> str:
-    loss = meta["loss"]
+    """The baked folder's README: what was baked in, how close the weights come, the threat model."""
+    loss, layer = meta["loss"], meta["layer"]
     return "\n".join([
         f"# {meta['base_model']}, with FeatureForget unlearning baked into the weights", "",
-        f"A standard model folder: `AutoModelForCausalLM.from_pretrained(FOLDER)` (no custom code). Blocks 0..{meta['layer']} "
-        f"carry a merged low-rank update trained (`ff bake`) to reproduce the edit `{meta['setting_label']}` of run "
-        f"`{Path(meta['run']).name}` at the output of block {meta['layer']}.", "",
+        "A standard model folder: `AutoModelForCausalLM.from_pretrained(FOLDER)` (no custom code). "
+        f"Blocks 0..{layer} carry a merged low-rank update trained (`ff bake`) to reproduce the edit "
+        f"`{meta['setting_label']}` of run `{Path(meta['run']).name}` at the output of block {layer}.", "",
         "## How close the weights come to the edit", "",
-        "Held-out contexts of the run's store, squared error to the edited residual in units of the edit's mean squared size on unlearn text (the clean model: about 1 there, 0 on retain text):", "",
+        "Held-out contexts of the run's store, squared error to the edited residual in units of the edit's "
+        "mean squared size on unlearn text (the clean model: about 1 there, 0 on retain text):", "",
         f"- retain text: {loss['retain_before']:.4f} (clean model) -> {loss['retain_after']:.4f}",
         f"- unlearn text: {loss['unlearn_before']:.4f} (clean model) -> {loss['unlearn_after']:.4f}", "",
-        "Measure it as a user would: `ff eval --model FOLDER` (the same question sets and prompt formats as the hooked edit).", "",
+        "Measure it as a user would: `ff eval --model FOLDER` (the same question sets and prompt formats as the "
+        "hooked edit).", "",
         "## Threat model", "",
         "The forgetting is in the weights: loading the folder without ff or custom code keeps it. Fine-tuning on "
         "forget-domain text can bring it back; docs/threat-model.md in FeatureForget says what was measured.", ""])

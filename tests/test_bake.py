@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_pipelines_evaluate import write_mcq
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 import pipelines.bake as bake_mod
 from cache.models import decoder_layers, load_model
 from cli import main
 from pipelines.config import EvalConfig, Setting
 from pipelines.intervene import Intervention, load_run
-from test_pipelines_evaluate import write_mcq
-from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 LAYER = 1
 SETTING = Setting(mode="clamp", multiplier=2.0, top_n=20, gate="none")
