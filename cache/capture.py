@@ -20,8 +20,10 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def capture_layers(model: Any, layers: Sequence[int], *, stop: bool = True) -> Iterator[dict[int, torch.Tensor]]:
-    """Context manager; the yielded dict is filled with layer -> [B, T, D] on each forward."""
+def capture_layers(model: Any, layers: Sequence[int], *, stop: bool = True,
+                   detach: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+    """Context manager; the yielded dict is filled with layer -> [B, T, D] on each forward
+    (`detach=False`: the outputs keep their autograd graph, for training the blocks below)."""
     blocks = decoder_layers(model)
     out: dict[int, torch.Tensor] = {}
     deepest = max(layers)
@@ -30,7 +32,7 @@ def capture_layers(model: Any, layers: Sequence[int], *, stop: bool = True) -> I
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
             h = output[0] if isinstance(output, (tuple, list)) else output
-            out[layer] = h.detach()
+            out[layer] = h.detach() if detach else h
             if stop and layer == deepest:
                 raise _StopForward
 
@@ -50,15 +52,23 @@ def base_model(model: Any) -> Any:
     return getattr(model, "model", model)
 
 
-@torch.inference_mode()
-def forward_layers(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Run the model up to the deepest of `layers`; return layer -> activations [B, T, D]."""
-    with capture_layers(model, layers) as acts:
+def outputs_at(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int], *,
+               detach: bool = True) -> dict[int, torch.Tensor]:
+    """Run the model up to the deepest of `layers` (no later block, no LM head); return layer ->
+    activations [B, T, D], with their autograd graph where `detach` is False."""
+    with capture_layers(model, layers, detach=detach) as acts:
         try:
             base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
+    return dict(acts)
+
+
+@torch.inference_mode()
+def forward_layers(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Run the model up to the deepest of `layers`; return layer -> activations [B, T, D]."""
+    acts = outputs_at(model, input_ids, attention_mask, layers)
     missing = set(layers) - set(acts)
     if missing:  # pragma: no cover - a model whose blocks we could not hook
         raise RuntimeError(f"layers {sorted(missing)} produced no activations")

@@ -27,16 +27,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from cache.atomic import atomic_write, replace_dir
-from cache.models import decoder_layers
+from cache.capture import outputs_at
 from pipelines.errors import EvalError
 
 BAKE_FILE = "featureforget_bake.json"
@@ -94,11 +94,6 @@ class BakeResult(NamedTuple):
 class _Corpus:
     tokens: np.ndarray  # int32 [n, T]
     mask: np.ndarray  # bool [n, T]: editable (not BOS, not padding)
-    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-
-class _Stop(Exception):
-    pass
 
 
 def check_bake_out(out: Path, overwrite: bool) -> None:
@@ -146,32 +141,14 @@ def _pad_to_ids(tok: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 class _Residual:
-    """The output of blocks `layers` on one forward through the decoder, stopping after the deepest."""
+    """The output of blocks `layers` on one forward through the decoder, stopping after the
+    deepest (cache/capture.py), with the autograd graph of the blocks below."""
 
     def __init__(self, model: Any, layers: list[int]):
-        self.blocks, self.layers = decoder_layers(model), sorted(set(layers))
-        self.base = getattr(model, "model", model)
+        self.model, self.layers = model, sorted(set(layers))
 
     def __call__(self, ids: Tensor, attn: Tensor) -> dict[int, Tensor]:
-        got: dict[int, Tensor] = {}
-        deepest = self.layers[-1]
-
-        def hook_for(layer: int) -> Callable:
-            def hook(_m, _i, output):
-                got[layer] = output[0] if isinstance(output, (tuple, list)) else output
-                if layer == deepest:
-                    raise _Stop
-            return hook
-
-        handles = [self.blocks[layer].register_forward_hook(hook_for(layer)) for layer in self.layers]
-        try:
-            self.base(input_ids=ids, attention_mask=attn, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return got
+        return outputs_at(self.model, ids, attn, self.layers, detach=False)
 
 
 def _targets(res: _Residual, iv: Any, iv_all: Any, ids: Tensor, attn: Tensor, editable: Tensor,
