@@ -22,9 +22,6 @@ from pipelines.errors import EvalError
 from pipelines.evalsets import FLUENCY_NEW_TOKENS, EvalData, eval_data
 from pipelines.scoring import half, min_score, unlearning_score
 
-BASE_FIELDS = ("base_model",)
-
-
 def base_of(folder: str | Path) -> str | None:
     """The model a baked folder was made from (its featureforget_bake.json), or None."""
     from pipelines.bake import BAKE_FILE
