@@ -22,6 +22,7 @@ from pipelines.errors import EvalError
 from pipelines.evalsets import FLUENCY_NEW_TOKENS, EvalData, eval_data
 from pipelines.scoring import half, min_score, unlearning_score
 
+
 def base_of(folder: str | Path) -> str | None:
     """The model a baked folder was made from (its featureforget_bake.json), or None."""
     from pipelines.bake import BAKE_FILE
