@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -242,7 +243,9 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
                       layers_to_transform=list(range(run.layer + 1)), bias="none")
     for p in model.parameters():
         p.requires_grad_(False)
-    pm = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing by a deprecated name
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = get_peft_model(model, lora)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
