@@ -61,3 +61,25 @@ def test_ff_train_on_a_full_disk_is_one_line_and_resumes_to_the_same_run(tmp_pat
         a, b = load_file(str(run / name)), load_file(str(ref / name))
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), name
     assert sum(len(b) for b in _files(run).values()) > 16 * 1024, "the finished run does not fit the small disk"
+
+
+def test_ff_cache_on_a_full_disk_is_one_line_and_a_rerun_completes_the_same_store(tmp_path, small_disk, tiny_model,
+                                                                                   tiny_corpora):
+    from conftest import assert_same_store
+
+    disk, remount = small_disk
+    remount("64k")  # room for the store's metadata and some chunks, not all
+    args = ["cache", "--model", tiny_model, "--retain", tiny_corpora[0], "--unlearn", tiny_corpora[1],
+            "--contexts", "64", "--ctx-len", "16", "--layers", "1", "--chunk-contexts", "4", "--quiet"]
+    out = disk / "s.zarr"
+    r = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith("error: the disk is full") and "rerun" in err[0], err
+    remount("64m")
+    r = CliRunner().invoke(main, args + ["--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+    ref = tmp_path / "ref.zarr"
+    assert CliRunner().invoke(main, args + ["--out", str(ref)]).exit_code == 0
+    assert_same_store(out, ref)
