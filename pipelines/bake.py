@@ -11,9 +11,10 @@ on the store's two corpora (`--target gated`: the run's chosen setting with its 
 text mostly keeps its clean residual and forget text gets the gated edit), or the edit on every
 unlearn-corpus token and the clean residual on every retain-corpus token (`--target corpus`: the
 corpus label is the gate). The loss is the squared error at editable positions (no BOS, no
-padding) in units of the edit's mean squared size on unlearn text (so the clean model starts at
-about 1 on unlearn rows and 0 on retain rows), averaged separately over retain and unlearn rows
-and summed. Nothing above block L changes, so the LM head never runs: a step costs
+padding), each residual dimension weighed by 1 / its clean variance (a few very large dimensions
+would otherwise decide it), in units of the edit's mean squared size on unlearn text (so the
+clean model starts at about 1 on unlearn rows and 0 on retain rows), averaged separately over
+retain and unlearn rows and summed. Nothing above block L changes, so the LM head never runs: a step costs
 forward and backward through L + 1 blocks. The update is then merged (`merge_and_unload`) and the
 model saved as a standard folder, with `featureforget_bake.json` (the run, setting, base model and
 the bake's losses) and a model card.
@@ -69,9 +70,6 @@ class BakeConfig:
     warmup: int = 10
     clip: float = 1.0
     """Gradient norm clipping."""
-    whiten: bool = True
-    """Weigh each residual dimension by 1 / its clean variance, so that the few dimensions with
-    very large activations do not decide the loss."""
     checkpoint_every: int = 25
     seed: int = 0
 
@@ -136,11 +134,6 @@ def _draw(c: _Corpus, n: int, seed: int, step: int, salt: int) -> tuple[Tensor, 
     return torch.from_numpy(c.tokens[idx].astype(np.int64)), torch.from_numpy(c.mask[idx])
 
 
-def _pad_to_ids(tok: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Stored rows mark unwritten tail tokens with the pad id already; attention mask from it."""
-    return tok, (tok != pad_id).long()
-
-
 class _Residual:
     """The output of blocks `layers` on one forward through the decoder, stopping after the
     deepest (cache/capture.py), with the autograd graph of the blocks below."""
@@ -183,7 +176,7 @@ def _batch(train: dict[str, _Corpus], cfg: BakeConfig, step: int, pad_id: int,
     r_tok, r_mask = _draw(train["retain"], cfg.batch_contexts, cfg.seed, step, 2 * salt)
     u_tok, u_mask = _draw(train["unlearn"], cfg.batch_contexts, cfg.seed, step, 2 * salt + 1)
     tok = torch.cat([r_tok, u_tok])
-    ids, attn = _pad_to_ids(tok.clamp_min(0), pad_id)
+    ids, attn = tok, (tok != pad_id).long()  # stored rows are padded with the pad id
     editable = torch.cat([r_mask, u_mask]).bool()
     unlearn_B = torch.arange(len(tok)) >= len(r_tok)
     return ids, attn, editable, unlearn_B
@@ -259,7 +252,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
                 tok = torch.cat([torch.from_numpy(held[n].tokens[part]).long() for n in ("retain", "unlearn")])
                 mask = torch.cat([torch.from_numpy(held[n].mask[part]) for n in ("retain", "unlearn")])
                 unl = torch.arange(len(tok)) >= len(tok) // 2
-                ids, attn = _pad_to_ids(tok.clamp_min(0), pad_id)
+                ids, attn = tok, (tok != pad_id).long()  # stored rows are padded with the pad id
                 ids, attn, mask, unl = ids.to(dev), attn.to(dev), mask.bool().to(dev), unl.to(dev)
                 with pm.disable_adapter():
                     h0, tgt = _targets(res, iv, iv_all, ids, attn, mask, unl, cfg.target)
@@ -282,7 +275,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         with pm.disable_adapter():  # the loss's unit: the edit's mean squared size on unlearn text
             ids, attn, editable, unl = (t.to(dev) for t in _batch(train, cfg, 0, pad_id, salt=1))
             h, tgt = _targets(res, iv, iv_all, ids, attn, editable, unl, cfg.target)
-            w_D = 1.0 / h[editable].var(0).clamp_min(1e-6) if cfg.whiten else torch.ones(h.shape[-1], device=dev)
+            w_D = 1.0 / h[editable].var(0).clamp_min(1e-6)  # each dimension by 1 / its clean variance
             w_D = w_D / w_D.mean()
             norm = float((((tgt - h) ** 2) * w_D).sum(-1)[editable & unl[:, None]].mean())
         if not norm > 0:
