@@ -1,6 +1,6 @@
 """`ff cache --repair`: recompute exactly the chunks that `ff verify` finds bad, and nothing else.
 
-Each bad chunk (missing, corrupt, non-finite, tokens out of range) is cleared in every array of
+Each bad chunk (missing, corrupt, misplaced, non-finite, tokens out of range) is cleared in every array of
 its corpus, tokens first, which makes it "not yet written" (cache/store.py), and the store is
 marked incomplete. The ordinary resume of `ff cache` then recomputes exactly those chunks, one
 forward pass per chunk as in the first run, so the repaired store equals an uninterrupted one.
@@ -20,7 +20,7 @@ from .errors import StoreError
 from .location import store_like
 from .verify import verify_store
 
-REPAIRABLE = ("missing", "corrupt", "non-finite", "token-range")
+REPAIRABLE = ("missing", "corrupt", "misplaced", "non-finite", "token-range")
 """Kinds of chunk problems (cache/verify.py) that recomputing the chunk fixes."""
 
 

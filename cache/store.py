@@ -6,6 +6,7 @@ STORE/                   attrs: format_version, model, model_hash, tokenizer_has
 STORE/<corpus>/          attrs: corpus, fingerprint, n_contexts
 STORE/<corpus>/tokens    int32 (n_contexts, ctx_len); fill value -1 marks chunks not yet written
 STORE/<corpus>/layer_<L> (n_contexts, ctx_len, d_model) in the storage dtype
+STORE/<corpus>/digests   uint32 (n_chunks, 1 + n_layers): each chunk's crc32, one row per chunk index
 ```
 
 Completion is tracked per chunk without shared state: the writer stores every layer chunk
@@ -15,12 +16,20 @@ tokens row 0 is not -1. A store is a folder or an fsspec URL (cache/location.py)
 Every chunk is written even when it equals the fill value (`write_empty_chunks`), so in a complete
 store a chunk missing on disk is damage, and readers say so (cache/chunks.py).
 bfloat16 is kept as uint16 bit patterns with the array attribute `logical_dtype: "bfloat16"`.
+
+A chunk's crc32c (the last codec) covers its own bytes, not where it lies: a valid chunk copied
+over another (a bad sync, a botched manual fix) would read as data. So the writer also records,
+for chunk index i, the crc32 of each array's decoded block (tokens and every layer, in the
+columns the `digests` array names) in row i of `digests`, after the layer chunks and before the
+tokens chunk; `ff verify` recomputes them and names a chunk whose content belongs elsewhere
+(cache/verify.py). Stores written before `digests` existed have none and verify as before.
 """
 from __future__ import annotations
 
 import json
 import queue
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,8 @@ HOOK = "resid_post"
 CORPORA = ("retain", "unlearn")
 _NUMPY_DTYPE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 _WRITE_ALL = {"write_empty_chunks": True}
+DIGESTS = "digests"
+"""The per-corpus array of chunk digests (module docstring)."""
 
 
 def layer_name(layer: int) -> str:
@@ -118,7 +129,31 @@ def _create(target, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -
                            dtype=_NUMPY_DTYPE[dtype], fill_value=0, compressors=_codecs(dtype),
                            attributes={"logical_dtype": dtype, "layer": layer, "hook": HOOK},
                            dimension_names=("context", "position", "d_model"))
+        columns = digest_columns(attrs["layers"])
+        g.create_array(DIGESTS, shape=(-(-n // min(cc, n)), len(columns)), chunks=(1, len(columns)),
+                       dtype="uint32", fill_value=0, compressors=[Crc32cCodec()],
+                       attributes={"columns": columns, "digest": "crc32 of the chunk's decoded bytes"})
     return root
+
+
+def digest_columns(layers) -> list[str]:
+    """The columns of a corpus's `digests` array: tokens, then each layer array."""
+    return ["tokens", *(layer_name(l) for l in layers)]
+
+
+def chunk_digest(block: np.ndarray) -> int:
+    """crc32 of a chunk's decoded values (in their storage dtype), as `digests` records it."""
+    return zlib.crc32(np.ascontiguousarray(block).data)
+
+
+def write_digests(group: zarr.Group, index: int, blocks: dict[str, np.ndarray]) -> None:
+    """Row `index` of the group's `digests` (if it has one) from the chunk's blocks by array name."""
+    if DIGESTS not in group:
+        return  # a store written before digests existed
+    arr = group[DIGESTS]
+    row = np.array([[chunk_digest(np.asarray(blocks[c], dtype=group[c].dtype)) for c in arr.attrs["columns"]]],
+                   dtype=np.uint32)
+    arr.with_config(_WRITE_ALL)[index:index + 1] = row
 
 
 def ensure_store(path: StoreLocation, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -> None:
@@ -142,6 +177,9 @@ def ensure_store(path: StoreLocation, attrs: dict[str, Any], corpora: dict[str, 
     target = zarr_store(path, read_only=False)
     for key in sorted(docs, key=lambda k: (k.count("/"), k)):  # root, then groups, then arrays
         have = sync(target.get(key, prototype=proto))
+        if have is None and key.endswith(f"/{DIGESTS}/zarr.json") and sync(
+                target.exists(key.replace(f"/{DIGESTS}/", "/tokens/"))):
+            continue  # a store begun before digests existed: its chunks have none to add to
         if have is None:
             sync(target.set(key, proto.buffer.from_bytes(docs[key])))
         elif key.count("/") == 2:  # an array: "retain/layer_8/zarr.json"
@@ -189,6 +227,8 @@ class BackgroundWriter:
                 stop = item.start + item.tokens.shape[0]
                 for layer, block in item.layers.items():
                     g[layer_name(layer)].with_config(_WRITE_ALL)[item.start:stop] = block
+                blocks = {"tokens": item.tokens, **{layer_name(l): b for l, b in item.layers.items()}}
+                write_digests(g, item.start // g["tokens"].chunks[0], blocks)
                 # last: marks the chunk complete
                 g["tokens"].with_config(_WRITE_ALL)[item.start:stop] = item.tokens
             except BaseException as e:  # surfaced to the caller on put()/close()

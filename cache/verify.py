@@ -2,9 +2,10 @@
 
 Checks, per corpus: the metadata agrees with the arrays (n_contexts, shapes, d_model, layers,
 dtype, chunking); every chunk is on disk (zarr reads a missing one as fill values without an
-error) and decodes (a crc32c mismatch raises); activations are finite; tokens lie in
-[0, vocab_size) when the store records its vocabulary size. Each bad chunk is named by corpus,
-array and context range. `Report` is shared with the run-folder check (trainer/verify.py).
+error) and decodes (a crc32c mismatch raises); each chunk's content matches the digest written
+for its array and index (a valid chunk copied over another is "misplaced"); activations are
+finite; tokens lie in [0, vocab_size) when the store records its vocabulary size. Each bad chunk
+is named by corpus, array and context range. `Report` is shared with the run-folder check (trainer/verify.py).
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import zarr
 from .chunks import (ChunkRef, bad_metadata_files, chunk_exists, chunk_ref, first_line,
                      partial_files)
 from .location import local_path, public
-from .store import _NUMPY_DTYPE, CORPORA, Store, from_storage, layer_name, open_store
+from .store import (_NUMPY_DTYPE, CORPORA, DIGESTS, Store, chunk_digest, digest_columns, from_storage,
+                    layer_name, open_store)
 
 
 @dataclass(frozen=True)
 class Problem:
     kind: str
-    """missing, corrupt, non-finite, token-range, metadata, incomplete, shape, identity."""
+    """missing, corrupt, misplaced, non-finite, token-range, metadata, incomplete, shape, identity."""
     detail: str
     """What is wrong, in a few words."""
     where: str
@@ -96,10 +98,11 @@ def verify_store(path: str | Path) -> Report:
         group = store.root[name]
         arrays = _check_corpus_metadata(store, name, group, report.problems)
         done = _written_chunks(group, store.meta.complete)
+        digests = _read_digests(store, name, group, done, report)
         for arr in arrays:
             report.checked["arrays"] += 1
             report.checked["chunks"] += arr.cdata_shape[0]
-            report.problems += _check_chunks(store, name, arr, done, vocab)
+            report.problems += _check_chunks(store, name, arr, done, vocab, digests)
     if any(p.chunk for p in report.problems):
         report.notes.append(REPAIR_HINT)
     leftovers = partial_files(path)
@@ -122,7 +125,7 @@ def _check_corpus_metadata(store: Store, name: str, group: zarr.Group,
     want = {"tokens": ((n, m.ctx_len), np.dtype(np.int32))}
     act = np.dtype(_NUMPY_DTYPE[m.dtype])
     want.update({layer_name(l): ((n, m.ctx_len, m.d_model), act) for l in m.layers})
-    extra = sorted(set(group.array_keys()) - set(want))
+    extra = sorted(set(group.array_keys()) - set(want) - {DIGESTS})
     if extra:
         out.append(Problem("metadata", f"arrays not in the store's layers {list(m.layers)}: "
                            f"{', '.join(extra)}", name))
@@ -165,9 +168,47 @@ def _written_chunks(group: zarr.Group, complete: bool) -> np.ndarray | None:
     return np.array([chunk_exists(tokens, i) for i in range(tokens.cdata_shape[0])])
 
 
+def _read_digests(store: Store, corpus: str, group: zarr.Group, done: np.ndarray | None,
+                  report: Report) -> dict[str, np.ndarray] | None:
+    """The digests recorded for each array of the corpus (column name -> uint32 per chunk index;
+    a row that is missing or does not decode is reported and left out), or None when the store
+    has none: then chunks are checked without them, and a note says so."""
+    if DIGESTS not in group:
+        if not any("digests" in n for n in report.notes):
+            report.notes.append("the store records no chunk digests (written by an older ff): a valid "
+                                "chunk copied to another place cannot be detected")
+        return None
+    arr = group[DIGESTS]
+    columns = list(arr.attrs.get("columns", []))
+    n_chunks = group["tokens"].cdata_shape[0] if "tokens" in group else 0
+    if columns != digest_columns(store.meta.layers) or tuple(arr.shape) != (n_chunks, len(columns)):
+        report.problems.append(Problem("metadata", f"shape {tuple(arr.shape)} and columns {columns} do not "
+                                       f"match the store's chunks and layers", f"{corpus}/{DIGESTS}"))
+        return None
+    report.checked["arrays"] += 1
+    report.checked["chunks"] += n_chunks
+    rows = np.zeros((n_chunks, len(columns)), dtype=np.uint32)
+    valid = np.zeros(n_chunks, dtype=bool)
+    for i in range(n_chunks):
+        if done is not None and not done[i]:
+            continue
+        ref = ChunkRef(corpus, DIGESTS, i, *chunk_ref(corpus, group["tokens"], i)[3:])
+        if not chunk_exists(arr, i):
+            report.problems.append(Problem.at_chunk("missing", "the chunk's digests are not on disk", ref))
+            continue
+        try:
+            rows[i] = np.asarray(arr[i])
+            valid[i] = True
+        except Exception as e:  # checksum mismatch, unreadable file
+            report.problems.append(Problem.at_chunk("corrupt", f"does not decode: {first_line(e)}", ref))
+    return {c: np.where(valid, rows[:, k].astype(np.int64), -1) for k, c in enumerate(columns)}
+
+
 def _check_chunks(store: Store, corpus: str, arr: zarr.Array, done: np.ndarray | None,
-                  vocab: int | None) -> Iterator[Problem]:
-    """Every chunk of `arr`: on disk, decodes, finite (activations) or in range (tokens)."""
+                  vocab: int | None, digests: dict[str, np.ndarray] | None = None) -> Iterator[Problem]:
+    """Every chunk of `arr`: on disk, decodes, matches its digest (when the store records them),
+    finite (activations) or in range (tokens). A digest of -1 was not readable (reported)."""
+    expected = None if digests is None else digests.get(arr.basename)
     for i in range(arr.cdata_shape[0]):
         ref = chunk_ref(corpus, arr, i)
         if done is not None and not done[i]:
@@ -186,6 +227,9 @@ def _check_chunks(store: Store, corpus: str, arr: zarr.Array, done: np.ndarray |
             kind, bad = "non-finite", _non_finite(block, store.meta.dtype)
         if bad:
             yield Problem.at_chunk(kind, bad, ref)
+        elif expected is not None and expected[i] >= 0 and chunk_digest(block) != expected[i]:
+            yield Problem.at_chunk("misplaced", "decodes, but its content is not what was written at this "
+                                   "array and index (a chunk copied from elsewhere)", ref)
 
 
 def _tokens_out_of_range(tok: np.ndarray, vocab: int | None) -> str | None:

@@ -63,7 +63,7 @@ def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, 
     tokens in [3, 100). `more_attrs` go into the root attributes (e.g. vocab_size)."""
     import numpy as np
 
-    from cache.store import create_store, to_storage
+    from cache.store import create_store, to_storage, write_digests
 
     attrs = dict(**more_attrs, format_version=1, model="tiny", model_hash=model_hash,
                  tokenizer_hash="t", ctx_len=CTX, layers=list(layers), hook="resid_post",
@@ -84,6 +84,10 @@ def make_store(path, *, model_hash="h1", d_model=D, layers=(1, 2), n_retain=40, 
             x[tok == PAD] = SENTINEL_PAD
             root[name][f"layer_{layer}"][:] = to_storage(x, dtype)
         root[name]["tokens"][:] = tok
+        g = root[name]
+        for i, start in enumerate(range(0, n, chunk_contexts)):  # as cache.store's writer records them
+            rows = slice(start, start + chunk_contexts)
+            write_digests(g, i, {a: np.asarray(g[a][rows]) for a in g.array_keys() if a != "digests"})
     root.attrs.update({"complete": complete})
     return path
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,15 @@ def test_store_layout_and_activations_match_hf_forward(tmp_path, tiny_model, tin
     build_cache(_cfg(tiny_model, tiny_corpora), out, progress=False)
     root = zarr.open_group(str(out), mode="r")
     assert root.attrs["complete"] is True and root.attrs["hook"] == "resid_post"
-    assert sorted(root["retain"].array_keys()) == ["layer_1", "layer_2", "tokens"]
+    assert sorted(root["retain"].array_keys()) == ["digests", "layer_1", "layer_2", "tokens"]
+    for name in ("retain", "unlearn"):  # row i: the crc32 of each array's chunk i as it reads back
+        g = root[name]
+        digests = np.asarray(g["digests"][:])
+        assert g["digests"].attrs["columns"] == ["tokens", "layer_1", "layer_2"]
+        for i in range(g["tokens"].cdata_shape[0]):
+            for k, a in enumerate(["tokens", "layer_1", "layer_2"]):
+                block = np.ascontiguousarray(g[a][i * 4:(i + 1) * 4])
+                assert digests[i, k] == zlib.crc32(block.tobytes()), (name, i, a)
     assert root["retain/layer_1"].attrs["logical_dtype"] == "bfloat16"
     assert root["retain/layer_1"].dtype == np.uint16 and root["retain/layer_1"].chunks == (4, 32, 32)
 

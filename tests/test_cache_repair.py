@@ -100,3 +100,50 @@ def test_repair_refuses_what_chunks_cannot_fix(tmp_path, fresh, tiny_model, tiny
     assert code == 2 and out.startswith("error: cannot repair store"), out
     assert "unlearn/tokens: metadata" in out and "rebuild it with --overwrite" in out
     assert chunk_files(store) == before
+
+
+def train_files(store, out) -> dict[str, bytes]:
+    from test_verify import TRAIN_ARGS
+
+    code, msg = run("train", "--store", store, "--out", out, *TRAIN_ARGS)
+    assert code == 0, msg
+    return {n: (out / n).read_bytes() for n in ("sae.safetensors", "features.safetensors")}
+
+
+def test_a_valid_chunk_copied_over_another_is_named_repaired_and_trains_as_the_original(
+        tmp_path, fresh, tiny_model, tiny_corpora):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(fresh, store)
+    # chunks that decode perfectly, each in the wrong place: another index, another layer
+    chunk_file(store, "retain", "layer_2", 4).write_bytes(chunk_file(store, "retain", "layer_2", 1).read_bytes())
+    chunk_file(store, "unlearn", "layer_1", 2).write_bytes(chunk_file(store, "unlearn", "layer_2", 2).read_bytes())
+    chunk_file(store, "unlearn", "tokens", 0).write_bytes(chunk_file(store, "unlearn", "tokens", 3).read_bytes())
+    code, out = run("verify", store)
+    assert code == 1, out
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert bad == ["BAD  retain/layer_2 chunk 4 (contexts 8-9): misplaced: decodes, but its content is not "
+                   "what was written at this array and index (a chunk copied from elsewhere)",
+                   "BAD  unlearn/tokens chunk 0 (contexts 0-1): misplaced: decodes, but its content is not "
+                   "what was written at this array and index (a chunk copied from elsewhere)",
+                   "BAD  unlearn/layer_1 chunk 2 (contexts 4-5): misplaced: decodes, but its content is not "
+                   "what was written at this array and index (a chunk copied from elsewhere)"], out
+
+    code, out = run(*cache_args(tiny_model, tiny_corpora, store, "--repair"))
+    assert code == 0, out
+    assert ("recomputed 3 damaged chunk(s): retain chunk 4 (contexts 8-9), unlearn chunk 0 (contexts 0-1), "
+            "unlearn chunk 2 (contexts 4-5)") in out
+    want, got = arrays(fresh), arrays(store)
+    for k in want:
+        np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+    assert run("verify", store)[0] == 0
+    assert train_files(store, tmp_path / "run-repaired") == train_files(fresh, tmp_path / "run-original")
+
+
+def test_a_store_without_digests_verifies_with_a_note(tmp_path, fresh):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(fresh, store)
+    for corpus in ("retain", "unlearn"):  # as a store written before digests existed
+        shutil.rmtree(store / corpus / "digests")
+    code, out = run("verify", store)
+    assert code == 0, out
+    assert "note the store records no chunk digests (written by an older ff)" in out

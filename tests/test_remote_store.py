@@ -80,7 +80,7 @@ def test_ff_copy_round_trip_memory_local_memory(tmp_path, mem):
     for a, b in ((src, local), (local, back)):
         r = runner.invoke(main, ["copy", str(a), str(b), "--quiet"])
         assert r.exit_code == 0, r.output
-        assert "copied 48 of 48 chunks" in r.output
+        assert "copied 64 of 64 chunks" in r.output
     assert_same_store(src, local)
     assert_same_store(src, back)
     assert (local / ".ff-writer.lock").is_file()  # a local destination is written under the lock
@@ -91,7 +91,7 @@ def test_ff_copy_round_trip_memory_local_memory(tmp_path, mem):
     for key in ("zarr.json", "retain/zarr.json", "unlearn/layer_2/zarr.json", "retain/layer_1/c/3/0/0"):
         assert fs.cat(f"{back.removeprefix('memory:/')}/{key}") == (local / key).read_bytes()
     r = runner.invoke(main, ["copy", str(local), back, "--quiet"])  # again: nothing to do
-    assert r.exit_code == 0 and "copied 0 of 48 chunks" in r.output and "48 already there" in r.output
+    assert r.exit_code == 0 and "copied 0 of 64 chunks" in r.output and "64 already there" in r.output
 
 
 def test_interrupted_copy_resumes_and_is_marked_complete_last(tmp_path, mem, monkeypatch):
@@ -118,7 +118,7 @@ def test_interrupted_copy_resumes_and_is_marked_complete_last(tmp_path, mem, mon
     assert r.exit_code == 1 and "incomplete" in r.output
     monkeypatch.setattr(copy_mod._Writes, "put_changed", real)
     res = copy_store(src, dst, progress=False)
-    assert res.skipped > 0 and res.copied + res.skipped == res.chunks == 48
+    assert res.skipped > 0 and res.copied + res.skipped == res.chunks == 64
     assert open_store(dst).meta.complete
     assert_same_store(src, dst)
 
@@ -178,7 +178,7 @@ def test_storage_options_json_errors_do_not_echo_the_value(mem):
 def test_file_urls_are_local_stores(tmp_path):
     src = make_store(tmp_path / "s.zarr")
     res = copy_store(src, f"file://{tmp_path}/c.zarr", progress=False)
-    assert res.copied == 48 and (tmp_path / "c.zarr" / ".ff-writer.lock").is_file()
+    assert res.copied == 64 and (tmp_path / "c.zarr" / ".ff-writer.lock").is_file()
     assert open_store(f"file://{tmp_path}/c.zarr").meta.complete
 
 

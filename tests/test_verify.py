@@ -62,7 +62,7 @@ def test_healthy_store_verifies(tmp_path):
     code, out = run("verify", store, "--json")
     d = json.loads(out)
     assert code == 0 and d["ok"] and d["problems"] == [] and d["notes"] == []
-    assert d["checked"] == {"arrays": 6, "chunks": 3 * (10 + 6)}  # (tokens + 2 layers) x chunks
+    assert d["checked"] == {"arrays": 8, "chunks": 4 * (10 + 6)}  # (tokens, 2 layers, digests) x chunks
 
 
 @pytest.mark.parametrize("damage,kind", [(delete_chunk, "missing"), (flip_bits, "corrupt")])
