@@ -164,7 +164,7 @@ def build_cache(cfg: CacheConfig, out: StoreLocation, *, overwrite: bool = False
             ensure_store(out, _store_attrs(cfg, lm, layers, packed),
                          {n: {"n_contexts": sizes[n], "corpus": specs[n].to_dict(),
                               "fingerprint": packed[n].fingerprint} for n in CORPORA})
-        repaired = _before_writing(out, state, spec, _run_attrs(lm), packed, damaged, shard)
+        repaired = _before_writing(out, state, spec, _run_attrs(lm), packed, damaged, shard, lm.info)
         t1 = time.perf_counter()
         done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts, shard)
         missing = 0
@@ -178,19 +178,19 @@ def build_cache(cfg: CacheConfig, out: StoreLocation, *, overwrite: bool = False
 
 
 def _before_writing(out: StoreLocation, state: str, spec: dict[str, Any], now: dict[str, Any], packed,
-                    damaged, shard: Shard | None) -> tuple[str, ...]:
+                    damaged, shard: Shard | None, lm_info=None) -> tuple[str, ...]:
     """Refuse chunks that would be computed otherwise than those stored, clean the temp files of
     killed writes, clear the chunks to repair -> those cleared. A shard checks even a store it
     found new: another shard may have created it meanwhile, perhaps with other arguments; and it
     cleans only its own chunks' temp files, as the others may be writing theirs."""
     if shard is not None:
         _check_existing(out, spec, False, _SHARD_TODO)
-        _check_resume(out, now, packed)
+        _check_resume(out, now, packed, lm_info)
         remove_own_partial_files(out, shard, global_chunks(open_store(out)))
         return ()
     if state not in {"resume", "complete"}:  # "complete" only when repairing
         return ()
-    _check_resume(out, now, packed)
+    _check_resume(out, now, packed, lm_info)
     remove_partial_files(out)
     return tuple(clear_chunks(out, damaged)) if damaged else ()
 
@@ -237,10 +237,13 @@ def _run_attrs(lm) -> dict[str, Any]:
             "device_kind": str(lm.device).split(":")[0], "vocab_size": int(vocab) if vocab else None}
 
 
-def _check_resume(out: StoreLocation, now: dict[str, Any], packed) -> None:
-    """Refuse to add chunks computed otherwise than the stored ones, naming both values."""
+def _check_resume(out: StoreLocation, now: dict[str, Any], packed, lm_info=None) -> None:
+    """Refuse to add chunks computed otherwise than the stored ones, naming both values.
+    `lm_info` (cache.models.ModelInfo) also recognises a model hash recorded by an older ff."""
     stored = dict(open_root(out).attrs)
     for key, (what, todo) in RESUME_MUST_MATCH.items():
+        if key == "model_hash" and lm_info is not None and lm_info.matches(stored.get(key)):
+            continue  # the same weights, recorded with the fingerprint of an older ff
         if key in stored and stored[key] != now[key]:
             raise StoreError(f"cannot resume store '{out}': it was written with {what} {stored[key]}, "
                              f"this run has {now[key]}; {todo.format(old=stored[key])}")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import replace_dir
+from .atomic import atomic_write, replace_dir
 from .errors import ModelError
 
 EMBEDDED = "gemma-3-270m"
@@ -58,9 +58,17 @@ class ModelInfo:
     n_layers: int
     d_model: int
     architecture: str
+    legacy_hash: str | None = None
+    """A local folder's fingerprint as ff recorded it before whole-file hashes ("fp:"): stores
+    and runs that carry it still match this model."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def matches(self, recorded: str | None) -> bool:
+        """Whether a store's or run's recorded model hash names these weights (None: not recorded)."""
+        return recorded is None or recorded == self.weights_hash or (
+            self.legacy_hash is not None and recorded == self.legacy_hash)
 
 
 @dataclass
@@ -114,10 +122,40 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """Cheap, stable fingerprint of a weights folder: names, sizes, first and last MiB."""
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".json"}
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over the names, sizes and full contents of a weights folder's files. A file's own
+    sha256 is remembered (cache_dir()/file-hashes.json) under its device, inode, size, mtime and
+    ctime, so an unchanged folder is not read again; any write changes the ctime."""
+    memo_path = cache_dir() / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h, changed = hashlib.sha256(), False
+    for p in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+        if key not in memo:
+            memo[key], changed = _sha256_file(p), True
+        h.update(f"{p.name}:{st.st_size}:{memo[key]}\n".encode())
+    if changed:
+        try:  # a cache only: a read-only home costs a re-read next time, nothing else
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(memo_path, json.dumps(memo))
+        except OSError:
+            pass
+    return "sha256-files:" + h.hexdigest()
+
+
+def legacy_fingerprint(folder: Path) -> str:
+    """The fingerprint ff recorded for local folders before `folder_hash`: names, sizes, first
+    and last MiB of each file (blind to a change in the middle). Kept to recognise stores and runs
+    that carry it."""
     h = hashlib.sha256()
-    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".json"})
+    files = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
     for p in files:
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())
@@ -201,12 +239,14 @@ def load_model(spec: str, *, device: str = "auto", dtype: str | None = None) -> 
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     kwargs: dict[str, Any] = {}
+    legacy = None
     if src.kind in {"embedded", "gguf"}:
         gguf, sha = embedded_gguf_path() if src.kind == "embedded" else (Path(src.path), None)
         sha = sha or _sha256_file(gguf)
         folder, weights_hash = str(_convert_gguf(gguf, sha)), "sha256:" + sha
     elif src.kind == "local":
-        folder, weights_hash = src.path, _folder_fingerprint(Path(src.path))
+        folder, weights_hash = src.path, folder_hash(Path(src.path))
+        legacy = legacy_fingerprint(Path(src.path))
     else:
         folder, weights_hash = src.hub_id, None
         if src.revision:
@@ -228,6 +268,7 @@ def load_model(spec: str, *, device: str = "auto", dtype: str | None = None) -> 
         n_layers=int(cfg.num_hidden_layers),
         d_model=int(cfg.hidden_size),
         architecture=type(model).__name__,
+        legacy_hash=legacy,
     )
     return LoadedModel(model=model, tokenizer=tok, info=info, device=dev, dtype=torch_dtype)
 

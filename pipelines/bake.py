@@ -39,6 +39,7 @@ from torch import Tensor
 
 from cache.atomic import atomic_write, replace_dir
 from cache.capture import outputs_at
+from cache.chunks import first_line
 from pipelines.errors import EvalError
 
 BAKE_FILE = "featureforget_bake.json"
@@ -226,7 +227,11 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         shutil.rmtree(work, ignore_errors=True)
     ckpt = None
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:  # weights_only: a checkpoint is data; loading one must not run code
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise EvalError(f"cannot load the bake checkpoint {ckpt_path}: {first_line(e)}; "
+                            "pass --overwrite to start over") from e
         if ckpt.get("stamp") != stamp:
             raise EvalError(f"{work} holds a bake of another run, setting or config; pass --overwrite to start over")
     work.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ _SETS.update({"ood_forget_mcq": "ood_forget_mcq", "ood_retain_mcq": "ood_retain_
 def check_model(run: LoadedRun, lm: Any) -> None:
     """The run must have been trained on the activations of `lm` (STYLE 3: name both sides)."""
     want, have = run.config.get("model_hash"), lm.info.weights_hash
-    if want is not None and want != have:
+    if not lm.info.matches(want):
         raise EvalError(f"{run.path} was trained on model '{run.config.get('model')}' ({want}) but the "
                         f"loaded model is '{lm.info.name}' ({have}); evaluate it with --model "
                         f"{run.config.get('model')}")

@@ -112,7 +112,7 @@ def test_a_bake_killed_with_sigkill_resumes_to_the_same_weights(lm, store, tmp_p
     ckpt = tmp_path / "resumed.bake" / bake_mod.CHECKPOINT
     kill_when(proc, lambda: int(ckpt.is_file()), 1, what="the bake")  # SIGKILL once a checkpoint is on disk
     assert not out.exists() and ckpt.is_file()
-    at = torch.load(ckpt, weights_only=False)["step"]
+    at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < at < 200
     r = _bake(run, out, "--steps", "210")  # another config does not take that checkpoint over
     assert r.exit_code == 2 and "another run, setting or config" in r.output, r.output

@@ -196,3 +196,51 @@ def test_the_lock_probe_opens_for_writing_and_a_file_system_without_locks_is_one
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(StoreError, match=r"^cannot lock store '.*s\.zarr' \(No locks available\): .*local disk$"):
         lock.check_unlocked(store)
+
+
+def test_a_local_model_changed_in_the_middle_of_a_file_is_another_model(tmp_path, tiny_corpora, monkeypatch):
+    from cache import models
+    from conftest import build_tiny_model
+
+    monkeypatch.setenv("FF_CACHE_DIR", str(tmp_path / "ff-cache"))
+    folder = build_tiny_model(tmp_path / "model", hidden=256)  # a weights file over 2 MiB
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size > 4 << 20
+    out = tmp_path / "s.zarr"
+    assert run(*cache_args(str(folder), tiny_corpora, out))[0] == 0
+    recorded = zarr.open_group(str(out)).attrs["model_hash"]
+    assert recorded == models.folder_hash(folder) and recorded.startswith("sha256-files:")
+
+    zarr.open_group(str(out), mode="r+").attrs["complete"] = False  # an interrupted store
+    legacy = models.legacy_fingerprint(folder)
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 // 4 * 4] ^= 0x01  # the lowest byte of one float32 weight, mid-file
+    weights.write_bytes(bytes(data))
+    assert models.legacy_fingerprint(folder) == legacy  # what ff used to compare: blind to it
+    code, msg = run(*cache_args(str(folder), tiny_corpora, out))
+    assert_one_line_error(code, msg, "cannot resume store", f"model weights hash {recorded}", "the model changed")
+
+    # a store recorded by an older ff (first and last MiB) still resumes with its own model
+    zarr.open_group(str(out), mode="r+").attrs["model_hash"] = legacy
+    code, msg = run(*cache_args(str(folder), tiny_corpora, out))
+    assert code == 0, msg
+
+
+def test_a_folders_hash_reads_each_file_once_until_it_changes(tmp_path, monkeypatch):
+    from cache import models
+
+    monkeypatch.setenv("FF_CACHE_DIR", str(tmp_path / "ff-cache"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(os.urandom(3 << 20))
+    reads = []
+    real = models._sha256_file
+    monkeypatch.setattr(models, "_sha256_file", lambda p: reads.append(p.name) or real(p))
+    first = models.folder_hash(folder)
+    assert sorted(reads) == ["config.json", "model.safetensors"]
+    assert models.folder_hash(folder) == first and len(reads) == 2  # remembered
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    assert models.folder_hash(folder) != first and reads[2:] == ["model.safetensors"]

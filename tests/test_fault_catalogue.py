@@ -277,16 +277,52 @@ def test_torn_metrics_line_is_dropped_on_resume(world: World):
     assert resumed.read_text() == straight.read_text()
 
 
+class _Payload:
+    """Unpickling this runs `open(path, "w")`: what a checkpoint from someone else could carry."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(world: World):
+    import torch
+
+    marker = world.root / "payload-ran"
+    last = world.stopped / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    torch.save({**state, "extra": _Payload(marker)}, last)
+    before = snapshot(world.root)
+    check_result(invoke(*world.train_args(world.stopped, "--resume")), 2, "cannot load checkpoint")
+    assert not marker.exists()
+    assert snapshot(world.root) == before
+
+
 def test_catalogue_rows_name_real_tests():
-    """docs/reliability.md: at least 30 rows, each naming a test that exists, and every case of
-    this file in a row."""
+    """docs/reliability.md: at least 30 rows, each naming a test that pytest collects (a
+    parametrised id may end in "..."), and every case of this file in a row."""
+    import subprocess
+    import sys
+
     root = Path(__file__).resolve().parents[1]
     rows = [ln for ln in (root / "docs" / "reliability.md").read_text().splitlines()
             if re.match(r"\| \d+ \|", ln)]
     assert len(rows) >= 30
     named = [re.search(r"(tests/\w+\.py)::(\w+)(?:\[([^\]]+)\])?", ln) for ln in rows]
     assert all(named), [ln for ln, m in zip(rows, named) if not m]
+    files = sorted({m[1] for m in named})
+    listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              *files], cwd=root, capture_output=True, text=True)
+    collected = {ln.strip() for ln in listing.stdout.splitlines() if "::" in ln}
     for m in named:
-        assert f"def {m[2]}(" in (root / m[1]).read_text(), m[0]
+        if m[3] is None:  # a function: itself, or any of its parametrised cases
+            ok = m[0] in collected or any(c.startswith(m[0] + "[") for c in collected)
+        elif m[3].endswith("..."):  # an id given by its beginning
+            ok = any(c.startswith(m[0].removesuffix("...]")) for c in collected)
+        else:
+            ok = m[0] in collected
+        assert ok, f"{m[0]} is not a test pytest collects"
     ids = {m[3] for m in named if m[1].endswith("test_fault_catalogue.py") and m[2] == "test_fault"}
     assert ids == {f.id for f in FAULTS}
