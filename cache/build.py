@@ -152,7 +152,7 @@ def build_cache(cfg: CacheConfig, out: StoreLocation, *, overwrite: bool = False
     check_unlocked(out, shard)
     lm, layers, specs, sizes, packed = _load_inputs(cfg, lm)
 
-    with WriterLock(out, shard):
+    with WriterLock(out, shard) as lock:
         state = _check_existing(out, spec, overwrite, todo)  # again, now that no other writer can change it
         if state == "complete" and not damaged:
             return CacheResult(str(out), True, 0, 0.0, tuple(open_store(out).meta.layers))
@@ -166,7 +166,7 @@ def build_cache(cfg: CacheConfig, out: StoreLocation, *, overwrite: bool = False
                               "fingerprint": packed[n].fingerprint} for n in CORPORA})
         repaired = _before_writing(out, state, spec, _run_attrs(lm), packed, damaged, shard, lm.info)
         t1 = time.perf_counter()
-        done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts, shard)
+        done = _run_forward(lm, out, packed, layers, cfg.dtype, progress, batch_contexts, shard, lock.check)
         missing = 0
         if shard is None:  # last, after every chunk is on disk
             zarr.open_group(store_like(out, read_only=False), mode="r+").attrs["complete"] = True
@@ -254,7 +254,7 @@ def _check_resume(out: StoreLocation, now: dict[str, Any], packed, lm_info=None)
 
 
 def _run_forward(lm, out: StoreLocation, packed, layers, dtype: str, progress: bool, batch_contexts: int | None,
-                 shard: Shard | None = None) -> int:
+                 shard: Shard | None = None, still_ours=lambda: None) -> int:
     import torch
     from tqdm.auto import tqdm
 
@@ -272,6 +272,7 @@ def _run_forward(lm, out: StoreLocation, packed, layers, dtype: str, progress: b
     done = 0
     try:
         for name, start, stop in todo:
+            still_ours()  # an object store's lease lost: stop before writing another chunk
             toks = packed[name].tokens[start:stop]
             acts: dict[int, list[np.ndarray]] = {l: [] for l in layers}
             step = batch_contexts or (stop - start)  # one forward per chunk by default

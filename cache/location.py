@@ -110,15 +110,16 @@ def zarr_store(location: StoreLocation, *, read_only: bool,
                          "for it (s3fs for s3://, gcsfs for gs://)") from e
 
 
-def delete_all(store) -> None:
-    """Delete every key of a remote zarr store (--overwrite), key by key through the store API
-    (FsspecStore.clear leaves keys behind on some filesystems, memory:// among them)."""
+def delete_all(store, keep=None) -> None:
+    """Delete every key of a remote zarr store (--overwrite) but those `keep(key)` accepts, key by
+    key through the store API (FsspecStore.clear leaves keys behind on some filesystems, memory://
+    among them)."""
     import asyncio
 
     from zarr.core.sync import sync
 
     async def run() -> None:
-        keys = [k async for k in store.list()]
+        keys = [k async for k in store.list() if keep is None or not keep(k)]
         for i in range(0, len(keys), 256):  # bounded concurrency
             await asyncio.gather(*(store.delete(k) for k in keys[i:i + 256]))
 

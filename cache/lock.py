@@ -9,9 +9,10 @@ dies (Ctrl-C, kill -9, a crash), so a lock file left behind by a dead writer nev
 itself is kept, because deleting a lock file that another process may be opening races.
 `check_unlocked` and `check_writable` refuse a store early, before a model is loaded.
 
-Local stores only: object stores (s3://, gs://) have no flock, so on a remote store (any URL
-but file://) the lock and both checks do nothing, and one writer at a time is up to the user
-(docs/scaling.md).
+Object stores have no flock: on `s3://` the lock is the store's writer lease instead
+(cache/lease.py: a lease object written with S3's conditional puts, renewed while the writer
+lives, expiring when it dies). Other remote stores (`gs://`, `memory://`) take no lock, and one
+writer at a time is up to the user there (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from .chunks import PARTIAL_FILE
 from .errors import StoreError
+from .lease import LEASE_KEY, SHARD_LEASE_PREFIX, Lease, check_no_lease, takes_lease
 from .location import delete_all, is_remote, local_path, zarr_store
 
 if TYPE_CHECKING:
@@ -106,8 +108,9 @@ class WriterLock:
     naming the holder's host and pid) if another process holds it. Creates the store folder.
     `shard`: hold the lock shared with the other shards, and shard's own lock exclusively."""
 
-    def __init__(self, store: str | Path, shard: "Shard | None" = None):
-        self.remote = is_remote(store)  # no lock on an object store
+    def __init__(self, store: str | Path, shard: "Shard | None" = None, *, command: str = "ff cache"):
+        self.remote = is_remote(store)  # no flock on an object store: a lease on s3://, else nothing
+        self.lease = Lease(store, command=command, shard=shard) if takes_lease(store) else None
         self.store = local_path(store)
         self.path = self.store / LOCK_FILE
         self.shard = shard
@@ -116,6 +119,8 @@ class WriterLock:
 
     def acquire(self) -> None:
         if self.remote:
+            if self.lease is not None:
+                self.lease.acquire()
             return
         self.store.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -136,7 +141,14 @@ class WriterLock:
         _write_holder(own, shard=str(self.shard))
         self.fd = own
 
+    def check(self) -> None:
+        """Raise if the lock was lost while held (an object store's lease; a flock cannot be)."""
+        if self.lease is not None:
+            self.lease.check()
+
     def release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
         if self.fd is not None:
             os.ftruncate(self.fd, 0)  # no stale holder named after us
             os.close(self.fd)  # closing drops the flock
@@ -156,8 +168,9 @@ class WriterLock:
 def check_unlocked(store: str | Path, shard: "Shard | None" = None) -> None:
     """Refuse early, before loading a model, if a live writer holds the store's lock, or for a
     `shard`, a plain writer or the same shard (a probe: takes and drops the locks at once;
-    writes nothing). Nothing to probe on a remote store."""
+    writes nothing). On s3://, the store's lease (cache/lease.py); nothing on other remote stores."""
     if is_remote(store):
+        check_no_lease(store, shard)
         return
     folder = local_path(store)
     probes = [(folder / LOCK_FILE, None)]
@@ -214,17 +227,21 @@ def is_vacant(store: str | Path, zstore=None) -> bool:
         async def top() -> set[str]:  # one delimited listing
             return {k async for k in zs.list_dir("")}
 
-        return sync(top()) <= {SHARD_DIR}
+        return {k for k in sync(top()) if not _is_lease(k)} <= {SHARD_DIR}
     folder = local_path(store)
     return not folder.exists() or (folder.is_dir() and not any(
         p.name not in {LOCK_FILE, SHARD_DIR} and not PARTIAL_FILE.search(p.name)
         for p in folder.iterdir()))
 
 
+def _is_lease(key: str) -> bool:
+    return key == LEASE_KEY or key.startswith(SHARD_LEASE_PREFIX)
+
+
 def clear_contents(store: str | Path, zstore=None) -> None:
-    """Delete everything at `store` (--overwrite), keeping the lock file the caller holds."""
+    """Delete everything at `store` (--overwrite), keeping the lock file (or lease) the caller holds."""
     if is_remote(store):
-        delete_all(zstore or zarr_store(store, read_only=False))
+        delete_all(zstore or zarr_store(store, read_only=False), keep=_is_lease)
         return
     import shutil
 

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,7 @@ def test_kill_9_of_ff_cache_into_s3_then_resume_equals_uninterrupted(tmp_path, t
     unlearn = write_corpus(tmp_path / "u.txt", 200, seed=4)
     args = _cache_args(tiny_model, retain, unlearn, contexts=120, unlearn_contexts=20, chunk=2)
     killed = f"{s3_bucket}/killed.zarr"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FF_LEASE_SECONDS": "6"}
     proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", killed], env=env,
                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -135,9 +136,16 @@ def test_kill_9_of_ff_cache_into_s3_then_resume_equals_uninterrupted(tmp_path, t
     store = open_store(killed)
     assert not store.meta.complete and 5 <= store.corpus("retain").completed_chunks().sum() < 60
 
+    # the dead writer's lease (renewed every 1.5 s) is still live: refused, before the model loads
+    lease = json.loads(_bucket_objects(s3_bucket)["killed.zarr/.ff-lease.json"])
     runner = CliRunner()
     r = runner.invoke(main, [*args, "--out", killed])
+    assert r.exit_code == 2 and "is being written by another `ff cache`" in r.output, r.output
+    assert f"pid {proc.pid}" in r.output and "Loading weights" not in r.output
+    time.sleep(max(lease["expires"] - time.time(), 0) + 0.5)  # then it expires, and a rerun takes it over
+    r = runner.invoke(main, [*args, "--out", killed])
     assert r.exit_code == 0, r.output
+    assert "killed.zarr/.ff-lease.json" not in _bucket_objects(s3_bucket)  # given back
     clean = tmp_path / "clean.zarr"
     assert runner.invoke(main, [*args, "--out", str(clean)]).exit_code == 0
     assert_same_store(clean, killed)
