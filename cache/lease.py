@@ -6,8 +6,9 @@ only if it is still the version read. The lease is the object `STORE/.ff-lease.j
 
 - **take**: create it with `If-None-Match: *` (owner id, host, pid, command, expiry). If it exists
   and has not expired, the store is being written: refused, naming the holder. If it has expired
-  (its writer died or lost the network), replace it with `If-Match` on the version read, so that of
-  two processes taking over at once exactly one wins.
+  (its writer died or lost the network), or its writer was a process of this host that is gone,
+  replace it with `If-Match` on the version read, so that of two processes taking over at once
+  exactly one wins. (Host names must tell the writers' machines apart, as they do in messages.)
 - **hold**: a thread renews it every `LEASE_SECONDS / 4` with `If-Match` on our last version. A
   renewal refused (someone took the lease over after it expired) marks it lost, and the writer
   stops before its next chunk (`check`).
@@ -121,8 +122,26 @@ class _S3:
         return sync(go())
 
 
+_HELD: set[str] = set()
+"""Owner ids of the leases this process holds now."""
+
+
 def _live(info: dict[str, Any] | None, now: float) -> bool:
-    return bool(info) and float(info.get("expires", 0)) > now
+    """Whether a lease still stands: not expired, and not left by a writer known to be dead (a
+    process of this host that no longer runs, or this very process, which does not hold it any
+    more: as a local flock dies with its process)."""
+    if not info or float(info.get("expires", 0)) <= now:
+        return False
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        if info["pid"] == os.getpid():
+            return info.get("owner") in _HELD
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, another user's
+            pass
+    return True
 
 
 def _holder(info: dict[str, Any], now: float) -> str:
@@ -186,15 +205,19 @@ class Lease:
         if etag is None:  # a lease is there: live, or left by a writer that died
             got = s3.get(self.name)
             now = time.time()
-            if got is not None and _live(got[0], now):
+            if got is not None and got[0].get("owner") == self.info["owner"]:
+                etag = got[1]  # ours after all: a retried create whose first answer was lost
+            elif got is not None and _live(got[0], now):
                 raise _refusal(s3.url, got[0], now)
-            # expired (or gone meanwhile): take it over only if nobody else did first
-            etag = s3.put(self.name, self._fresh(), if_match=got[1]) if got is not None else \
-                s3.put(self.name, self._fresh(), if_match=None)
+            elif got is not None:  # expired: take it over only if nobody else did first
+                etag = s3.put(self.name, self._fresh(), if_match=got[1])
+            else:  # gone meanwhile
+                etag = s3.put(self.name, self._fresh(), if_match=None)
             if etag is None:
                 got = s3.get(self.name)
                 raise _refusal(s3.url, got[0] if got else {}, time.time())
         self.etag = etag
+        _HELD.add(self.info["owner"])
         try:
             now = time.time()
             if self.shard is None:
@@ -215,9 +238,15 @@ class Lease:
                 etag = self._s3.put(self.name, self._fresh(), if_match=self.etag)
             except Exception:  # a transient error: try again at the next beat, within the lease
                 continue
-            if etag is None:
-                self.lost = True
-                return
+            if etag is None:  # refused: taken over, unless it was our own retried write that landed
+                try:
+                    got = self._s3.get(self.name)
+                except Exception:
+                    continue
+                if got is None or got[0].get("owner") != self.info["owner"]:
+                    self.lost = True
+                    return
+                etag = got[1]
             self.etag = etag
 
     def check(self) -> None:
@@ -228,12 +257,16 @@ class Lease:
                              "are complete; rerun the command once the other writer has finished")
 
     def release(self) -> None:
+        _HELD.discard(self.info["owner"])
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self.etag is not None and self._s3 is not None and not self.lost:
-            self._s3.delete(self.name, self.etag)
+            try:
+                self._s3.delete(self.name, self.etag)
+            except Exception:  # unreachable store: the lease expires on its own
+                pass
         self.etag = None
 
     def __enter__(self) -> "Lease":

@@ -97,17 +97,96 @@ def zarr_store(location: StoreLocation, *, read_only: bool,
                options: dict[str, Any] | None = None):
     """A zarr store object for `location`, for key-level reads and writes: LocalStore for a
     folder, FsspecStore for a URL."""
-    from zarr.storage import FsspecStore, LocalStore
+    from zarr.storage import LocalStore
 
     if not is_remote(location):
         return LocalStore(local_path(location), read_only=read_only)
     url = str(normalize(location))
+    opts = storage_options(options)
+    if url.startswith("s3://") and "config_kwargs" not in opts:
+        import os
+
+        retries = {k: v for k, v in S3_RETRIES.items() if _RETRY_ENV[k] not in os.environ}
+        if retries:  # botocore's own environment (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS) wins
+            opts["config_kwargs"] = {"retries": retries}
     try:
-        return FsspecStore.from_url(url, storage_options=storage_options(options), read_only=read_only)
+        store = _remote_store_class().from_url(url, storage_options=opts, read_only=read_only)
     except (ImportError, ValueError) as e:  # unknown protocol, or its package not installed
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise StoreError(f"cannot open '{public(location)}': {why}; install the fsspec filesystem "
                          "for it (s3fs for s3://, gcsfs for gs://)") from e
+    store.ff_url = public(url)
+    return store
+
+
+S3_RETRIES = {"mode": "standard", "max_attempts": 8}
+"""botocore's retries for s3:// stores, unless --storage-options sets `config_kwargs`: throttling,
+5xx answers and dropped connections are retried with exponential backoff and jitter (at most
+20 s between attempts), 8 attempts in all (s3fs adds its own few for some errors). Only when
+they run out does a command stop, with one line naming the object (`_remote_store_class`).
+`AWS_RETRY_MODE` / `AWS_MAX_ATTEMPTS` in the environment, or `config_kwargs` in the storage
+options, take precedence."""
+_RETRY_ENV = {"mode": "AWS_RETRY_MODE", "max_attempts": "AWS_MAX_ATTEMPTS"}
+
+
+def _remote_error(what: str, store, key: str, e: BaseException) -> StoreError:
+    url = getattr(store, "ff_url", None)
+    if url is None:  # a copy zarr made (with_read_only): the filesystem's protocol and path
+        proto = store.fs.protocol[0] if isinstance(store.fs.protocol, (tuple, list)) else store.fs.protocol
+        url = f"{proto}://{store.path}"
+    where = f"{url}/{key}"
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return StoreError(f"cannot {what} '{where}': the object store kept failing after retries ({why}); "
+                      "what was complete is untouched: rerun the command to go on")
+
+
+_REMOTE_STORE = None
+
+
+def _remote_store_class():
+    """zarr's FsspecStore, with every request's failure (once the filesystem's retries are spent)
+    turned into a one-line StoreError naming the object, instead of a traceback from deep in the
+    HTTP client."""
+    global _REMOTE_STORE
+    if _REMOTE_STORE is not None:
+        return _REMOTE_STORE
+    from zarr.storage import FsspecStore
+
+    class RemoteStore(FsspecStore):
+        async def get(self, key, *args, **kwargs):
+            try:
+                return await super().get(key, *args, **kwargs)
+            except StoreError:
+                raise
+            except Exception as e:
+                raise _remote_error("read", self, key, e) from e
+
+        async def set(self, key, value, *args, **kwargs):
+            try:
+                return await super().set(key, value, *args, **kwargs)
+            except StoreError:
+                raise
+            except Exception as e:
+                raise _remote_error("write", self, key, e) from e
+
+        async def exists(self, key):
+            try:
+                return await super().exists(key)
+            except StoreError:
+                raise
+            except Exception as e:
+                raise _remote_error("look up", self, key, e) from e
+
+        async def delete(self, key):
+            try:
+                return await super().delete(key)
+            except StoreError:
+                raise
+            except Exception as e:
+                raise _remote_error("delete", self, key, e) from e
+
+    _REMOTE_STORE = RemoteStore
+    return RemoteStore
 
 
 def delete_all(store, keep=None) -> None:

@@ -138,7 +138,7 @@ def _create(target, attrs: dict[str, Any], corpora: dict[str, dict[str, Any]]) -
 
 def digest_columns(layers) -> list[str]:
     """The columns of a corpus's `digests` array: tokens, then each layer array."""
-    return ["tokens", *(layer_name(l) for l in layers)]
+    return ["tokens", *(layer_name(layer) for layer in layers)]
 
 
 def chunk_digest(block: np.ndarray) -> int:
@@ -227,7 +227,7 @@ class BackgroundWriter:
                 stop = item.start + item.tokens.shape[0]
                 for layer, block in item.layers.items():
                     g[layer_name(layer)].with_config(_WRITE_ALL)[item.start:stop] = block
-                blocks = {"tokens": item.tokens, **{layer_name(l): b for l, b in item.layers.items()}}
+                blocks = {"tokens": item.tokens, **{layer_name(n): b for n, b in item.layers.items()}}
                 write_digests(g, item.start // g["tokens"].chunks[0], blocks)
                 # last: marks the chunk complete
                 g["tokens"].with_config(_WRITE_ALL)[item.start:stop] = item.tokens

@@ -203,3 +203,91 @@ def kill_when(proc: subprocess.Popen, written: Callable[[], int], n: int, *, tim
     assert proc.poll() is None, f"{what} finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+class FlakyS3Proxy:
+    """An HTTP proxy in front of the test S3 server that answers a share of requests with a
+    transient error (503 SlowDown, or 500 InternalError) instead of forwarding them: what a busy
+    or flaky object store does. `share` may be changed while it runs; `failed` counts."""
+
+    def __init__(self, upstream: str, share: float, seed: int = 0):
+        import http.client
+        import http.server
+        import random
+        import socketserver
+        import threading
+        from urllib.parse import urlsplit
+
+        self.share, self.failed, self.forwarded = share, 0, 0
+        self.fail_after: int | None = None
+        """Once this many requests were forwarded, every later one fails (retries run out)."""
+        rng, lock, proxy = random.Random(seed), threading.Lock(), self
+        host, port = urlsplit(upstream).hostname, urlsplit(upstream).port
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            return out
+                        out += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                with lock:
+                    if proxy.fail_after is not None and proxy.forwarded >= proxy.fail_after:
+                        proxy.share = 1.0
+                    fail = rng.random() < proxy.share
+                    proxy.failed += fail
+                    proxy.forwarded += not fail
+                if fail:
+                    code, name = rng.choice([(503, "SlowDown"), (500, "InternalError")])
+                    msg = f"<?xml version='1.0'?><Error><Code>{name}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(msg)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,
+                             headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

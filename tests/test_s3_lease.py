@@ -82,7 +82,7 @@ def test_repair_and_overwrite_beside_a_running_writer_are_refused(tmp_path, tiny
             try:
                 if open_store(url).corpus("retain").completed_chunks().sum() >= 2:
                     break
-            except StoreError:
+            except (StoreError, KeyError, OSError):  # the store is still being created
                 pass
             time.sleep(0.05)
         holder = _lease(s3_bucket, "busy.zarr")
@@ -177,3 +177,25 @@ def test_shards_hold_leases_side_by_side_but_not_beside_a_plain_writer(s3_bucket
         lease_mod.check_no_lease(url, Shard(1, 2))
     plain.release()
     lease_mod.check_no_lease(url)  # nothing held any more
+
+
+def test_a_lease_of_a_writer_on_another_machine_blocks_until_it_expires(tmp_path, tiny_model, tiny_corpora,
+                                                                         s3_bucket):
+    import boto3
+
+    url = f"{s3_bucket}/elsewhere.zarr"
+    args = ["cache", "--model", tiny_model, "--layers", "1", "--retain", str(tiny_corpora[0]), "--unlearn",
+            str(tiny_corpora[1]), "--contexts", "8", "--ctx-len", "16", "--chunk-contexts", "2", "--quiet",
+            "--out", url]
+    expires = time.time() + 4
+    boto3.client("s3").put_object(Bucket=s3_bucket.removeprefix("s3://"), Key="elsewhere.zarr/.ff-lease.json",
+                                  Body=json.dumps({"owner": "x", "host": "another-machine", "pid": 4242,
+                                                   "command": "ff cache", "expires": expires}).encode())
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "(host another-machine, pid 4242; its lease expires in" in lines[0], r.output
+    time.sleep(max(expires - time.time(), 0) + 0.2)  # the other machine never renewed it
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert _lease(s3_bucket, "elsewhere.zarr") is None

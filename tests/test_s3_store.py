@@ -128,7 +128,7 @@ def test_kill_9_of_ff_cache_into_s3_then_resume_equals_uninterrupted(tmp_path, t
     unlearn = write_corpus(tmp_path / "u.txt", 200, seed=4)
     args = _cache_args(tiny_model, retain, unlearn, contexts=120, unlearn_contexts=20, chunk=2)
     killed = f"{s3_bucket}/killed.zarr"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FF_LEASE_SECONDS": "6"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", killed], env=env,
                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -136,13 +136,11 @@ def test_kill_9_of_ff_cache_into_s3_then_resume_equals_uninterrupted(tmp_path, t
     store = open_store(killed)
     assert not store.meta.complete and 5 <= store.corpus("retain").completed_chunks().sum() < 60
 
-    # the dead writer's lease (renewed every 1.5 s) is still live: refused, before the model loads
+    # the dead writer's lease is unexpired, but it names a process of this host that is gone:
+    # taken over at once, as a local flock dies with its process
     lease = json.loads(_bucket_objects(s3_bucket)["killed.zarr/.ff-lease.json"])
+    assert lease["pid"] == proc.pid and lease["expires"] > time.time()
     runner = CliRunner()
-    r = runner.invoke(main, [*args, "--out", killed])
-    assert r.exit_code == 2 and "is being written by another `ff cache`" in r.output, r.output
-    assert f"pid {proc.pid}" in r.output and "Loading weights" not in r.output
-    time.sleep(max(lease["expires"] - time.time(), 0) + 0.5)  # then it expires, and a rerun takes it over
     r = runner.invoke(main, [*args, "--out", killed])
     assert r.exit_code == 0, r.output
     assert "killed.zarr/.ff-lease.json" not in _bucket_objects(s3_bucket)  # given back
