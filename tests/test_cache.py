@@ -191,3 +191,24 @@ def test_inspect_json(tmp_path, tiny_model, tiny_corpora):
     assert d["compression_ratio"] > 1.0 and d["size_on_disk"] > 0
     text = CliRunner().invoke(main, ["inspect", str(out)]).output
     assert "complete" in text and "layers       1, 2" in text
+
+
+def test_ff_cache_on_a_complete_store_is_a_no_op_and_other_arguments_one_line(tmp_path, tiny_model, tiny_corpora):
+    """Row 27 through the CLI: the same command on a complete store says so, exit 0, and touches
+    nothing; other arguments are one `error:` line on stderr, exit 2, and touch nothing."""
+    out = tmp_path / "s.zarr"
+    args = ["cache", "--model", tiny_model, "--retain", tiny_corpora[0], "--unlearn", tiny_corpora[1],
+            "--contexts", "8", "--ctx-len", "16", "--layers", "1,2", "--quiet", "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in out.rglob("*")}
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert f"{out}: already complete, nothing to do (use --overwrite to rebuild)" in r.stdout
+    other = list(args)
+    other[other.index("--layers") + 1] = "1"
+    r = CliRunner().invoke(main, other)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and r.stdout == "" and len(lines) == 1, r.output
+    assert lines[0].startswith("error: ") and "other arguments (layers: [1, 2] in the store, [1] now)" in lines[0]
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in out.rglob("*")}
+    assert after == before

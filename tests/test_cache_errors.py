@@ -11,9 +11,18 @@ from cli import main
 from conftest import build_tiny_model
 
 
+class Output(str):
+    """The command's interleaved output (what a terminal shows), with stdout and stderr apart."""
+
+    stdout: str
+    stderr: str
+
+
 def run(*args):
     r = CliRunner().invoke(main, list(args))
-    return r.exit_code, r.output.strip()
+    out = Output(r.output.strip())
+    out.stdout, out.stderr = r.stdout, r.stderr
+    return r.exit_code, out
 
 
 def cache_args(model, corpora, out, *extra):
@@ -22,11 +31,19 @@ def cache_args(model, corpora, out, *extra):
 
 
 def assert_one_line_error(code, out, *needles):
+    """Exit 2; on stderr one `error:` line (besides transformers' weight-loading bar) and no
+    traceback; nothing of it on stdout."""
     assert code == 2, out
-    lines = [l for l in out.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, out
+    assert "Traceback" not in out, out
+    lines = [line for line in out.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+    assert "error:" not in out.stdout, out.stdout
     for n in needles:
         assert n in lines[0], lines[0]
+
+
+def snapshot(root: Path) -> dict[Path, bytes | None]:
+    return {p: p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
 
 
 def test_unknown_model(tmp_path, tiny_corpora):
@@ -109,11 +126,13 @@ def test_existing_store_with_other_arguments_untouched(tmp_path, tiny_model, tin
 def test_bad_input_does_not_destroy_store_even_with_overwrite(tmp_path, tiny_model, tiny_corpora):
     out = tmp_path / "s.zarr"
     assert run(*cache_args(tiny_model, tiny_corpora, out))[0] == 0
+    before = snapshot(out)
+    assert len([p for p in before if "/c/" in str(p)]) > 8  # chunks, not only metadata
     args = list(cache_args(tiny_model, tiny_corpora, out, "--overwrite"))
     args[args.index("--layers") + 1] = "7"
     code, msg = run(*args)
     assert_one_line_error(code, msg, "out of range")
-    assert (out / "zarr.json").is_file() and (out / "retain" / "layer_1").is_dir()
+    assert snapshot(out) == before  # every chunk and file as it was
 
 
 def test_path_that_is_not_a_store(tmp_path, tiny_model, tiny_corpora):

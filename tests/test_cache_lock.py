@@ -244,3 +244,19 @@ def test_a_folders_hash_reads_each_file_once_until_it_changes(tmp_path, monkeypa
     data[len(data) // 2] ^= 0xFF
     (folder / "model.safetensors").write_bytes(bytes(data))
     assert models.folder_hash(folder) != first and reads[2:] == ["model.safetensors"]
+
+
+def test_a_lock_file_left_by_a_dead_writer_does_not_block_ff_cache(tmp_path, tiny_model, tiny_corpora):
+    """Row 21 through the CLI: a store interrupted by a writer that died, its lock file still naming
+    it; the same command takes the lock, finishes the store and names itself in the file."""
+    out = tmp_path / "s.zarr"
+    assert run(*cache_args(tiny_model, tiny_corpora, out))[0] == 0
+    zarr.open_group(str(out), mode="r+").attrs["complete"] = False
+    for f in (out / "retain" / "tokens" / "c" / "3").rglob("*"):  # its last chunk never finished
+        f.unlink()
+    dead = dead_pid()
+    (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead}))
+    r = CliRunner().invoke(main, [str(a) for a in cache_args(tiny_model, tiny_corpora, out)])
+    assert r.exit_code == 0 and r.stderr.count("error:") == 0, r.output
+    assert "wrote" in r.stdout and zarr.open_group(str(out)).attrs["complete"] is True
+    assert run("verify", out)[0] == 0

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cli import main
 from conftest import make_store
-from test_verify import CFG, flip_bits
+from test_verify import CFG, delete_chunk, flip_bits
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,8 +76,9 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def snapshot(root: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+def snapshot(root: Path) -> dict[Path, bytes | None]:
+    """Every file (its bytes) and every folder (None) under `root`: a new empty folder counts."""
+    return {p: p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
 
 
 def garble(path: Path, text: str = '{"zarr_format": 3, "node_ty') -> None:
@@ -110,12 +111,20 @@ class Fault(NamedTuple):
     code: int
     needle: str
     """The message, or the part of it that does not name paths or values of this test."""
+    before_load: bool = False
+    """The row promises the error comes before the model loads: the test makes loading fail."""
 
 
 def _jsonl(w: World, line: str) -> list:
     bad = w.root / "bad.jsonl"
     bad.write_text('{"text": "the cell gene protein"}\n' + line + "\n")
     return w.cache_args(w.root / "new.zarr")[:4] + [bad, *w.cache_args(w.root / "new.zarr")[5:]]
+
+
+def _mark_incomplete(store: Path) -> None:
+    root = json.loads((store / "zarr.json").read_text())
+    root["attributes"]["complete"] = False
+    (store / "zarr.json").write_text(json.dumps(root))
 
 
 def _incomplete_with_corrupt_tokens(w: World) -> list:
@@ -179,6 +188,25 @@ FAULTS = [
     Fault("train-store-missing",
           lambda w: ["train", "--store", w.root / "no.zarr", "--layer", 1, "--out", w.root / "r"],
           2, "is not an activation store (no zarr.json)"),
+    Fault("train-missing-held-out-tokens-chunk",  # held out: checked before any step
+          lambda w: (delete_chunk(w.store, "unlearn", "tokens", 5), w.train_args(w.root / "r"))[1], 2,
+          "unlearn/tokens chunk 5 (contexts 20-23) of store"),
+    Fault("train-incomplete-store", lambda w: (_mark_incomplete(w.store), w.train_args(w.root / "r"))[1], 2,
+          "is incomplete; rerun the same `ff cache` command to finish it"),
+    Fault("train-layer-not-in-store", lambda w: ["train", "--store", w.store, "--layer", 5, "--out", w.root / "r"],
+          2, "layer 5 is not in"),
+    Fault("train-store-not-a-store", lambda w: ["train", "--store", w.run, "--layer", 1, "--out", w.root / "r"],
+          2, "not an activation store"),
+    Fault("train-unlearn-store-of-another-model",
+          lambda w: w.train_args(w.root / "r", "--unlearn-store", make_store(w.root / "o.zarr", model_hash="h2")),
+          2, "differ in model_hash"),
+    Fault("train-unlearn-store-of-another-width",
+          lambda w: w.train_args(w.root / "r", "--unlearn-store", make_store(w.root / "d.zarr", d_model=4)),
+          2, "differ in d_model"),
+    Fault("train-overwrite-a-folder-that-is-not-a-run",
+          lambda w: ((w.root / "notes").mkdir(), (w.root / "notes" / "precious.txt").write_text("keep me"),
+                     w.train_args(w.root / "notes", "--overwrite"))[2], 2,
+          "is not empty and not a run folder; refusing to delete it"),
     Fault("train-lr-0", lambda w: w.train_args(w.root / "r", "--lr", 0), 2,
           "--lr must be > 0, got 0.0"),
     Fault("train-lr-negative", lambda w: w.train_args(w.root / "r", "--lr", -1e-3), 2,
@@ -241,11 +269,11 @@ FAULTS = [
     Fault("eval-multipliers-not-numbers", lambda w: ["eval", "--run", w.run, "--multipliers", "abc"],
           2, "--multipliers, --probe-multipliers and --top-n take comma-separated numbers"),
     Fault("eval-template-without-question", lambda w: ["eval", "--run", w.run, "--mcq-template", "Q: {q}"],
-          2, "--mcq-template may name {question} only"),
+          2, "--mcq-template may name {question} only", before_load=True),
     Fault("eval-window-not-a-number", lambda w: ["eval", "--run", w.run, "--gate-window", "wide"],
-          2, "--gate-window takes a number of tokens or 'none', got 'wide'"),
+          2, "--gate-window takes a number of tokens or 'none', got 'wide'", before_load=True),
     Fault("eval-unknown-format", lambda w: ["eval", "--run", w.run, "--formats", "plain,bogus"],
-          2, "unknown prompt format 'bogus'; valid: plain, instruct"),
+          2, "unknown prompt format 'bogus'; valid: plain, instruct", before_load=True),
     Fault("eval-not-a-run", lambda w: ["eval", "--run", w.store], 2,
           "is not a run folder (no config.json)"),
     Fault("generate-not-a-run", lambda w: ["generate", "--run", w.store, "--prompt", "hi"], 2,
@@ -253,19 +281,25 @@ FAULTS = [
     Fault("generate-torn-unlearning-json",
           lambda w: ((w.run / "unlearning.json").write_text('{"best": {"sett'),
                      ["generate", "--run", w.run, "--prompt", "hi"])[1], 2,
-          "is not an ff eval result (JSONDecodeError"),
+          "is not an ff eval result (JSONDecodeError", before_load=True),
     Fault("export-not-a-run", lambda w: ["export", "--run", w.store, w.root / "out"], 2,
           "has no config.json"),
 ]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.id for f in FAULTS])
-def test_fault(fault: Fault, world: World):
+def test_fault(fault: Fault, world: World, monkeypatch):
     args = fault.make(world)
+    if fault.before_load:
+        import cache.models
+
+        def no_load(*a, **k):
+            raise AssertionError("the model was loaded before the error")
+
+        monkeypatch.setattr(cache.models, "load_model", no_load)
     before = snapshot(world.root)
     check_result(invoke(*args), fault.code, fault.needle)
-    if fault.code:
-        assert snapshot(world.root) == before  # nothing complete is damaged
+    assert snapshot(world.root) == before  # nothing changed: a refusal, a report, or a no-op
 
 
 def test_torn_metrics_line_is_dropped_on_resume(world: World):
