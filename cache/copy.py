@@ -68,7 +68,7 @@ def copy_store(src: StoreLocation, dst: StoreLocation, *, src_options: dict[str,
     s = zarr_store(src, read_only=True, options=src_options)
     root_doc, attrs = _read_source(s, src)
     check_writable(dst)
-    with WriterLock(dst, command="ff copy"):  # a flock locally, a lease on s3://
+    with WriterLock(dst, command="ff copy", options=dst_options):  # a flock locally, a lease on s3://
         d = zarr_store(dst, read_only=False, options=dst_options)
         _prepare_destination(d, dst, attrs, overwrite)
         remove_partial_files(dst)

@@ -34,6 +34,7 @@ from typing import Any
 
 from zarr.core.sync import sync
 
+from .chunks import first_line
 from .errors import StoreError
 from .location import StoreLocation, public, zarr_store
 
@@ -65,8 +66,8 @@ def _precondition_failed(e: BaseException) -> bool:
 class _S3:
     """The lease objects of one store, through the store's own s3fs filesystem."""
 
-    def __init__(self, store: StoreLocation):
-        zs = zarr_store(store, read_only=False)
+    def __init__(self, store: StoreLocation, options: dict[str, Any] | None = None):
+        zs = zarr_store(store, read_only=False, options=options)
         self.fs, self.url = zs.fs, public(store)
         self.bucket, _, prefix = zs.path.partition("/")
         self.prefix = prefix.rstrip("/")
@@ -103,7 +104,7 @@ class _S3:
         except Exception as e:
             if _precondition_failed(e):
                 return None
-            raise StoreError(f"cannot write the writer lease of store '{self.url}': {e}") from e
+            raise StoreError(f"cannot write the writer lease of store '{self.url}': {first_line(e)}") from e
         return r["ETag"]
 
     def delete(self, name: str, if_match: str) -> None:
@@ -185,8 +186,9 @@ class Lease:
     """`with Lease(store):` holds the store's writer lease (see the module docstring), or raises a
     one-line StoreError naming the holder. `check()` raises once the lease was lost."""
 
-    def __init__(self, store: StoreLocation, *, command: str = "ff cache", shard: Any = None):
-        self.store, self.shard = store, shard
+    def __init__(self, store: StoreLocation, *, command: str = "ff cache", shard: Any = None,
+                 options: dict[str, Any] | None = None):
+        self.store, self.shard, self.options = store, shard, options
         self.name = f"{SHARD_LEASE_PREFIX}{shard.name}.json" if shard is not None else LEASE_KEY
         self.info = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                      "command": command + (f" --shard {shard}" if shard is not None else "")}
@@ -200,7 +202,7 @@ class Lease:
         return {**self.info, "expires": time.time() + LEASE_SECONDS}
 
     def acquire(self) -> None:
-        self._s3 = s3 = _S3(self.store)
+        self._s3 = s3 = _S3(self.store, self.options)
         etag = s3.put(self.name, self._fresh(), if_match=None)
         if etag is None:  # a lease is there: live, or left by a writer that died
             got = s3.get(self.name)

@@ -106,11 +106,13 @@ def _write_holder(fd: int, **more) -> None:
 class WriterLock:
     """`with WriterLock(store):` holds the store's writer lock, or raises StoreError (one line,
     naming the holder's host and pid) if another process holds it. Creates the store folder.
-    `shard`: hold the lock shared with the other shards, and shard's own lock exclusively."""
+    `shard`: hold the lock shared with the other shards, and shard's own lock exclusively.
+    `options`: the storage options of a remote store (default: those of the process)."""
 
-    def __init__(self, store: str | Path, shard: "Shard | None" = None, *, command: str = "ff cache"):
+    def __init__(self, store: str | Path, shard: "Shard | None" = None, *, command: str = "ff cache",
+                 options: dict | None = None):
         self.remote = is_remote(store)  # no flock on an object store: a lease on s3://, else nothing
-        self.lease = Lease(store, command=command, shard=shard) if takes_lease(store) else None
+        self.lease = Lease(store, command=command, shard=shard, options=options) if takes_lease(store) else None
         self.store = local_path(store)
         self.path = self.store / LOCK_FILE
         self.shard = shard

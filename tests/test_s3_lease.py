@@ -199,3 +199,24 @@ def test_a_lease_of_a_writer_on_another_machine_blocks_until_it_expires(tmp_path
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert _lease(s3_bucket, "elsewhere.zarr") is None
+
+
+def test_ff_copy_into_s3_takes_the_lease_with_its_destination_options(tmp_path, s3_server, s3_bucket, monkeypatch):
+    import boto3
+
+    from conftest import make_store
+
+    src = make_store(tmp_path / "s.zarr")
+    url = f"{s3_bucket}/copied.zarr"
+    s3 = boto3.client("s3")  # made while the environment still names the server
+    key = {"Bucket": s3_bucket.removeprefix("s3://"), "Key": "copied.zarr/.ff-lease.json"}
+    s3.put_object(**key, Body=json.dumps({"owner": "x", "host": "another-machine", "pid": 7,
+                                          "command": "ff cache", "expires": time.time() + 60}).encode())
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only --dst-storage-options says where the server is
+    opts = ["--dst-storage-options", json.dumps({"endpoint_url": s3_server})]
+    r = CliRunner().invoke(main, ["copy", str(src), url, "--quiet", *opts])
+    assert r.exit_code == 2 and "is being written by another `ff cache` (host another-machine, pid 7" in r.output
+    s3.delete_object(**key)
+    r = CliRunner().invoke(main, ["copy", str(src), url, "--quiet", *opts])
+    assert r.exit_code == 0, r.output
+    assert "Contents" not in s3.list_objects_v2(Bucket=key["Bucket"], Prefix=key["Key"])  # given back
