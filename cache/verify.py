@@ -5,7 +5,8 @@ dtype, chunking); every chunk is on disk (zarr reads a missing one as fill value
 error) and decodes (a crc32c mismatch raises); each chunk's content matches the digest written
 for its array and index (a valid chunk copied over another is "misplaced"); activations are
 finite; tokens lie in [0, vocab_size) when the store records its vocabulary size. Each bad chunk
-is named by corpus, array and context range. `Report` is shared with the run-folder check (trainer/verify.py).
+is named by corpus, array and context range. `Report` is shared with the run-folder check
+(trainer/verify.py).
 """
 from __future__ import annotations
 
