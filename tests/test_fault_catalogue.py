@@ -360,3 +360,47 @@ def test_catalogue_rows_name_real_tests():
         assert ok, f"{m[0]} is not a test pytest collects"
     ids = {m[3] for m in named if m[1].endswith("test_fault_catalogue.py") and m[2] == "test_fault"}
     assert ids == {f.id for f in FAULTS}
+
+
+def test_a_loss_that_turns_non_finite_before_a_checkpoint_stops_with_one_line(world: World):
+    """Row 56 through the CLI: unlearn activations that overflow (inf) make phase 2 non-finite;
+    `ff train` stops in one line and writes no SAE."""
+    import numpy as np
+    import zarr
+
+    root = zarr.open_group(str(world.store), mode="r+")
+    x = np.asarray(root["unlearn/layer_1"][:])
+    x[:, 1:] = np.inf  # BOS positions are masked out anyway
+    root["unlearn/layer_1"][:] = x
+    out = world.root / "r"
+    r = invoke(*world.train_args(out, "--steps", 12, "--expansion", 2, "--n-clusters", 2, "--batch-contexts", 4,
+                                 "--warmup", 1, "--recluster-every", 2))
+    # the CLI's checkpoints come every 1000 steps: this run has none yet, and says so (a run that
+    # has one names it: tests/test_trainer_train.py::test_non_finite_loss_stops_and_keeps_last_checkpoint)
+    check_result(r, 2, "is not finite at step 6, before the first checkpoint; start again with --overwrite")
+    assert not (out / "checkpoints" / "last.pt").exists() and not (out / "sae.safetensors").exists()
+
+
+def test_eval_of_a_run_without_a_probe_gate_is_one_line_before_the_clean_passes(world: World, monkeypatch):
+    """Row 91 through the CLI: a run trained (by `ff train`, on the tiny model's store) before the
+    probe gate existed; `ff eval --gate none,probe` is refused before any clean pass runs."""
+    from safetensors.torch import load_file, save_file
+
+    import pipelines.evalsets
+
+    run = world.root / "old-run"
+    r = invoke("train", "--store", world.cached, "--layer", 1, "--out", run, "--steps", 4, "--expansion", 2,
+               "--n-clusters", 2, "--batch-contexts", 4, "--warmup", 1, "--quiet")
+    assert r.exit_code == 0, r.output
+    gate = {k: v for k, v in load_file(str(run / "gate.safetensors")).items() if not k.startswith("probe")}
+    save_file(gate, str(run / "gate.safetensors"))
+
+    def no_clean_pass(*a, **k):
+        raise AssertionError("a clean pass ran before the error")
+
+    monkeypatch.setattr(pipelines.evalsets.EvalData, "prepare", no_clean_pass)
+    before = snapshot(world.root)
+    r = invoke("eval", "--run", run, "--gate", "none,probe", "--preset", "demo")
+    check_result(r, 2, "has no probe gate on the residual stream (a run from an older ff): retrain it, or sweep "
+                       "the other gates with --gate both")
+    assert snapshot(world.root) == before

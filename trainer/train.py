@@ -238,6 +238,10 @@ def run_loop(cfg: TrainConfig, run: RunFolder, meta: dict[str, Any], retain: Ite
 
 
 def _non_finite(what: str, step: int, saved: int, run: RunFolder) -> NonFiniteLossError:
+    if not run.checkpoint.is_file():  # stopped before the first checkpoint: nothing to resume
+        return NonFiniteLossError(f"the {what} is not finite at step {step}, before the first checkpoint; "
+                                  "start again with --overwrite and a lower lr, or check the store for "
+                                  "inf values (ff verify)")
     return NonFiniteLossError(f"the {what} is not finite at step {step}; the last good "
                               f"checkpoint (step {saved}) is kept in {run.checkpoint.parent}; "
                               "resume with a lower lr, or check the store for inf values")
