@@ -94,7 +94,8 @@ def parse_template(value: str) -> str:
     try:
         filled = template.format(question="\0")
     except (KeyError, IndexError, ValueError) as e:
-        raise EvalError(f"--mcq-template may name {{question}} only (braces as {{{{ }}}}): {e!r} in '{value}'") from None
+        raise EvalError(f"--mcq-template may name {{question}} only (braces as {{{{ }}}}): {e!r} "
+                        f"in '{value}'") from None
     if filled.count("\0") != 1:
         raise EvalError(f"--mcq-template must hold {{question}} once, got '{value}'")
     return template
@@ -345,7 +346,8 @@ def _given_train_options(ctx: click.Context) -> dict:
 @click.option("--candidate-max-freq-r", type=click.FloatRange(0, 1), default=None,
               help="Unlearn candidates must fire on fewer than this fraction of retain tokens "
                    "(1: no bound, the cluster thresholds alone). [preset]")
-@click.option("--recluster-every", type=click.IntRange(1), default=None, help="Phase-2 steps between re-clusterings. [preset]")
+@click.option("--recluster-every", type=click.IntRange(1), default=None,
+              help="Phase-2 steps between re-clusterings. [preset]")
 @click.option("--seed", type=int, default=None, help="Seed for init, data order and k-means. [preset]")
 @click.option("--probe-offset", type=click.IntRange(0), default=None,
               help="The probe gate's detector reads the residual stream this many blocks before the trained "
@@ -405,7 +407,8 @@ def format_train_summary(layer: int, s) -> str:
     for corpus in ("retain", "unlearn"):
         m = ev.get(corpus, {})
         if m:
-            parts.append(f"  held-out {corpus:<7} FVU {m.get('fvu', float('nan')):.3f}  L0 {m.get('l0', float('nan')):.1f}  "
+            parts.append(f"  held-out {corpus:<7} FVU {m.get('fvu', float('nan')):.3f}  "
+                         f"L0 {m.get('l0', float('nan')):.1f}  "
                          f"dead {m.get('dead_frac', float('nan')):.3f}")
     parts.append(f"  feature set: {s.n_candidates} features")
     return "\n".join(parts)
@@ -465,7 +468,8 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--retain-text", default=None, help="Held-out retain-domain text (corpus spec; 'demo').")
 @click.option("--ood/--no-ood", default=True, help="Also evaluate the out-of-distribution sets (bundled textbook "
               "biology / general questions and prose, or --ood-forget-mcq etc.).")
-@click.option("--ood-forget-mcq", default=None, help="Out-of-distribution forget questions ('demo-ood', JSONL, dataset).")
+@click.option("--ood-forget-mcq", default=None,
+              help="Out-of-distribution forget questions ('demo-ood', JSONL, dataset).")
 @click.option("--ood-retain-mcq", default=None, help="Out-of-distribution retain questions.")
 @click.option("--ood-forget-text", default=None, help="Out-of-distribution held-out forget text (corpus spec).")
 @click.option("--ood-retain-text", default=None, help="Out-of-distribution held-out retain text (corpus spec).")
@@ -479,7 +483,8 @@ def _load_for_run(run: str, model: str | None, device: str):
 @click.option("--probe-multipliers", default=None, metavar="M1,M2,...",
               help="Clamp strengths for the probe gate only (it stays shut on retain prompts, so it can "
               "clamp harder). [preset; demo: 100,1000]")
-@click.option("--top-n", default=None, metavar="N1,N2,...|all", help="Feature counts to sweep ('all' = every candidate). [preset]")
+@click.option("--top-n", default=None, metavar="N1,N2,...|all",
+              help="Feature counts to sweep ('all' = every candidate). [preset]")
 @click.option("--selections", default=None, metavar="S1,S2,...",
               help="Selection rules to sweep: candidates (FeatureForget runs), saebench, ratio. [preset]")
 @click.option("--gate", default=None, metavar="G1,G2,...|all",
@@ -715,7 +720,8 @@ def format_lines(part: dict | None) -> list[str]:
 @click.option("--selection", default=None, type=click.Choice(["candidates", "saebench", "ratio"]),
               help="Feature selection rule.")
 @click.option("--gate", default=None, type=click.Choice(["none", "sequence", "probe"]),
-              help="Static clamp, the sequence gate, or the probe gate (the run's topic detector on the residual stream).")
+              help="Static clamp, the sequence gate, or the probe gate (the run's topic detector on the "
+                   "residual stream).")
 @click.option("--gate-percentile", default=None, type=click.FloatRange(0, 100),
               help="The gate's retain percentile (another than the chosen setting's takes its threshold "
               "from the run's retain training contexts).")

@@ -94,7 +94,7 @@ def bare_rows(model, data, iv) -> float:
 
 def per_setting(args, lm, cfg) -> None:
     from pipelines.evalsets import eval_data
-    from pipelines.evaluate import METRICS, OOD_METRICS, _SETS, calibrate_probe, measure
+    from pipelines.evaluate import _SETS, METRICS, OOD_METRICS, calibrate_probe, measure
     from pipelines.fastlm import kv_reuse_ok, verify_fast_path
     from pipelines.intervene import Intervention, load_run, probe_layer
 

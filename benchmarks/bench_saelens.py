@@ -56,11 +56,11 @@ def main() -> None:
     a = p.parse_args()
 
     import sae_lens
+    from bench_train import sparsify_
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    from bench_train import sparsify_
     from trainer.config import TrainConfig
     from trainer.featureforget import FeatureForget
     from trainer.sae import SAE
@@ -85,7 +85,8 @@ def main() -> None:
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(lens_sae, name).copy_(getattr(sae, name))
-    trainer = SAETrainer(SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=tokens, lr=0.0, lr_end=0.0),
+    cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=tokens, lr=0.0, lr_end=0.0)
+    trainer = SAETrainer(cfg,
                          lens_sae, data_provider=iter(()))
 
     def run(fn, n):

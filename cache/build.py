@@ -18,15 +18,26 @@ import numpy as np
 import zarr
 
 from . import __version__
-from .corpora import pack, resolve_corpus
 from .chunks import remove_partial_files
+from .corpora import pack, resolve_corpus
 from .errors import StoreError
 from .location import StoreLocation, normalize, store_like
 from .lock import WriterLock, check_unlocked, check_writable, clear_contents, is_vacant
 from .repair import clear_chunks, plan_repair
 from .shard import Shard, complete_if_done, global_chunks, record_shard, remove_own_partial_files
-from .store import (CORPORA, FORMAT_VERSION, HOOK, BackgroundWriter, ChunkWrite, chunk_contexts_for,
-                    ensure_store, has_root, open_root, open_store, to_storage)
+from .store import (
+    CORPORA,
+    FORMAT_VERSION,
+    HOOK,
+    BackgroundWriter,
+    ChunkWrite,
+    chunk_contexts_for,
+    ensure_store,
+    has_root,
+    open_root,
+    open_store,
+    to_storage,
+)
 
 PAPER_LAYERS = (5, 12, 19)  # of Gemma-2-2B's 26 blocks
 _PAPER_DEPTH = 26
@@ -206,7 +217,8 @@ def _load_inputs(cfg: CacheConfig, lm):
     layers = tuple(sorted(set(cfg.layers))) if cfg.layers else default_layers(n_layers)
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
-        raise StoreError(f"layer {bad[0]} is out of range: model '{cfg.model}' has {n_layers} layers (0..{n_layers - 1})")
+        raise StoreError(f"layer {bad[0]} is out of range: model '{cfg.model}' has {n_layers} layers "
+                         f"(0..{n_layers - 1})")
     sizes = {"retain": cfg.contexts, "unlearn": cfg.unlearn_contexts or cfg.contexts}
     packed = {name: pack(specs[name], lm.tokenizer, n_contexts=sizes[name], ctx_len=cfg.ctx_len) for name in CORPORA}
     return lm, layers, specs, sizes, packed

@@ -152,38 +152,21 @@ def _remote_store_class():
         return _REMOTE_STORE
     from zarr.storage import FsspecStore
 
+    def named(what: str, method):
+        async def wrapped(self, key, *args, **kwargs):
+            try:
+                return await method(self, key, *args, **kwargs)
+            except StoreError:
+                raise
+            except Exception as e:
+                raise _remote_error(what, self, key, e) from e
+        return wrapped
+
     class RemoteStore(FsspecStore):
-        async def get(self, key, *args, **kwargs):
-            try:
-                return await super().get(key, *args, **kwargs)
-            except StoreError:
-                raise
-            except Exception as e:
-                raise _remote_error("read", self, key, e) from e
-
-        async def set(self, key, value, *args, **kwargs):
-            try:
-                return await super().set(key, value, *args, **kwargs)
-            except StoreError:
-                raise
-            except Exception as e:
-                raise _remote_error("write", self, key, e) from e
-
-        async def exists(self, key):
-            try:
-                return await super().exists(key)
-            except StoreError:
-                raise
-            except Exception as e:
-                raise _remote_error("look up", self, key, e) from e
-
-        async def delete(self, key):
-            try:
-                return await super().delete(key)
-            except StoreError:
-                raise
-            except Exception as e:
-                raise _remote_error("delete", self, key, e) from e
+        get = named("read", FsspecStore.get)
+        set = named("write", FsspecStore.set)
+        exists = named("look up", FsspecStore.exists)
+        delete = named("delete", FsspecStore.delete)
 
     _REMOTE_STORE = RemoteStore
     return RemoteStore

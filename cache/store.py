@@ -362,7 +362,8 @@ class Store:
 
     def require_layer(self, layer: int) -> None:
         if layer not in self.meta.layers:
-            raise StoreError(f"layer {layer} is not in store '{self.path}' (layers: {', '.join(map(str, self.meta.layers))})")
+            have = ", ".join(map(str, self.meta.layers))
+            raise StoreError(f"layer {layer} is not in store '{self.path}' (layers: {have})")
 
 
 def has_root(path: StoreLocation) -> bool:

@@ -17,11 +17,19 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from .chunks import (ChunkRef, bad_metadata_files, chunk_exists, chunk_ref, first_line,
-                     partial_files)
+from .chunks import ChunkRef, bad_metadata_files, chunk_exists, chunk_ref, first_line, partial_files
 from .location import local_path, public
-from .store import (_NUMPY_DTYPE, CORPORA, DIGESTS, Store, chunk_digest, digest_columns, from_storage,
-                    layer_name, open_store)
+from .store import (
+    _NUMPY_DTYPE,
+    CORPORA,
+    DIGESTS,
+    Store,
+    chunk_digest,
+    digest_columns,
+    from_storage,
+    layer_name,
+    open_store,
+)
 
 
 @dataclass(frozen=True)

@@ -126,9 +126,10 @@ class Setting:
         n = "all" if self.top_n is None and self.selection == "candidates" else f"top{self.top_n or 20}"
         sel = {"candidates": "candidates", "saebench": f"saebench freq_r<{self.freq_threshold:g}",
                "ratio": f"ratio p{self.ratio_percentile:g} freq_r<{self.freq_threshold:g}"}[self.selection]
+        kind = "" if self.probe_kind == "linear" else " " + self.probe_kind
         gate = {"none": " static", "sequence": f" gate p{self.gate_percentile:g}",
                 "probe": f" probe{'' if self.probe_l2 is None else f' l2={self.probe_l2:g}'}"
-                         f"{'' if self.probe_kind == 'linear' else ' ' + self.probe_kind} p{self.gate_percentile:g}"}[self.gate]
+                         f"{kind} p{self.gate_percentile:g}"}[self.gate]
         if self.gate != "none" and self.gate_threshold is not None:
             gate += f" (threshold {self.gate_threshold:.3g})"
         if self.gate != "none" and self.gate_window is not None:
@@ -170,8 +171,9 @@ class Setting:
     def from_dict(cls, d: dict[str, Any]) -> "Setting":
         retired = [k for k, default in RETIRED_FIELDS.items() if d.get(k, default) != default]
         if retired:
-            raise EvalError(f"the setting uses {' and '.join(dict.fromkeys(_RETIRED_NAMES[k] for k in retired))}, which ff no longer "
-                            "has (docs/results.md): run ff eval on the run again")
+            names = " and ".join(dict.fromkeys(_RETIRED_NAMES[k] for k in retired))
+            raise EvalError(f"the setting uses {names}, which ff no longer has (docs/results.md): run ff eval "
+                            "on the run again")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})  # load leniently (STYLE 3)
 

@@ -20,8 +20,16 @@ import torch
 from torch import Tensor
 
 from pipelines.config import EvalConfig
-from pipelines.data import (McqLayout, load_mcq, mcq_accuracy, mcq_batches, mcq_correct, sample_split, text_batches,
-                            text_spec)
+from pipelines.data import (
+    McqLayout,
+    load_mcq,
+    mcq_accuracy,
+    mcq_batches,
+    mcq_correct,
+    sample_split,
+    text_batches,
+    text_spec,
+)
 from pipelines.errors import EvalError
 from pipelines.fastlm import KV, Batch, kv_reuse_ok, resid_at, score, suffix_score, text_config
 from pipelines.intervene import Intervention

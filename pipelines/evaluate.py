@@ -25,8 +25,16 @@ from pipelines.config import EvalConfig, Setting, SweepGrid  # noqa: F401  (re-e
 from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import kv_reuse_ok, verify_fast_path
-from pipelines.intervene import (RESULT_FILE, Intervention, LoadedRun, load_run, make_gate, probe_detector,
-                                 probe_layer, probe_problem)
+from pipelines.intervene import (
+    RESULT_FILE,
+    Intervention,
+    LoadedRun,
+    load_run,
+    make_gate,
+    probe_detector,
+    probe_layer,
+    probe_problem,
+)
 from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
 from trainer.evaluate import eval_corpus
 
@@ -61,7 +69,8 @@ def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> 
     ev = eval_corpus(run.sae, (a.to(dev, torch.float32) * run.scale for a in acts))
     ce_sae = data.retain_text.run(model, Intervention(run, Setting(mode="splice", gate="none"))).value
     if run.layer not in data.zero_ce:  # independent of the SAE: shared by every run at the layer
-        data.zero_ce[run.layer] = data.retain_text.run(model, Intervention(run, Setting(mode="zero", gate="none"))).value
+        zero = Intervention(run, Setting(mode="zero", gate="none"))
+        data.zero_ce[run.layer] = data.retain_text.run(model, zero).value
     ce_zero = data.zero_ce[run.layer]
     denom = ce_zero - ce_clean
     return {"fvu": ev.fvu, "mse": ev.mse, "l0": ev.l0, "tokens": ev.tokens,
@@ -257,7 +266,8 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
     rates = {}
     for name in ("retain_text", "forget_text", "ood_retain_text", "ood_forget_text"):
         if data.has(name):
-            rates[f"open_rate_{name.replace('_text', '')}"] = float(getattr(data, name).row_shares(iv)[1].double().mean())
+            opened = getattr(data, name).row_shares(iv)[1]
+            rates[f"open_rate_{name.replace('_text', '')}"] = float(opened.double().mean())
     questions, split = {}, None  # test-half questions on which the gate opens somewhere (its peak passes the threshold)
     for name in ("forget_mcq", "retain_mcq", "ood_forget_mcq", "ood_retain_mcq"):
         if data.has(name):
@@ -495,8 +505,8 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     for gate in cfg.grid.gates:
         b, reason = pick_best([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
                               cfg.max_retain_ce_rise, max_nll=cfg.max_fluency_nll_rise)
-        by_gate[gate] = {"best": None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection),
-                         "reason": reason}
+        chosen = None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection)
+        by_gate[gate] = {"best": chosen, "reason": reason}
         add_fluency(by_gate[gate]["best"])
     if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:
         correct = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]

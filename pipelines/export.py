@@ -245,7 +245,8 @@ def model_card(run_dir: str | Path, spec: dict[str, Any], model_name: str) -> st
              f"{spec['layer']}, edit `{spec['mode']}`)",
              f"- gate: `{spec['gate']}`" + ("" if spec["gate"] == "none" else
                                            f", reading block {spec['gate_layer']}, its signal averaged over "
-                                           + (f"the last {spec['window']} tokens" if spec["window"] else "every token so far")),
+                                           + (f"the last {spec['window']} tokens" if spec["window"]
+                                              else "every token so far")),
              "", "## Measured (`ff eval`, test halves, 95% bootstrap intervals)", "",
              f"- unlearning score in distribution, plain prompts: {score(best)}",
              f"- out of distribution: {score(best.get('ood'))}"]

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from cache.models import decoder_layers
-from pipelines.errors import EvalError
 from pipelines.config import Setting
-from trainer.sae import SAE
+from pipelines.errors import EvalError
 from trainer.gate.detector import Detector
 from trainer.gate.gate import Gate, GateError, GateSpec
 from trainer.gate.store import GateFile
+from trainer.sae import SAE
 from trainer.selection import select
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")

@@ -239,8 +239,8 @@ def limits_table(results: dict[str, dict[int, dict]]) -> str:
 def formats_table(results: dict[str, dict[int, dict]]) -> str:
     """Per configuration and prompt format, the chosen setting's test score with its interval and
     the retain accuracy, in and out of distribution (ff eval --formats), and the minimum."""
-    rows = ["| layer | configuration | where | " + " | ".join(["format", "test score [95% CI]", "forget MCQ",
-                                                                   "retain MCQ"]) + " |", "|---|---|---|---|---|---|---|"]
+    head = " | ".join(["format", "test score [95% CI]", "forget MCQ", "retain MCQ"])
+    rows = ["| layer | configuration | where | " + head + " |", "|---|---|---|---|---|---|---|"]
     for l in sorted({l for r in results.values() for l in r}):
         for name, b, _ in configurations(results, l):
             for where, part in (("in distribution", b), ("out of distribution", (b or {}).get("ood"))):
@@ -502,8 +502,11 @@ def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
                   if line]
     for l in sorted({l for by in seeds.values() for l in by}):
         for gate, how in GATE_NAMES.items():
-            answers = [[((r.get("best_by_gate", {}).get(gate) or {}).get("best") or {}).get("test", {}).get("forget_correct")
-                        for r in seeds.get(m, {}).get(l, [])[:n]] for m in ("featureforget", "baseline")]
+            def correct(r):
+                best = (r.get("best_by_gate", {}).get(gate) or {}).get("best") or {}
+                return best.get("test", {}).get("forget_correct")
+
+            answers = [[correct(r) for r in seeds.get(m, {}).get(l, [])[:n]] for m in ("featureforget", "baseline")]
             ff, base = answers  # per method, each seed's test-half answers ({before, after})
             if n < 2 or not all(ff + base) or len({h["before"] for h in ff + base}) != 1:
                 continue  # a seed without a retain-safe setting, or other questions: no average

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache.models import load_model  # noqa: E402
 from pipelines.config import EvalConfig, Setting  # noqa: E402
-from pipelines.evaluate import probe_thresholds  # noqa: E402
 from pipelines.evalsets import eval_data  # noqa: E402
+from pipelines.evaluate import probe_thresholds  # noqa: E402
 from pipelines.intervene import Intervention, load_run  # noqa: E402
 from pipelines.scoring import auroc  # noqa: E402
 from trainer.gate.detector import PROBE_L2  # noqa: E402

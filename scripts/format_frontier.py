@@ -21,15 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache.models import load_model  # noqa: E402
 from pipelines.config import EvalConfig, Setting  # noqa: E402
 from pipelines.evalsets import eval_data  # noqa: E402
-from pipelines.formats import parse_formats  # noqa: E402
 from pipelines.evaluate import probe_thresholds  # noqa: E402
+from pipelines.formats import parse_formats  # noqa: E402
 from pipelines.intervene import Intervention, load_run, probe_layer, run_setting  # noqa: E402
+
 
 def edit_form(name: str) -> dict:
     """"clamp30", "ablate", "retain_mean", "project", each optionally ":N" (top N features)."""

@@ -41,7 +41,8 @@ def passages(name: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="A run folder with an unlearning.json (ff run / ff eval --save).")
-    ap.add_argument("--windows", default="none,24,32,48", help="Gate windows to compare (tokens; none: from the start).")
+    ap.add_argument("--windows", default="none,24,32,48",
+                    help="Gate windows to compare (tokens; none: from the start).")
     ap.add_argument("--words", type=int, default=60, help="Words of preamble before each question.")
     ap.add_argument("--preamble", action="append", default=[], metavar="TEXT",
                     help="Also try this text before every question (repeatable; \\n for a newline).")

@@ -13,11 +13,11 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import kill_when, write_corpus
 
 from cache.build import CacheConfig, build_cache, default_layers
 from cache.store import from_storage, open_store
 from cli import main
-from conftest import kill_when, write_corpus
 
 
 def _cfg(tiny_model, tiny_corpora, **kw) -> CacheConfig:

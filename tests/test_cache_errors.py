@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_tiny_model
 
 from cli import main
-from conftest import build_tiny_model
 
 
 class Output(str):

@@ -199,8 +199,9 @@ def test_the_lock_probe_opens_for_writing_and_a_file_system_without_locks_is_one
 
 
 def test_a_local_model_changed_in_the_middle_of_a_file_is_another_model(tmp_path, tiny_corpora, monkeypatch):
-    from cache import models
     from conftest import build_tiny_model
+
+    from cache import models
 
     monkeypatch.setenv("FF_CACHE_DIR", str(tmp_path / "ff-cache"))
     folder = build_tiny_model(tmp_path / "model", hidden=256)  # a weights file over 2 MiB

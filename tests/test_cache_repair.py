@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from test_verify import chunk_file, delete_chunk, flip_bits
 
 from cli import main
-from test_verify import chunk_file, delete_chunk, flip_bits
 
 
 def run(*args):

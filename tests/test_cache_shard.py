@@ -16,6 +16,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import assert_same_store, kill_when, write_corpus
 
 from cache.build import CacheConfig, build_cache
 from cache.errors import StoreError
@@ -23,7 +24,6 @@ from cache.lock import LOCK_FILE, SHARD_DIR, WriterLock
 from cache.shard import Shard, ShardError, global_chunks, record_shard, shard_device, shard_from_env
 from cache.store import open_store
 from cli import main
-from conftest import assert_same_store, kill_when, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import make_store
 from safetensors.torch import load_file
 
 from cli import main
-from conftest import make_store
 
 TRAIN = ["train", "--layer", "1", "--preset", "demo", "--steps", "6", "--expansion", "2", "--n-clusters", "2",
          "--batch-contexts", "4", "--warmup", "1", "--quiet"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_pipelines_evaluate import write_mcq
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 from cache.models import load_model
 from pipelines.config import EvalConfig, SweepGrid
@@ -10,8 +12,6 @@ from pipelines.evalsets import eval_data
 from pipelines.evaluate import evaluate_run
 from pipelines.formats import build_prompt
 from pipelines.scoring import min_score, pick_best, unlearning_score, why_unsafe
-from test_pipelines_evaluate import write_mcq
-from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 LAYER = 1
 

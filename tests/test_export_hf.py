@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 from cache.models import load_model
 from cli import main
 from pipelines.config import Setting
 from pipelines.intervene import Intervention, load_run, unlearned
-from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 from trainer.gate.causal import firing_share
 
 LAYER = 1
@@ -47,7 +47,8 @@ LOAD = textwrap.dedent("""
 def _chosen_run(lm, tmp_path: Path, setting: Setting) -> Path:
     run_dir = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, n_candidates=40, mlp_probe=True,
                        probe_layer=LAYER - 1)
-    (run_dir / "unlearning.json").write_text(json.dumps({"best": {"setting": setting.to_dict(), "label": setting.label}}))
+    best = {"setting": setting.to_dict(), "label": setting.label}
+    (run_dir / "unlearning.json").write_text(json.dumps({"best": best}))
     return run_dir
 
 
@@ -76,7 +77,8 @@ def test_exported_folder_loads_without_ff_and_equals_the_hooked_edit(tiny_model,
     r = CliRunner().invoke(main, ["export", "--run", str(run_dir), "--format", "hf", "--model", tiny_model, str(out)])
     assert r.exit_code == 0, r.output
     assert "logits match the hooked edit" in r.output
-    assert {"config.json", "model.safetensors", "modeling_featureforget.py", "README.md"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_featureforget.py", "README.md"} <= written
     assert setting.label in (out / "README.md").read_text()
 
     mask = torch.ones_like(ids)

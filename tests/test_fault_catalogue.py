@@ -12,10 +12,10 @@ from typing import Callable, NamedTuple
 
 import pytest
 from click.testing import CliRunner
-
-from cli import main
 from conftest import make_store
 from test_verify import CFG, delete_chunk, flip_bits
+
+from cli import main
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

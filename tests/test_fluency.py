@@ -8,13 +8,20 @@ from typing import Iterator
 
 import pytest
 import torch
-
 from conftest import WORDS
-from pipelines.errors import EvalError
-from pipelines.fluency import (CleanRef, clean_reference, continuation_nll, distinct_bigrams, fluency_prompts,
-                               greedy, measure_fluency)
-from pipelines.intervene import _continues
 from test_pipelines_helpers import single_thread  # noqa: F401 (autouse fixture)
+
+from pipelines.errors import EvalError
+from pipelines.fluency import (
+    CleanRef,
+    clean_reference,
+    continuation_nll,
+    distinct_bigrams,
+    fluency_prompts,
+    greedy,
+    measure_fluency,
+)
+from pipelines.intervene import _continues
 
 N_NEW = 12  # 9 prompt tokens + 12 > the tiny model's sliding window of 16: the cache must handle it
 

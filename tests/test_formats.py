@@ -13,9 +13,19 @@ import pytest
 from cache.corpora import DEMO_DIR
 from pipelines import formats
 from pipelines.errors import EvalError
-from pipelines.formats import (BASE, DEFAULT_FORMATS, FORMAT_HELP, FORMATS, INSTRUCT_HEADER,
-                               biology_paragraphs, build_prompt, general_paragraphs,
-                               general_questions, parse_formats, prompts)
+from pipelines.formats import (
+    BASE,
+    DEFAULT_FORMATS,
+    FORMAT_HELP,
+    FORMATS,
+    INSTRUCT_HEADER,
+    biology_paragraphs,
+    build_prompt,
+    general_paragraphs,
+    general_questions,
+    parse_formats,
+    prompts,
+)
 
 QUESTION = "Which word means: any long ditch cut in the ground?"
 EVALUATED_MCQ = ("forget_mcq.jsonl", "retain_mcq.jsonl", "ood_forget_mcq.jsonl",

@@ -7,18 +7,18 @@ import random
 
 import pytest
 import torch
+from conftest import WORDS
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 from cache.models import load_model
-from conftest import WORDS
 from pipelines.config import EvalConfig, Setting, SweepGrid
 from pipelines.data import McqLayout, load_mcq, mcq_accuracy, mcq_scores, sample_split
 from pipelines.errors import EvalError
-from pipelines.evaluate import evaluate_run
-from pipelines.scoring import pick_best, unlearning_score
 from pipelines.evalsets import eval_data
+from pipelines.evaluate import evaluate_run
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import Intervention, load_run
-from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
+from pipelines.scoring import pick_best, unlearning_score
 
 LAYER = 1
 
@@ -79,7 +79,8 @@ def test_fast_path_matches_plain_forward_with_hooks(lm, cfg, tmp_path):
     ref = _plain_choice_scores(lm, qs, cfg.mcq_template)
     torch.testing.assert_close(mcq_scores(torch.cat(data.forget_mcq.clean), data.forget_mcq.layout), ref,
                                atol=1e-4, rtol=1e-5)
-    for setting in (Setting(gate="none", mode="clamp", multiplier=5.0), Setting(gate="none", mode="ablate", top_n=3), Setting(gate="none", mode="zero")):
+    for setting in (Setting(gate="none", mode="clamp", multiplier=5.0), Setting(gate="none", mode="ablate", top_n=3),
+                    Setting(gate="none", mode="zero")):
         iv = Intervention(run, setting)
         lp, rerun = data.forget_mcq.logprobs(lm.model, iv)
         assert rerun > 0
@@ -432,7 +433,9 @@ def test_probe_detector_is_chosen_on_the_forget_dev_questions(lm, cfg, tmp_path)
 
     def calibration(kind, l2):
         iv = Intervention(run, settings[0].replace(gate_threshold=0.0, probe_l2=l2, probe_kind=kind))
-        dev = lambda n: getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q].double()
+        def dev(n):
+            return getattr(data, n).gate_peaks(iv)[~getattr(data, n).test_Q].double()
+
         r = torch.cat([dev(n) for n in ("retain_mcq", "ood_retain_mcq") if data.has(n)])
         thr = {p: float(torch.quantile(r, p)) for p in (0.5, 0.9)}
         return thr, float((dev("forget_mcq") > thr[0.9]).double().mean()), iv.detector.b

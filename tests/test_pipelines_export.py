@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_pipelines_helpers import make_run, set_encoder_bias, single_thread  # noqa: F401 (autouse fixture)
 
 from cache.models import load_model
 from pipelines.config import Setting
@@ -13,7 +14,6 @@ from pipelines.errors import EvalError
 from pipelines.export import export_saelens
 from pipelines.generate import generate_pair
 from pipelines.intervene import load_run, select_features
-from test_pipelines_helpers import make_run, set_encoder_bias, single_thread  # noqa: F401 (autouse fixture)
 
 
 def test_export_round_trip_on_raw_activations(tmp_path):
@@ -84,7 +84,8 @@ def test_ff_generate_overrides_fields_of_the_runs_chosen_setting(tiny_model, tmp
 
     assert label() == f"setting:   {chosen.label}"
     assert label("--multiplier", "3") == f"setting:   {chosen.replace(multiplier=3.0).label}"
-    assert label("--gate-percentile", "90") == f"setting:   {chosen.replace(gate_percentile=90.0, gate_threshold=None).label}"
+    p90 = chosen.replace(gate_percentile=90.0, gate_threshold=None)
+    assert label("--gate-percentile", "90") == f"setting:   {p90.label}"
     assert label("--gate", "none") == f"setting:   {chosen.replace(gate='none', gate_threshold=None).label}"
     # a window keeps the chosen threshold (its units do not depend on the window)
     assert label("--gate-window", "4") == f"setting:   {chosen.replace(gate_window=4).label}"

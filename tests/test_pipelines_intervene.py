@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_pipelines_helpers import make_run, set_encoder_bias, single_thread  # noqa: F401 (autouse fixture)
 
 from cache.capture import capture_layers
 from cache.models import load_model
 from pipelines.config import EvalConfig, Setting, SweepGrid
 from pipelines.errors import EvalError
 from pipelines.intervene import Intervention, load_run, select_features, unlearned
-from test_pipelines_helpers import make_run, set_encoder_bias, single_thread  # noqa: F401 (autouse fixture)
 
 LAYER = 1
 
@@ -77,7 +77,8 @@ def test_inactive_selected_features_leave_h_and_logits_bit_identical(lm, run_dir
     set_encoder_bias(run_dir, {int(i): -1e4 for i in S})
     run = load_run(run_dir)
     ids = _ids(lm)
-    for setting in (Setting(gate="none", mode="ablate", top_n=5), Setting(gate="none", mode="clamp", multiplier=200, top_n=5)):
+    for setting in (Setting(gate="none", mode="ablate", top_n=5),
+                    Setting(gate="none", mode="clamp", multiplier=200, top_n=5)):
         iv = Intervention(run, setting)
         assert torch.equal(_resid(lm, ids, iv), _resid(lm, ids))
         edited = iv.edit(_resid(lm, ids))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_same_store, make_store
 from safetensors.torch import load_file
 
 from cache.copy import copy_store
@@ -17,7 +18,6 @@ from cache.errors import StoreError
 from cache.location import is_remote, local_path, public
 from cache.store import open_store
 from cli import main
-from conftest import assert_same_store, make_store
 
 
 @pytest.fixture

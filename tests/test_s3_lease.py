@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import assert_same_store, write_corpus
 
 from cache import lease as lease_mod
 from cache.errors import StoreError
 from cache.store import open_store
 from cli import main
-from conftest import assert_same_store, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +203,6 @@ def test_a_lease_of_a_writer_on_another_machine_blocks_until_it_expires(tmp_path
 
 def test_ff_copy_into_s3_takes_the_lease_with_its_destination_options(tmp_path, s3_server, s3_bucket, monkeypatch):
     import boto3
-
     from conftest import make_store
 
     src = make_store(tmp_path / "s.zarr")

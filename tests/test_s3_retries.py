@@ -9,9 +9,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import FlakyS3Proxy, assert_same_store
 
 from cli import main
-from conftest import FlakyS3Proxy, assert_same_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import S3_SECRET, assert_same_store, kill_when, make_store, write_corpus
 from safetensors.torch import load_file
 
 from cache.store import open_store
 from cli import main
-from conftest import S3_SECRET, assert_same_store, kill_when, make_store, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

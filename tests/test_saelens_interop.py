@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 from cache.models import load_model
 from pipelines.config import Setting
 from pipelines.export import export_saelens
 from pipelines.intervene import Intervention, load_run
-from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.slow
 LAYER = 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
 
 from cache.models import load_model
 from pipelines.config import Setting
@@ -12,10 +13,9 @@ from pipelines.data import Question, sample_split
 from pipelines.errors import EvalError
 from pipelines.intervene import Intervention, load_run
 from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, paired_difference, unbits, verdict
-from test_pipelines_helpers import make_run, single_thread  # noqa: F401 (autouse fixture)
-from trainer.sae import SAE
 from trainer.gate.calibrate import calibrate, threshold_at
 from trainer.gate.causal import carry, firing_share, gate_open, prefix_counts, row_share
+from trainer.sae import SAE
 from trainer.selection import corpus_stats, select
 
 LAYER = 1
@@ -241,7 +241,8 @@ def test_bootstrap_interval_on_known_cases():
              torch.ones(100, dtype=torch.bool), bootstrap=500)
     assert h["unlearning_score"] == 0.5 and h["correct_subset_score"] == 0.5 and len(h["ci95"]) == 2
     # the half's per-question answers, for paired comparisons in the report
-    assert torch.equal(unbits(h["forget_correct"]["after"]), after) and torch.equal(unbits(h["forget_correct"]["before"]), before)
+    assert torch.equal(unbits(h["forget_correct"]["after"]), after)
+    assert torch.equal(unbits(h["forget_correct"]["before"]), before)
     assert "forget_correct" not in half((before, after), (before, before), torch.ones(100, dtype=torch.bool),
                                         torch.ones(100, dtype=torch.bool))  # the sweep's entries stay small
 
@@ -385,7 +386,8 @@ def test_mlp_probe_detects_a_topic_that_only_tokens_jointly_show():
     a = type(mlp)(mlp.w[:h] * 2, 0.2, mlp.W_HD[:h], mlp.c_H[:h])
     b = type(mlp)(mlp.w[h:] * 2, -0.4, mlp.W_HD[h:], mlp.c_H[h:])
     both = _side_by_side(a, b)
-    assert torch.allclose(both.token_scores(x[None]), (a.token_scores(x[None]) + b.token_scores(x[None])) / 2, atol=1e-6)
+    mean = (a.token_scores(x[None]) + b.token_scores(x[None])) / 2
+    assert torch.allclose(both.token_scores(x[None]), mean, atol=1e-6)
     assert both.b == pytest.approx(-0.1)
 
 
@@ -514,7 +516,8 @@ def test_probe_gate_signal_is_the_detectors_token_score_and_is_causal(lm, tmp_pa
         h = lm.model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
     iv = Intervention(run, probe)
     b = float(run.gate["probe/b"][0])
-    assert iv.threshold == pytest.approx(-b) and torch.equal(iv.signal(h), token_scores(h * run.scale, run.gate["probe/w"]))
+    assert iv.threshold == pytest.approx(-b)
+    assert torch.equal(iv.signal(h), token_scores(h * run.scale, run.gate["probe/w"]))
     share, seen = firing_share(iv.signal(h), editable)
     median = float(share[seen >= 8].median())
     gated = Intervention(run, probe.replace(gate_threshold=median + b))

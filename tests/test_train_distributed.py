@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_store
 from safetensors.torch import load_file
 
 from cli import main
-from conftest import make_store
 from trainer.config import PRESETS
 from trainer.data import ArraySource, TokenStream
 

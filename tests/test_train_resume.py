@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_store
 
 from cli import main
-from conftest import make_store
 from trainer.config import TrainConfig
 from trainer.run import RESUME_MAY_CHANGE, RunFolder
 from trainer.steps import lr_at

@@ -13,7 +13,6 @@ from trainer.featureforget import FeatureForget, candidates, cluster_losses, thr
 from trainer.sae import SAE
 from trainer.steps import make_optimizer, recon_stats, set_lr, train_step
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

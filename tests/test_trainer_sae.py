@@ -8,7 +8,6 @@ import torch
 from trainer import sae as sae_module
 from trainer.sae import SAE
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

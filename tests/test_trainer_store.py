@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import CTX, D, make_store
 from safetensors.torch import load_file
 
 from cache.store import from_storage
@@ -13,8 +14,6 @@ from trainer.config import TrainConfig
 from trainer.data import TokenStream, open_training_data
 from trainer.errors import TrainError
 from trainer.train import train
-
-from conftest import CTX, D, make_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,7 +173,8 @@ def test_probe_offset_fits_the_probe_on_an_earlier_layer_of_the_store(tmp_path):
     train(cfg, store, 2, str(tmp_path / "l2same"), progress=False)
     cross, own1, own2 = (load_file(str(tmp_path / r / "gate.safetensors")) for r in ("l2", "l1", "l2same"))
     assert int(cross["probe/layer"][0]) == 1 and "probe/layer" not in own1
-    assert float(cross["probe/scale"][0]) == pytest.approx(json.loads((tmp_path / "l1" / "config.json").read_text())["scale"])
+    scale = json.loads((tmp_path / "l1" / "config.json").read_text())["scale"]
+    assert float(cross["probe/scale"][0]) == pytest.approx(scale)
     for key in ("probe/w", "probe/b", "probe/max", "probe@0.01/w"):
         torch.testing.assert_close(cross[key], own1[key])
     assert not torch.allclose(cross["probe/w"], own2["probe/w"]), "layer 2's own probe differs"

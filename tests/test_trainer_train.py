@@ -243,9 +243,9 @@ def test_kill_9_of_ff_train_in_both_phases_then_resume_matches(tmp_path, monkeyp
     from pathlib import Path
 
     from click.testing import CliRunner
+    from conftest import make_store
 
     from cli import main
-    from conftest import make_store
     from trainer.config import PRESETS
 
     monkeypatch.setitem(PRESETS, "demo", {**PRESETS["demo"], "checkpoint_every": 3, "log_every": 1})

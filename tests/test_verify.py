@@ -8,9 +8,9 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import make_store
 
 from cli import main
-from conftest import make_store
 from trainer.config import TrainConfig
 from trainer.errors import TrainError
 from trainer.run import RunFolder

@@ -42,7 +42,8 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
             res = rep["results"][method]["1"]
             assert res["layer"] == 1 and res["method"] == method and res["sweep"]
         md = (report / "report.md").read_text()
-        assert "| 1 | FeatureForget, probe-gated |" in md and "| 1 | baseline SAE, probe-gated |" in md and "## Verdict" in md
+        assert "| 1 | FeatureForget, probe-gated |" in md and "| 1 | baseline SAE, probe-gated |" in md
+        assert "## Verdict" in md
         assert "static |" not in md  # the demo sweeps the probe gate only
         # the preset's probe reads the layer before the trained one: both cached, one trained
         from safetensors.torch import load_file
@@ -79,7 +80,8 @@ def _res(static, gated):
 
 
 def test_report_table_and_verdict():
-    results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7), (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))},
+    results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7),
+                                         (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))},
                "baseline": {8: _res((None,), (0.2, [0.1, 0.35], 0.8, 0.64, 0.7, 0.7))}}
     table = markdown_table(results)
     assert "| 8 | FeatureForget, gated | clamp m=10 top20 candidates gate p95 | 0.600 [0.50, 0.70] | 0.600 | " \
@@ -113,7 +115,8 @@ def test_report_table_and_verdict():
 def test_limits_table_splits_the_forget_questions_by_the_gate():
     from pipelines.report import limits_table
 
-    results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7), (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))}}
+    results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7),
+                                         (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))}}
     assert limits_table(results) == ""  # results without the split: no table
     gated = results["featureforget"][8]["best_by_gate"]["sequence"]["best"]
     gated["gate"]["forget_split"] = {"opened": {"questions": 30, "before": 0.8, "after": 0.2},
@@ -160,7 +163,8 @@ def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
     from cli import format_eval  # ff eval's summary names the same settings under the gate's line
 
     res = {**results["featureforget"][8], "method": "featureforget", "layer": 8,
-           "sae": {"fvu": 0.4, "l0": 25.0, "loss_recovered": None}, "best_ood_reason": "no out-of-distribution sets configured"}
+           "sae": {"fvu": 0.4, "l0": 25.0, "loss_recovered": None},
+           "best_ood_reason": "no out-of-distribution sets configured"}
     text = format_eval(res)
     assert "  held back: strong (dev 0.500): retain MCQ 0.700 -> 0.690 (< 0.99 x clean)" in text
     assert text.index("best, gate sequence") < text.index("held back: strong") < text.index("held back: hot")
@@ -178,7 +182,8 @@ def test_seeds_table_mean_and_spread():
     runs[0]["best_ood"] = {"ood": {"test": {"unlearning_score": 0.5}}}
     runs[1]["best_ood"] = {"ood": {"test": {"unlearning_score": 0.3}}}
     table = seeds_table({"featureforget": {4: runs}})
-    assert "| 4 | featureforget | out of distribution (chosen on its dev half) | 2 (2 general-safe) | 0.400 | 0.300 - 0.500 |" in table
+    assert ("| 4 | featureforget | out of distribution (chosen on its dev half) | 2 (2 general-safe) | 0.400 "
+            "| 0.300 - 0.500 |") in table
 
 
 def test_seeds_verdict_per_seed_and_paired_mean():
@@ -200,8 +205,8 @@ def test_seeds_verdict_per_seed_and_paired_mean():
     assert text.count("mean over") == 1  # the static gate had no retain-safe setting: no average for it
     seeds["baseline"][4][1]["best_by_gate"]["sequence"]["best"]["test"]["forget_correct"]["before"] = "1" * 7 + "0"
     assert "mean over" not in seeds_verdict(seeds)  # other questions in one seed: no paired average
-    assert seeds_verdict({"featureforget": {4: seeds["featureforget"][4][:1]}, "baseline": {4: seeds["baseline"][4][:1]}}).count(
-        "mean over") == 0  # one seed: its verdict only
+    one = {"featureforget": {4: seeds["featureforget"][4][:1]}, "baseline": {4: seeds["baseline"][4][:1]}}
+    assert seeds_verdict(one).count("mean over") == 0  # one seed: its verdict only
 
 
 def test_ood_verdict_compares_both_choices_on_the_same_questions():
@@ -214,7 +219,8 @@ def test_ood_verdict_compares_both_choices_on_the_same_questions():
     ff = _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))
     base = _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))
     assert ood_verdict({"featureforget": {4: ff}, "baseline": {4: base}}) == ""  # no OOD sets evaluated
-    ff["best_ood"], base["best_ood"] = {"ood": ood(0.9, [0.7, 1.0], "1" + "0" * 9)}, {"ood": ood(0.3, [0.1, 0.5], "1" * 7 + "0" * 3)}
+    ff["best_ood"] = {"ood": ood(0.9, [0.7, 1.0], "1" + "0" * 9)}
+    base["best_ood"] = {"ood": ood(0.3, [0.1, 0.5], "1" * 7 + "0" * 3)}
     ff["best"] = {"ood": ood(0.5, [0.2, 0.8], "1" * 5 + "0" * 5)}
     base["best"] = {"ood": {"test": {"unlearning_score": 0.4, "ci95": [0.1, 0.7],
                                      "forget_correct": {"before": "0" + "1" * 9, "after": "0" * 10}}}}
@@ -222,5 +228,5 @@ def test_ood_verdict_compares_both_choices_on_the_same_questions():
     assert ("- layer 4, chosen on the OOD dev half: FeatureForget beats the baseline SAE (intervals do not overlap); "
             "OOD test scores 0.900 vs 0.300; difference +0.600 [" in text)
     # the in-distribution choices: other clean answers recorded, so the intervals only
-    assert "- layer 4, the in-distribution choices: FeatureForget vs the baseline SAE: within noise (intervals overlap); " \
-           "OOD test scores 0.500 vs 0.400." in text
+    assert ("- layer 4, the in-distribution choices: FeatureForget vs the baseline SAE: within noise (intervals "
+            "overlap); OOD test scores 0.500 vs 0.400.") in text

@@ -21,11 +21,11 @@ from trainer.dist import SINGLE, Ranks
 from trainer.errors import TrainError
 from trainer.evaluate import evaluate, saebench_select, set_shares
 from trainer.featureforget import FeatureForget
-from trainer.run import write_features, write_json
-from trainer.sae import SAE
 from trainer.gate.calibrate import calibrate, calibration_sets
 from trainer.gate.detector import Probe, fit_probes
 from trainer.gate.store import GateFile
+from trainer.run import write_features, write_json
+from trainer.sae import SAE
 from trainer.selection import corpus_stats, iter_contexts
 
 
@@ -67,7 +67,8 @@ def probe_data(cfg: TrainConfig, store_path: str, meta: dict[str, Any], eval_fra
         return None
     layer = int(meta["layer"]) - cfg.probe_offset
     if layer < 0:
-        raise TrainError(f"--probe-offset {cfg.probe_offset} points before layer 0 (the run trains layer {meta['layer']})")
+        raise TrainError(f"--probe-offset {cfg.probe_offset} points before layer 0 (the run trains layer "
+                         f"{meta['layer']})")
     try:
         data = open_training_data(store_path, layer, eval_frac, unlearn_store=unlearn_store)
     except TrainError as e:

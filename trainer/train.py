@@ -32,9 +32,9 @@ from trainer.dist import SINGLE, Ranks, ranks_from_env
 from trainer.errors import NonFiniteLossError, TrainError
 from trainer.featureforget import FeatureForget
 from trainer.finish import HeldOut, StatsData, finish_run, probe_data, recluster
-from trainer.selection import iter_contexts
 from trainer.run import MetricsLog, RunFolder, load_checkpoint, open_run, save_checkpoint
 from trainer.sae import SAE
+from trainer.selection import iter_contexts
 from trainer.steps import importance_passes, lr_at, make_optimizer, set_lr, train_step
 
 
@@ -68,8 +68,7 @@ def train(cfg: TrainConfig | None, store_path: str, layer: int | None, out: str,
     `on_step(step)`: called after every step (after its checkpoint, if one is due).
     Raises TrainError (one line) for anything a user can fix.
     """
-    from trainer.data import (TokenStream, estimate_scale, iter_eval_batches, open_training_data,
-                              shard)
+    from trainer.data import TokenStream, estimate_scale, iter_eval_batches, open_training_data, shard
 
     given, folder, ranks = cfg, RunFolder(out), ranks_from_env()
     saved = ranks.from_main(lambda: folder.read_config() if resume and folder.config.is_file()
