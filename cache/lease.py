@@ -183,8 +183,9 @@ def _refuse_live_shards(s3: _S3, now: float) -> None:
 
 
 class Lease:
-    """`with Lease(store):` holds the store's writer lease (see the module docstring), or raises a
-    one-line StoreError naming the holder. `check()` raises once the lease was lost."""
+    """The store's writer lease (see the module docstring): `acquire()` takes it or raises a
+    one-line StoreError naming the holder, `release()` gives it back, `check()` raises once it was
+    lost. WriterLock (cache/lock.py) holds one for an s3:// store."""
 
     def __init__(self, store: StoreLocation, *, command: str = "ff cache", shard: Any = None,
                  options: dict[str, Any] | None = None):
@@ -270,10 +271,3 @@ class Lease:
             except Exception:  # unreachable store: the lease expires on its own
                 pass
         self.etag = None
-
-    def __enter__(self) -> "Lease":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -14,6 +14,7 @@ store by its URL, with any `user:password@` part removed (`public`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -140,16 +141,11 @@ def _remote_error(what: str, store, key: str, e: BaseException) -> StoreError:
                       "what was complete is untouched: rerun the command to go on")
 
 
-_REMOTE_STORE = None
-
-
+@functools.cache
 def _remote_store_class():
     """zarr's FsspecStore, with every request's failure (once the filesystem's retries are spent)
     turned into a one-line StoreError naming the object, instead of a traceback from deep in the
     HTTP client."""
-    global _REMOTE_STORE
-    if _REMOTE_STORE is not None:
-        return _REMOTE_STORE
     from zarr.storage import FsspecStore
 
     def named(what: str, method):
@@ -168,7 +164,6 @@ def _remote_store_class():
         exists = named("look up", FsspecStore.exists)
         delete = named("delete", FsspecStore.delete)
 
-    _REMOTE_STORE = RemoteStore
     return RemoteStore
 
 
