@@ -59,7 +59,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="ff-bench-shards-"))
     base = ["cache", "--model", args.model, "--layers", args.layers, "--contexts", str(args.contexts),
-            "--ctx-len", str(args.ctx_len), "--quiet"]
+            "--set", f"ctx_len={args.ctx_len}", "--quiet"]
     n_tokens = 2 * args.contexts * args.ctx_len
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     one_s, _ = run_together([[*base, "--out", str(tmp / "one.zarr")]], env)

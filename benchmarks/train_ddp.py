@@ -87,9 +87,9 @@ def main() -> None:
 
     cfg = TrainConfig.preset(a.preset)
     tokens_per_step = cfg.batch_contexts * (meta.ctx_len - 1)
-    args = ["--store", a.store, "--preset", a.preset, "--method", a.method, "--steps", str(a.steps)]
+    args = ["--store", a.store, "--preset", a.preset, "--set", f"method={a.method}", "--set", f"steps={a.steps}"]
     args += ["--layer", str(a.layer)] if a.layer is not None else []
-    print(f"ff train --preset {a.preset} --method {a.method} --steps {a.steps}: "
+    print(f"ff train --preset {a.preset} --set method={a.method} --set steps={a.steps}: "
           f"{tokens_per_step} tokens per step (global batch), d_model {meta.d_model}")
     with tempfile.TemporaryDirectory() as tmp:
         work, best = Path(tmp), {}

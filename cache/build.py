@@ -11,7 +11,7 @@ exactly those. `shard` computes only that shard's chunks, concurrently with the 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import zarr
 
 from . import __version__
 from .chunks import remove_partial_files
+from .config import STORE_DTYPES, CacheConfig  # noqa: F401  (CacheConfig: the public name here too)
 from .corpora import pack, resolve_corpus
 from .errors import StoreError
 from .location import StoreLocation, normalize, store_like
@@ -49,44 +50,6 @@ RESUME_MUST_MATCH = {  # store attribute -> (what it is, what to do about a mism
 }
 """How the stored chunks were computed: chunks added by a resume computed otherwise would not
 match the others. Stores written before an attribute was recorded are not checked on it."""
-
-
-@dataclass
-class CacheConfig:
-    """Arguments of `ff cache`; `spec()` is what a store records and a rerun must match."""
-
-    model: str = "gemma-3-270m"
-    """Model spec: hub id, local HF folder, .gguf file, or the embedded 'gemma-3-270m'."""
-    layers: tuple[int, ...] | None = None
-    """Decoder blocks to capture (0-based). None: the paper's 5/12/19 of 26, scaled to the model's depth."""
-    retain: str = "demo"
-    """Retain corpus spec (see cache.corpora)."""
-    unlearn: str = "demo"
-    """Unlearn corpus spec."""
-    contexts: int = 2048
-    """Retain contexts (paper: 2048)."""
-    unlearn_contexts: int | None = None
-    """Unlearn contexts; None: same as `contexts`."""
-    ctx_len: int = 128
-    """Tokens per context, BOS included (paper: 128)."""
-    dtype: str = "bfloat16"
-    """Storage dtype: bfloat16 (uint16 bit patterns), float16 or float32."""
-    chunk_contexts: int | None = None
-    """Contexts per stored chunk; None: whole contexts filling about 4 MiB."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl / .parquet / hub datasets."""
-    model_dtype: str | None = None
-    """Compute dtype; None: float32 on CPU, bfloat16 on CUDA."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-
-    def spec(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("model_dtype", "device"):  # how it ran, not what it made
-            d.pop(k)
-        d["layers"] = list(self.layers) if self.layers is not None else "auto"
-        d["unlearn_contexts"] = self.unlearn_contexts or self.contexts
-        return d
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:

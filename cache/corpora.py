@@ -181,7 +181,7 @@ def _iter_hub(cs: CorpusSpec) -> Iterator[str]:
 def pack(cs: CorpusSpec, tokenizer: Any, *, n_contexts: int, ctx_len: int, batch_docs: int = 256) -> PackedCorpus:
     """Tokenize documents in order and pack them into `n_contexts` BOS-prefixed contexts."""
     if ctx_len < 2:
-        raise CorpusError(f"--ctx-len must be at least 2, got {ctx_len}")
+        raise CorpusError(f"ctx_len must be at least 2, got {ctx_len}")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     body = ctx_len - 1

@@ -90,7 +90,7 @@ def to_storage(x, dtype: str) -> np.ndarray:
         if torch.isinf(h).any() and not torch.isinf(t).any():
             peak = float(t.abs().max())
             raise StoreError(
-                f"float16 overflow: activations reach {peak:.4g} > 65504; use --dtype bfloat16 or float32"
+                f"float16 overflow: activations reach {peak:.4g} > 65504; use --set dtype=bfloat16 (or float32)"
             )
         return h.numpy()
     return t.to(torch.float32).numpy()

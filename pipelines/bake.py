@@ -7,9 +7,9 @@ the edit produces there:
 
     target(x) = edit(h_L(x))      h_L: the clean model's output of block L
 
-on the store's two corpora (`--target gated`: the run's chosen setting with its gate, so retain
+on the store's two corpora (`--set target=gated`: the run's chosen setting with its gate, so retain
 text mostly keeps its clean residual and forget text gets the gated edit), or the edit on every
-unlearn-corpus token and the clean residual on every retain-corpus token (`--target corpus`: the
+unlearn-corpus token and the clean residual on every retain-corpus token (`--set target=corpus`: the
 corpus label is the gate). The loss is the squared error at editable positions (no BOS, no
 padding), each residual dimension weighed by 1 / its clean variance (a few very large dimensions
 would otherwise decide it), in units of the edit's mean squared size on unlearn text (so the
@@ -29,7 +29,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,44 +40,13 @@ from torch import Tensor
 from cache.atomic import atomic_write, replace_dir
 from cache.capture import outputs_at
 from cache.chunks import first_line
+from pipelines.config import LORA_MODULES, BakeConfig  # noqa: F401  (the public names here too)
 from pipelines.errors import EvalError
 
 BAKE_FILE = "featureforget_bake.json"
 """In a baked folder: what it was baked from and how (run, setting, base model, config, losses)."""
 CHECKPOINT = "checkpoint.pt"
 TARGETS = ("gated", "corpus")
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class BakeConfig:
-    steps: int = 300
-    """Optimizer steps."""
-    batch_contexts: int = 4
-    """Contexts per corpus per step (a step sees twice this many)."""
-    lr: float = 1e-3
-    rank: int = 32
-    alpha: float = 32.0
-    modules: tuple[str, ...] = LORA_MODULES
-    """Linear layers of blocks 0..L that get a low-rank update."""
-    target: str = "corpus"
-    """"corpus": the edit ungated on unlearn text only; "gated": the chosen setting as it is."""
-    multiplier: float | None = 100.0
-    """The clamp strength of the edit baked in; None: the chosen setting's. A LoRA of the blocks
-    up to the layer reproduces only part of the edit, so the chosen (hooked) strength baked in
-    leaves the answers as they were (docs/results.md)."""
-    forget_weight: float = 0.25
-    """Weight of the unlearn rows' loss against the retain rows'."""
-    warmup: int = 10
-    clip: float = 1.0
-    """Gradient norm clipping."""
-    checkpoint_every: int = 25
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["modules"] = list(self.modules)
-        return d
 
 
 class BakeResult(NamedTuple):
@@ -197,7 +166,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     if cfg.target not in TARGETS:
         raise EvalError(f"unknown bake target '{cfg.target}': use {' or '.join(TARGETS)}")
     if cfg.steps < 1 or cfg.batch_contexts < 1 or cfg.rank < 1:
-        raise EvalError("--steps, --batch-contexts and --rank must be positive")
+        raise EvalError("steps, batch_contexts and rank must be positive")
     out = Path(out_dir)
     check_bake_out(out, overwrite)
     run = load_run(run_dir)

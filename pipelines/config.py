@@ -209,8 +209,8 @@ class SweepGrid:
     ablate: bool = False
     """Also try plain ablation (t = 0) at every feature count."""
 
-    top_n: tuple[int | None, ...] = (10, 20, 50)
-    """Feature counts; None = all FeatureForget candidates (candidates selection only)."""
+    top_n: tuple[int | None, ...] = field(default=(10, 20, 50), metadata={"item_aliases": {"all": None}})
+    """Feature counts; None ("all") = all FeatureForget candidates (candidates selection only)."""
 
     freq_thresholds: tuple[float, ...] = (0.01,)
     """Retain-frequency thresholds of the SAEBench selection (SAEBench: 0.001, 0.01)."""
@@ -218,8 +218,10 @@ class SweepGrid:
     selections: tuple[str, ...] = ("candidates", "saebench", "ratio")
     """Selection rules to try; "candidates" applies to FeatureForget runs only."""
 
-    gates: tuple[str, ...] = GATES
-    """Gate modes to try; each gets its own best setting in the result."""
+    gates: tuple[str, ...] = field(default=GATES, metadata={"aliases": {"all": GATES, "both": ("none", "sequence")}})
+    """Gates to try, each with its own best setting in the result: none (the static clamp),
+    sequence (the share of tokens on which a selected feature fires), probe (the run's topic
+    detector on the residual stream); "both" = none,sequence; "all" = all three."""
 
     probe_percentiles: tuple[float, ...] = (99.0, 100.0)
     """Percentiles tried for the probe gate's threshold (of the retain calibration prompts'
@@ -233,6 +235,21 @@ class SweepGrid:
 
     gate_window: int | None = None
     """Every probe-gated setting's window (Setting.gate_window; None: from the start)."""
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.gates if g not in GATES] + [s for s in self.selections if s not in SELECTIONS]
+        if bad or not self.gates or not self.selections:
+            raise EvalError(f"unknown gate or selection '{','.join(bad)}': gates are {', '.join(GATES)} (both, "
+                            f"all), selections {', '.join(SELECTIONS)}")
+        pcts = (*self.probe_percentiles, self.gate_percentile)
+        if not all(0 <= p <= 100 for p in pcts):
+            raise EvalError(f"percentiles must lie within [0, 100], got {', '.join(f'{p:g}' for p in pcts)}")
+        if not all(m > 0 for m in (*self.multipliers, *(self.probe_multipliers or ()))) or not self.multipliers:
+            raise EvalError("clamp multipliers must be positive numbers")
+        if any(n is not None and n < 1 for n in self.top_n) or not self.top_n:
+            raise EvalError(f"feature counts must be positive (or all), got {self.top_n}")
+        if self.gate_window is not None and self.gate_window < 1:
+            raise EvalError(f"gate_window must be at least 1 token (or none), got {self.gate_window}")
 
     def settings(self, method: str) -> list[Setting]:
         """Every setting to evaluate for a run of `method` ("featureforget" | "baseline")."""
@@ -274,9 +291,9 @@ DEMO_GRID = SweepGrid(multipliers=(10.0,), probe_multipliers=(10.0, 30.0), top_n
 """The demo's grid on CPU: 200 features, FeatureForget's candidates and the SAEBench rule, behind
 the probe gate (99th percentile, averaged over the last 16 tokens so that it follows the topic in
 every prompt format) at m = 10 and 30, the edits that stay fluent (docs/results.md, "Edit forms
-and fluency"). Stronger clamps (m = 100-1000) and the static clamp (`--gate none`) garble biology
+and fluency"). Stronger clamps (m = 100-1000) and the static clamp (`--set gates=none`) garble biology
 text or break retain questions, so the bounds refuse them (docs/results.md, "the demo with the
-prompt-format suite"); the sequence gate (`--gate all`) was never chosen either."""
+prompt-format suite"); the sequence gate (`--set gates=all`) was never chosen either."""
 
 DEMO_FORMATS = ("plain", "instruct", "kshot2", "kshot5", "preamble", "dialogue", "after_bio")
 """Every format of pipelines/formats.py (kept here as names: this module imports no pools)."""
@@ -343,10 +360,13 @@ class EvalConfig:
     ctx_len: int = 128
     """Context length of the held-out text contexts (BOS included; the training ctx_len)."""
 
-    mcq_template: str = "Question: {question}\nAnswer:"
-    """MCQ prompt; each choice is scored as the continuation " " + choice (the demo data's format)."""
+    mcq_template: str = field(default="Question: {question}\nAnswer:",
+                              metadata={"parse": lambda text: text.replace("\\n", "\n")})
+    """The questions' prompt, with {question} where the question goes (\\n for a newline on the
+    command line); each choice is scored as the continuation " " + choice after it. Use the format
+    your model will serve, so that the probe gate is calibrated on it."""
 
-    formats: tuple[str, ...] = ("plain",)
+    formats: tuple[str, ...] = field(default=("plain",), metadata={"aliases": {"all": DEMO_FORMATS}})
     """Prompt formats every question set is also scored in (pipelines/formats.py): "plain" is
     `mcq_template` itself; the others wrap it (instruction header, general few-shot examples,
     a general preamble, a dialogue, a biology passage before the question). A setting is
@@ -402,6 +422,27 @@ class EvalConfig:
     position on (pipelines/fastlm.py); where the sets need more, or at 0, every rerun row is
     recomputed whole (the same scores, more time)."""
 
+    def __post_init__(self) -> None:
+        try:
+            filled = self.mcq_template.format(question="\0")
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvalError(f"mcq_template may name {{question}} only (braces as {{{{ }}}}): {e!r} in "
+                            f"'{self.mcq_template}'") from None
+        if filled.count("\0") != 1:
+            raise EvalError(f"mcq_template must hold {{question}} once, got '{self.mcq_template}'")
+        bad = [f for f in self.formats if f not in DEMO_FORMATS]
+        if bad or not self.formats:
+            raise EvalError(f"unknown prompt format '{','.join(bad)}'; valid: {', '.join(DEMO_FORMATS)} (or all)")
+        small = [f"{k}={getattr(self, k)}" for k, least in (("max_questions", 2), ("format_questions", 2),
+                                                             ("max_text_tokens", 2), ("sample_seed", 0),
+                                                             ("kv_cache_gib", 0))
+                 if getattr(self, k) is not None and getattr(self, k) < least]
+        if small:
+            raise EvalError(f"too small: {', '.join(small)} (question counts and text tokens >= 2, seed and "
+                            "memory >= 0)")
+        if self.gate_calibration not in ("dev", "train"):
+            raise EvalError(f"gate_calibration is dev or train, got '{self.gate_calibration}'")
+
     @classmethod
     def preset(cls, name: str) -> "EvalConfig":
         if name not in PRESETS:
@@ -437,3 +478,96 @@ class EvalConfig:
         if "max_retain_ce_rise" in changes and "max_ood_retain_ce_rise" not in changes:
             changes = {**changes, "max_ood_retain_ce_rise": OOD_CE_FACTOR * changes["max_retain_ce_rise"]}
         return replace(self, **changes)
+
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class BakeConfig:
+    steps: int = 300
+    """Optimizer steps."""
+    batch_contexts: int = 4
+    """Contexts per corpus per step (a step sees twice this many)."""
+    lr: float = 1e-3
+    """Adam's learning rate (after a linear warm-up)."""
+    rank: int = 32
+    """LoRA rank of each adapted linear layer."""
+    alpha: float = 32.0
+    """LoRA scaling alpha (the update is scaled by alpha / rank)."""
+    modules: tuple[str, ...] = LORA_MODULES
+    """Linear layers of blocks 0..L that get a low-rank update."""
+    target: str = "corpus"
+    """corpus: the edit ungated on all unlearn text, nothing on retain text; gated: the chosen
+    setting as it is, with its gate."""
+    multiplier: float | None = 100.0
+    """The clamp strength of the edit baked in, in units of each feature's mean firing value (the
+    chosen setting's other fields are kept); none: the chosen setting's. A LoRA of the blocks up to
+    the layer reproduces only part of the edit, so the chosen (hooked) strength baked in leaves the
+    answers as they were (docs/results.md)."""
+    forget_weight: float = 0.25
+    """Weight of the unlearn rows' loss against the retain rows'."""
+    warmup: int = 10
+    """Linear warm-up steps of the learning rate."""
+    clip: float = 1.0
+    """Gradient norm clipping."""
+    checkpoint_every: int = 25
+    """Steps between checkpoints in OUT.bake/ (what a rerun after a kill resumes from)."""
+    seed: int = 0
+    """Seeds the LoRA initialisation and the order of the training contexts."""
+
+    def __post_init__(self) -> None:
+        small = [f"{k}={getattr(self, k)}" for k in ("steps", "batch_contexts", "rank", "checkpoint_every")
+                 if getattr(self, k) < 1]
+        small += [f"{k}={getattr(self, k)}" for k in ("lr", "alpha", "forget_weight", "clip")
+                  if not getattr(self, k) > 0]
+        if self.multiplier is not None and not self.multiplier > 0:
+            small.append(f"multiplier={self.multiplier}")
+        if small or self.warmup < 0:
+            raise EvalError(f"bake options must be positive: {', '.join(small) or f'warmup={self.warmup}'}")
+        if self.target not in ("corpus", "gated"):
+            raise EvalError(f"the bake's target is corpus or gated, got '{self.target}'")
+        unknown = [m for m in self.modules if m not in LORA_MODULES]
+        if unknown or not self.modules:
+            raise EvalError(f"unknown LoRA module(s) {unknown}: use some of {', '.join(LORA_MODULES)}")
+
+    def replace(self, **changes: Any) -> "BakeConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["modules"] = list(self.modules)
+        return d
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `ff run` changes on top of its preset."""
+
+    layers: tuple[int, ...] | None = field(default=None, metadata={"aliases": {"auto": None}})
+    """Decoder blocks to train and evaluate (each one's probe layer is cached too); none: the preset's."""
+
+    seeds: int = 1
+    """Training seeds per method and layer; the report adds the mean and spread of the test score."""
+
+    ablations: bool = False
+    """Also train and evaluate the paper's three ablations (no importance, no adaptive threshold, no
+    clustering) and add them to the report."""
+
+    model: str | None = None
+    """Another model than the preset's (hub id, local folder, .gguf file); none: the preset's."""
+
+    contexts: int | None = None
+    """Another number of cached contexts per corpus than the preset's; none: the preset's."""
+
+    def __post_init__(self) -> None:
+        from cache.errors import FFError
+
+        if self.seeds < 1 or (self.contexts is not None and self.contexts < 1):
+            raise FFError(f"seeds and contexts must be >= 1, got seeds={self.seeds}, contexts={self.contexts}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise FFError(f"layers must be non-negative block numbers, got {self.layers}")
+
+    def cache_overrides(self) -> dict[str, Any]:
+        """The CacheConfig fields these options replace in the preset's."""
+        return {k: getattr(self, k) for k in ("layers", "model", "contexts") if getattr(self, k) is not None}

@@ -229,7 +229,7 @@ def text_batches(tokenizer: Any, spec: str, role: str, *, max_tokens: int, ctx_l
         tokens = torch.from_numpy(pack(resolve_corpus(spec, role), tokenizer, n_contexts=n,
                                        ctx_len=ctx_len).tokens).long()
     except CorpusError as e:
-        raise EvalError(f"{role} text: {e} (lower --max-text-tokens)") from e
+        raise EvalError(f"{role} text: {e} (lower max_text_tokens: --set max_text_tokens=N)") from e
     bos = tokenizer.bos_token_id
     out = []
     for s in range(0, len(tokens), batch_contexts):

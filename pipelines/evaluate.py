@@ -429,7 +429,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     run = load_run(run_dir)
     check_model(run, lm)
     if "probe" in cfg.grid.gates and (problem := probe_problem(run)) is not None:  # before the clean passes
-        raise EvalError(f"{run.path} {problem}: retrain it, or sweep the other gates with --gate both")
+        raise EvalError(f"{run.path} {problem}: retrain it, or sweep the other gates with --set gates=both")
     if "probe" in cfg.grid.gates and cfg.gate_calibration == "train":
         make_gate(run, Setting(gate="probe"), torch.arange(0))  # a run from an older ff may have no calibration
     run.sae.to(lm.device)
@@ -440,7 +440,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     kv_above = run.layer if kv_reuse_ok(model, run.layer) else None
     need = data.kv_bytes(model, run.layer) if kv_above is not None else 0
     if need > data.kv_budget:
-        _log(progress, f"{tag} the clean keys and values would take {need / 2**30:.1f} GiB (> --kv-cache-gib "
+        _log(progress, f"{tag} the clean keys and values would take {need / 2**30:.1f} GiB (> kv_cache_gib "
                        f"{data.kv_budget / 2**30:g}): every changed row is rerun whole")
     data.prepare(model, sorted({run.layer, probe_layer(run)[0]}), kv_above=kv_above)
     clean = {m: getattr(data, _SETS[m]).clean_result() for m in METRICS + OOD_METRICS if data.has(_SETS[m])}

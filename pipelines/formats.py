@@ -111,7 +111,7 @@ def _pick_paragraph(fmt: str, question: str, pool: tuple[str, ...]) -> str:
 
 def fill(base: str, question: str) -> str:
     """The template with the question in; a template that does not take `{question}` exactly
-    once (and nothing else) is a user error, the same rule as `--mcq-template`."""
+    once (and nothing else) is a user error, the same rule as `mcq_template`."""
     try:
         probe = base.format(question="\0")
     except (KeyError, IndexError, ValueError) as e:

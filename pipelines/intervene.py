@@ -111,7 +111,7 @@ def probe_problem(run: LoadedRun, l2: float | None = None, kind: str = "linear")
 
 
 def probe_layer(run: LoadedRun) -> tuple[int, float]:
-    """(layer, scale) of the residual stream the run's probe reads: `ff train --probe-offset k`
+    """(layer, scale) of the residual stream the run's probe reads: `ff train --set probe_offset=k`
     fits it k blocks before the edited layer (its own normalisation scale); by default the
     edited layer itself."""
     return run.gate.probe_layer() or (run.layer, run.scale)

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache.corpora import DEMO_DIR  # noqa: E402
 from cache.models import load_model  # noqa: E402
-from cli import parse_window  # noqa: E402
 from pipelines.config import EvalConfig  # noqa: E402
 from pipelines.data import load_mcq, sample_split  # noqa: E402
 from pipelines.errors import EvalError  # noqa: E402
@@ -49,7 +48,7 @@ def main() -> None:
     ap.add_argument("--sample-seed", type=int, default=0, help="The dev/test split's seed (ff eval --sample-seed).")
     args = ap.parse_args()
     try:
-        windows = [parse_window(w, "--windows") for w in args.windows.split(",")]
+        windows = [None if w.strip() == "none" else int(w) for w in args.windows.split(",")]
     except EvalError as e:  # one line, not a traceback
         sys.exit(f"error: {e}")
     run = load_run(args.run)

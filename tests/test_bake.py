@@ -28,8 +28,8 @@ SETTING = Setting(mode="clamp", multiplier=2.0, top_n=20, gate="none")
 def store(tmp_path_factory, tiny_model, tiny_corpora) -> str:
     out = tmp_path_factory.mktemp("bake") / "s.zarr"
     r = CliRunner().invoke(main, ["cache", "--model", tiny_model, "--retain", tiny_corpora[0], "--unlearn",
-                                  tiny_corpora[1], "--contexts", "48", "--ctx-len", "16", "--layers", str(LAYER),
-                                  "--chunk-contexts", "8", "--quiet", "--out", str(out)])
+                                  tiny_corpora[1], "--contexts", "48", "--set", "ctx_len=16", "--layers", str(LAYER),
+                                  "--set", "chunk_contexts=8", "--quiet", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return str(out)
 
@@ -49,9 +49,9 @@ def _run(tmp_path: Path, lm, store: str, setting: Setting = SETTING) -> Path:
 
 
 def _bake(run: Path, out: Path, *extra: str):
-    return CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(out), "--steps", "30",
-                                     "--batch-contexts", "4", "--lr", "3e-3", "--rank", "8", "--multiplier", "2",
-                                     "--forget-weight", "1", "--quiet", *extra])
+    return CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(out), "--set", "steps=30",
+                                     "--set", "batch_contexts=4", "--set", "lr=3e-3", "--set", "rank=8",
+                                     "--set", "multiplier=2", "--set", "forget_weight=1", "--quiet", *extra])
 
 
 def _resid(model, ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def test_baked_folder_loads_plainly_and_its_weights_carry_the_edit(lm, store, tm
 
     run = _run(tmp_path, lm, store)
     out = tmp_path / "baked"
-    r = _bake(run, out, "--target", target)
+    r = _bake(run, out, "--set", f"target={target}")
     assert r.exit_code == 0, r.output
     assert "wrote" in r.output and not (tmp_path / "baked.bake").exists()
     cfg = json.loads((out / "config.json").read_text())
@@ -103,10 +103,10 @@ def test_a_bake_killed_with_sigkill_resumes_to_the_same_weights(lm, store, tmp_p
     from conftest import kill_when
 
     run = _run(tmp_path, lm, store)
-    steps = ("--steps", "200")
+    steps = ("--set", "steps=200")
     out = tmp_path / "resumed"
-    argv = ["bake", "--run", str(run), "--out", str(out), "--batch-contexts", "4", "--lr", "3e-3", "--rank", "8",
-            "--multiplier", "2", "--forget-weight", "1", "--quiet", *steps]
+    argv = ["bake", "--run", str(run), "--out", str(out), "--set", "batch_contexts=4", "--set", "lr=3e-3",
+            "--set", "rank=8", "--set", "multiplier=2", "--set", "forget_weight=1", "--quiet", *steps]
     proc = subprocess.Popen([sys.executable, "-m", "cli", *argv], env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             cwd=Path(__file__).parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "resumed.bake" / bake_mod.CHECKPOINT
@@ -114,7 +114,7 @@ def test_a_bake_killed_with_sigkill_resumes_to_the_same_weights(lm, store, tmp_p
     assert not out.exists() and ckpt.is_file()
     at = torch.load(ckpt, weights_only=True)["step"]
     assert 0 < at < 200
-    r = _bake(run, out, "--steps", "210")  # another config does not take that checkpoint over
+    r = _bake(run, out, "--set", "steps=210")  # another config does not take that checkpoint over
     assert r.exit_code == 2 and "another run, setting or config" in r.output, r.output
     r = _bake(run, out, *steps)
     assert r.exit_code == 0 and f"resumed at step {at}" in r.output, r.output
@@ -149,15 +149,16 @@ def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_pa
 
     cases.append((["--store", str(make_store(tmp_path / "alien.zarr"))], "another tokenizer"))
     for extra, needle in cases:
-        args = {"--run": str(run), "--out": str(tmp_path / "o"), "--steps": "2"}
+        args = {"--run": str(run), "--out": str(tmp_path / "o"), "--set": "steps=2"}
         for i in range(0, len(extra), 2):
             args[extra[i]] = extra[i + 1]
         r = CliRunner().invoke(main, ["bake", *[x for kv in args.items() for x in kv], "--quiet"])
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert [line for line in r.output.splitlines() if line.startswith("error:")] and needle in r.output, r.output
         assert not (tmp_path / "o").exists()
-    r = CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(tmp_path / "o"), "--steps", "0"])
-    assert r.exit_code == 2 and "Invalid value for '--steps'" in r.output and not (tmp_path / "o").exists()
+    r = CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(tmp_path / "o"), "--set", "steps=0"])
+    assert r.exit_code == 2 and "error: bake options must be positive: steps=0" in r.output
+    assert not (tmp_path / "o").exists()
     assert (full / "keep.txt").read_text() == "mine" and [p.name for p in full.iterdir()] == ["keep.txt"]
 
 
@@ -189,8 +190,9 @@ def test_ff_eval_model_scores_a_folder_as_it_is_against_its_base(lm, tmp_path, t
     model.save_pretrained(other)
     f, r = write_mcq(tmp_path / "f.jsonl", 16, 1), write_mcq(tmp_path / "r.jsonl", 12, 2)
     args = ["eval", "--model", str(other), "--base", tiny_model, "--forget-mcq", f, "--retain-mcq", r,
-            "--forget-text", tiny_corpora[1], "--retain-text", tiny_corpora[0], "--max-text-tokens", "200",
-            "--no-ood", "--formats", "plain,kshot2", "--format-questions", "6", "--quiet"]
+            "--set", f"forget_text={tiny_corpora[1]}", "--set", f"retain_text={tiny_corpora[0]}",
+            "--set", "max_text_tokens=200", "--no-ood", "--formats", "plain,kshot2", "--set", "format_questions=6",
+            "--quiet"]
     res = CliRunner().invoke(main, args + ["--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.index("{"):])

@@ -131,8 +131,8 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, tiny_model):
     retain = write_corpus(tmp_path / "r.txt", 600, seed=3)
     unlearn = write_corpus(tmp_path / "u.txt", 200, seed=4)
     args = ["cache", "--model", tiny_model, "--layers", "0,1,2,3", "--retain", str(retain), "--unlearn",
-            str(unlearn), "--contexts", "240", "--unlearn-contexts", "40", "--ctx-len", "32",
-            "--chunk-contexts", "2", "--quiet"]
+            str(unlearn), "--contexts", "240", "--set", "unlearn_contexts=40", "--set", "ctx_len=32",
+            "--set", "chunk_contexts=2", "--quiet"]
     killed = tmp_path / "killed.zarr"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", str(killed)], env=env,
@@ -198,7 +198,7 @@ def test_ff_cache_on_a_complete_store_is_a_no_op_and_other_arguments_one_line(tm
     nothing; other arguments are one `error:` line on stderr, exit 2, and touch nothing."""
     out = tmp_path / "s.zarr"
     args = ["cache", "--model", tiny_model, "--retain", tiny_corpora[0], "--unlearn", tiny_corpora[1],
-            "--contexts", "8", "--ctx-len", "16", "--layers", "1,2", "--quiet", "--out", str(out)]
+            "--contexts", "8", "--set", "ctx_len=16", "--layers", "1,2", "--quiet", "--out", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None for p in out.rglob("*")}
     r = CliRunner().invoke(main, args)

@@ -27,7 +27,7 @@ def run(*args):
 
 def cache_args(model, corpora, out, *extra):
     return ("cache", "--model", model, "--retain", corpora[0], "--unlearn", corpora[1], "--contexts", "8",
-            "--ctx-len", "16", "--layers", "1", "--quiet", "--out", str(out), *extra)
+            "--set", "ctx_len=16", "--layers", "1", "--quiet", "--out", str(out), *extra)
 
 
 def assert_one_line_error(code, out, *needles):
@@ -108,15 +108,15 @@ def test_fp16_overflow_refused(tmp_path, tiny_corpora):
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(1e6)  # residual stream far beyond float16's 65504
     model.save_pretrained(folder)
-    code, out = run(*cache_args(str(folder), tiny_corpora, tmp_path / "s.zarr", "--dtype", "float16"))
-    assert_one_line_error(code, out, "float16 overflow", "use --dtype bfloat16 or float32")
+    code, out = run(*cache_args(str(folder), tiny_corpora, tmp_path / "s.zarr", "--set", "dtype=float16"))
+    assert_one_line_error(code, out, "float16 overflow", "use --set dtype=bfloat16 (or float32)")
 
 
 def test_existing_store_with_other_arguments_untouched(tmp_path, tiny_model, tiny_corpora):
     out = tmp_path / "s.zarr"
     assert run(*cache_args(tiny_model, tiny_corpora, out))[0] == 0
     snapshot = {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
-    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--dtype", "float32"))
+    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--set", "dtype=float32"))
     assert_one_line_error(code, msg, "built with other arguments", "dtype: 'bfloat16' in the store, 'float32' now")
     assert snapshot == {p: p.read_bytes() for p in Path(out).rglob("*") if p.is_file()}
     code, msg = run(*cache_args(tiny_model, tiny_corpora, out))
@@ -146,4 +146,5 @@ def test_path_that_is_not_a_store(tmp_path, tiny_model, tiny_corpora):
 @pytest.mark.parametrize("value", ["a,b", "-1", ","])
 def test_bad_layers_value(tmp_path, value):
     code, out = run("cache", "--layers", value, "--out", str(tmp_path / "s.zarr"))
-    assert code == 2 and "Invalid value for '--layers'" in out
+    assert code == 2 and out.startswith("error: ") and len(out.strip().splitlines()) == 1
+    assert "--layers a,b: expected an integer" in out if value == "a,b" else "layers must be non-negative" in out

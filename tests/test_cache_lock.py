@@ -31,7 +31,7 @@ def run(*args):
 
 def cache_args(model, corpora, out, *extra):
     return ("cache", "--model", model, "--retain", corpora[0], "--unlearn", corpora[1],
-            "--contexts", "8", "--ctx-len", "16", "--layers", "1", "--chunk-contexts", "2",
+            "--contexts", "8", "--set", "ctx_len=16", "--layers", "1", "--set", "chunk_contexts=2",
             "--quiet", "--out", out, *extra)
 
 
@@ -95,14 +95,14 @@ def test_resume_refuses_another_compute_dtype_and_cleans_partial_writes(tmp_path
     partial = out / "retain" / "layer_1" / "c" / "3" / "0" / ("0." + "ab" * 16 + ".partial")
     partial.write_bytes(b"half a chunk")
 
-    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--model-dtype", "bfloat16"))
+    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--set", "model_dtype=bfloat16"))
     assert_one_line_error(code, msg, "compute dtype float32", "this run has bfloat16",
                           "--model-dtype float32")
     assert partial.exists()  # refused before anything was touched
     assert "temp file(s) of an interrupted write" in run("verify", out)[1]
 
     del root.attrs["compute_dtype"]  # a store from before the attribute: not checked
-    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--model-dtype", "bfloat16"))
+    code, msg = run(*cache_args(tiny_model, tiny_corpora, out, "--set", "model_dtype=bfloat16"))
     assert code == 0, msg
     assert not partial.exists()
     assert zarr.open_group(str(out)).attrs["complete"] and run("verify", out)[0] == 0

@@ -20,8 +20,8 @@ def run(*args):
 
 def cache_args(model, corpora, out, *extra):
     return ("cache", "--model", model, "--retain", corpora[0], "--unlearn", corpora[1],
-            "--contexts", "12", "--unlearn-contexts", "8", "--ctx-len", "16", "--layers", "1,2",
-            "--chunk-contexts", "2", "--quiet", "--out", out, *extra)
+            "--contexts", "12", "--set", "unlearn_contexts=8", "--set", "ctx_len=16", "--layers", "1,2",
+            "--set", "chunk_contexts=2", "--quiet", "--out", out, *extra)
 
 
 def arrays(path) -> dict[str, np.ndarray]:

@@ -32,8 +32,8 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 def cache_args(model: str, corpora, out, *extra, contexts=24, unlearn_contexts=16, chunk=4,
                layers=(1, 2)) -> list[str]:
     return ["cache", "--model", model, "--layers", ",".join(map(str, layers)), "--retain", str(corpora[0]), "--unlearn",
-            str(corpora[1]), "--contexts", str(contexts), "--unlearn-contexts", str(unlearn_contexts),
-            "--ctx-len", "32", "--chunk-contexts", str(chunk), "--quiet", "--out", str(out), *extra]
+            str(corpora[1]), "--contexts", str(contexts), "--set", f"unlearn_contexts={unlearn_contexts}",
+            "--set", "ctx_len=32", "--set", f"chunk_contexts={chunk}", "--quiet", "--out", str(out), *extra]
 
 
 def config(model: str, corpora, contexts=24, unlearn_contexts=16, chunk=4, layers=(1, 2)) -> CacheConfig:

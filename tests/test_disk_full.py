@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from cli import main
 
-TRAIN = ["train", "--layer", "1", "--preset", "demo", "--steps", "6", "--expansion", "2", "--n-clusters", "2",
-         "--batch-contexts", "4", "--warmup", "1", "--quiet"]
+TRAIN = ["train", "--layer", "1", "--preset", "demo", "--set", "steps=6", "--set", "expansion=2",
+         "--set", "n_clusters=2", "--set", "batch_contexts=4", "--set", "warmup=1", "--quiet"]
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_ff_cache_on_a_full_disk_is_one_line_and_a_rerun_completes_the_same_stor
     disk, remount = small_disk
     remount("64k")  # room for the store's metadata and some chunks, not all
     args = ["cache", "--model", tiny_model, "--retain", tiny_corpora[0], "--unlearn", tiny_corpora[1],
-            "--contexts", "64", "--ctx-len", "16", "--layers", "1", "--chunk-contexts", "4", "--quiet"]
+            "--contexts", "64", "--set", "ctx_len=16", "--layers", "1", "--set", "chunk_contexts=4", "--quiet"]
     out = disk / "s.zarr"
     r = CliRunner().invoke(main, args + ["--out", str(out)])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output

@@ -39,8 +39,8 @@ class World(NamedTuple):
 
     def cache_args(self, out, *extra) -> list:
         return ["cache", "--model", self.model, "--retain", self.corpora[0], "--unlearn",
-                self.corpora[1], "--contexts", 8, "--ctx-len", 16, "--layers", 1,
-                "--chunk-contexts", 2, "--quiet", "--out", out, *extra]
+                self.corpora[1], "--contexts", 8, "--set", "ctx_len=16", "--layers", 1,
+                "--set", "chunk_contexts=2", "--quiet", "--out", out, *extra]
 
     def train_args(self, out, *extra) -> list:
         return ["train", "--store", self.store, "--layer", 1, "--quiet", "--out", out, *extra]
@@ -137,7 +137,7 @@ def _incomplete_with_corrupt_tokens(w: World) -> list:
 
 def _finished_without_checkpoint(w: World) -> list:
     shutil.rmtree(w.run / "checkpoints")
-    return w.train_args(w.run, "--resume", "--steps", 20)
+    return w.train_args(w.run, "--resume", "--set", "steps=20")
 
 
 def _model(w: World, spec: Path) -> list:
@@ -207,33 +207,33 @@ FAULTS = [
           lambda w: ((w.root / "notes").mkdir(), (w.root / "notes" / "precious.txt").write_text("keep me"),
                      w.train_args(w.root / "notes", "--overwrite"))[2], 2,
           "is not empty and not a run folder; refusing to delete it"),
-    Fault("train-lr-0", lambda w: w.train_args(w.root / "r", "--lr", 0), 2,
-          "--lr must be > 0, got 0.0"),
-    Fault("train-lr-negative", lambda w: w.train_args(w.root / "r", "--lr", -1e-3), 2,
-          "--lr must be > 0, got -0.001"),
-    Fault("train-gate-lr-0", lambda w: w.train_args(w.root / "r", "--gate-lr", 0), 2,
-          "--gate-lr must be > 0, got 0.0"),
-    Fault("train-probe-layer-not-cached", lambda w: w.train_args(w.root / "r", "--probe-offset", 1), 2,
-          "the probe reads layer 0 (--probe-offset 1): layer 0 is not in"),
-    Fault("train-probe-offset-before-layer-0", lambda w: w.train_args(w.root / "r", "--probe-offset", 2), 2,
-          "--probe-offset 2 points before layer 0 (the run trains layer 1)"),
+    Fault("train-lr-0", lambda w: w.train_args(w.root / "r", "--set", "lr=0"), 2,
+          "learning rates must be > 0, got lr=0.0"),
+    Fault("train-lr-negative", lambda w: w.train_args(w.root / "r", "--set", "lr=-1e-3"), 2,
+          "learning rates must be > 0, got lr=-0.001"),
+    Fault("train-gate-lr-0", lambda w: w.train_args(w.root / "r", "--set", "gate_lr=0"), 2,
+          "learning rates must be > 0, got gate_lr=0.0"),
+    Fault("train-probe-layer-not-cached", lambda w: w.train_args(w.root / "r", "--set", "probe_offset=1"), 2,
+          "the probe reads layer 0 (probe_offset=1): layer 0 is not in"),
+    Fault("train-probe-offset-before-layer-0", lambda w: w.train_args(w.root / "r", "--set", "probe_offset=2"), 2,
+          "probe_offset=2 points before layer 0 (the run trains layer 1)"),
     Fault("train-out-is-a-file",
           lambda w: ((w.root / "f").write_text("x"), w.train_args(w.root / "f"))[1], 2,
           "is a file, not a run folder"),
     Fault("train-run-exists", lambda w: w.train_args(w.stopped), 2,
           "exists; pass --resume to continue it or --overwrite to start again"),
-    Fault("train-resume-changed-l1", lambda w: w.train_args(w.stopped, "--resume", "--l1", 0.5), 2,
+    Fault("train-resume-changed-l1", lambda w: w.train_args(w.stopped, "--resume", "--set", "l1=0.5"), 2,
           "with l1=0.5: the run used 0.04; only steps, lr, log_every, checkpoint_every, device"),
-    Fault("train-resume-changed-seed", lambda w: w.train_args(w.stopped, "--resume", "--seed", 7),
+    Fault("train-resume-changed-seed", lambda w: w.train_args(w.stopped, "--resume", "--set", "seed=7"),
           2, "with seed=7: the run used 0"),
     Fault("train-resume-changed-method",
-          lambda w: w.train_args(w.stopped, "--resume", "--method", "baseline"), 2,
+          lambda w: w.train_args(w.stopped, "--resume", "--set", "method=baseline"), 2,
           "with method='baseline': the run used 'featureforget'"),
-    Fault("train-resume-fewer-steps", lambda w: w.train_args(w.stopped, "--resume", "--steps", 4),
+    Fault("train-resume-fewer-steps", lambda w: w.train_args(w.stopped, "--resume", "--set", "steps=4"),
           2, "steps may only grow on resume"),
     Fault("train-resume-finished-new-lr",
-          lambda w: w.train_args(w.run, "--resume", "--lr", 1e-3), 2,
-          "is finished: lr=0.001 would train nothing; pass --steps above 6"),
+          lambda w: w.train_args(w.run, "--resume", "--set", "lr=1e-3"), 2,
+          "is finished: lr=0.001 would train nothing; pass --set steps=N with N above 6"),
     Fault("train-resume-nothing", lambda w: w.train_args(w.root / "none", "--resume"), 2,
           "nothing to resume"),
     Fault("train-resume-and-overwrite",
@@ -266,12 +266,12 @@ FAULTS = [
           lambda w: (append(w.run / "metrics.jsonl", '{"step": 7, "lo'), ["verify", w.run])[1], 1,
           "BAD  metrics.jsonl: corrupt: line 4 does not parse"),
     # ff eval / generate / export on a folder that is not a run
-    Fault("eval-multipliers-not-numbers", lambda w: ["eval", "--run", w.run, "--multipliers", "abc"],
-          2, "--multipliers, --probe-multipliers and --top-n take comma-separated numbers"),
-    Fault("eval-template-without-question", lambda w: ["eval", "--run", w.run, "--mcq-template", "Q: {q}"],
-          2, "--mcq-template may name {question} only", before_load=True),
-    Fault("eval-window-not-a-number", lambda w: ["eval", "--run", w.run, "--gate-window", "wide"],
-          2, "--gate-window takes a number of tokens or 'none', got 'wide'", before_load=True),
+    Fault("eval-multipliers-not-numbers", lambda w: ["eval", "--run", w.run, "--set", "multipliers=abc"],
+          2, "--set grid.multipliers=abc: expected a number"),
+    Fault("eval-template-without-question", lambda w: ["eval", "--run", w.run, "--set", "mcq_template=Q: {q}"],
+          2, "mcq_template may name {question} only", before_load=True),
+    Fault("eval-window-not-a-number", lambda w: ["eval", "--run", w.run, "--set", "gate_window=wide"],
+          2, "--set grid.gate_window=wide: expected an integer", before_load=True),
     Fault("eval-unknown-format", lambda w: ["eval", "--run", w.run, "--formats", "plain,bogus"],
           2, "unknown prompt format 'bogus'; valid: plain, instruct", before_load=True),
     Fault("eval-not-a-run", lambda w: ["eval", "--run", w.store], 2,
@@ -373,8 +373,8 @@ def test_a_loss_that_turns_non_finite_before_a_checkpoint_stops_with_one_line(wo
     x[:, 1:] = np.inf  # BOS positions are masked out anyway
     root["unlearn/layer_1"][:] = x
     out = world.root / "r"
-    r = invoke(*world.train_args(out, "--steps", 12, "--expansion", 2, "--n-clusters", 2, "--batch-contexts", 4,
-                                 "--warmup", 1, "--recluster-every", 2))
+    r = invoke(*world.train_args(out, "--set", "steps=12", "--set", "expansion=2", "--set", "n_clusters=2",
+                                 "--set", "batch_contexts=4", "--set", "warmup=1", "--set", "recluster_every=2"))
     # the CLI's checkpoints come every 1000 steps: this run has none yet, and says so (a run that
     # has one names it: tests/test_trainer_train.py::test_non_finite_loss_stops_and_keeps_last_checkpoint)
     check_result(r, 2, "is not finite at step 6, before the first checkpoint; start again with --overwrite")
@@ -389,8 +389,8 @@ def test_eval_of_a_run_without_a_probe_gate_is_one_line_before_the_clean_passes(
     import pipelines.evalsets
 
     run = world.root / "old-run"
-    r = invoke("train", "--store", world.cached, "--layer", 1, "--out", run, "--steps", 4, "--expansion", 2,
-               "--n-clusters", 2, "--batch-contexts", 4, "--warmup", 1, "--quiet")
+    r = invoke("train", "--store", world.cached, "--layer", 1, "--out", run, "--set", "steps=4", "--set", "expansion=2",
+               "--set", "n_clusters=2", "--set", "batch_contexts=4", "--set", "warmup=1", "--quiet")
     assert r.exit_code == 0, r.output
     gate = {k: v for k, v in load_file(str(run / "gate.safetensors")).items() if not k.startswith("probe")}
     save_file(gate, str(run / "gate.safetensors"))
@@ -400,7 +400,7 @@ def test_eval_of_a_run_without_a_probe_gate_is_one_line_before_the_clean_passes(
 
     monkeypatch.setattr(pipelines.evalsets.EvalData, "prepare", no_clean_pass)
     before = snapshot(world.root)
-    r = invoke("eval", "--run", run, "--gate", "none,probe", "--preset", "demo")
+    r = invoke("eval", "--run", run, "--set", "gates=none,probe", "--preset", "demo")
     check_result(r, 2, "has no probe gate on the residual stream (a run from an older ff): retrain it, or sweep "
-                       "the other gates with --gate both")
+                       "the other gates with --set gates=both")
     assert snapshot(world.root) == before

@@ -326,19 +326,20 @@ def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_
 
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, model=tiny_model)
     args = ["eval", "--run", str(run), "--forget-mcq", cfg.forget_mcq, "--retain-mcq", cfg.retain_mcq,
-            "--forget-text", cfg.forget_text, "--retain-text", cfg.retain_text, "--max-text-tokens", "200",
-            "--no-ood", "--multipliers", "5", "--top-n", "10", "--selections", "candidates", "--quiet"]
-    r = CliRunner().invoke(main, args + ["--json", "--max-retain-ce-rise", "0.25", "--probe-multipliers", "7",
-                                         "--gate-window", "6", "--mcq-template", r"Q: {question}\nA:"])
+            "--set", f"forget_text={cfg.forget_text}", "--set", f"retain_text={cfg.retain_text}",
+            "--set", "max_text_tokens=200", "--no-ood", "--set", "multipliers=5", "--set", "top_n=10",
+            "--set", "selections=candidates", "--quiet"]
+    r = CliRunner().invoke(main, args + ["--json", "--set", "max_retain_ce_rise=0.25", "--set", "probe_multipliers=7",
+                                         "--set", "gate_window=6", "--set", r"mcq_template=Q: {question}\nA:"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
     assert res["config"]["max_retain_ce_rise"] == 0.25 and res["config"]["max_ood_retain_ce_rise"] == 0.5
     assert res["config"]["mcq_template"] == "Q: {question}\nA:"
     assert {e["setting"]["gate"]: e["setting"].get("gate_window") for e in res["sweep"]} == {
         "none": None, "sequence": None, "probe": 6}
-    for flag, value, message in (("--mcq-template", "Q: {q}", "may name {question} only"),
-                                 ("--mcq-template", "Q:", "must hold {question} once"),
-                                 ("--gate-window", "0", "--gate-window must be at least 1 token")):
+    for flag, value, message in (("--set", "mcq_template=Q: {q}", "may name {question} only"),
+                                 ("--set", "mcq_template=Q:", "must hold {question} once"),
+                                 ("--set", "gate_window=0", "gate_window must be at least 1 token (or none)")):
         bad = CliRunner().invoke(main, args + [flag, value])
         assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) == 1
     for retired in ("--probe-ramps", "--probe-pools"):  # measured, never chosen, gone (docs/results.md)
@@ -471,14 +472,15 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     gate = {k: v for k, v in load_file(str(run / "gate.safetensors")).items() if not k.startswith("probe/")}
     save_file(gate, str(run / "gate.safetensors"))
-    with pytest.raises(EvalError, match="no probe gate.*--gate both"):
+    with pytest.raises(EvalError, match="no probe gate.*--set gates=both"):
         evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
     d_sae = len(load_file(str(run / "features.safetensors"))["freq_r"])  # an older probe on SAE features
     save_file({**gate, "probe/w": torch.ones(d_sae), "probe/b": torch.zeros(1), "probe/max": torch.zeros(4)},
               str(run / "gate.safetensors"))
-    with pytest.raises(EvalError, match="no probe gate on the residual stream.*--gate both"):
+    with pytest.raises(EvalError, match="no probe gate on the residual stream.*--set gates=both"):
         evaluate_run(run, lm, cfg.replace(grid=replace(cfg.grid, gates=("none", "probe"))), progress=False)
-    with pytest.raises(EvalError, match="no probe gate on the residual stream.*--gate sequence"):  # generate / API
+    # ff generate / the Python API
+    with pytest.raises(EvalError, match=r"no probe gate on the residual stream.*\(--set gate=sequence\)"):
         Intervention(load_run(run), Setting(mode="clamp", multiplier=5.0, top_n=10, gate="probe"))
     # a run without its probe's training calibration, asked to calibrate from training
     older = {k: v for k, v in load_file(str(make_run(tmp_path / "run2", lm.info.d_model, LAYER, lm.info.weights_hash)
@@ -495,7 +497,7 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
 
 
 def test_a_windowed_probe_gate_calibrates_on_its_own_windowed_dev_peaks(lm, cfg, tmp_path):
-    """--gate-window: the grid puts the window on probe-gated settings only; the threshold is the
+    """gate_window: the grid puts the window on probe-gated settings only; the threshold is the
     percentile of the retain dev questions' peaks of the windowed mean, which differ from the
     mean from the start once a prompt is longer than the window."""
     from pipelines.evaluate import calibrate_probe

@@ -83,22 +83,22 @@ def test_ff_generate_overrides_fields_of_the_runs_chosen_setting(tiny_model, tmp
         return "setting:" + r.output.split("setting:", 1)[1].splitlines()[0]  # stderr's progress may precede it
 
     assert label() == f"setting:   {chosen.label}"
-    assert label("--multiplier", "3") == f"setting:   {chosen.replace(multiplier=3.0).label}"
+    assert label("--set", "multiplier=3") == f"setting:   {chosen.replace(multiplier=3.0).label}"
     p90 = chosen.replace(gate_percentile=90.0, gate_threshold=None)
-    assert label("--gate-percentile", "90") == f"setting:   {p90.label}"
-    assert label("--gate", "none") == f"setting:   {chosen.replace(gate='none', gate_threshold=None).label}"
+    assert label("--set", "gate_percentile=90") == f"setting:   {p90.label}"
+    assert label("--set", "gate=none") == f"setting:   {chosen.replace(gate='none', gate_threshold=None).label}"
     # a window keeps the chosen threshold (its units do not depend on the window)
-    assert label("--gate-window", "4") == f"setting:   {chosen.replace(gate_window=4).label}"
-    assert label("--gate-window", "none") == f"setting:   {chosen.label}"
-    r = CliRunner().invoke(main, ["generate", "--run", str(run_dir), "--prompt", "x", "--gate-window", "-3"])
-    assert r.exit_code == 2 and "--gate-window must be at least 1 token, got -3" in r.output
+    assert label("--set", "gate_window=4") == f"setting:   {chosen.replace(gate_window=4).label}"
+    assert label("--set", "gate_window=none") == f"setting:   {chosen.label}"
+    r = CliRunner().invoke(main, ["generate", "--run", str(run_dir), "--prompt", "x", "--set", "gate_window=-3"])
+    assert r.exit_code == 2 and "gate_window must be a positive number of tokens or None, got -3" in r.output
     for retired in ("--gate-ramp", "--probe-pool"):  # measured, never chosen, gone (docs/results.md)
         r = CliRunner().invoke(main, ["generate", "--run", str(run_dir), "--prompt", "x", retired, "50"])
         assert r.exit_code == 2 and f"No such option '{retired}'" in r.output
 
 
 def test_ff_generate_continues_every_prompt_given_and_refuses_none(tiny_model, tmp_path):
-    """Several --prompt options and a --prompts-file each get their pair of continuations, in the
+    """Several --prompt options and a --prompt @FILE each get their pair of continuations, in the
     order given, under one setting line; no prompt at all is a one-line error."""
     from click.testing import CliRunner
 
@@ -109,7 +109,7 @@ def test_ff_generate_continues_every_prompt_given_and_refuses_none(tiny_model, t
     (tmp_path / "prompts.txt").write_text("the gene\n\nthe cell protein\n", encoding="utf-8")
     base = ["generate", "--run", str(run_dir), "--model", tiny_model, "--device", "cpu", "--max-new-tokens", "2"]
     r = CliRunner().invoke(main, base + ["--prompt", "the cell", "--prompt", "a protein",
-                                         "--prompts-file", str(tmp_path / "prompts.txt")])
+                                         "--prompt", f"@{tmp_path / 'prompts.txt'}"])
     assert r.exit_code == 0, r.output
     out = r.output[r.output.index("setting:"):]
     assert out.count("setting:") == 1

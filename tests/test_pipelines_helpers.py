@@ -16,7 +16,7 @@ def make_run(path: Path, d_model: int, layer: int, model_hash: str, *, d_sae: in
              b_enc: float = -0.3, model: str = "tiny", probe_layer: int | None = None,
              mlp_probe: bool = False) -> Path:
     """Write RUN/{sae.safetensors, features.safetensors, config.json} like `ff train` does.
-    `probe_layer`: the probe reads that block's output (`ff train --probe-offset`); `mlp_probe`:
+    `probe_layer`: the probe reads that block's output (`ff train --set probe_offset=K`); `mlp_probe`:
     the run also has a (random) "mlp" detector."""
     from safetensors.torch import save_file
 

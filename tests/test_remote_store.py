@@ -151,8 +151,8 @@ def test_copy_refuses_corrupt_source_incomplete_source_and_another_store(tmp_pat
 
 def test_train_from_a_url_equals_training_from_the_folder(tmp_path, mem):
     url, local = make_store(f"{mem}/s.zarr"), make_store(tmp_path / "s.zarr")
-    args = ["train", "--layer", "1", "--preset", "demo", "--steps", "8", "--expansion", "2",
-            "--n-clusters", "2", "--batch-contexts", "4", "--warmup", "2", "--recluster-every", "2",
+    args = ["train", "--layer", "1", "--preset", "demo", "--set", "steps=8", "--set", "expansion=2",
+            "--set", "n_clusters=2", "--set", "batch_contexts=4", "--set", "warmup=2", "--set", "recluster_every=2",
             "--quiet"]
     runner = CliRunner()
     for store, out in ((url, tmp_path / "from_url"), (local, tmp_path / "from_folder")):

@@ -30,7 +30,8 @@ def _args(tiny_model, tmp_path) -> list[str]:
     retain = write_corpus(tmp_path / "r.txt", 600, seed=3)
     unlearn = write_corpus(tmp_path / "u.txt", 200, seed=4)
     return ["cache", "--model", tiny_model, "--layers", "1,2", "--retain", str(retain), "--unlearn", str(unlearn),
-            "--contexts", "120", "--unlearn-contexts", "20", "--ctx-len", "32", "--chunk-contexts", "2", "--quiet"]
+            "--contexts", "120", "--set", "unlearn_contexts=20", "--set", "ctx_len=32", "--set", "chunk_contexts=2",
+            "--quiet"]
 
 
 def _lease(bucket: str, store: str) -> dict | None:
@@ -185,7 +186,7 @@ def test_a_lease_of_a_writer_on_another_machine_blocks_until_it_expires(tmp_path
 
     url = f"{s3_bucket}/elsewhere.zarr"
     args = ["cache", "--model", tiny_model, "--layers", "1", "--retain", str(tiny_corpora[0]), "--unlearn",
-            str(tiny_corpora[1]), "--contexts", "8", "--ctx-len", "16", "--chunk-contexts", "2", "--quiet",
+            str(tiny_corpora[1]), "--contexts", "8", "--set", "ctx_len=16", "--set", "chunk_contexts=2", "--quiet",
             "--out", url]
     expires = time.time() + 4
     boto3.client("s3").put_object(Bucket=s3_bucket.removeprefix("s3://"), Key="elsewhere.zarr/.ff-lease.json",

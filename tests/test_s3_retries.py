@@ -18,12 +18,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _cache(tiny_model, corpora, out, *extra) -> list[str]:
     return ["cache", "--model", tiny_model, "--layers", "1,2", "--retain", str(corpora[0]), "--unlearn",
-            str(corpora[1]), "--contexts", "24", "--unlearn-contexts", "16", "--ctx-len", "32",
-            "--chunk-contexts", "4", "--quiet", "--out", str(out), *extra]
+            str(corpora[1]), "--contexts", "24", "--set", "unlearn_contexts=16", "--set", "ctx_len=32",
+            "--set", "chunk_contexts=4", "--quiet", "--out", str(out), *extra]
 
 
-TRAIN = ["--layer", "1", "--steps", "4", "--expansion", "2", "--n-clusters", "2", "--batch-contexts", "4",
-         "--warmup", "1", "--quiet"]
+TRAIN = ["--layer", "1", "--set", "steps=4", "--set", "expansion=2", "--set", "n_clusters=2",
+         "--set", "batch_contexts=4", "--set", "warmup=1", "--quiet"]
 
 
 @pytest.fixture

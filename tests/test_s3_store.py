@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _cache_args(tiny_model, retain, unlearn, contexts=24, unlearn_contexts=16, chunk=4) -> list[str]:
     return ["cache", "--model", tiny_model, "--layers", "1,2", "--retain", str(retain), "--unlearn",
-            str(unlearn), "--contexts", str(contexts), "--unlearn-contexts", str(unlearn_contexts),
-            "--ctx-len", "32", "--chunk-contexts", str(chunk), "--quiet"]
+            str(unlearn), "--contexts", str(contexts), "--set", f"unlearn_contexts={unlearn_contexts}",
+            "--set", "ctx_len=32", "--set", f"chunk_contexts={chunk}", "--quiet"]
 
 
 def _bucket_objects(bucket: str) -> dict[str, bytes]:
@@ -59,8 +59,8 @@ def test_cache_train_inspect_verify_on_s3_equal_local(tmp_path, tiny_model, tiny
     assert r.exit_code == 0 and r.output.strip().endswith("OK"), r.output
     outputs += [r.output]
 
-    args = ["train", "--layer", "2", "--preset", "demo", "--steps", "8", "--expansion", "2",
-            "--n-clusters", "2", "--batch-contexts", "4", "--warmup", "2", "--recluster-every", "2",
+    args = ["train", "--layer", "2", "--preset", "demo", "--set", "steps=8", "--set", "expansion=2",
+            "--set", "n_clusters=2", "--set", "batch_contexts=4", "--set", "warmup=2", "--set", "recluster_every=2",
             "--quiet"]
     for store, out in ((url, tmp_path / "run_s3"), (local, tmp_path / "run_local")):
         r = runner.invoke(main, [*args, "--store", str(store), "--out", str(out)])

@@ -62,9 +62,9 @@ PRESET = {"checkpoint_every": 3, "log_every": 1}
 
 def train_args(store, out, method="featureforget") -> list[str]:
     return ["train", "--store", str(store), "--layer", "1", "--out", str(out), "--preset", "demo",
-            "--method", method, "--steps", str(STEPS), "--expansion", "4", "--n-clusters", "2",
-            "--batch-contexts", "8", "--warmup", "5", "--lr", "3e-3", "--l1", "0.05",
-            "--recluster-every", "5", "--candidate-max-freq-r", "0.5", "--quiet"]
+            "--set", f"method={method}", "--set", f"steps={STEPS}", "--set", "expansion=4", "--set", "n_clusters=2",
+            "--set", "batch_contexts=8", "--set", "warmup=5", "--set", "lr=3e-3", "--set", "l1=0.05",
+            "--set", "recluster_every=5", "--set", "candidate_max_freq_r=0.5", "--quiet"]
 
 
 def torchrun(tmp: Path, runs: list[list[str]], *, stop_at: int = 0) -> subprocess.CompletedProcess:

@@ -50,7 +50,7 @@ def test_steps_and_lr_may_change_on_resume():
 def test_resume_with_a_new_lr_trains_on_with_it(tmp_path):
     store, rf = killed_run(tmp_path)
     code, out = run("train", "--store", store, "--layer", 1, "--out", rf.path, "--resume",
-                    "--lr", 1e-3, "--quiet")
+                    "--set", "lr=1e-3", "--quiet")
     assert code == 0, out
     new = CFG.replace(lr=1e-3)
     lrs = logged(rf)
@@ -87,7 +87,7 @@ def test_more_steps_extend_a_finished_run(tmp_path):
     rf = RunFolder(tmp_path / "run")
     train(CFG, str(store), 1, str(rf.path), progress=False)
     code, out = run("train", "--store", store, "--layer", 1, "--out", rf.path, "--resume",
-                    "--steps", 20, "--quiet")
+                    "--set", "steps=20", "--quiet")
     assert code == 0, out
     config = rf.read_config()
     assert config["steps"] == 20 and config["resumed_with"][0]["steps"] == [12, 20]
@@ -99,9 +99,9 @@ def test_more_steps_extend_a_finished_run(tmp_path):
 
 def test_same_command_line_with_the_preset_named_again_resumes(tmp_path):
     store = make_store(tmp_path / "s.zarr")
-    args = ["train", "--store", store, "--layer", 1, "--preset", "demo", "--steps", 6,
-            "--expansion", 2, "--n-clusters", 2, "--batch-contexts", 4, "--warmup", 1, "--quiet",
-            "--out", tmp_path / "run"]
+    args = ["train", "--store", store, "--layer", 1, "--preset", "demo", "--set", "steps=6",
+            "--set", "expansion=2", "--set", "n_clusters=2", "--set", "batch_contexts=4", "--set", "warmup=1",
+            "--quiet", "--out", tmp_path / "run"]
     assert run(*args)[0] == 0
     code, out = run(*args, "--resume")
     assert code == 0, out

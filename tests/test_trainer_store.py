@@ -110,15 +110,15 @@ def test_cli_train_options_reach_the_run_config(tmp_path):
     from cli import main
 
     store = str(make_store(tmp_path / "s.zarr"))
-    args = ["train", "--store", store, "--layer", "2", "--out", str(tmp_path / "run"), "--steps", "8",
-            "--expansion", "2", "--n-clusters", "2", "--batch-contexts", "4", "--warmup", "2",
-            "--recluster-every", "2", "--candidate-max-freq-r", "1", "--gate-lr", "0.1", "--quiet"]
+    args = ["train", "--store", store, "--layer", "2", "--out", str(tmp_path / "run"), "--set", "steps=8",
+            "--set", "expansion=2", "--set", "n_clusters=2", "--set", "batch_contexts=4", "--set", "warmup=2",
+            "--set", "recluster_every=2", "--set", "candidate_max_freq_r=1", "--set", "gate_lr=0.1", "--quiet"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["candidate_max_freq_r"] == 1.0 and config["gate_lr"] == 0.1 and config["steps"] == 8
-    r = CliRunner().invoke(main, args[:-3] + ["--candidate-max-freq-r", "2", "--overwrite"])
-    assert r.exit_code == 2 and "candidate-max-freq-r" in r.output
+    r = CliRunner().invoke(main, args[:-3] + ["--set", "candidate_max_freq_r=2", "--overwrite"])
+    assert r.exit_code == 2 and "error: candidate_max_freq_r must be in [0, 1], got 2.0" in r.output
 
 
 def test_resume_through_train_matches_uninterrupted(tmp_path):
@@ -180,7 +180,7 @@ def test_probe_offset_fits_the_probe_on_an_earlier_layer_of_the_store(tmp_path):
     assert not torch.allclose(cross["probe/w"], own2["probe/w"]), "layer 2's own probe differs"
     with pytest.raises(TrainError, match="points before layer 0"):
         train(cfg.replace(probe_offset=3), store, 2, str(tmp_path / "bad"), progress=False)
-    with pytest.raises(TrainError, match=r"the probe reads layer 0 \(--probe-offset 2\): .*layer 0 is not in"):
+    with pytest.raises(TrainError, match=r"the probe reads layer 0 \(probe_offset=2\): .*layer 0 is not in"):
         train(cfg.replace(probe_offset=2), store, 2, str(tmp_path / "bad2"), progress=False)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists(), "refused before any write"
     with pytest.raises(TrainError, match="probe_offset must be >= 0"):

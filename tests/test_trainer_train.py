@@ -250,9 +250,9 @@ def test_kill_9_of_ff_train_in_both_phases_then_resume_matches(tmp_path, monkeyp
 
     monkeypatch.setitem(PRESETS, "demo", {**PRESETS["demo"], "checkpoint_every": 3, "log_every": 1})
     store = make_store(tmp_path / "s.zarr")
-    args = ["train", "--store", str(store), "--layer", "1", "--preset", "demo", "--steps", "20",
-            "--expansion", "2", "--n-clusters", "2", "--batch-contexts", "4", "--warmup", "2",
-            "--recluster-every", "4", "--quiet"]
+    args = ["train", "--store", str(store), "--layer", "1", "--preset", "demo", "--set", "steps=20",
+            "--set", "expansion=2", "--set", "n_clusters=2", "--set", "batch_contexts=4", "--set", "warmup=2",
+            "--set", "recluster_every=4", "--quiet"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert CliRunner().invoke(main, [*args, "--out", str(straight)]).exit_code == 0
     root = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CFG = TrainConfig(expansion=2, n_clusters=2, steps=6, warmup=1, batch_contexts=4, recluster_every=2,
                   importance_batches=1, log_every=2, checkpoint_every=3, buffer_chunks=2,
                   eval_frac=0.2, scale_chunks=2)
-TRAIN_ARGS = ["--layer", "1", "--steps", "4", "--expansion", "2", "--n-clusters", "2",
-              "--batch-contexts", "4", "--warmup", "1", "--quiet"]
+TRAIN_ARGS = ["--layer", "1", "--set", "steps=4", "--set", "expansion=2", "--set", "n_clusters=2",
+              "--set", "batch_contexts=4", "--set", "warmup=1", "--quiet"]
 
 
 def run(*args):

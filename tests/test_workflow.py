@@ -15,8 +15,8 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
     monkeypatch.setitem(config.PRESETS, "demo", {**config.PRESETS["demo"], "steps": 60, "warmup": 5,
                                                   "recluster_every": 10, "checkpoint_every": 20})
     out = tmp_path / "demo"
-    args = ["run", "--preset", "demo", "--out", str(out), "--model", tiny_model, "--layers", "1",
-            "--contexts", "48", "--quiet"]
+    args = ["run", "--preset", "demo", "--out", str(out), "--set", f"model={tiny_model}", "--set", "layers=1",
+            "--set", "contexts=48", "--quiet"]
     from pipelines import workflow
 
     # the tiny corpora instead of the bundled ones (the tiny tokenizer knows only their words)

@@ -159,6 +159,11 @@ class TrainConfig:
         bad = [f"{k}={getattr(self, k)}" for k in positive if getattr(self, k) < 1]
         if bad:
             raise TrainError(f"these options must be positive: {', '.join(bad)}")
+        not_positive = [f"{k}={getattr(self, k)}" for k in ("lr", "gate_lr") if not getattr(self, k) > 0]
+        if not_positive:  # 0 or nan would divide by zero in the schedule
+            raise TrainError(f"learning rates must be > 0, got {', '.join(not_positive)}")
+        if not 0.0 <= self.candidate_max_freq_r <= 1.0:
+            raise TrainError(f"candidate_max_freq_r must be in [0, 1], got {self.candidate_max_freq_r}")
         if self.warmup < 0:
             raise TrainError(f"warmup must be >= 0, got {self.warmup}")
         if not 0.0 <= self.importance_decay < 1.0:

@@ -67,12 +67,12 @@ def probe_data(cfg: TrainConfig, store_path: str, meta: dict[str, Any], eval_fra
         return None
     layer = int(meta["layer"]) - cfg.probe_offset
     if layer < 0:
-        raise TrainError(f"--probe-offset {cfg.probe_offset} points before layer 0 (the run trains layer "
+        raise TrainError(f"probe_offset={cfg.probe_offset} points before layer 0 (the run trains layer "
                          f"{meta['layer']})")
     try:
         data = open_training_data(store_path, layer, eval_frac, unlearn_store=unlearn_store)
     except TrainError as e:
-        raise TrainError(f"the probe reads layer {layer} (--probe-offset {cfg.probe_offset}): {e}") from None
+        raise TrainError(f"the probe reads layer {layer} (probe_offset={cfg.probe_offset}): {e}") from None
     scale = estimate_scale(data.retain.train, cfg.scale_chunks)
     return ProbeData(layer, scale, lambda: iter_contexts(data.retain.train, scale),
                      lambda: iter_contexts(data.unlearn.train, scale))

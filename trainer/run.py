@@ -203,7 +203,7 @@ def _check_finished(run: RunFolder, saved: TrainConfig, cfg: TrainConfig) -> Non
 
     if cfg.lr != saved.lr:
         raise TrainError(f"run {run.path} is finished: lr={cfg.lr!r} would train nothing; pass "
-                         f"--steps above {saved.steps} to train on with it")
+                         f"--set steps=N with N above {saved.steps} to train on with it")
     for f in (run.sae, run.features, run.eval):
         try:
             if f.suffix == ".json":

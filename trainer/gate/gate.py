@@ -64,7 +64,7 @@ class Gate:
         """The block whose output the signal reads (the probe's layer for the probe gate), and its scale."""
         if spec.kind == "probe":
             if (problem := file.probe_problem(d_model, spec.probe_l2, spec.probe_kind)) is not None:
-                raise GateError(f"{problem}: retrain it, or use --gate sequence")
+                raise GateError(f"{problem}: retrain it, or use the sequence gate (--set gate=sequence)")
             self.detector = file.detector(spec.probe_l2, spec.probe_kind).to("cpu")
             self.layer, self.scale = file.probe_layer() or (layer, scale)
             if self.layer > layer:
@@ -92,7 +92,8 @@ class Gate:
         got = file.shares(spec.selection)
         if got is None:
             raise GateError(f"has no gate calibration for selection '{spec.selection}' (calibrated: "
-                            f"{', '.join(file.selections()) or 'none'}); use one of those, or --gate none")
+                            f"{', '.join(file.selections()) or 'none'}); use one of those, or no gate "
+                            "(--set gate=none)")
         features, share = got
         if not torch.equal(features.sort().values, features_S):
             raise GateError(f"calibrated the gate of selection '{spec.selection}' on other features than the "
@@ -105,7 +106,7 @@ class Gate:
         if self.window is not None:
             raise GateError(f"has a training calibration of the gate's mean from the start, not over a window of "
                             f"{self.window} tokens: calibrate the windowed gate on dev prompts (ff eval "
-                            "--gate-window, --gate-calibration dev) or give its threshold")
+                            "gate_window, gate_calibration dev) or give its threshold")
 
     def to(self, device: Any) -> "Gate":
         if self.detector is not None:

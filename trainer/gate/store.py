@@ -10,7 +10,7 @@ Keys:
   default linear one, the other L2 penalties, the network; each with `w`, `b` (and `W`, `c` for
   the network) and `max`, every retain training context's highest out-of-fold score;
 - `probe/layer`, `probe/scale`: the block whose output the detectors read and its scale, where
-  that is not the trained layer (`ff train --probe-offset`).
+  that is not the trained layer (`ff train --set probe_offset=K`).
 
 Shape suffixes: C contexts, S selected features.
 """
