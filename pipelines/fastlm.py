@@ -29,6 +29,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from cache.capture import StopForward, capture_layers, returns_tuple
 from cache.models import decoder_layers
 from pipelines.errors import EvalError
 
@@ -108,10 +109,6 @@ def _masks(model: Any, qcol_BQ: Tensor, qseg_BQ: Tensor, qpos_BQ: Tensor, kcol_B
     return {t: fmt(by_type[t]) for t in set(types)}
 
 
-class _Stop(Exception):
-    pass
-
-
 class _Skip(nn.Module):
     """Stand-in for a block before the resume layer: passes its input through, computes nothing."""
 
@@ -134,15 +131,11 @@ class _Inject(_Skip):
         return (self.h_BTD,) if self.as_tuple else self.h_BTD
 
 
-_RETURNS_TUPLE: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
-"""model -> whether its decoder blocks return tuples (older transformers) or tensors."""
-
-
 @contextmanager
 def _resumed(model: Any, layer: int, h_BTD: Tensor) -> Iterator[None]:
     blocks = decoder_layers(model)
     saved = [blocks[i] for i in range(layer + 1)]
-    as_tuple = _RETURNS_TUPLE.get(model, False)
+    as_tuple = returns_tuple(model)
     try:
         for i in range(layer):
             blocks[i] = _Skip(as_tuple)
@@ -195,17 +188,6 @@ def final_hidden(model: Any, b: Batch, *, capture: Sequence[int] = (), stop: boo
     forward at the deepest captured block; {layer: resid [B, T, D]} for the `capture` layers).
     `resume=(layer, h)` starts from h at the output of block `layer`; `kv` records or prepends
     keys and values (KV); `masks` replaces the masks built from `b` (attention_masks)."""
-    got: dict[int, Tensor] = {}
-    blocks, handles = decoder_layers(model), []
-
-    def make_hook(layer: int):
-        def hook(_module, _inputs, output):
-            _RETURNS_TUPLE[model] = isinstance(output, (tuple, list))
-            got[layer] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
-            if stop and layer == max(capture):
-                raise _Stop
-        return hook
-
     base = getattr(model, "model", model)
     dev = next(model.parameters()).device
     masks = attention_masks(model, b) if masks is None else masks
@@ -215,19 +197,16 @@ def final_hidden(model: Any, b: Batch, *, capture: Sequence[int] = (), stop: boo
     if kv is not None:
         kwargs[cache_kw(base)] = kv
     out = None
-    try:
-        handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in set(capture)]
-        if resume is not None:
-            with _resumed(model, resume[0], resume[1].to(dev)):
+    with capture_layers(model, capture, stop=stop) as got:
+        try:
+            if resume is not None:
+                with _resumed(model, resume[0], resume[1].to(dev)):
+                    out = base(**kwargs).last_hidden_state
+            else:
                 out = base(**kwargs).last_hidden_state
-        else:
-            out = base(**kwargs).last_hidden_state
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return out, got
+        except StopForward:
+            pass
+    return out, dict(got)
 
 
 def suffix_score(model: Any, b: Batch, start_B: Tensor, layer: int, h_BTD: Tensor,
