@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache.models import load_model  # noqa: E402
@@ -29,15 +31,31 @@ from pipelines.evalsets import eval_data  # noqa: E402
 from pipelines.evaluate import probe_thresholds  # noqa: E402
 from pipelines.formats import parse_formats  # noqa: E402
 from pipelines.intervene import Intervention, load_run, probe_layer, run_setting  # noqa: E402
+from trainer.run import RunFolder  # noqa: E402
 
 
 def edit_form(name: str) -> dict:
-    """"clamp30", "ablate", "retain_mean", "project", each optionally ":N" (top N features)."""
+    """"clamp30", "ablate", "retain_mean", "project", each optionally ":N" (top N features);
+    "nclamp30": the clamp with each edited residual rescaled to the clean one's norm (NormKept)."""
     head, _, n = name.partition(":")
     out: dict = {"top_n": int(n)} if n else {}
     if head.startswith("clamp"):
         return {**out, "mode": "clamp", "multiplier": float(head[5:])}
+    if head.startswith("nclamp"):
+        return {**out, "mode": "clamp", "multiplier": float(head[6:])}
     return {**out, "mode": head}
+
+
+class NormKept(Intervention):
+    """The clamp with every edited position's residual rescaled to its clean norm: does keeping
+    the residual's size keep the text fluent? (docs/results.md, "a norm-preserving clamp")."""
+
+    def edit(self, h_BTD, *args, **kwargs):
+        out = super().edit(h_BTD, *args, **kwargs)
+        n0_BT1 = h_BTD.float().norm(dim=-1, keepdim=True)
+        n1_BT1 = out.h_BTD.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        h = torch.where(out.changed_BT[..., None], out.h_BTD.float() * n0_BT1 / n1_BT1, out.h_BTD.float())
+        return out._replace(h_BTD=h.to(h_BTD.dtype))
 
 
 def set_names(fmt: str, prefix: str, role: str) -> str:
@@ -70,7 +88,8 @@ def main() -> None:
     ap.add_argument("--format-questions", type=int, default=60, help="Questions per set and format (half dev).")
     ap.add_argument("--windows", default="none,16,24,32", help="Gate windows in tokens; none: from the start.")
     ap.add_argument("--modes", default="clamp100,clamp10,ablate,retain_mean,project",
-                    help="Edit forms: clampM, ablate, retain_mean, project, each optionally :N (top N features).")
+                    help="Edit forms: clampM, nclampM (norm kept), ablate, retain_mean, project, each optionally "
+                         ":N (top N features).")
     ap.add_argument("--percentile", type=float, default=99.0,
                     help="The threshold's percentile of the retain dev questions' peaks (every format but after_bio).")
     ap.add_argument("--top-n", type=int, default=None, help="Override the chosen setting's feature count.")
@@ -80,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     formats = parse_formats(args.formats)
     run = load_run(args.run)
-    if (run.path / "unlearning.json").is_file():
+    if RunFolder(run.path).result.is_file():
         base = run_setting(run.path).replace(gate_threshold=None)
     else:  # the demo's choice (README): SAEBench rule, top 200, probe gate p99, network detector
         base = Setting(mode="clamp", multiplier=100.0, top_n=200, selection="saebench", gate="probe",
@@ -89,7 +108,7 @@ def main() -> None:
         base = base.replace(top_n=args.top_n)
     if args.selection:
         base = base.replace(selection=args.selection)
-    lm = load_model(run.config["model"], device="cpu")
+    lm = load_model(run.config.model, device="cpu")
     cfg = EvalConfig.preset("demo").replace(formats=formats, format_questions=args.format_questions)
     data = eval_data(lm, cfg)
     t0 = time.time()
@@ -103,7 +122,7 @@ def main() -> None:
         print(f"window {window}: threshold {thr:.3f} (probe window {probe.window})", flush=True)
         for name in args.modes.split(","):
             s = base.replace(gate_window=window, gate_threshold=thr, **edit_form(name))
-            iv = Intervention(run, s)
+            iv = (NormKept if name.startswith("nclamp") else Intervention)(run, s)
             t1 = time.time()
             table = dev_table(data, lm.model, iv, formats)
             entry = {"window": window, "mode": name, "threshold": thr, "table": table}
