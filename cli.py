@@ -398,15 +398,17 @@ def run_cmd(preset, out, sets, **fields):
 
 def _load_for_run(run: str, model: str | None, device: str):
     """The model named in RUN/config.json (or --model), loaded once."""
-    from pathlib import Path
-
     from cache.errors import FFError
     from cache.models import load_model
+    from trainer.run import RunFolder
 
-    cfg_file = Path(run) / "config.json"
-    if not cfg_file.is_file():
-        raise FFError(f"'{run}' is not a run folder (no config.json); create one with `ff train`")
-    return load_model(model or json.loads(cfg_file.read_text())["model"], device=device)
+    folder = RunFolder(run)
+    if not folder.is_run():
+        raise FFError(f"'{run}' is not a run folder (no {folder.config.name}); create one with `ff train`")
+    spec = model or folder.run_config().model
+    if spec is None:
+        raise FFError(f"'{run}' names no model (trained from Python streams): pass --model")
+    return load_model(spec, device=device)
 
 
 EVAL_OPTIONS = ("forget_mcq", "retain_mcq", "formats")

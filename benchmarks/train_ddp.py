@@ -63,7 +63,10 @@ def weight_gap(a: Path, b: Path) -> float:
     """Largest |difference| of the two runs' SAE weights, relative to the largest weight."""
     from safetensors.torch import load_file
 
-    x, y = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+    sys.path.insert(0, str(ROOT))
+    from trainer.run import RunFolder
+
+    x, y = load_file(str(RunFolder(a).sae)), load_file(str(RunFolder(b).sae))
     return max(float((x[k] - y[k]).abs().max() / x[k].abs().max().clamp_min(1e-30)) for k in x)
 
 

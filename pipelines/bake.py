@@ -178,7 +178,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     iv_all = Intervention(run, setting.changed(gate="none"))
     if iv.n_features == 0:
         raise EvalError(f"the setting {setting.label} edits no feature: nothing to bake")
-    store_path = store or str(run.config.get("unlearn_store") or run.config.get("store"))
+    store_path = store or str(run.config.unlearn_store or run.config.store)
     train, held = _corpora(store_path, eval_rows, lm.info.tokenizer_hash)
     model = lm.model
     dev = next(model.parameters()).device

@@ -26,7 +26,6 @@ from pipelines.errors import EvalError
 from pipelines.evalsets import EvalData, SetResult, eval_data
 from pipelines.fastlm import kv_reuse_ok, verify_fast_path
 from pipelines.intervene import (
-    RESULT_FILE,
     Intervention,
     LoadedRun,
     load_run,
@@ -48,11 +47,11 @@ _SETS.update({"ood_forget_mcq": "ood_forget_mcq", "ood_retain_mcq": "ood_retain_
 
 def check_model(run: LoadedRun, lm: Any) -> None:
     """The run must have been trained on the activations of `lm` (STYLE 3: name both sides)."""
-    want, have = run.config.get("model_hash"), lm.info.weights_hash
+    want, have = run.config.model_hash, lm.info.weights_hash
     if not lm.info.matches(want):
-        raise EvalError(f"{run.path} was trained on model '{run.config.get('model')}' ({want}) but the "
+        raise EvalError(f"{run.path} was trained on model '{run.config.model}' ({want}) but the "
                         f"loaded model is '{lm.info.name}' ({have}); evaluate it with --model "
-                        f"{run.config.get('model')}")
+                        f"{run.config.model}")
     if run.sae.d_model != lm.info.d_model:
         raise EvalError(f"{run.path} has d_model {run.sae.d_model} but model '{lm.info.name}' has "
                         f"{lm.info.d_model}")
@@ -409,9 +408,9 @@ def maybe_num(v: float | None) -> str:
 
 def save_result(run_dir: str | Path, res: dict[str, Any]) -> Path:
     """Write `res` to RUN/unlearning.json; an interrupted write leaves the previous file whole."""
-    from trainer.run import write_json
+    from trainer.run import RunFolder, write_json
 
-    path = Path(run_dir) / RESULT_FILE
+    path = RunFolder(run_dir).result
     write_json(path, res)
     return path
 

@@ -40,6 +40,7 @@ from cache.models import EMBEDDED
 from pipelines.errors import EvalError
 from pipelines.intervene import load_run
 from trainer.gate import GATE_MIN_TOKENS
+from trainer.run import RunFolder
 
 HF_IDS = {EMBEDDED: "google/gemma-3-270m"}
 """ff model specs whose Hugging Face / TransformerLens name differs from the spec."""
@@ -75,7 +76,7 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     with torch.no_grad():
         tensors = saelens_weights(sae.W_enc.float().cpu(), sae.b_enc.float().cpu(), sae.W_dec.float().cpu(),
                                   sae.b_dec.float().cpu(), run.scale)
-    model = str(c.get("model", "unknown"))
+    model = str(c.model or "unknown")
     cfg = {
         "architecture": "standard",
         "d_in": sae.d_model,
@@ -92,9 +93,9 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
         "apply_b_dec_to_input": True,
         "finetuning_scaling_factor": False,
         "normalize_activations": "none",  # the scale is folded into the weights
-        "context_size": c.get("ctx_len"),
+        "context_size": c.ctx_len,
         "prepend_bos": True,
-        "dataset_path": c.get("store", ""),
+        "dataset_path": c.store or "",
         "dataset_trust_remote_code": False,
         "sae_lens_training_version": None,
         "model_from_pretrained_kwargs": {},
@@ -103,7 +104,7 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool 
     }
     meta = {
         "exported_by": "featureforget", "run": str(run.path), "method": run.method,
-        "model": model, "model_hash": c.get("model_hash"), "layer": run.layer,
+        "model": model, "model_hash": c.model_hash, "layer": run.layer,
         "scale_folded": run.scale,
         "hook": "output of decoder block `layer` (HF hidden_states[layer + 1]); BOS excluded in training",
         "candidates": run.features["candidate"].nonzero().flatten().tolist(),
@@ -223,7 +224,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, lm: Any, setting: Any = 
 def model_card(run_dir: str | Path, spec: dict[str, Any], model_name: str) -> str:
     """The exported folder's README: what the edit is, what was measured (RUN/unlearning.json's
     chosen setting, test halves) and what it does not protect against."""
-    res = json.loads((Path(run_dir) / "unlearning.json").read_text())
+    res = json.loads(RunFolder(run_dir).result.read_text())
     best = res.get("best") or {}
 
     def score(e: dict[str, Any] | None) -> str:

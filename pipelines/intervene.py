@@ -28,12 +28,16 @@ from typing import Any, Iterator, NamedTuple
 import torch
 from torch import Tensor
 
+from cache.capture import hidden_of, with_hidden
+from cache.chunks import first_line
 from cache.models import decoder_layers
 from pipelines.config import Setting
 from pipelines.errors import EvalError
+from trainer.errors import TrainError
 from trainer.gate.detector import Detector
 from trainer.gate.gate import Gate, GateError, GateSpec
 from trainer.gate.store import GateFile
+from trainer.run import RunConfig, RunFolder
 from trainer.sae import SAE
 from trainer.selection import select
 
@@ -45,7 +49,8 @@ class LoadedRun(NamedTuple):
     sae: SAE
     scale: float
     """The SAE works on h * scale (METHOD §0)."""
-    config: dict[str, Any]
+    config: RunConfig
+    """config.json, typed (trainer/run.py)."""
     features: dict[str, Tensor]
     """features.safetensors: alpha_r, alpha_u, freq_r, freq_u [F] float, candidate [F] bool, ..."""
     layer: int
@@ -72,25 +77,28 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     """Read a run folder (docs/architecture.md); a missing or inconsistent file is an EvalError."""
     from safetensors.torch import load_file
 
-    path = Path(run_dir)
-    for name in ("config.json", "sae.safetensors", "features.safetensors"):
-        if not (path / name).is_file():
-            raise EvalError(f"{path} has no {name}: not a finished run folder (train it with ff train --out {path})")
+    folder = RunFolder(run_dir)
+    path = folder.path
+    for f in (folder.config, folder.sae, folder.features):
+        if not f.is_file():
+            raise EvalError(f"{path} has no {f.name}: not a finished run folder (train it with ff train --out {path})")
     try:
-        sae, scale, config = SAE.from_run(path)
-    except (ValueError, KeyError) as e:
-        raise EvalError(f"cannot load the SAE of {path}: {e}") from e
-    feats = load_file(str(path / "features.safetensors"))
+        config = folder.run_config()
+        sae = SAE.load(folder.sae)
+    except (ValueError, KeyError, TrainError) as e:
+        raise EvalError(f"cannot load the SAE of {path}: {first_line(e)}") from e
+    if sae.d_model != config.d_model:
+        raise EvalError(f"{path}: sae.safetensors has d_model {sae.d_model} but config.json says {config.d_model}")
+    feats = load_file(str(folder.features))
     for key in FEATURE_KEYS:
         if key not in feats or feats[key].shape != (sae.d_sae,):
-            raise EvalError(f"{path}/features.safetensors: '{key}' is missing or not of shape "
+            raise EvalError(f"{folder.features}: '{key}' is missing or not of shape "
                             f"[{sae.d_sae}] (a run from an older ff: retrain it)")
     gate = GateFile.read(path)
-    if "layer" not in config:
-        raise EvalError(f"{path}/config.json has no 'layer'")
+    if config.layer is None:
+        raise EvalError(f"{folder.config} has no 'layer'")
     feats["candidate"] = feats["candidate"].bool()
-    method = str(config.get("method", "featureforget"))
-    return LoadedRun(path, sae.eval(), scale, config, feats, int(config["layer"]), method, gate)
+    return LoadedRun(path, sae.eval(), config.scale, config, feats, config.layer, config.train.method, gate)
 
 
 def select_features(run: LoadedRun, setting: Setting) -> Tensor:
@@ -280,7 +288,7 @@ class Intervention:
                 state["counts"] = None  # a new sequence: the gate starts counting afresh
 
         def hook(_module, _inputs, output):
-            h_BTD = output[0] if isinstance(output, (tuple, list)) else output
+            h_BTD = hidden_of(output)
             editable_BT = state["editable"]
             if editable_BT is None or editable_BT.shape != h_BTD.shape[:2]:
                 editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
@@ -291,10 +299,10 @@ class Intervention:
             new_BTD = edited.h_BTD
             if iv.gating is not None:
                 state["counts"] = iv.gating.carry(start, edited.signal_BT, editable_BT)
-            return (new_BTD, *output[1:]) if isinstance(output, (tuple, list)) else new_BTD
+            return with_hidden(output, new_BTD)
 
         def gate_hook(_module, _inputs, output):  # the probe's layer runs first: keep its output
-            state["gate_h"] = output[0] if isinstance(output, (tuple, list)) else output
+            state["gate_h"] = hidden_of(output)
 
         base = getattr(model, "model", model)
         handles = [base.register_forward_pre_hook(pre_hook, with_kwargs=True)]
@@ -340,11 +348,6 @@ def default_setting(method: str) -> Setting:
     return Setting(mode="clamp", multiplier=10.0, top_n=20, gate="sequence")
 
 
-RESULT_FILE = "unlearning.json"
-"""The evaluation's file in a run folder (`ff run`, `ff eval --save`); its `best.setting` is what
-`ff generate` and `unlearned` apply by default (`run_setting`)."""
-
-
 def run_setting(run_dir: str | Path) -> Setting:
     """The best setting that `ff run` / `ff eval --save` found for the run (RUN/unlearning.json,
     chosen on the dev half), else (no file, or no retain-safe setting: with a warning)
@@ -352,8 +355,8 @@ def run_setting(run_dir: str | Path) -> Setting:
     import json
     import warnings
 
-    run_dir = Path(run_dir)
-    res = run_dir / RESULT_FILE
+    run = RunFolder(run_dir)
+    run_dir, res = run.path, run.result
     if res.is_file():
         try:
             result = json.loads(res.read_text())
@@ -364,8 +367,7 @@ def run_setting(run_dir: str | Path) -> Setting:
                             f"rerun ff eval --run {run_dir} --save, or delete it") from None
         warnings.warn(f"{res} holds no chosen setting ({result.get('best_reason') or 'none'}); "
                       "using the method's default setting", stacklevel=2)
-    cfg = run_dir / "config.json"
-    method = json.loads(cfg.read_text()).get("method", "featureforget") if cfg.is_file() else "featureforget"
+    method = run.read_config().get("method", "featureforget") if run.is_run() else "featureforget"
     return default_setting(method)
 
 
@@ -374,11 +376,11 @@ def chosen_setting(run_dir: str | Path) -> Setting:
     without one is an EvalError (what ships must be what was measured)."""
     import json
 
-    res = Path(run_dir) / RESULT_FILE
+    res = RunFolder(run_dir).result
     try:
         result = json.loads(res.read_text())
     except FileNotFoundError:
-        raise EvalError(f"{run_dir} has no {RESULT_FILE}: evaluate it first (ff eval --run {run_dir} --save)") from None
+        raise EvalError(f"{run_dir} has no {res.name}: evaluate it first (ff eval --run {run_dir} --save)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise EvalError(f"{res} is not an ff eval result ({type(e).__name__}: {e})") from None
     best = result.get("best") if isinstance(result, dict) else None

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from cache.atomic import atomic_write
+from trainer.run import RunFolder
 
 FIGURES = {
     "scores": "fig_unlearning_score.png",
@@ -82,7 +83,7 @@ def fig_scores(results: dict[str, dict[int, dict]], path: Path) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    f = run_dir / "metrics.jsonl"
+    f = RunFolder(run_dir).metrics
     return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.is_file() else []
 
 
@@ -114,7 +115,7 @@ def fig_importance(ff_runs: dict[int, Path], path: Path) -> None:
     layers = sorted(ff_runs)
     fig, axes = plt.subplots(1, max(1, len(layers)), figsize=(4.2 * max(1, len(layers)), 3.8), squeeze=False)
     for ax, l in zip(axes[0], layers):
-        f = load_file(str(ff_runs[l] / "features.safetensors"))
+        f = load_file(str(RunFolder(ff_runs[l]).features))
         eps = 1e-9
         ar, au = f["alpha_r"] + eps, f["alpha_u"] + eps
         ax.scatter(ar, au, c=f["cluster"], cmap="tab20", s=3, alpha=0.6, linewidths=0)

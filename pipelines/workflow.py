@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from cache.build import CacheConfig, build_cache
 from cache.store import open_store
+from trainer.run import RunFolder
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,9 @@ def _train_one(store: Path, layer: int, run_dir: Path, variant: Variant, train_p
     from trainer.config import TrainConfig
     from trainer.train import train
 
-    if (run_dir / "eval.json").is_file():
+    if RunFolder(run_dir).is_finished():
         return None  # finished earlier
-    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    resume = RunFolder(run_dir).has_checkpoint()
     cfg = TrainConfig.preset(train_preset).replace(method=variant.method, compare_n=compare_n, seed=seed,
                                                    probe_offset=probe_offset, **variant.flags)
     return train(None if resume else cfg, str(store), layer, str(run_dir), resume=resume,
@@ -101,7 +102,7 @@ def _train_one(store: Path, layer: int, run_dir: Path, variant: Variant, train_p
 def _n_candidates(run_dir: Path) -> int:
     from safetensors.numpy import load_file
 
-    return int(load_file(str(run_dir / "features.safetensors"))["candidate"].sum())
+    return int(load_file(str(RunFolder(run_dir).features))["candidate"].sum())
 
 
 def run_dir_of(out: Path, layer: int, variant: str, seed: int) -> Path:
@@ -115,7 +116,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
     """Run every stage of `preset_name` into `out` (`seeds` training seeds per method and layer);
     return the report folder."""
     from cache.models import load_model
-    from pipelines.evaluate import RESULT_FILE, EvalConfig, evaluate_run, save_result
+    from pipelines.evaluate import EvalConfig, evaluate_run, save_result
     from pipelines.report import write_report
 
     preset = PRESETS[preset_name]
@@ -170,7 +171,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
     for name, by_layer in runs.items():
         for layer, run_dirs in by_layer.items():
             for run_dir in run_dirs:
-                res_file = run_dir / RESULT_FILE
+                res_file = RunFolder(run_dir).result
                 if not res_file.is_file():
                     log(f"  layer {layer} {run_dir.name}")
                     save_result(run_dir, evaluate_run(run_dir, model(), ecfg, progress=progress))

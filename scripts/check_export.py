@@ -25,6 +25,7 @@ from cache.models import load_model  # noqa: E402
 from pipelines.config import EvalConfig  # noqa: E402
 from pipelines.data import load_mcq, sample_split  # noqa: E402
 from pipelines.intervene import unlearned  # noqa: E402
+from trainer.run import RunFolder  # noqa: E402
 
 
 @torch.inference_mode()
@@ -58,10 +59,10 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = EvalConfig.preset(args.preset)
-    run_cfg = json.loads((Path(args.run) / "config.json").read_text())
+    run_cfg = RunFolder(args.run).read_config()
     lm = load_model(run_cfg["model"], device="cpu")
     exported = AutoModelForCausalLM.from_pretrained(args.export, trust_remote_code=True).eval()
-    result = json.loads((Path(args.run) / "unlearning.json").read_text())
+    result = json.loads(RunFolder(args.run).result.read_text())
     sets = [("forget_mcq", cfg.forget_mcq, "forget"), ("retain_mcq", cfg.retain_mcq, "retain"),
             ("ood_forget_mcq", cfg.ood_forget_mcq, "forget"), ("ood_retain_mcq", cfg.ood_retain_mcq, "retain")]
     acc = {}

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--percentile", type=float, default=99.0, help="The gate's retain percentile.")
     args = ap.parse_args()
     run = load_run(args.run)
-    lm = load_model(run.config["model"], device="cpu")
+    lm = load_model(run.config.model, device="cpu")
     data = eval_data(lm, EvalConfig.preset(args.preset))
     probe = Setting(mode="clamp", multiplier=1.0, top_n=20, selection="saebench", gate="probe", gate_threshold=0.0)
     gate_layer = Intervention(run, probe).gate_layer

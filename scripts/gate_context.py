@@ -56,7 +56,7 @@ def main() -> None:
     if setting.gate != "probe" or setting.gate_threshold is None:
         sys.exit(f"error: {args.run}: the chosen setting is not a calibrated probe gate ({setting.label})")
     iv = Intervention(run, setting.replace(gate_window=None))
-    lm = load_model(run.config["model"], device="cpu")
+    lm = load_model(run.config.model, device="cpu")
     tok, model = lm.tokenizer, lm.model
     general, biology = passages("ood_retain_text.txt"), passages("ood_forget_text.txt")
     preambles = {"none": lambda i: "",

@@ -7,12 +7,11 @@ features.safetensors), as in docs/method.md "Candidate rule".
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from safetensors.torch import load_file
 
 from trainer.evaluate import mass_share, saebench_select
+from trainer.run import RunFolder
 
 
 def main() -> None:
@@ -20,9 +19,10 @@ def main() -> None:
     p.add_argument("featureforget_run")
     p.add_argument("baseline_run")
     a = p.parse_args()
-    ff = load_file(str(Path(a.featureforget_run) / "features.safetensors"))
-    base = load_file(str(Path(a.baseline_run) / "features.safetensors"))
-    threshold = json.loads((Path(a.baseline_run) / "config.json").read_text()).get("saebench_retain_freq", 0.01)
+    ff = load_file(str(RunFolder(a.featureforget_run).features))
+    base_run = RunFolder(a.baseline_run)
+    base = load_file(str(base_run.features))
+    threshold = base_run.read_config().get("saebench_retain_freq", 0.01)
     cand = ff["candidate"]
     n = int(cand.sum())
     sel = saebench_select(base["freq_r"], base["freq_u"], n, threshold)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,8 +43,73 @@ optimiser); the rest is bookkeeping. config.json records the options in effect a
 STORE_KEYS = ("model_hash", "layer", "d_model", "ctx_len")
 """Store metadata that must match when a run is resumed."""
 
+RUN_FORMAT = 1
+"""The version of config.json ff writes (its "format" key); files without one are version 1."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """RUN/config.json, typed: the training configuration and what the run was trained on. On
+    disk it is one flat JSON object (TrainConfig's fields, then these), read only through
+    `RunFolder.run_config`; a file from a newer ff is refused in one line."""
+
+    train: TrainConfig
+    d_model: int
+    """Width of the residual stream the SAE reads."""
+    d_sae: int
+    """Number of SAE features."""
+    scale: float
+    """Activations are multiplied by this before the SAE (METHOD §0)."""
+    layer: int | None = None
+    """The block whose output the SAE reads (None only for runs trained from streams in Python)."""
+    model: str | None = None
+    """The model spec the store was cached from."""
+    model_hash: str | None = None
+    """Its weights' hash: an evaluation refuses another model."""
+    tokenizer_hash: str | None = None
+    ctx_len: int | None = None
+    hook: str | None = None
+    dtype: str | None = None
+    store: str | None = None
+    unlearn_store: str | None = None
+    retain_contexts: tuple[int, ...] | None = None
+    """(training, held-out) contexts of the retain corpus."""
+    unlearn_contexts: tuple[int, ...] | None = None
+    resumed_with: tuple[dict[str, Any], ...] = ()
+    """Each resume's changed options: {field: [before, after]}."""
+    format: int = RUN_FORMAT
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config.json") -> "RunConfig":
+        version = d.get("format", 1)
+        if not isinstance(version, int) or version > RUN_FORMAT:
+            raise TrainError(f"{where} has format {version!r}, newer than this ff reads ({RUN_FORMAT}): "
+                             "update ff (pip install -U featureforget)")
+        missing = [k for k in ("d_model", "scale") if k not in d]
+        if missing:
+            raise TrainError(f"{where} lacks {', '.join(missing)}: not a run's config (run `ff verify` on it)")
+        train = TrainConfig.from_dict(d)
+        meta = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("train", "format")}
+        for k in ("retain_contexts", "unlearn_contexts", "resumed_with"):
+            if isinstance(meta.get(k), list):
+                meta[k] = tuple(meta[k])
+        meta.setdefault("d_sae", train.expansion * int(d["d_model"]))
+        return cls(train=train, format=version, **meta)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {**self.train.to_dict(), **{f.name: getattr(self, f.name) for f in fields(self)
+                                        if f.name not in ("train", "resumed_with")}}
+        if self.resumed_with:
+            d["resumed_with"] = list(self.resumed_with)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
 
 class RunFolder:
+    """A run folder's files, named here only: every module reads and writes them through this."""
+
+    FILES = ("config", "sae", "features", "clusters", "metrics", "eval")
+    """The files every finished run has (`gate` and `result` come with newer runs and ff eval)."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config = self.path / "config.json"
@@ -53,7 +119,26 @@ class RunFolder:
         self.clusters = self.path / "clusters.json"
         self.metrics = self.path / "metrics.jsonl"
         self.eval = self.path / "eval.json"
-        self.checkpoint = self.path / "checkpoints" / "last.pt"
+        """Held-out metrics; written last, so its presence marks a finished run."""
+        self.checkpoints = self.path / "checkpoints"
+        self.checkpoint = self.checkpoints / "last.pt"
+        self.result = self.path / "unlearning.json"
+        """`ff eval --save` / `ff run`: the evaluation, whose chosen setting ff generate, ff export,
+        ff bake and the Python API apply by default (pipelines/intervene.py)."""
+
+    def is_run(self) -> bool:
+        """Whether the folder has a config.json (a run, finished or not)."""
+        return self.config.is_file()
+
+    def is_finished(self) -> bool:
+        return self.eval.is_file()
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+
+    def run_config(self) -> RunConfig:
+        """config.json as a RunConfig (TrainError in one line if it cannot be read)."""
+        return RunConfig.from_dict(self.read_config(), str(self.config))
 
     def read_config(self) -> dict[str, Any]:
         try:
@@ -132,14 +217,14 @@ def open_run(out: str | Path, cfg: TrainConfig | None, meta: dict[str, Any], *, 
         if not overwrite:
             raise TrainError(f"run folder {run.path} exists; pass --resume to continue it "
                              "or --overwrite to start again")
-        if not (run.config.is_file() or (run.path / "checkpoints").is_dir()):
+        if not (run.config.is_file() or run.checkpoints.is_dir()):
             raise TrainError(f"{run.path} is not empty and not a run folder; refusing to delete it")
         shutil.rmtree(run.path)
     if scale is not None:
         meta = {**meta, "scale": scale()}
     meta = {**meta, "d_sae": cfg.expansion * meta["d_model"]}
     run.path.mkdir(parents=True, exist_ok=True)
-    write_json(run.config, {**cfg.to_dict(), **meta, "method": cfg.method})
+    write_json(run.config, {**cfg.to_dict(), **meta, "method": cfg.method, "format": RUN_FORMAT})
     return run, cfg, meta
 
 

@@ -169,9 +169,11 @@ class SAE(nn.Module):
     @classmethod
     def from_run(cls, run_dir: str | Path) -> LoadedSAE:
         """Load RUN/sae.safetensors and RUN/config.json -> (sae, scale, config)."""
-        run_dir = Path(run_dir)
-        config = json.loads((run_dir / "config.json").read_text())
-        sae = cls.load(run_dir / "sae.safetensors")
+        from trainer.run import RunFolder  # the run folder's names live there
+
+        run = RunFolder(run_dir)
+        run_dir, config = run.path, json.loads(run.config.read_text())
+        sae = cls.load(run.sae)
         if sae.d_model != config.get("d_model", sae.d_model):
             raise ValueError(
                 f"{run_dir}: sae.safetensors has d_model {sae.d_model} "

@@ -22,8 +22,6 @@ from cache.store import has_root
 from cache.verify import Problem, Report, verify_store
 from trainer.run import RunFolder, load_checkpoint
 
-RUN_FILES = ("config", "sae", "features", "clusters", "metrics", "eval")
-"""RunFolder attributes of the files every finished run has (checkpoints/ is optional)."""
 FEATURES = ("alpha_r", "alpha_u", "freq_r", "freq_u", "cluster", "candidate")
 
 
@@ -39,7 +37,7 @@ def verify(path: str | Path) -> Report:
         raise FFError(f"'{path}' does not exist")
     if has_root(p):
         return verify_store(p)
-    if (p / "config.json").is_file():
+    if RunFolder(p).is_run():
         return verify_run(p)
     raise FFError(f"'{path}' is neither an activation store (no zarr.json) nor a run folder "
                   "(no config.json)")
@@ -49,7 +47,7 @@ def verify_run(path: str | Path) -> Report:
     run = RunFolder(path)
     report = Report(str(path), "run", checked={"files": 0})
     config = _read_json(run.config, report)
-    for name in RUN_FILES:
+    for name in RunFolder.FILES:
         f = getattr(run, name)
         if not f.is_file():
             hint = "; the run has not finished: resume it with `ff train --resume`"

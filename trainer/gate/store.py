@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from trainer.gate.detector import PROBE_L2, Detector, Probe
+from trainer.run import RunFolder
 
-GATE_FILE = "gate.safetensors"
 CALIBRATION_KEY = "max"
 """The key (after a detector's prefix) of its retain calibration."""
 
@@ -60,14 +60,14 @@ class GateFile(Mapping):
         """The run folder's gate file (empty where the run has none: a run from an older ff)."""
         from safetensors.torch import load_file
 
-        path = Path(run_dir) / GATE_FILE
+        path = RunFolder(run_dir).gate
         return cls(load_file(str(path)) if path.is_file() else {})
 
     def write(self, run_dir: str | Path) -> Path:
         """Save into the run folder; an interrupted write leaves the previous file whole."""
         from trainer.run import write_features
 
-        path = Path(run_dir) / GATE_FILE
+        path = RunFolder(run_dir).gate
         write_features(path, self._t)
         return path
 
