@@ -43,7 +43,42 @@ def edit_form(name: str) -> dict:
         return {**out, "mode": "clamp", "multiplier": float(head[5:])}
     if head.startswith("nclamp"):
         return {**out, "mode": "clamp", "multiplier": float(head[6:])}
+    if head.startswith("steer"):  # the gate of a clamp; Steered replaces its edit
+        return {**out, "mode": "clamp", "multiplier": float(head[5:])}
     return {**out, "mode": head}
+
+
+def mean_difference(store: str, layer: int, chunks: int = 8) -> torch.Tensor:
+    """[D] mean unlearn minus mean retain residual at `layer` over the first `chunks` chunks of
+    each corpus of the store (BOS and padding left out)."""
+    from cache.store import open_store
+
+    st = open_store(store)
+    means = []
+    for name in ("retain", "unlearn"):
+        c = st.corpus(name)
+        total, n = torch.zeros(c.d_model, dtype=torch.float64), 0
+        for i in range(min(chunks, c.n_chunks)):
+            x = torch.from_numpy(c.read_chunk(layer, i)).double()
+            m = torch.from_numpy(c.mask(*c.chunk_bounds(i)))
+            total += x[m].sum(0)
+            n += int(m.sum())
+        means.append(total / n)
+    return (means[1] - means[0]).float()
+
+
+class Steered(Intervention):
+    """Where the gate is open, h -> h - k * (mean unlearn - mean retain residual): the text pushed
+    toward the general corpus along one direction, the SAE's features untouched (`steerK`)."""
+
+    direction_D: torch.Tensor = torch.zeros(0)
+
+    def edit(self, h_BTD, editable_BT=None, *args, **kwargs):
+        out = super().edit(h_BTD, editable_BT, *args, **kwargs)
+        open_BT = out.open_BT if editable_BT is None else out.open_BT & editable_BT.to(out.open_BT.device)
+        k = self.setting.multiplier
+        h = h_BTD - k * open_BT[..., None].to(h_BTD.dtype) * self.direction_D.to(h_BTD.device, h_BTD.dtype)
+        return out._replace(h_BTD=h, changed_BT=open_BT)
 
 
 class NormKept(Intervention):
@@ -88,13 +123,14 @@ def main() -> None:
     ap.add_argument("--format-questions", type=int, default=60, help="Questions per set and format (half dev).")
     ap.add_argument("--windows", default="none,16,24,32", help="Gate windows in tokens; none: from the start.")
     ap.add_argument("--modes", default="clamp100,clamp10,ablate,retain_mean,project",
-                    help="Edit forms: clampM, nclampM (norm kept), ablate, retain_mean, project, each optionally "
-                         ":N (top N features).")
+                    help="Edit forms: clampM, nclampM (norm kept), steerK (minus K times the mean difference of the "
+                         "corpora), ablate, retain_mean, project, each optionally :N (top N features).")
     ap.add_argument("--percentile", type=float, default=99.0,
                     help="The threshold's percentile of the retain dev questions' peaks (every format but after_bio).")
     ap.add_argument("--top-n", type=int, default=None, help="Override the chosen setting's feature count.")
     ap.add_argument("--selection", default=None, help="Override the chosen setting's selection rule.")
     ap.add_argument("--fluency", type=int, default=0, help="Prose prompts per side for the fluency metric.")
+    ap.add_argument("--store", default=None, help="steerK: the store of the mean difference (default: the run's).")
     ap.add_argument("--json", default=None, help="Also write the table here.")
     args = ap.parse_args()
     formats = parse_formats(args.formats)
@@ -114,7 +150,7 @@ def main() -> None:
     t0 = time.time()
     data.prepare(lm.model, sorted({run.layer, probe_layer(run)[0]}))
     print(f"clean passes: {time.time() - t0:.0f} s; base setting {base.label}", flush=True)
-    results = []
+    results, direction = [], None
     for w in args.windows.split(","):
         window = None if w == "none" else int(w)
         probe = Intervention(run, base.replace(gate_window=window, gate_threshold=0.0))
@@ -122,7 +158,12 @@ def main() -> None:
         print(f"window {window}: threshold {thr:.3f} (probe window {probe.window})", flush=True)
         for name in args.modes.split(","):
             s = base.replace(gate_window=window, gate_threshold=thr, **edit_form(name))
-            iv = (NormKept if name.startswith("nclamp") else Intervention)(run, s)
+            kind = NormKept if name.startswith("nclamp") else Steered if name.startswith("steer") else Intervention
+            iv = kind(run, s)
+            if kind is Steered:
+                iv.direction_D = direction if direction is not None else mean_difference(
+                    args.store or str(run.config.store), run.layer)
+                direction = iv.direction_D
             t1 = time.time()
             table = dev_table(data, lm.model, iv, formats)
             entry = {"window": window, "mode": name, "threshold": thr, "table": table}
