@@ -20,7 +20,7 @@ import sys
 import click
 
 from cache.config import CacheConfig
-from cache.options import apply_sets, field_option, parse_option, parse_sets, set_option
+from cache.options import apply_sets, field_option, parse_option, parse_sets, parse_value, set_option
 from pipelines.config import PRESETS as EVAL_PRESETS
 from pipelines.config import BakeConfig, EvalConfig, RunOptions, Setting
 from trainer.config import PRESETS as TRAIN_PRESETS
@@ -211,7 +211,7 @@ def cache_cmd(out, sets, overwrite, repair, shard, finalize, **fields):
     from cache.shard import Shard, shard_device, shard_from_env
 
     given = {k: parse_option(CacheConfig, k, v) for k, v in fields.items()}
-    cfg = CacheConfig(**{k: v for k, v in given.items() if v is not None or k == "layers"},
+    cfg = CacheConfig(**{k: v for k, v in given.items() if v is not None},
                       device=shard_device(_device()))  # cuda:LOCAL_RANK under torchrun
     cfg = apply_sets(cfg, parse_sets(CacheConfig, sets, exclude=(*CACHE_OPTIONS, "device")))
     out = out or default_store_path(cfg.model)
@@ -342,7 +342,10 @@ def train_cmd(store, unlearn_store, layers, out, preset, sets, resume, overwrite
     given = parse_sets(TrainConfig, sets, exclude=TRAIN_SET_EXCLUDE, error=TrainError)
     if global_option("device"):
         given["device"] = global_option("device")
-    layer_list = parse_option(RunOptions, "layers", layers, error=TrainError)
+    try:
+        layer_list = None if layers is None else parse_value(tuple[int, ...], layers)
+    except ValueError as e:
+        raise TrainError(f"--layer {layers}: {e}") from None
     cfg = TrainConfig.preset(preset).replace(**given)
     if resume and overwrite:
         raise TrainError("use --resume or --overwrite, not both")

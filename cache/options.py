@@ -165,6 +165,14 @@ def _resolve(cls: type, key: str, exclude: Sequence[str]) -> tuple[type, str, st
                   f"{', '.join(near)}")
 
 
+def parse_field(cls: type, name: str, text: str) -> Any:
+    """`text` as a value of field `name` of `cls`: its own parser, else by its annotation and aliases."""
+    meta = _fields(cls)[name].metadata
+    if "parse" in meta:
+        return meta["parse"](text)
+    return parse_value(_hints(cls)[name], text, meta.get("aliases"), meta.get("item_aliases"))
+
+
 def parse_sets(cls: type, items: Sequence[str], *, exclude: Sequence[str] = (),
                error: type[Exception] = FFError) -> dict[str, Any]:
     """["steps=500", "grid.multipliers=10,30"] -> {"steps": 500, "grid": {"multipliers": (10.0, 30.0)}}.
@@ -179,10 +187,8 @@ def parse_sets(cls: type, items: Sequence[str], *, exclude: Sequence[str] = (),
             owner, name, full = _resolve(cls, key.strip(), exclude)
         except FFError as e:
             raise error(str(e)) from None
-        meta = _fields(owner)[name].metadata
         try:
-            value = meta["parse"](text) if "parse" in meta else \
-                parse_value(_hints(owner)[name], text, meta.get("aliases"), meta.get("item_aliases"))
+            value = parse_field(owner, name, text)
         except ValueError as e:
             raise error(f"--set {full}={text}: {e}") from None
         head = full.rpartition(".")[0]
@@ -269,12 +275,10 @@ def parse_option(cls: type, name: str, text: str | None, *, error: type[Exceptio
     """A `field_option`'s text as the field's value (None stays None: the preset's value)."""
     if text is None:
         return None
-    meta, flag = _fields(cls)[name].metadata, f"--{name.replace('_', '-')}"
     try:
-        return meta["parse"](text) if "parse" in meta else \
-            parse_value(_hints(cls)[name], text, meta.get("aliases"), meta.get("item_aliases"))
+        return parse_field(cls, name, text)
     except ValueError as e:
-        raise error(f"{flag} {text}: {e}") from None
+        raise error(f"--{name.replace('_', '-')} {text}: {e}") from None
 
 
 def set_option(cls: type, *, presets: Mapping[str, Mapping[str, Any]] | None = None,

@@ -4,7 +4,6 @@ command's help with its value per preset, and values parse back to what the fiel
 from __future__ import annotations
 
 import dataclasses
-import typing
 
 import click
 import pytest
@@ -12,7 +11,7 @@ from click.testing import CliRunner
 
 from cache.config import CacheConfig
 from cache.errors import FFError
-from cache.options import _fmt, default_of, field_docs, field_help, parse_sets, parse_value, settable
+from cache.options import _fmt, default_of, field_docs, field_help, parse_field, parse_sets, settable
 from cli import GLOBAL_OPTIONS, hoist_global_options, main
 from pipelines.config import BakeConfig, EvalConfig, RunOptions, Setting, SweepGrid
 from trainer.config import TrainConfig
@@ -76,10 +75,9 @@ def test_every_field_has_a_docstring_and_its_default_round_trips(cls):
         assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
         if dataclasses.is_dataclass(default_of(cls, f.name)):
             continue
-        default, meta = default_of(cls, f.name), f.metadata
+        default = default_of(cls, f.name)
         text = _fmt(default)  # as the help shows it (a template's newline as \n)
-        got = meta["parse"](text) if "parse" in meta else parse_value(
-            typing.get_type_hints(cls)[f.name], text, meta.get("aliases"), meta.get("item_aliases"))
+        got = parse_field(cls, f.name, text)
         assert got == default, (cls.__name__, f.name, text, got)
 
 
