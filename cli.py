@@ -23,6 +23,7 @@ from cache.config import CacheConfig
 from cache.options import apply_sets, field_option, parse_option, parse_sets, parse_value, set_option
 from pipelines.config import PRESETS as EVAL_PRESETS
 from pipelines.config import BakeConfig, EvalConfig, RunOptions, Setting
+from pipelines.result import Entry, EvalResult, MinScores, ModelEvalResult, Part
 from trainer.config import PRESETS as TRAIN_PRESETS
 from trainer.config import TrainConfig
 
@@ -462,7 +463,7 @@ def eval_cmd(run_dir, model, base, preset, ood, sets, save, **fields):
         path = save_result(run_dir, res)
         if not _quiet():
             click.echo(f"saved: {path}", err=True)
-    click.echo(json.dumps(res, indent=2) if _json() else format_eval(res))
+    click.echo(json.dumps(res.to_dict(), indent=2) if _json() else format_eval(res))
 
 
 def _eval_model(model, base, cfg, save) -> None:
@@ -481,73 +482,73 @@ def _eval_model(model, base, cfg, save) -> None:
         raise EvalError(f"{model} names no base model (no featureforget_bake.json): pass --base MODEL")
     device = _device()
     res = evaluate_model(load_model(base, device=device), load_model(model, device=device), cfg, progress=not _quiet())
-    click.echo(json.dumps(res, indent=2) if _json() else format_model_eval(res))
+    click.echo(json.dumps(res.to_dict(), indent=2) if _json() else format_model_eval(res))
 
 
-def format_model_eval(res: dict) -> str:
+def format_model_eval(res: ModelEvalResult) -> str:
     """The human summary of `ff eval --model`: test scores per side and format, CE and fluency."""
     from pipelines.evaluate import maybe_num as _maybe
 
-    b = res["best"]
-    lines = [f"{res['model']} against {res['base']}:"]
-    for side, p in (("in distribution", b), ("out of distribution", b.get("ood"))):
-        if not p or "test" not in p:
+    b = res.best
+    lines = [f"{res.model} against {res.base}:"]
+    for side, p in (("in distribution", b), ("out of distribution", b.ood)):
+        if not p or p.test is None:
             continue
-        t, ci = p["test"], p["test"].get("ci95") or [float("nan")] * 2
-        ce = "; ".join(f"{k.replace('_loss', '')} CE {p[k]['before']:.3f} -> {p[k]['after']:.3f}"
-                       for k in ("forget_loss", "retain_loss") if k in p)
-        lines.append(f"{side}: test score {_maybe(t['unlearning_score'])} [{ci[0]:.3f}, {ci[1]:.3f}]; forget MCQ "
-                     f"{t['forget_mcq']['before']:.3f} -> {t['forget_mcq']['after']:.3f}, retain MCQ "
-                     f"{t['retain_mcq']['before']:.3f} -> {t['retain_mcq']['after']:.3f}" + (f"; {ce}" if ce else ""))
+        t, ci = p.test, p.test.ci95 or [float("nan")] * 2
+        ce = "; ".join(f"{name} CE {x.before:.3f} -> {x.after:.3f}"
+                       for name, x in (("forget", p.forget_loss), ("retain", p.retain_loss)) if x is not None)
+        lines.append(f"{side}: test score {_maybe(t.unlearning_score)} [{ci[0]:.3f}, {ci[1]:.3f}]; forget MCQ "
+                     f"{t.forget_mcq.before:.3f} -> {t.forget_mcq.after:.3f}, retain MCQ "
+                     f"{t.retain_mcq.before:.3f} -> {t.retain_mcq.after:.3f}" + (f"; {ce}" if ce else ""))
         lines += format_lines(p)
-    for name, f in (b.get("fluency") or {}).items():
-        lines.append(f"fluency {name}: clean-model NLL {f['nll']:.2f} (its own {f['nll_clean']:.2f}), distinct "
-                     f"bigrams {f['distinct']:.2f}, changed {f['changed']:.2f}")
+    for name, f in (b.fluency or {}).items():
+        lines.append(f"fluency {name}: clean-model NLL {f.nll:.2f} (its own {f.nll_clean:.2f}), distinct "
+                     f"bigrams {f.distinct:.2f}, changed {f.changed:.2f}")
     return "\n".join(lines)
 
 
-def format_eval(res: dict) -> str:
+def format_eval(res: EvalResult) -> str:
     """The human summary of `ff eval`: SAE quality, then the best setting per gate (with the
     higher-scoring settings a retain bound held back) and OOD."""
     from pipelines.evaluate import maybe_num as _maybe
     from pipelines.report import held_back
 
-    lines = [f"{res['method']} layer {res['layer']}: SAE fvu {res['sae']['fvu']:.3f}, L0 {res['sae']['l0']:.1f}, "
-             f"loss recovered {_maybe(res['sae']['loss_recovered'])}"]
+    lines = [f"{res.method} layer {res.layer}: SAE fvu {res.sae.fvu:.3f}, L0 {res.sae.l0:.1f}, "
+             f"loss recovered {_maybe(res.sae.loss_recovered)}"]
 
-    def one(name: str, b: dict | None, reason: str | None, part: str = "") -> str:
+    def one(name: str, b: Entry | None, reason: str | None, ood: bool = False) -> str:
         if b is None:
             return f"{name}: {reason}"
-        p = b[part] if part else b
-        t, ci = p["test"], p["test"].get("ci95") or [float("nan")] * 2
-        return (f"{name}: {b['label']} -> test score {t['unlearning_score']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
-                f"(dev {p['dev']['unlearning_score']:.3f}); forget MCQ {t['forget_mcq']['before']:.3f} -> "
-                f"{t['forget_mcq']['after']:.3f}, retain MCQ {t['retain_mcq']['before']:.3f} -> "
-                f"{t['retain_mcq']['after']:.3f}")
+        p = b.ood if ood else b
+        t, ci = p.test, p.test.ci95 or [float("nan")] * 2
+        return (f"{name}: {b.label} -> test score {t.unlearning_score:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
+                f"(dev {p.dev.unlearning_score:.3f}); forget MCQ {t.forget_mcq.before:.3f} -> "
+                f"{t.forget_mcq.after:.3f}, retain MCQ {t.retain_mcq.before:.3f} -> "
+                f"{t.retain_mcq.after:.3f}")
 
-    for gate, g in res.get("best_by_gate", {}).items():
-        lines.append(one(f"best, gate {gate}", g["best"], g["reason"]))
-        lines += format_lines(g["best"])
+    for gate, g in (res.best_by_gate or {}).items():
+        lines.append(one(f"best, gate {gate}", g.best, g.reason))
+        lines += format_lines(g.best)
         lines += [f"  held back: {label} (dev {score:.3f}): {why}" for score, label, why in held_back(res, gate)]
-    if res.get("best_ood") is not None or res.get("best_ood_reason") != "no out-of-distribution sets configured":
-        lines.append(one("best out of distribution", res.get("best_ood"), res.get("best_ood_reason"), "ood"))
-        lines += format_lines((res.get("best_ood") or {}).get("ood"))
+    if res.best_ood is not None or res.best_ood_reason != "no out-of-distribution sets configured":
+        lines.append(one("best out of distribution", res.best_ood, res.best_ood_reason, ood=True))
+        lines += format_lines(res.best_ood.ood if res.best_ood else None)
     return "\n".join(lines)
 
 
-def format_lines(part: dict | None) -> list[str]:
+def format_lines(part: Entry | Part | None) -> list[str]:
     """Per prompt format, the chosen setting's test score and retain accuracy (ff eval --formats)."""
     from pipelines.evaluate import maybe_num as _maybe
 
-    if not part or not part.get("formats"):
+    if not part or not part.formats:
         return []
     out = []
-    for fmt, p in part["formats"].items():
-        t, ci = p["test"], p["test"].get("ci95") or [float("nan")] * 2
-        out.append(f"  format {fmt}: test score {_maybe(t['unlearning_score'])} [{ci[0]:.3f}, {ci[1]:.3f}], "
-                   f"retain MCQ {t['retain_mcq']['before']:.3f} -> {t['retain_mcq']['after']:.3f}")
-    m = part.get("formats_min") or {}
-    out.append(f"  minimum over formats: test {_maybe(m.get('test'))} (dev {_maybe(m.get('dev'))})")
+    for fmt, p in part.formats.items():
+        t, ci = p.test, p.test.ci95 or [float("nan")] * 2
+        out.append(f"  format {fmt}: test score {_maybe(t.unlearning_score)} [{ci[0]:.3f}, {ci[1]:.3f}], "
+                   f"retain MCQ {t.retain_mcq.before:.3f} -> {t.retain_mcq.after:.3f}")
+    low = part.formats_min or MinScores()
+    out.append(f"  minimum over formats: test {_maybe(low.test)} (dev {_maybe(low.dev)})")
     return out
 
 

@@ -170,7 +170,7 @@ def whole_eval(args, lm, cfg) -> None:
         t = time.perf_counter()
         out[name] = evaluate_run(args.run, lm, c, progress=False)
         print(f"evaluate_run, {name}: {time.perf_counter() - t:.0f} s", flush=True)
-    a, b = (_strip(r) for r in out.values())
+    a, b = (_strip(r.to_dict()) for r in out.values())
     d = _diff(a, b)
     print("results equal (up to timing fields and CE rounding at 5 places)" if d is None
           else f"results DIFFER at {d}")

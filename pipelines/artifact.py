@@ -20,6 +20,7 @@ from typing import Any
 from pipelines.config import EvalConfig
 from pipelines.errors import EvalError
 from pipelines.evalsets import FLUENCY_NEW_TOKENS, EvalData, eval_data
+from pipelines.result import ModelEvalResult
 from pipelines.scoring import half, min_score, unlearning_score
 
 
@@ -105,8 +106,8 @@ def _fluency(base_lm: Any, base: EvalData, other_lm: Any) -> dict[str, Any]:
     return out
 
 
-def evaluate_model(base_lm: Any, other_lm: Any, cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Score `other_lm` against `base_lm` on the configured sets (module docstring) -> a JSON-able dict."""
+def evaluate_model(base_lm: Any, other_lm: Any, cfg: EvalConfig, *, progress: bool = True) -> ModelEvalResult:
+    """Score `other_lm` against `base_lm` on the configured sets (module docstring)."""
     import sys
 
     if base_lm.info.tokenizer_hash != other_lm.info.tokenizer_hash:
@@ -128,5 +129,5 @@ def evaluate_model(base_lm: Any, other_lm: Any, cfg: EvalConfig, *, progress: bo
         entry["ood"] = ood
     entry["fluency"] = _fluency(base_lm, base, other_lm)
     log("fluency measured")
-    return {"model": other_lm.info.name, "base": base_lm.info.name, "best": entry,
-            "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 1)}
+    return ModelEvalResult.from_dict({"model": other_lm.info.name, "base": base_lm.info.name, "best": entry,
+                                      "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 1)})

@@ -3,7 +3,7 @@
     from cache.models import load_model
     from pipelines.evaluate import EvalConfig, evaluate_run
     lm = load_model("gemma-3-270m")
-    result = evaluate_run("runs/ff_l8", lm, EvalConfig())      # a JSON-able dict
+    result = evaluate_run("runs/ff_l8", lm, EvalConfig())      # a pipelines.result.EvalResult
 
 Per run: SAE quality on held-out text (FVU, L0, dead fraction, loss recovered from CE clean /
 SAE spliced / zero-ablated), then a sweep over intervention settings (METHOD §7) with MCQ
@@ -34,6 +34,7 @@ from pipelines.intervene import (
     probe_layer,
     probe_problem,
 )
+from pipelines.result import RESULT_FORMAT, EvalResult
 from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
 from trainer.evaluate import eval_corpus
 
@@ -406,18 +407,18 @@ def maybe_num(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def save_result(run_dir: str | Path, res: dict[str, Any]) -> Path:
+def save_result(run_dir: str | Path, res: EvalResult) -> Path:
     """Write `res` to RUN/unlearning.json; an interrupted write leaves the previous file whole."""
     from trainer.run import RunFolder, write_json
 
     path = RunFolder(run_dir).result
-    write_json(path, res)
+    write_json(path, res.to_dict())
     return path
 
 
 def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *, progress: bool = True,
-                 data: EvalData | None = None) -> dict[str, Any]:
-    """Evaluate one run folder with a loaded model (cache.models.LoadedModel) -> a JSON-able dict.
+                 data: EvalData | None = None) -> EvalResult:
+    """Evaluate one run folder with a loaded model (cache.models.LoadedModel) -> its result.
 
     `data` defaults to the evaluation sets memoised for (lm, cfg): the clean passes are paid
     once per loaded model, and only the residual stream of a new layer is added per run (call
@@ -517,12 +518,12 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     for e in (*sweep, *measured.values()):
         for k in ("_correct", "_results", "_fluency"):
             e.pop(k, None)
-    return {
-        "run": str(run.path), "layer": run.layer, "method": run.method, "model": lm.info.name,
+    return EvalResult.from_dict({
+        "format": RESULT_FORMAT, "run": str(run.path), "layer": run.layer, "method": run.method, "model": lm.info.name,
         "best": out["best"], "best_reason": out["best_reason"],
         "best_ood": out["best_ood"], "best_ood_reason": out["best_ood_reason"], "best_by_gate": by_gate,
         "clean": {m: v.value for m, v in clean.items()}, "sweep": sweep, "selection": selection, "sae": sae,
         "data": {name: s.size for name, s in data.by_name.items()},
         "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 1),
         "cpu_seconds": round(time.process_time() - c0, 1),
-    }
+    })

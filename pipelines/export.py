@@ -39,6 +39,7 @@ from cache.atomic import atomic_write, replace_dir
 from cache.models import EMBEDDED
 from pipelines.errors import EvalError
 from pipelines.intervene import load_run
+from pipelines.result import Entry, EvalResult, Part
 from trainer.gate import GATE_MIN_TOKENS
 from trainer.run import RunFolder
 
@@ -224,17 +225,16 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, lm: Any, setting: Any = 
 def model_card(run_dir: str | Path, spec: dict[str, Any], model_name: str) -> str:
     """The exported folder's README: what the edit is, what was measured (RUN/unlearning.json's
     chosen setting, test halves) and what it does not protect against."""
-    res = json.loads(RunFolder(run_dir).result.read_text())
-    best = res.get("best") or {}
+    best = EvalResult.load(RunFolder(run_dir).result).best or Entry()
 
-    def score(e: dict[str, Any] | None) -> str:
-        t = (e or {}).get("test") or {}
-        if t.get("unlearning_score") is None:
+    def score(e: Entry | Part | None) -> str:
+        t = e.test if e else None
+        if t is None or t.unlearning_score is None:
             return "not measured"
-        lo, hi = t.get("ci95") or (float("nan"), float("nan"))
-        return (f"{t['unlearning_score']:.3f} [{lo:.2f}, {hi:.2f}] (forget accuracy {t['forget_mcq']['before']:.2f} -> "
-                f"{t['forget_mcq']['after']:.2f}, retain {t['retain_mcq']['before']:.2f} -> "
-                f"{t['retain_mcq']['after']:.2f}; {t.get('questions')} test questions)")
+        lo, hi = t.ci95 or (float("nan"), float("nan"))
+        return (f"{t.unlearning_score:.3f} [{lo:.2f}, {hi:.2f}] (forget accuracy {t.forget_mcq.before:.2f} -> "
+                f"{t.forget_mcq.after:.2f}, retain {t.retain_mcq.before:.2f} -> "
+                f"{t.retain_mcq.after:.2f}; {t.questions} test questions)")
 
     lines = [f"# {model_name}, with FeatureForget unlearning", "",
              f"`{model_name}` with the unlearning edit of FeatureForget run `{Path(run_dir).name}` inside its forward "
@@ -250,15 +250,14 @@ def model_card(run_dir: str | Path, spec: dict[str, Any], model_name: str) -> st
                                               else "every token so far")),
              "", "## Measured (`ff eval`, test halves, 95% bootstrap intervals)", "",
              f"- unlearning score in distribution, plain prompts: {score(best)}",
-             f"- out of distribution: {score(best.get('ood'))}"]
-    low = best.get("formats_min")
-    low = low.get("test") if isinstance(low, dict) else low
+             f"- out of distribution: {score(best.ood)}"]
+    low = best.formats_min.test if best.formats_min else None
     if low is not None:
         lines.append(f"- minimum over prompt formats (test): {low:.3f}")
-    flu = (best.get("fluency") or {}).get("forget_text")
+    flu = (best.fluency or {}).get("forget_text")
     if flu:
-        lines.append(f"- fluency: the clean model's NLL of continuations of forget prompts {flu['nll']:.2f} nats/token "
-                     f"(its own continuations: {flu['nll_clean']:.2f})")
+        lines.append(f"- fluency: the clean model's NLL of continuations of forget prompts {flu.nll:.2f} nats/token "
+                     f"(its own continuations: {flu.nll_clean:.2f})")
     lines += ["", "## Threat model", "",
               "The edit acts at inference inside this model's forward pass. It does not protect against anyone "
               "who has the weights: removing `modeling_featureforget.py` (or loading without "

@@ -36,7 +36,7 @@ def _greedy(lm: Any, prompt: str, max_new_tokens: int) -> str:
 def generate_pair(lm: Any, run_dir: str | Path, prompt: str, max_new_tokens: int = 40,
                   setting: Setting | dict | None = None) -> GenerationPair:
     """Greedy continuations of `prompt` by the clean model and by the model with the run's
-    features edited. `setting` may be a Setting, a dict (e.g. an eval result's best["setting"]),
+    features edited. `setting` may be a Setting, a dict (e.g. an eval result's best.setting (pipelines/result.py)),
     or None for the run's best (`run_setting`). An empty feature set gives two identical texts."""
     if max_new_tokens < 1:
         raise EvalError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

@@ -33,6 +33,7 @@ from cache.chunks import first_line
 from cache.models import decoder_layers
 from pipelines.config import Setting
 from pipelines.errors import EvalError
+from pipelines.result import EvalResult
 from trainer.errors import TrainError
 from trainer.gate.detector import Detector
 from trainer.gate.gate import Gate, GateError, GateSpec
@@ -352,20 +353,14 @@ def run_setting(run_dir: str | Path) -> Setting:
     """The best setting that `ff run` / `ff eval --save` found for the run (RUN/unlearning.json,
     chosen on the dev half), else (no file, or no retain-safe setting: with a warning)
     `default_setting` of its method. An unreadable file is an EvalError, not a silent fallback."""
-    import json
     import warnings
 
     run = RunFolder(run_dir)
-    run_dir, res = run.path, run.result
-    if res.is_file():
-        try:
-            result = json.loads(res.read_text())
-            if result.get("best"):
-                return Setting.from_dict(result["best"]["setting"])
-        except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
-            raise EvalError(f"{res} is not an ff eval result ({type(e).__name__}: {e}); "
-                            f"rerun ff eval --run {run_dir} --save, or delete it") from None
-        warnings.warn(f"{res} holds no chosen setting ({result.get('best_reason') or 'none'}); "
+    if run.result.is_file():
+        result = EvalResult.load(run.result)
+        if result.best:
+            return Setting.from_dict(result.best.setting)
+        warnings.warn(f"{run.result} holds no chosen setting ({result.best_reason or 'none'}); "
                       "using the method's default setting", stacklevel=2)
     method = run.read_config().get("method", "featureforget") if run.is_run() else "featureforget"
     return default_setting(method)
@@ -374,20 +369,14 @@ def run_setting(run_dir: str | Path) -> Setting:
 def chosen_setting(run_dir: str | Path) -> Setting:
     """The setting `ff run` / `ff eval --save` chose for the run (RUN/unlearning.json); a run
     without one is an EvalError (what ships must be what was measured)."""
-    import json
-
     res = RunFolder(run_dir).result
     try:
-        result = json.loads(res.read_text())
+        result = EvalResult.load(res)
     except FileNotFoundError:
         raise EvalError(f"{run_dir} has no {res.name}: evaluate it first (ff eval --run {run_dir} --save)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvalError(f"{res} is not an ff eval result ({type(e).__name__}: {e})") from None
-    best = result.get("best") if isinstance(result, dict) else None
-    if not best:
-        reason = result.get("best_reason") if isinstance(result, dict) else None
-        raise EvalError(f"{res} holds no chosen setting ({reason or 'none'}): nothing measured to export")
-    return Setting.from_dict(best["setting"])
+    if not result.best:
+        raise EvalError(f"{res} holds no chosen setting ({result.best_reason or 'none'}): nothing measured to export")
+    return Setting.from_dict(result.best.setting)
 
 
 @contextmanager
@@ -395,7 +384,7 @@ def unlearned(model: Any, run_dir: str | Path | LoadedRun, setting: Setting | di
               skip_bos: bool = True, **changes: Any) -> Iterator[Intervention]:
     """Context manager: `model` with the run's features edited (METHOD §7); clean again on exit.
 
-    `setting`: a Setting, a dict (an eval result's best["setting"]), or None for the run's own
+    `setting`: a Setting, a dict (an eval result's best.setting (pipelines/result.py)), or None for the run's own
     best (`run_setting`: the one `ff run` / `ff eval` chose on the dev half, gate and threshold
     included, else `default_setting`). Keyword arguments change fields of it (`Setting.changed`),
     e.g. `unlearned(model, run, multiplier=50)` or `unlearned(model, run, gate="none")`.

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from cache.atomic import atomic_write
+from pipelines.result import Answers, Detection, Entry, EvalResult, Gate, Half, Halves, Pair, Part, SplitSide
 from trainer.run import RunFolder
 
 FIGURES = {
@@ -36,14 +37,18 @@ GATE_NAMES = {"none": "static", "sequence": "gated", "probe": "probe-gated"}
 """How the report names each gate mode (pipelines/config.py GATES)."""
 
 
-def _test(b: dict[str, Any] | None) -> tuple[float, list[float] | None]:
+def _test(b: Entry | Part | None) -> tuple[float, list[float] | None]:
     """(test-half score, its 95% interval); (nan, None) where no setting was retain-safe."""
-    if not b or b["test"]["unlearning_score"] is None:
+    if not b or b.test is None or b.test.unlearning_score is None:
         return float("nan"), None
-    return float(b["test"]["unlearning_score"]), b["test"].get("ci95")
+    return float(b.test.unlearning_score), b.test.ci95
 
 
-def configurations(results: dict[str, dict[int, dict]], layer: int) -> list[tuple[str, dict | None, str | None]]:
+Results = dict[str, dict[int, EvalResult]]
+"""Per variant ("featureforget", "baseline") and layer, the run's evaluation."""
+
+
+def configurations(results: Results, layer: int) -> list[tuple[str, Entry | None, str | None]]:
     """The four compared configurations at a layer: (name, best entry or None, reason)."""
     out = []
     for variant, label in (("baseline", "baseline SAE"), ("featureforget", "FeatureForget")):
@@ -51,13 +56,13 @@ def configurations(results: dict[str, dict[int, dict]], layer: int) -> list[tupl
         if res is None:
             continue
         for gate, how in GATE_NAMES.items():
-            g = res.get("best_by_gate", {}).get(gate)
+            g = (res.best_by_gate or {}).get(gate)
             if g is not None:
-                out.append((f"{label}, {how}", g["best"], g["reason"]))
+                out.append((f"{label}, {how}", g.best, g.reason))
     return out
 
 
-def fig_scores(results: dict[str, dict[int, dict]], path: Path) -> None:
+def fig_scores(results: Results, path: Path) -> None:
     plt = _plt()
     layers = sorted({l for r in results.values() for l in r})
     names = sorted({n for l in layers for n, _, _ in configurations(results, l)})
@@ -132,8 +137,8 @@ def fig_importance(ff_runs: dict[int, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def _drop(entry: dict[str, Any], key: str) -> float:
-    return float(entry[key]["before"] - entry[key]["after"])
+def _drop(p: Pair) -> float:
+    return float(p.before - p.after)
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -146,15 +151,15 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def fig_tradeoff(results: dict[str, dict[int, dict]], path: Path) -> None:
+def fig_tradeoff(results: Results, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     markers = "os^vD"
     for k, (m, by_layer) in enumerate(sorted(results.items())):
         for l, res in sorted(by_layer.items()):
             for gate, ls in (("none", ":"), ("sequence", "-"), ("probe", "--")):
-                pts = [(_drop(e, "retain_mcq"), _drop(e, "forget_mcq")) for e in res.get("sweep", [])
-                       if e["setting"].get("gate", "none") == gate and e["forget_mcq"]["after"] is not None]
+                pts = [(_drop(e.retain_mcq), _drop(e.forget_mcq)) for e in res.sweep or []
+                       if e.gate_mode == gate and e.forget_mcq.after is not None]
                 if pts:
                     ax.scatter(*zip(*pts), marker=markers[k % len(markers)], s=8, alpha=0.4)
                     ax.plot(*zip(*frontier(pts)), ls=ls, marker=markers[k % len(markers)], ms=4, lw=1,
@@ -174,31 +179,31 @@ def _num(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def _fmt_pair(d: dict[str, float | None] | None, digits: int = 3) -> str:
-    return f"{_num(d.get('before'), digits)} -> {_num(d.get('after'), digits)}" if d else "n/a"
+def _fmt_pair(d: Pair | SplitSide | None, digits: int = 3) -> str:
+    return f"{_num(d.before, digits)} -> {_num(d.after, digits)}" if d else "n/a"
 
 
 def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def _change(d: dict[str, Any] | None) -> str:
-    if not d or d.get("after") is None or not d.get("before"):
+def _change(d: Pair | None) -> str:
+    if not d or d.after is None or not d.before:
         return "n/a"
-    return f"{d['before']:.2f} -> {d['after']:.2f} ({d['after'] / d['before'] - 1:+.1%})"
+    return f"{d.before:.2f} -> {d.after:.2f} ({d.after / d.before - 1:+.1%})"
 
 
-def _retain_kept(t: dict[str, Any], ratio: float) -> str:
+def _retain_kept(t: Half, ratio: float) -> str:
     """The test half's retain MCQ, flagged where it fell below `ratio` of clean (the bound the dev
     half chose by)."""
-    r = t.get("retain_mcq") or {}
-    low = r.get("after") is not None and r.get("before") and r["after"] < ratio * r["before"] - 1e-12
+    r = t.retain_mcq
+    low = r is not None and r.after is not None and r.before and r.after < ratio * r.before - 1e-12
     return _fmt_pair(r, 2) + (f" (below {ratio:g} of clean)" if low else "")
 
 
-def markdown_table(results: dict[str, dict[int, dict]]) -> str:
+def markdown_table(results: Results) -> str:
     """Per layer, the four configurations: test score with interval, MCQ, CE and gate."""
-    ratio = next((r.get("config", {}).get("retain_ratio", 0.99) for m in results.values() for r in m.values()), 0.99)
+    ratio = next((r.retain_bounds()[0] for m in results.values() for r in m.values()), 0.99)
     head = ("| layer | configuration | setting | test score [95% CI] | correct-subset score | forget MCQ (test) | "
             "retain MCQ (test) | forget CE | retain CE | gate open: retain / forget text | gate AUROC text / MCQ | "
             "selected features' AUROC text / MCQ |\n"
@@ -209,54 +214,54 @@ def markdown_table(results: dict[str, dict[int, dict]]) -> str:
             if b is None:
                 rows.append(f"| {l} | {name} | no retain-safe setting | n/a | n/a | | | | | | | |")
                 continue
-            t, g = b["test"], b.get("gate", {})
+            t, g = b.test, b.gate or Gate()
             rows.append(
-                f"| {l} | {name} | {b['label']} | {_num(t['unlearning_score'])}{_ci(t.get('ci95'))} | "
-                f"{_num(t.get('correct_subset_score'))} | {_fmt_pair(t['forget_mcq'], 2)} | "
-                f"{_retain_kept(t, ratio)} | {_change(b.get('forget_loss'))} | {_change(b.get('retain_loss'))} | "
-                f"{_num(g.get('open_rate_retain'), 2)} / {_num(g.get('open_rate_forget'), 2)} | "
-                f"{_aurocs(_det(b), '')} | {_aurocs(b.get('selection'), '')} |")
+                f"| {l} | {name} | {b.label} | {_num(t.unlearning_score)}{_ci(t.ci95)} | "
+                f"{_num(t.correct_subset_score)} | {_fmt_pair(t.forget_mcq, 2)} | "
+                f"{_retain_kept(t, ratio)} | {_change(b.forget_loss)} | {_change(b.retain_loss)} | "
+                f"{_num(g.open_rate_retain, 2)} / {_num(g.open_rate_forget, 2)} | "
+                f"{_aurocs(_det(b))} | {_aurocs(b.selection)} |")
     return head + "\n" + "\n".join(rows)
 
 
-def limits_table(results: dict[str, dict[int, dict]]) -> str:
+def limits_table(results: Results) -> str:
     """Where each configuration's test score comes from: the forget test questions on which its
     gate opened or stayed shut, and the ceiling (opened questions at chance, shut ones as clean)."""
     rows = ["| layer | configuration | gate opens on forget questions | opened: before -> after | "
             "shut: before -> after | ceiling under this gate | test score |", "|---|---|---|---|---|---|---|"]
     for l in sorted({l for r in results.values() for l in r}):
         for name, b, _ in configurations(results, l):
-            sp = ((b or {}).get("gate") or {}).get("forget_split")
+            sp = b.gate.forget_split if b and b.gate else None
             if not sp:
                 continue
-            o, c = sp["opened"], sp["shut"]
-            n = o["questions"] + c["questions"]
-            rows.append(f"| {l} | {name} | {o['questions']}/{n} | {_fmt_pair(o, 2)} | "
-                        f"{_fmt_pair(c, 2) if c['questions'] else '-'} | {_num(sp.get('ceiling'))} | "
-                        f"{_num(b['test']['unlearning_score'])} |")
+            o, c = sp.opened, sp.shut
+            n = o.questions + c.questions
+            rows.append(f"| {l} | {name} | {o.questions}/{n} | {_fmt_pair(o, 2)} | "
+                        f"{_fmt_pair(c, 2) if c.questions else '-'} | {_num(sp.ceiling)} | "
+                        f"{_num(b.test.unlearning_score)} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
-def formats_table(results: dict[str, dict[int, dict]]) -> str:
+def formats_table(results: Results) -> str:
     """Per configuration and prompt format, the chosen setting's test score with its interval and
     the retain accuracy, in and out of distribution (ff eval --formats), and the minimum."""
     head = " | ".join(["format", "test score [95% CI]", "forget MCQ", "retain MCQ"])
     rows = ["| layer | configuration | where | " + head + " |", "|---|---|---|---|---|---|---|"]
     for l in sorted({l for r in results.values() for l in r}):
         for name, b, _ in configurations(results, l):
-            for where, part in (("in distribution", b), ("out of distribution", (b or {}).get("ood"))):
-                if not part or not part.get("formats") or "test" not in part:
+            for where, part in (("in distribution", b), ("out of distribution", b.ood if b else None)):
+                if not part or not part.formats or part.test is None:
                     continue
-                for fmt, p in (("plain", part), *part["formats"].items()):
-                    t = p["test"]
-                    rows.append(f"| {l} | {name} | {where} | {fmt} | {_num(t['unlearning_score'])}{_ci(t.get('ci95'))} "
-                                f"| {_fmt_pair(t['forget_mcq'], 2)} | {_fmt_pair(t['retain_mcq'], 2)} |")
-                m = part.get("formats_min") or {}
-                rows.append(f"| {l} | {name} | {where} | **minimum** | **{_num(m.get('test'))}** | | |")
+                for fmt, p in part.by_format():
+                    t = p.test
+                    rows.append(f"| {l} | {name} | {where} | {fmt} | {_num(t.unlearning_score)}{_ci(t.ci95)} "
+                                f"| {_fmt_pair(t.forget_mcq, 2)} | {_fmt_pair(t.retain_mcq, 2)} |")
+                low = part.formats_min.test if part.formats_min else None
+                rows.append(f"| {l} | {name} | {where} | **minimum** | **{_num(low)}** | | |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
-def fluency_table(results: dict[str, dict[int, dict]]) -> str:
+def fluency_table(results: Results) -> str:
     """Per configuration, the fluency of the chosen setting's greedy continuations of held-out
     prose prompts (pipelines/fluency.py), with one example of a forget-prose continuation."""
     rows = ["| layer | configuration | prose | clean-model NLL: edited (own) | distinct bigrams: edited (own) | "
@@ -264,13 +269,13 @@ def fluency_table(results: dict[str, dict[int, dict]]) -> str:
     examples = []
     for l in sorted({l for r in results.values() for l in r}):
         for name, b, _ in configurations(results, l):
-            for side, f in ((b or {}).get("fluency") or {}).items():
-                rows.append(f"| {l} | {name} | {side.replace('_text', '')} | {f['nll']:.2f} ({f['nll_clean']:.2f}) | "
-                            f"{f['distinct']:.2f} ({f['distinct_clean']:.2f}) | {f['changed']:.2f} |")
-                if side == "forget_text" and f.get("examples"):
-                    ex = f["examples"][0]
-                    examples.append(f"- {name}, layer {l}: {_quote(ex['prompt'], 80)} -> clean: "
-                                    f"{_quote(ex['clean'], 120)}; edited: {_quote(ex['edited'], 120)}")
+            for side, f in ((b.fluency if b else None) or {}).items():
+                rows.append(f"| {l} | {name} | {side.replace('_text', '')} | {f.nll:.2f} ({f.nll_clean:.2f}) | "
+                            f"{f.distinct:.2f} ({f.distinct_clean:.2f}) | {f.changed:.2f} |")
+                if side == "forget_text" and f.examples:
+                    ex = f.examples[0]
+                    examples.append(f"- {name}, layer {l}: {_quote(ex.prompt, 80)} -> clean: "
+                                    f"{_quote(ex.clean, 120)}; edited: {_quote(ex.edited, 120)}")
     if len(rows) <= 2:
         return ""
     return "\n".join(rows) + ("\n\nExamples (forget prose):\n\n" + "\n".join(examples) if examples else "")
@@ -280,20 +285,19 @@ HELD_BACK = 3
 """Rows per configuration in the "held back by the retain bounds" table."""
 
 
-def held_back(res: dict[str, Any], gate: str, n: int = HELD_BACK) -> list[tuple[float, str, str]]:
+def held_back(res: EvalResult, gate: str, n: int = HELD_BACK) -> list[tuple[float, str, str]]:
     """(dev score, label, bound broken) of the `n` settings of one evaluation's sweep with gate
     `gate` that score higher on the dev half than the chosen one (every one that edits where none
     qualified) but break a retain bound, best first: the other side of the frontier."""
     from pipelines.scoring import why_unsafe
 
-    cfg = res.get("config") or {}
-    ratio, ce = cfg.get("retain_ratio", 0.99), cfg.get("max_retain_ce_rise", 0.01)
-    best = (res.get("best_by_gate", {}).get(gate) or {}).get("best")
-    floor = best["dev"]["unlearning_score"] if best else float("-inf")
-    above = [(e["dev"]["unlearning_score"], e["label"], f"{why}{_culprits(e, why)}") for e in res.get("sweep", [])
-             if e["setting"].get("gate", "none") == gate and e["n_features"] > 0
-             and e["dev"]["unlearning_score"] is not None and e["dev"]["unlearning_score"] > floor
-             and (why := why_unsafe(e, ratio, ce)) is not None]
+    ratio, ce = res.retain_bounds()
+    best = res.chosen(gate)
+    floor = best.dev.unlearning_score if best else float("-inf")
+    above = [(e.dev.unlearning_score, e.label, f"{why}{_culprits(e, why)}") for e in res.sweep or []
+             if e.gate_mode == gate and e.n_features > 0
+             and e.dev.unlearning_score is not None and e.dev.unlearning_score > floor
+             and (why := why_unsafe(e.to_dict(), ratio, ce)) is not None]
     return sorted(above, key=lambda a: -a[0])[:n]
 
 
@@ -302,57 +306,57 @@ def _quote(item: str | None, width: int = 60) -> str:
     return f'"{text[:width]}{"..." if len(text) > width else ""}"'
 
 
-def _culprits(e: dict[str, Any], why: str, n: int = 2) -> str:
+def _culprits(e: Entry, why: str, n: int = 2) -> str:
     """What broke the bound, from the entry's diagnostics (pipelines/evaluate.py): the first retain
     dev questions it lost, or the held-out retain passages its gate opened on, with the gate's
     margin above its threshold (always > 0 there; "static" without a gate; "" where the entry
     has none recorded)."""
     if why.startswith("retain MCQ"):
-        head, items = "lost", [i for i in (e.get("retain_lost") or {}).get("items", []) if i["half"] == "dev"]
+        head, items = "lost", [i for i in (e.retain_lost.items if e.retain_lost else []) if i.half == "dev"]
     else:
-        head, items = "opened on", e.get("retain_text_opened") or []
+        head, items = "opened on", e.retain_text_opened or []
 
     def margin(m: float | None) -> str:
         return "static" if m is None else f"gate margin {m:+.2f}"
 
-    named = [f"{_quote(i['item'])} ({margin(i['gate_margin'])})" for i in items[:n]]
+    named = [f"{_quote(i.item)} ({margin(i.gate_margin)})" for i in items[:n]]
     return f"; {head}: " + ", ".join(named) if named else ""
 
 
-def held_back_table(results: dict[str, dict[int, dict]]) -> str:
+def held_back_table(results: Results) -> str:
     """`held_back` per configuration, as one table."""
     rows = ["| layer | configuration | setting | dev score | chosen's dev score | held back by |",
             "|---|---|---|---|---|---|"]
     for variant, label in (("baseline", "baseline SAE"), ("featureforget", "FeatureForget")):
         for l, res in sorted(results.get(variant, {}).items()):
             for gate, how in GATE_NAMES.items():
-                if gate not in res.get("best_by_gate", {}):
+                if gate not in (res.best_by_gate or {}):
                     continue
-                best = res["best_by_gate"][gate]["best"]
-                chosen = _num(best["dev"]["unlearning_score"]) if best else "none qualified"
+                best = res.best_by_gate[gate].best
+                chosen = _num(best.dev.unlearning_score) if best else "none qualified"
                 for score, name, why in held_back(res, gate):
                     rows.append(f"| {l} | {label}, {how} | {name} | {score:.3f} | {chosen} | {why} |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
-def _det(b: dict[str, Any]) -> dict[str, Any]:
+def _det(b: Entry) -> Detection | None:
     """The topic-detection AUROCs of an entry's gate: the probe's detector for a probe-gated
     setting, the selected features' firing share for the sequence gate, none when static."""
-    g = b.get("gate") or {}
-    if g.get("mode") == "none":
-        return {}
-    return (g.get("detection") or {}) if g.get("mode") == "probe" else (b.get("selection") or {})
+    g = b.gate or Gate()
+    if g.mode == "none":
+        return None
+    return g.detection if g.mode == "probe" else b.selection
 
 
-def _aurocs(d: dict[str, Any] | None, suffix: str) -> str:
-    """"text / MCQ" AUROCs of a detection dict (suffix "_ood": out of distribution); "-" if none."""
-    d = d or {}
-    if d.get(f"auroc_text{suffix}") is None and d.get(f"auroc_mcq{suffix}") is None:
+def _aurocs(d: Detection | None, ood: bool = False) -> str:
+    """"text / MCQ" AUROCs of a detection (in or out of distribution); "-" if none."""
+    text, mcq = d.pair(ood) if d else (None, None)
+    if text is None and mcq is None:
         return "-"
-    return f"{_num(d.get(f'auroc_text{suffix}'), 2)} / {_num(d.get(f'auroc_mcq{suffix}'), 2)}"
+    return f"{_num(text, 2)} / {_num(mcq, 2)}"
 
 
-def ood_table(results: dict[str, dict[int, dict]]) -> str:
+def ood_table(results: Results) -> str:
     """Out of distribution: the setting chosen on the OOD dev half, scored on its test half."""
     head = ("| layer | method | setting (OOD dev-selected) | OOD test score [95% CI] | biology MCQ (test) | "
             "general MCQ (test) | biology CE | general CE | gate AUROC OOD text / MCQ | "
@@ -364,52 +368,53 @@ def ood_table(results: dict[str, dict[int, dict]]) -> str:
             res = results[m].get(l)
             if res is None:
                 continue
-            b, best = res.get("best_ood"), res.get("best") or {}
-            transfer = (best.get("ood") or {}).get("test", {})
-            tr = f"{_num(transfer.get('unlearning_score'))}{_ci(transfer.get('ci95'))}" if transfer else "n/a"
+            b = res.best_ood
+            transfer = res.best.ood.test if res.best and res.best.ood else None
+            tr = f"{_num(transfer.unlearning_score)}{_ci(transfer.ci95)}" if transfer else "n/a"
             if b is None:
-                rows.append(f"| {l} | {m} | {res.get('best_ood_reason') or 'n/a'} | n/a | | | | | | | {tr} |")
+                rows.append(f"| {l} | {m} | {res.best_ood_reason or 'n/a'} | n/a | | | | | | | {tr} |")
                 continue
-            o = b["ood"]
+            o = b.ood
             rows.append(
-                f"| {l} | {m} | {b['label']} | {_num(o['test']['unlearning_score'])}{_ci(o['test'].get('ci95'))} | "
-                f"{_fmt_pair(o['test']['forget_mcq'], 2)} | {_fmt_pair(o['test']['retain_mcq'], 2)} | "
-                f"{_change(o.get('forget_loss'))} | {_change(o.get('retain_loss'))} | "
-                f"{_aurocs(_det(b), '_ood')} | {_aurocs(b.get('selection'), '_ood')} | {tr} |")
+                f"| {l} | {m} | {b.label} | {_num(o.test.unlearning_score)}{_ci(o.test.ci95)} | "
+                f"{_fmt_pair(o.test.forget_mcq, 2)} | {_fmt_pair(o.test.retain_mcq, 2)} | "
+                f"{_change(o.forget_loss)} | {_change(o.retain_loss)} | "
+                f"{_aurocs(_det(b), ood=True)} | {_aurocs(b.selection, ood=True)} | {tr} |")
     return head + "\n" + "\n".join(rows)
 
 
-def ood_verdict(results: dict[str, dict[int, dict]]) -> str:
+def ood_verdict(results: Results) -> str:
     """FeatureForget vs the baseline SAE on the out-of-distribution test half, per layer: the
     settings chosen on the OOD dev half, and the in-distribution choices; intervals and the
     paired difference on the same questions."""
     lines = []
     for l in sorted({l for r in results.values() for l in r}):
-        ff, base = (results.get(m, {}).get(l) or {} for m in ("featureforget", "baseline"))
-        for how, pick in (("chosen on the OOD dev half", lambda r: ((r.get("best_ood") or {}).get("ood"))),
-                          ("the in-distribution choices", lambda r: ((r.get("best") or {}).get("ood")))):
+        ff, base = (results.get(m, {}).get(l) for m in ("featureforget", "baseline"))
+        for how, pick in (("chosen on the OOD dev half", lambda r: r.best_ood.ood if r and r.best_ood else None),
+                          ("the in-distribution choices", lambda r: r.best.ood if r and r.best else None)):
             a, b = pick(ff), pick(base)
-            if not a or not b or "test" not in a or "test" not in b:
+            if not a or not b or a.test is None or b.test is None:
                 continue
             lines.append(_verdict_line(l, how, a, b, "FeatureForget", "the baseline SAE", "OOD test scores"))
     return "\n".join(lines)
 
 
-def detection_table(results: dict[str, dict[int, dict]]) -> str:
+def detection_table(results: Results) -> str:
     """Topic detection of every selection each run evaluated: AUROC of the per-sequence firing
     share, forget vs retain held-out sequences, in and out of distribution."""
     rows = ["| layer | method | selection | features | AUROC text | AUROC MCQ | AUROC text (OOD) | AUROC MCQ (OOD) |",
             "|---|---|---|---|---|---|---|---|"]
     for l in sorted({l for r in results.values() for l in r}):
         for m in sorted(results, key=lambda m: (m != "featureforget", m)):
-            for key, q in sorted((results[m].get(l) or {}).get("selection", {}).items()):
-                rows.append(f"| {l} | {m} | {key} | {q.get('n_features')} | {_num(q.get('auroc_text'), 2)} | "
-                            f"{_num(q.get('auroc_mcq'), 2)} | {_num(q.get('auroc_text_ood'), 2)} | "
-                            f"{_num(q.get('auroc_mcq_ood'), 2)} |")
+            res = results[m].get(l)
+            for key, q in sorted(((res.selection or {}) if res else {}).items()):
+                rows.append(f"| {l} | {m} | {key} | {q.n_features} | {_num(q.auroc_text, 2)} | "
+                            f"{_num(q.auroc_mcq, 2)} | {_num(q.auroc_text_ood, 2)} | "
+                            f"{_num(q.auroc_mcq_ood, 2)} |")
     return "\n".join(rows)
 
 
-def verdict(results: dict[str, dict[int, dict]]) -> str:
+def verdict(results: Results) -> str:
     """FeatureForget vs the baseline SAE under the same gate, by test-half intervals."""
     lines = []
     for l in sorted({l for r in results.values() for l in r}):
@@ -423,15 +428,15 @@ def verdict(results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
-def _format_verdicts(layer: int, how: str, a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+def _format_verdicts(layer: int, how: str, a: Entry | None, b: Entry | None) -> list[str]:
     """The verdict in each prompt format both chosen settings were scored in (ff eval --formats),
     with the paired difference on the format's test questions."""
-    fa, fb = ((x or {}).get("formats") or {} for x in (a, b))
+    fa, fb = ((x.formats if x else None) or {} for x in (a, b))
     return [_verdict_line(layer, f"{how}, format {fmt}", fa[fmt], fb[fmt], "FeatureForget", "the baseline SAE")
             for fmt in fa if fmt in fb]
 
 
-def _verdict_line(layer: int, how: str, a: dict[str, Any] | None, b: dict[str, Any] | None, name_a: str,
+def _verdict_line(layer: int, how: str, a: Entry | Part | Halves | None, b: Entry | Part | Halves | None, name_a: str,
                   name_b: str, scores: str = "test scores") -> str:
     """One verdict line: the intervals' verdict (pipelines/scoring.py), both test scores and the
     paired difference where the two were scored on the same questions."""
@@ -454,31 +459,35 @@ def _difference(before_Q: Any, after_a_Q: Any, after_b_Q: Any, note: str = "") -
     return f"{diff:+.3f} [{lo:+.2f}, {hi:+.2f}] on the same test questions (paired bootstrap{note}; {where})"
 
 
-def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+def _paired(a: Entry | Part | Halves | None, b: Entry | Part | Halves | None) -> str:
     """"; difference ..." where both chosen settings were scored on the same test questions (`ff
     run` evaluates every run on one sample; equal clean answers are checked as well), else ""."""
     from pipelines.scoring import unbits
 
-    fa, fb = ((x or {}).get("test", {}).get("forget_correct") for x in (a, b))
-    if not fa or not fb or fa["before"] != fb["before"]:
+    fa, fb = (x.test.forget_correct if x and x.test else None for x in (a, b))
+    if not fa or not fb or fa.before != fb.before:
         return ""
-    diff = _difference(unbits(fa["before"]), unbits(fa["after"]), unbits(fb["after"]))
+    diff = _difference(unbits(fa.before), unbits(fa.after), unbits(fb.after))
     return f"; difference {diff}" if diff else ""
 
 
-def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
+Seeds = dict[str, dict[int, list[EvalResult]]]
+"""Per variant and layer, each training seed's evaluation."""
+
+
+def seeds_table(seeds: Seeds) -> str:
     """Mean and spread of the test score over training seeds, per method, layer and gate, and of
     the out-of-distribution test score of each seed's OOD choice."""
     rows = ["| layer | method | gate | seeds | test score mean | min - max |", "|---|---|---|---|---|---|"]
     for m, by_layer in sorted(seeds.items()):
         for l, res_list in sorted(by_layer.items()):
             for gate in GATE_NAMES:
-                vals = [_test(r.get("best_by_gate", {}).get(gate, {}).get("best"))[0] for r in res_list]
+                vals = [_test(r.chosen(gate))[0] for r in res_list]
                 vals = [v for v in vals if v == v]
                 if vals:
                     rows.append(f"| {l} | {m} | {gate} | {len(res_list)} ({len(vals)} retain-safe) | "
                                 f"{np.mean(vals):.3f} | {min(vals):.3f} - {max(vals):.3f} |")
-            ood = [((r.get("best_ood") or {}).get("ood") or {}).get("test", {}).get("unlearning_score")
+            ood = [_test(r.best_ood.ood if r.best_ood else None)[0]
                    for r in res_list]  # each seed's OOD-dev-chosen setting, any gate
             ood = [v for v in ood if v is not None and v == v]
             if ood:
@@ -487,7 +496,7 @@ def seeds_table(seeds: dict[str, dict[int, list[dict]]]) -> str:
     return "\n".join(rows)
 
 
-def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
+def seeds_verdict(seeds: Seeds) -> str:
     """The verdicts per training seed (in and out of distribution), and FeatureForget minus the
     baseline SAE averaged over the seeds with a paired bootstrap interval over the (shared) test
     questions, per layer and gate."""
@@ -503,22 +512,22 @@ def seeds_verdict(seeds: dict[str, dict[int, list[dict]]]) -> str:
                   if line]
     for l in sorted({l for by in seeds.values() for l in by}):
         for gate, how in GATE_NAMES.items():
-            def correct(r):
-                best = (r.get("best_by_gate", {}).get(gate) or {}).get("best") or {}
-                return best.get("test", {}).get("forget_correct")
+            def correct(r: EvalResult) -> Answers | None:
+                best = r.chosen(gate)
+                return best.test.forget_correct if best and best.test else None
 
             answers = [[correct(r) for r in seeds.get(m, {}).get(l, [])[:n]] for m in ("featureforget", "baseline")]
             ff, base = answers  # per method, each seed's test-half answers ({before, after})
-            if n < 2 or not all(ff + base) or len({h["before"] for h in ff + base}) != 1:
+            if n < 2 or not all(ff + base) or len({h.before for h in ff + base}) != 1:
                 continue  # a seed without a retain-safe setting, or other questions: no average
-            mean_after = [torch.stack([unbits(h["after"]).double() for h in hs]).mean(0) for hs in answers]
-            if diff := _difference(unbits(ff[0]["before"]), *mean_after, note=" over questions, the seeds fixed"):
+            mean_after = [torch.stack([unbits(h.after).double() for h in hs]).mean(0) for hs in answers]
+            if diff := _difference(unbits(ff[0].before), *mean_after, note=" over questions, the seeds fixed"):
                 lines.append(f"- layer {l}, {how}, mean over {n} seeds: FeatureForget minus the baseline SAE {diff}.")
     return "\n".join(lines)
 
 
-def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str, dict[int, Path]],
-                 header: dict[str, Any], seeds: dict[str, dict[int, list[dict]]] | None = None) -> dict[str, Path]:
+def write_report(out: Path, results: Results, runs: dict[str, dict[int, Path]],
+                 header: dict[str, Any], seeds: Seeds | None = None) -> dict[str, Path]:
     """Write report.json, report.md and the figures into `out`; return the figure paths."""
     out.mkdir(parents=True, exist_ok=True)
     figs = {k: out / v for k, v in FIGURES.items()}
@@ -526,10 +535,10 @@ def write_report(out: Path, results: dict[str, dict[int, dict]], runs: dict[str,
     fig_loss(runs, figs["loss"])
     fig_importance(runs.get("featureforget", {}), figs["importance"])
     fig_tradeoff(results, figs["tradeoff"])
-    payload = {**header, "results": {m: {str(l): r for l, r in by.items()} for m, by in results.items()}}
+    payload = {**header, "results": {m: {str(l): r.to_dict() for l, r in by.items()} for m, by in results.items()}}
     if seeds:
-        payload["seeds"] = {m: {str(l): [r["best_by_gate"] for r in rs] for l, rs in by.items()}
-                            for m, by in seeds.items()}
+        payload["seeds"] = {m: {str(l): [{g: c.to_dict() for g, c in r.best_by_gate.items()} for r in rs]
+                                for l, rs in by.items()} for m, by in seeds.items()}
     atomic_write(out / "report.json", json.dumps(payload, indent=2))
     md = [f"# FeatureForget report: {header.get('model')}", "",
           f"Store `{header.get('store')}`, layers {', '.join(map(str, header.get('layers', [])))}, "

@@ -12,7 +12,6 @@ OUT/report/                            report.md, report.json, fig_*.png
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable
 
 from cache.build import CacheConfig, build_cache
 from cache.store import open_store
+from pipelines.result import EvalResult
 from trainer.run import RunFolder
 
 
@@ -166,7 +166,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
                 runs[v.name].setdefault(layer, []).append(run_dir)
 
     ecfg = EvalConfig.preset(preset.eval_preset).replace(**{**preset.eval, **(eval_overrides or {})})
-    seeded: dict[str, dict[int, list[dict]]] = {v.name: {} for v in variants}
+    seeded: dict[str, dict[int, list[EvalResult]]] = {v.name: {} for v in variants}
     log(f"[3/4] evaluate{at()}")
     for name, by_layer in runs.items():
         for layer, run_dirs in by_layer.items():
@@ -175,7 +175,7 @@ def run_all(preset_name: str, out: str | Path, *, ablations: bool = False, seeds
                 if not res_file.is_file():
                     log(f"  layer {layer} {run_dir.name}")
                     save_result(run_dir, evaluate_run(run_dir, model(), ecfg, progress=progress))
-                seeded[name].setdefault(layer, []).append(json.loads(res_file.read_text()))
+                seeded[name].setdefault(layer, []).append(EvalResult.load(res_file))
 
     log(f"[4/4] report{at()}")
     results = {name: {l: rs[0] for l, rs in by.items()} for name, by in seeded.items()}

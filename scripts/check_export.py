@@ -12,7 +12,6 @@ halves beside the one RUN/unlearning.json reports.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from cache.models import load_model  # noqa: E402
 from pipelines.config import EvalConfig  # noqa: E402
 from pipelines.data import load_mcq, sample_split  # noqa: E402
 from pipelines.intervene import unlearned  # noqa: E402
+from pipelines.result import EvalResult  # noqa: E402
 from trainer.run import RunFolder  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     run_cfg = RunFolder(args.run).read_config()
     lm = load_model(run_cfg["model"], device="cpu")
     exported = AutoModelForCausalLM.from_pretrained(args.export, trust_remote_code=True).eval()
-    result = json.loads(RunFolder(args.run).result.read_text())
+    result = EvalResult.load(RunFolder(args.run).result)
     sets = [("forget_mcq", cfg.forget_mcq, "forget"), ("retain_mcq", cfg.retain_mcq, "retain"),
             ("ood_forget_mcq", cfg.ood_forget_mcq, "forget"), ("ood_retain_mcq", cfg.ood_retain_mcq, "retain")]
     acc = {}
@@ -82,14 +82,14 @@ def main() -> None:
         print(f"{name}: {len(test)} test questions, accuracy clean {acc[name][0]:.3f} hooked {acc[name][1]:.3f} "
               f"exported {acc[name][2]:.3f}; exported and hooked answers differ on {differ} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    best = result.get("best") or {}
-    for key, name in (("", "forget_mcq"), ("ood", "ood_forget_mcq")):
+    best = result.best
+    for part, name in ((best, "forget_mcq"), (best.ood if best else None, "ood_forget_mcq")):
         if name not in acc:
             continue
         before, _, after = acc[name]
-        reported = (best.get(key) or {}).get("test", {}) if key else best.get("test", {})
+        reported = part.test.unlearning_score if part and part.test else None
         print(f"{name} unlearning score: exported {1 - after / before:.3f}; "
-              f"RUN/unlearning.json {reported.get('unlearning_score', float('nan')):.3f}")
+              f"RUN/unlearning.json {float('nan') if reported is None else reported:.3f}")
 
 
 if __name__ == "__main__":

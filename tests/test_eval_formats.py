@@ -11,6 +11,7 @@ from pipelines.config import EvalConfig, SweepGrid
 from pipelines.evalsets import eval_data
 from pipelines.evaluate import evaluate_run
 from pipelines.formats import build_prompt
+from pipelines.result import EvalResult
 from pipelines.scoring import min_score, pick_best, unlearning_score, why_unsafe
 
 LAYER = 1
@@ -96,19 +97,19 @@ def test_each_format_set_holds_the_documented_prompts(lm, cfg):
 def test_evaluate_run_reports_every_format_and_fluency(lm, cfg, tmp_path):
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     res = evaluate_run(run, lm, cfg.replace(retain_ratio=0.0, max_fluency_nll_rise=None), progress=False)
-    best = res["best"]
-    assert best is not None, res["best_reason"]
-    assert set(best["formats"]) == {"kshot2", "after_bio"}
-    for fmt, p in best["formats"].items():
-        assert p["test"]["questions"] == cfg.format_questions // 2 and "ci95" in p["test"]
-    scores = [best["test"]["unlearning_score"]] + [p["test"]["unlearning_score"] for p in best["formats"].values()]
-    assert best["formats_min"]["test"] == pytest.approx(min(s for s in scores if s is not None))
-    assert set(best["fluency"]) == {"forget_text", "retain_text"}
-    assert res["best_by_gate"]["none"]["best"]["fluency"] == best["fluency"]
-    f = best["fluency"]["forget_text"]
-    assert 0 <= f["changed"] <= 1 and f["nll_clean"] > 0 and len(f["examples"]) == 3
+    best = res.best
+    assert best is not None, res.best_reason
+    assert set(best.formats) == {"kshot2", "after_bio"}
+    for fmt, p in best.formats.items():
+        assert p.test.questions == cfg.format_questions // 2 and "ci95" not in p.test.absent
+    scores = [best.test.unlearning_score] + [p.test.unlearning_score for p in best.formats.values()]
+    assert best.formats_min.test == pytest.approx(min(s for s in scores if s is not None))
+    assert set(best.fluency) == {"forget_text", "retain_text"}
+    assert res.chosen("none").fluency == best.fluency
+    f = best.fluency["forget_text"]
+    assert 0 <= f.changed <= 1 and f.nll_clean > 0 and len(f.examples) == 3
     # every sweep entry carries its per-format halves; the clean accuracy is the same in each entry
-    befores = {e["label"]: e["formats"]["kshot2"]["dev"]["forget_mcq"]["before"] for e in res["sweep"]}
+    befores = {e.label: e.formats["kshot2"].dev.forget_mcq.before for e in res.sweep}
     assert len(set(befores.values())) == 1
     assert torch.isfinite(torch.tensor(list(befores.values()))).all()
 
@@ -126,24 +127,23 @@ def test_without_sweep_losses_the_chosen_setting_keeps_the_format_halves_the_swe
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     res = evaluate_run(run, lm, cfg.replace(retain_ratio=0.0, max_fluency_nll_rise=None, sweep_losses=False),
                        progress=False)
-    best = res["best"]
-    entry = next(e for e in res["sweep"] if e["label"] == best["label"])
+    best = res.best
+    entry = next(e for e in res.sweep if e.label == best.label)
     for fmt in ("kshot2", "after_bio"):
-        assert best["formats"][fmt]["dev"] == entry["formats"][fmt]["dev"]
-        assert best["formats"][fmt]["test"]["unlearning_score"] == entry["formats"][fmt]["test"]["unlearning_score"]
-        assert "ci95" in best["formats"][fmt]["test"]
-    assert best["retain_loss"]["after"] is not None  # the complete re-measurement ran
+        assert best.formats[fmt].dev == entry.formats[fmt].dev
+        assert best.formats[fmt].test.unlearning_score == entry.formats[fmt].test.unlearning_score
+        assert "ci95" not in best.formats[fmt].test.absent
+    assert best.retain_loss.after is not None  # the complete re-measurement ran
 
 
 def test_the_in_distribution_choice_reports_its_out_of_distribution_formats_with_intervals(lm, cfg, tmp_path):
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     ood = cfg.replace(ood_forget_mcq=cfg.forget_mcq, ood_retain_mcq=cfg.retain_mcq, retain_ratio=0.0,
                       max_fluency_nll_rise=None, sweep_losses=False, fluency_prompts=0)
-    best = evaluate_run(run, lm, ood, progress=False)["best"]
-    part = best["ood"]
-    assert set(part["formats"]) == {"kshot2", "after_bio"}
-    assert all("ci95" in p["test"] for p in part["formats"].values())
-    assert part["formats_min"]["test"] == min_score(part, "test")
+    part = evaluate_run(run, lm, ood, progress=False).best.ood
+    assert set(part.formats) == {"kshot2", "after_bio"}
+    assert all("ci95" not in p.test.absent for p in part.formats.values())
+    assert part.formats_min.test == min_score(part.to_dict(), "test")
 
 
 def test_the_report_gives_a_paired_verdict_in_each_format():
@@ -159,9 +159,11 @@ def test_the_report_gives_a_paired_verdict_in_each_format():
             return half((before, after), keep, test, torch.ones(4, dtype=torch.bool), bootstrap=200)
         return {"label": "x", "test": part(after_plain), "formats": {"kshot2": {"test": part(after_fmt)}}}
 
+    def result(best):
+        return EvalResult.from_dict({"best_by_gate": {"probe": {"best": best, "reason": None}}})
+
     forgot, kept = torch.zeros(12, dtype=torch.bool), before.clone()
-    res = {"featureforget": {4: {"best_by_gate": {"probe": {"best": chosen(forgot, kept), "reason": None}}}},
-           "baseline": {4: {"best_by_gate": {"probe": {"best": chosen(kept, kept), "reason": None}}}}}
+    res = {"featureforget": {4: result(chosen(forgot, kept))}, "baseline": {4: result(chosen(kept, kept))}}
     lines = verdict(res).splitlines()
     plain = next(x for x in lines if "format" not in x)
     fmt = next(x for x in lines if "format kshot2" in x)

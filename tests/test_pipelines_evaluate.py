@@ -18,6 +18,7 @@ from pipelines.evalsets import eval_data
 from pipelines.evaluate import evaluate_run
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import Intervention, load_run
+from pipelines.result import RESULT_FORMAT, EvalResult
 from pipelines.scoring import pick_best, unlearning_score
 
 LAYER = 1
@@ -219,19 +220,20 @@ def test_model_mismatch_names_both_models(lm, tmp_path, cfg):
 def test_evaluate_run_end_to_end(lm, cfg, tmp_path):
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     res = evaluate_run(run, lm, cfg, progress=False)
-    json.dumps(res)  # JSON-able
-    assert res["layer"] == LAYER and res["method"] == "featureforget"
-    assert len(res["sweep"]) == 6  # clamp m=5 and ablate: top 10 and all candidates, saebench top 10
-    for e in res["sweep"]:
-        for m in ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss"):
-            assert set(e[m]) == {"before", "after"}
-    assert (res["best"] is None) == (res["best_reason"] is not None)
-    sae = res["sae"]
-    assert 0 <= sae["dead_fraction"] <= 1 and sae["l0"] > 0 and sae["fvu"] > 0
-    assert sae["ce_zero"] != sae["ce_clean"]
+    text = json.dumps(res.to_dict())  # JSON-able, and read back to the same JSON
+    assert json.dumps(EvalResult.from_dict(json.loads(text)).to_dict()) == text and res.format == RESULT_FORMAT
+    assert res.layer == LAYER and res.method == "featureforget"
+    assert len(res.sweep) == 6  # clamp m=5 and ablate: top 10 and all candidates, saebench top 10
+    for e in res.sweep:
+        for pair in (e.forget_mcq, e.retain_mcq, e.forget_loss, e.retain_loss):
+            assert set(pair.to_dict()) == {"before", "after"} and pair.before is not None
+    assert (res.best is None) == (res.best_reason is not None)
+    sae = res.sae
+    assert 0 <= sae.dead_fraction <= 1 and sae.l0 > 0 and sae.fvu > 0
+    assert sae.ce_zero != sae.ce_clean
     base = make_run(tmp_path / "base", lm.info.d_model, 2, lm.info.weights_hash, method="baseline")
     res = evaluate_run(base, lm, cfg, progress=False)
-    assert [e["setting"]["selection"] for e in res["sweep"]] == ["saebench"] * 2  # top 10, m=5 / ablate
+    assert [e.setting["selection"] for e in res.sweep] == ["saebench"] * 2  # top 10, m=5 / ablate
 
 
 def test_entries_name_the_retain_questions_they_lose_and_the_passages_their_gate_opens_on(lm, cfg, tmp_path):
@@ -245,18 +247,18 @@ def test_entries_name_the_retain_questions_they_lose_and_the_passages_their_gate
     res = evaluate_run(run, lm, cfg.replace(grid=grid, retain_ratio=0.0, retain_mcq=cfg.forget_mcq), progress=False)
     questions = {json.loads(line)["question"] for line in open(cfg.forget_mcq)}
     lost_behind_a_gate = 0
-    for e in res["sweep"]:
-        lost, gated = e["retain_lost"], e["setting"]["gate"] != "none"
-        assert len(lost["items"]) == min(lost["count"], 8)
-        halves = [i["half"] for i in lost["items"]]
+    for e in res.sweep:
+        lost, gated = e.retain_lost, e.gate_mode != "none"
+        assert len(lost.items) == min(lost.count, 8)
+        halves = [i.half for i in lost.items]
         assert halves == sorted(halves)  # "dev" < "test"
-        for i in lost["items"]:
-            assert i["item"] in questions
-            assert (i["gate_margin"] > 0) if gated else i["gate_margin"] is None
-        lost_behind_a_gate += lost["count"] if gated else 0
-        opened = e["retain_text_opened"]
-        assert all(r["gate_margin"] > 0 and r["item"] for r in opened) and (gated or opened == [])
-        assert [r["gate_margin"] for r in opened] == sorted((r["gate_margin"] for r in opened), reverse=True)
+        for i in lost.items:
+            assert i.item in questions
+            assert (i.gate_margin > 0) if gated else i.gate_margin is None
+        lost_behind_a_gate += lost.count if gated else 0
+        opened = e.retain_text_opened
+        assert all(r.gate_margin > 0 and r.item for r in opened) and (gated or opened == [])
+        assert [r.gate_margin for r in opened] == sorted((r.gate_margin for r in opened), reverse=True)
     assert lost_behind_a_gate > 0, "the check above needs a gated setting that loses a question"
 
 
@@ -294,15 +296,14 @@ def test_demo_preset_measures_losses_for_the_best_setting_only(lm, cfg, tmp_path
         EvalConfig.preset("huge")
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     res = evaluate_run(run, lm, cfg.replace(sweep_losses=False, retain_ratio=0.0), progress=False)
-    best = res["best"]
-    assert best is not None, res["best_reason"]  # retain_ratio 0: every setting with features qualifies
-    others = [e for e in res["sweep"] if e["label"] != best["label"]]
-    assert others and all(e["forget_loss"]["after"] is None and e["retain_mcq"]["after"] is not None
-                          for e in others)
-    assert best["forget_loss"]["after"] is not None and best["retain_loss"]["after"] is not None
+    best = res.best
+    assert best is not None, res.best_reason  # retain_ratio 0: every setting with features qualifies
+    others = [e for e in res.sweep if e.label != best.label]
+    assert others and all(e.forget_loss.after is None and e.retain_mcq.after is not None for e in others)
+    assert best.forget_loss.after is not None and best.retain_loss.after is not None
     full = evaluate_run(run, lm, cfg.replace(retain_ratio=0.0), progress=False)
-    assert full["best"]["label"] == best["label"]
-    assert full["best"]["forget_loss"] == pytest.approx(best["forget_loss"])
+    assert full.best.label == best.label
+    assert full.best.forget_loss.to_dict() == pytest.approx(best.forget_loss.to_dict())
 
 
 def test_without_sweep_losses_the_retain_ce_still_decides_retain_safety(lm, cfg, tmp_path):
@@ -312,11 +313,11 @@ def test_without_sweep_losses_the_retain_ce_still_decides_retain_safety(lm, cfg,
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
     res = evaluate_run(run, lm, cfg.replace(sweep_losses=False, retain_ratio=0.0, max_retain_ce_rise=-0.5),
                        progress=False)
-    edits = [e for e in res["sweep"] if e["n_features"] > 0]
-    assert edits and all(e["retain_loss"]["after"] is not None and e["forget_loss"]["after"] is None for e in edits)
-    assert res["best"] is None and "retain CE rise" in res["best_reason"], "no setting halves the retain CE"
+    edits = [e for e in res.sweep if e.n_features > 0]
+    assert edits and all(e.retain_loss.after is not None and e.forget_loss.after is None for e in edits)
+    assert res.best is None and "retain CE rise" in res.best_reason, "no setting halves the retain CE"
     res = evaluate_run(run, lm, cfg.replace(sweep_losses=False, retain_ratio=2.0), progress=False)
-    assert all(e["retain_loss"]["after"] is None for e in res["sweep"])
+    assert all(e.retain_loss.after is None for e in res.sweep)
 
 
 def test_ff_eval_cli_prints_best_per_gate_and_json_keys(lm, cfg, tmp_path, tiny_model):
@@ -493,7 +494,7 @@ def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, 
     small = cfg.replace(grid=replace(cfg.grid, gates=("none", "sequence"), multipliers=(5.0,), top_n=(10,),
                                      selections=("candidates",)))
     res = evaluate_run(run, lm, small, progress=False)
-    assert set(res["best_by_gate"]) == {"none", "sequence"}
+    assert set(res.best_by_gate) == {"none", "sequence"}
 
 
 def test_a_windowed_probe_gate_calibrates_on_its_own_windowed_dev_peaks(lm, cfg, tmp_path):

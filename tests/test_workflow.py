@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from cli import main
 from pipelines.report import markdown_table, verdict
+from pipelines.result import EvalResult
 
 
 def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkeypatch):
@@ -62,6 +63,15 @@ def test_ff_run_end_to_end_and_resume(tmp_path, tiny_model, tiny_corpora, monkey
         workflow.PRESETS["demo"] = orig
 
 
+def typed(results):
+    """Hand-built result dicts (the JSON of unlearning.json) as the report reads them."""
+    return {m: {layer: EvalResult.from_dict(r) for layer, r in by.items()} for m, by in results.items()}
+
+
+def typed_seeds(seeds):
+    return {m: {layer: [EvalResult.from_dict(r) for r in rs] for layer, rs in by.items()} for m, by in seeds.items()}
+
+
 def _best(score, ci=None, fb=0, fa=0, rb=0, ra=0):
     if score is None:
         return {"best": None, "reason": "no retain-safe setting: ..."}
@@ -83,33 +93,34 @@ def test_report_table_and_verdict():
     results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7),
                                          (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))},
                "baseline": {8: _res((None,), (0.2, [0.1, 0.35], 0.8, 0.64, 0.7, 0.7))}}
-    table = markdown_table(results)
+    table = markdown_table(typed(results))
     assert "| 8 | FeatureForget, gated | clamp m=10 top20 candidates gate p95 | 0.600 [0.50, 0.70] | 0.600 | " \
            "0.80 -> 0.32 | 0.70 -> 0.70 | 2.00 -> 2.50 (+25.0%) | 2.00 -> 2.01 (+0.5%) | 0.05 / 0.90 | 0.95 / 0.80 | " \
            "0.95 / 0.80 |" in table  # the sequence gate reads the selected features
     probe = results["featureforget"][8]["best_by_gate"]["sequence"]["best"]
     probe["gate"] = {**probe["gate"], "mode": "probe", "detection": {"auroc_text": 1.0, "auroc_mcq": 0.9}}
-    assert "| 0.05 / 0.90 | 1.00 / 0.90 | 0.95 / 0.80 |" in markdown_table(results)  # the probe's detector
+    assert "| 0.05 / 0.90 | 1.00 / 0.90 | 0.95 / 0.80 |" in markdown_table(typed(results))  # the probe's detector
     results["featureforget"][8]["best_by_gate"]["none"]["best"]["gate"] = {"mode": "none"}
-    assert "(+0.5%) | n/a / n/a | - | 0.95 / 0.80 |" in markdown_table(results)  # static: no gate
+    assert "(+0.5%) | n/a / n/a | - | 0.95 / 0.80 |" in markdown_table(typed(results))  # static: no gate
     assert "| 8 | baseline SAE, static | no retain-safe setting | n/a |" in table
     assert "below" not in table
     results["baseline"][8]["best_by_gate"]["sequence"]["best"]["test"]["retain_mcq"]["after"] = 0.69
-    assert "| 0.70 -> 0.69 (below 0.99 of clean) |" in markdown_table(results)  # the dev half's bound, missed on test
-    v = verdict(results)
+    # the dev half's bound, missed on test
+    assert "| 0.70 -> 0.69 (below 0.99 of clean) |" in markdown_table(typed(results))
+    v = verdict(typed(results))
     assert "layer 8, gated: FeatureForget (gated) beats the baseline SAE (gated)" in v
     assert "layer 8, static: FeatureForget (static) vs the baseline SAE (static): not comparable" in v
     results["baseline"][8] = _res((None,), (0.5, [0.2, 0.6], 0.8, 0.4, 0.7, 0.7))
-    assert "within noise" in verdict(results) and "same test questions" not in verdict(results)
+    assert "within noise" in verdict(typed(results)) and "same test questions" not in verdict(typed(results))
     # with the test halves' per-question answers on the same questions: the paired difference too
     ff_test = results["featureforget"][8]["best_by_gate"]["sequence"]["best"]["test"]
     base_test = results["baseline"][8]["best_by_gate"]["sequence"]["best"]["test"]
     ff_test["forget_correct"] = {"before": "1" * 10, "after": "0" * 10}
     base_test["forget_correct"] = {"before": "1" * 10, "after": "1" * 5 + "0" * 5}
     assert ("test scores 0.600 vs 0.500; difference +0.500 [+0.20, +0.80] on the same test questions "
-            "(paired bootstrap; above zero)." in verdict(results))
+            "(paired bootstrap; above zero)." in verdict(typed(results)))
     base_test["forget_correct"] = {"before": "1" * 9 + "0", "after": "0" * 10}  # other questions (or clean answers)
-    assert "same test questions" not in verdict(results)
+    assert "same test questions" not in verdict(typed(results))
 
 
 def test_limits_table_splits_the_forget_questions_by_the_gate():
@@ -117,18 +128,19 @@ def test_limits_table_splits_the_forget_questions_by_the_gate():
 
     results = {"featureforget": {8: _res((0.2, [0.1, 0.3], 0.8, 0.64, 0.7, 0.7),
                                          (0.6, [0.5, 0.7], 0.8, 0.32, 0.7, 0.7))}}
-    assert limits_table(results) == ""  # results without the split: no table
+    assert limits_table(typed(results)) == ""  # results without the split: no table
     gated = results["featureforget"][8]["best_by_gate"]["sequence"]["best"]
     gated["gate"]["forget_split"] = {"opened": {"questions": 30, "before": 0.8, "after": 0.2},
                                      "shut": {"questions": 10, "before": 0.8, "after": 0.8}, "ceiling": 0.5}
-    assert "| 8 | FeatureForget, gated | 30/40 | 0.80 -> 0.20 | 0.80 -> 0.80 | 0.500 | 0.600 |" in limits_table(results)
+    want = "| 8 | FeatureForget, gated | 30/40 | 0.80 -> 0.20 | 0.80 -> 0.80 | 0.500 | 0.600 |"
+    assert want in limits_table(typed(results))
 
 
 def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
     from pipelines.report import held_back_table
 
     results = {"featureforget": {8: _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))}}
-    assert held_back_table(results) == ""  # no sweep: no table
+    assert held_back_table(typed(results)) == ""  # no sweep: no table
 
     def entry(label, gate, dev, retain_after, ce_after=None, n=20):
         half = {"unlearning_score": dev, "retain_mcq": {"before": 0.7, "after": retain_after}}
@@ -144,7 +156,7 @@ def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
         entry("static", "none", 0.1, 0.2),                      # static: none qualified, so listed
     ]
     results["featureforget"][8]["config"] = {"retain_ratio": 0.99, "max_retain_ce_rise": 0.01}
-    table = held_back_table(results)
+    table = held_back_table(typed(results))
     assert "| 8 | FeatureForget, gated | strong | 0.500 | 0.300 | retain MCQ 0.700 -> 0.690 (< 0.99 x clean) |" in table
     assert "| 8 | FeatureForget, gated | hot | 0.400 | 0.300 | retain CE +5.0% (> 1%) |" in table
     sweep = results["featureforget"][8]["sweep"]  # with the entries' diagnostics: what broke the bound
@@ -152,7 +164,7 @@ def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
         {"half": "dev", "item": "a small | rounded lump", "gate_margin": 0.07},
         {"half": "test", "item": "never shown: test half", "gate_margin": 3.0}]}
     sweep[1]["retain_text_opened"] = [{"row": 4, "item": "mouth or throat", "gate_margin": 4.12}]
-    table = held_back_table(results)
+    table = held_back_table(typed(results))
     assert '| strong | 0.500 | 0.300 | retain MCQ 0.700 -> 0.690 (< 0.99 x clean); lost: "a small / rounded lump" ' \
            "(gate margin +0.07) |" in table
     assert '| hot | 0.400 | 0.300 | retain CE +5.0% (> 1%); opened on: "mouth or throat" (gate margin +4.12) |' in table
@@ -165,7 +177,7 @@ def test_held_back_table_lists_higher_dev_scores_that_break_a_retain_bound():
     res = {**results["featureforget"][8], "method": "featureforget", "layer": 8,
            "sae": {"fvu": 0.4, "l0": 25.0, "loss_recovered": None},
            "best_ood_reason": "no out-of-distribution sets configured"}
-    text = format_eval(res)
+    text = format_eval(EvalResult.from_dict(res))
     assert "  held back: strong (dev 0.500): retain MCQ 0.700 -> 0.690 (< 0.99 x clean)" in text
     assert text.index("best, gate sequence") < text.index("held back: strong") < text.index("held back: hot")
 
@@ -175,13 +187,13 @@ def test_seeds_table_mean_and_spread():
 
     runs = [_res((0.1, [0.0, 0.2], 0.8, 0.7, 0.7, 0.7), (0.3, [0.2, 0.4], 0.8, 0.6, 0.7, 0.7)),
             _res((None,), (0.5, [0.4, 0.6], 0.8, 0.4, 0.7, 0.7))]
-    table = seeds_table({"featureforget": {4: runs}})
+    table = seeds_table(typed_seeds({"featureforget": {4: runs}}))
     assert "| 4 | featureforget | sequence | 2 (2 retain-safe) | 0.400 | 0.300 - 0.500 |" in table
     assert "| 4 | featureforget | none | 2 (1 retain-safe) | 0.100 | 0.100 - 0.100 |" in table
     assert "out of distribution" not in table  # no seed has an OOD choice
     runs[0]["best_ood"] = {"ood": {"test": {"unlearning_score": 0.5}}}
     runs[1]["best_ood"] = {"ood": {"test": {"unlearning_score": 0.3}}}
-    table = seeds_table({"featureforget": {4: runs}})
+    table = seeds_table(typed_seeds({"featureforget": {4: runs}}))
     assert ("| 4 | featureforget | out of distribution (chosen on its dev half) | 2 (2 general-safe) | 0.400 "
             "| 0.300 - 0.500 |") in table
 
@@ -197,16 +209,16 @@ def test_seeds_verdict_per_seed_and_paired_mean():
 
     seeds = {"featureforget": {4: [run(0.75, "11000000"), run(0.5, "11110000")]},
              "baseline": {4: [run(0.25, "11111100"), run(0.5, "11110000")]}}
-    text = seeds_verdict(seeds)
+    text = seeds_verdict(typed_seeds(seeds))
     assert "- seed 0: layer 4, gated: FeatureForget (gated) beats the baseline SAE (gated)" in text
     assert "- seed 1: layer 4, gated: FeatureForget (gated) vs the baseline SAE (gated): within noise" in text
     # mean over the seeds: FeatureForget keeps (2 + 4) / 2 = 3 of 8, the baseline (6 + 4) / 2 = 5: +0.25
     assert "- layer 4, gated, mean over 2 seeds: FeatureForget minus the baseline SAE +0.250 [" in text
     assert text.count("mean over") == 1  # the static gate had no retain-safe setting: no average for it
     seeds["baseline"][4][1]["best_by_gate"]["sequence"]["best"]["test"]["forget_correct"]["before"] = "1" * 7 + "0"
-    assert "mean over" not in seeds_verdict(seeds)  # other questions in one seed: no paired average
+    assert "mean over" not in seeds_verdict(typed_seeds(seeds))  # other questions in one seed: no paired average
     one = {"featureforget": {4: seeds["featureforget"][4][:1]}, "baseline": {4: seeds["baseline"][4][:1]}}
-    assert seeds_verdict(one).count("mean over") == 0  # one seed: its verdict only
+    assert seeds_verdict(typed_seeds(one)).count("mean over") == 0  # one seed: its verdict only
 
 
 def test_ood_verdict_compares_both_choices_on_the_same_questions():
@@ -218,13 +230,13 @@ def test_ood_verdict_compares_both_choices_on_the_same_questions():
 
     ff = _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))
     base = _res((None,), (0.3, [0.2, 0.4], 0.8, 0.56, 0.7, 0.7))
-    assert ood_verdict({"featureforget": {4: ff}, "baseline": {4: base}}) == ""  # no OOD sets evaluated
+    assert ood_verdict(typed({"featureforget": {4: ff}, "baseline": {4: base}})) == ""  # no OOD sets evaluated
     ff["best_ood"] = {"ood": ood(0.9, [0.7, 1.0], "1" + "0" * 9)}
     base["best_ood"] = {"ood": ood(0.3, [0.1, 0.5], "1" * 7 + "0" * 3)}
     ff["best"] = {"ood": ood(0.5, [0.2, 0.8], "1" * 5 + "0" * 5)}
     base["best"] = {"ood": {"test": {"unlearning_score": 0.4, "ci95": [0.1, 0.7],
                                      "forget_correct": {"before": "0" + "1" * 9, "after": "0" * 10}}}}
-    text = ood_verdict({"featureforget": {4: ff}, "baseline": {4: base}})
+    text = ood_verdict(typed({"featureforget": {4: ff}, "baseline": {4: base}}))
     assert ("- layer 4, chosen on the OOD dev half: FeatureForget beats the baseline SAE (intervals do not overlap); "
             "OOD test scores 0.900 vs 0.300; difference +0.600 [" in text)
     # the in-distribution choices: other clean answers recorded, so the intervals only
