@@ -6,12 +6,12 @@
     res.best_by_gate["probe"].best.gate.threshold, res.sweep[0].label
 
 Every object here is a frozen dataclass read from the JSON by its field annotations
-(`from_dict`) and written back by `to_dict`, which returns the same JSON it was read from: a
-key the file did not have stays absent (a sweep entry has no test half, a static setting no
-gate), and readers see None for it. `EvalResult.format` versions the layout; a file from a
-newer ff is refused in one line, and a file without the field (written before it existed, same
-layout) reads as format 1. The schema, field by field, is docs/architecture.md "The evaluation
-result".
+(`from_dict`) and written back by `to_dict`, which returns the same JSON it was read from, key
+order included: a key the file did not have stays absent (a sweep entry has no test half, a
+static setting no gate; `has` tells), and readers see None for it. `EvalResult.format`
+versions the layout; a file from a newer ff is refused in one line, and a file without the
+field (written before it existed, same layout) reads as format 1. The schema, field by field,
+is docs/architecture.md "The evaluation result".
 
 pipelines/evaluate.py and pipelines/artifact.py build the JSON; everything that reads a result
 (the report, the CLI, export, generation's choice of setting) reads these fields.
@@ -33,25 +33,35 @@ RESULT_FORMAT = 1
 
 
 class _Record:
-    """from_dict / to_dict by field annotation, keeping which keys the source lacked."""
+    """from_dict / to_dict by field annotation, keeping the source's keys and their order."""
 
-    absent: frozenset[str]
+    source_keys: tuple[str, ...] | None
+    extra: dict[str, Any]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
         if not isinstance(d, dict):
             raise TypeError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
         hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("absent", "extra")]
+        names = _data_fields(cls)
         kw = {n: _parse(hints[n], d[n]) for n in names if n in d}
         extra = {k: v for k, v in d.items() if k not in names}
-        return cls(**kw, absent=frozenset(n for n in names if n not in d), extra=extra)
+        return cls(**kw, source_keys=tuple(d), extra=extra)
+
+    def has(self, name: str) -> bool:
+        """Whether the key is in the JSON (a None field may be an explicit null or absent)."""
+        return self.source_keys is None or name in self.source_keys
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: _dump(getattr(self, f.name)) for f in dataclasses.fields(self)
-               if f.name not in ("absent", "extra") and f.name not in self.absent}
-        out.update(self.extra)
+        names = _data_fields(type(self))
+        keys = names if self.source_keys is None else self.source_keys
+        out = {k: _dump(getattr(self, k)) if k in names else self.extra[k] for k in keys}
+        out.update({k: v for k, v in self.extra.items() if k not in out})
         return out
+
+
+def _data_fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("source_keys", "extra"))
 
 
 def _parse(tp: Any, v: Any) -> Any:
@@ -80,15 +90,15 @@ def _dump(v: Any) -> Any:
 
 
 def _record(cls: type) -> type:
-    """A frozen dataclass whose fields all default to None, plus the `absent` and `extra` keys."""
-    cls.__annotations__ = {**cls.__annotations__, "absent": "frozenset[str]", "extra": "dict[str, Any]"}
-    for name in cls.__annotations__:
-        if name == "absent":
-            setattr(cls, name, field(default=frozenset(), repr=False, compare=False))
-        elif name == "extra":
-            setattr(cls, name, field(default_factory=dict, repr=False, compare=False))
-        elif not hasattr(cls, name):
+    """A frozen dataclass whose fields all default to None, plus where it was read from
+    (`source_keys`, not compared) and the keys this version does not know (`extra`)."""
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    cls.__annotations__ = {**own, "source_keys": "tuple[str, ...] | None", "extra": "dict[str, Any]"}
+    for name in own:
+        if name not in cls.__dict__:
             setattr(cls, name, None)
+    cls.source_keys = field(default=None, repr=False, compare=False)
+    cls.extra = field(default_factory=dict, repr=False, compare=False)
     return dataclass(frozen=True)(cls)
 
 
@@ -253,32 +263,20 @@ class Part(_Record):
 
 
 @_record
-class Entry(_Record):
-    """One setting of the sweep, or a chosen one measured in full (test intervals, gate, fluency)."""
+class Entry(Part):
+    """One setting of the sweep, or a chosen one measured in full (test intervals, gate, fluency);
+    its in-distribution measurements are the fields of `Part`."""
     setting: dict[str, Any]
     """pipelines.config.Setting.to_dict()."""
     label: str
     n_features: int
-    forget_mcq: Pair
-    retain_mcq: Pair
-    forget_loss: Pair | None
-    retain_loss: Pair | None
-    dev: Half | None
-    test: Half | None
-    retain_lost: Lost | None
-    retain_text_opened: list[OpenedRow] | None
     unlearning_score: float | None
     """The test half's score for a chosen entry, the whole file's for a sweep entry."""
     ood: Part | None
     rows_rerun: int | None
     seconds: float | None
-    formats: dict[str, Halves] | None
-    formats_min: MinScores | None
     gate: Gate | None
     selection: Detection | None
-    fluency: dict[str, Fluency] | None
-
-    by_format = Part.by_format
 
     @property
     def gate_mode(self) -> str:

@@ -97,14 +97,30 @@ def set_names(fmt: str, prefix: str, role: str) -> str:
     return f"{prefix}{role}_mcq" + ("" if fmt == "plain" else f"@{fmt}")
 
 
-def dev_table(data, model, iv: Intervention, formats) -> dict:
+def two_stream_correct(es, model, iv: Intervention) -> torch.Tensor:
+    """bool [Q]: each question answered as a two-stream edit would: every scored position reads
+    the edited stream where the gate is open there, the clean model's output where it is shut
+    (so a general question after a biology passage, its gate shut, is answered exactly as by the
+    clean model, although the passage's keys and values were edited in the other stream)."""
+    logprobs, _ = es.logprobs(model, iv)
+    out = []
+    for b, lp_N, clean_N, h_BTD, g_BTD in zip(es.batches, logprobs, es.clean, es.resid[iv.layer], es.gate_resid(iv)):
+        open_BT = iv.edit(h_BTD, b.editable_BT, b.seg_BT, gate_h_BTD=g_BTD).open_BT
+        out.append(torch.where(open_BT[b.row_N, b.col_N], lp_N, clean_N))
+    return es.correct(out)
+
+
+def dev_table(data, model, iv: Intervention, formats, two_stream: bool = False) -> dict:
     out = {}
     for fmt in formats:
         row = {}
         for prefix in ("", "ood_"):
             f_set, r_set = (getattr(data, set_names(fmt, prefix, r)) for r in ("forget", "retain"))
             fc, rc = f_set.clean_result().correct_Q, r_set.clean_result().correct_Q
-            fa, ra = f_set.run(model, iv).correct_Q, r_set.run(model, iv).correct_Q
+            if two_stream:
+                fa, ra = two_stream_correct(f_set, model, iv), two_stream_correct(r_set, model, iv)
+            else:
+                fa, ra = f_set.run(model, iv).correct_Q, r_set.run(model, iv).correct_Q
             dev_f, dev_r = ~f_set.test_Q, ~r_set.test_Q
             f0, f1 = fc[dev_f].double().mean().item(), fa[dev_f].double().mean().item()
             r0, r1 = rc[dev_r].double().mean().item(), ra[dev_r].double().mean().item()
@@ -131,6 +147,9 @@ def main() -> None:
     ap.add_argument("--selection", default=None, help="Override the chosen setting's selection rule.")
     ap.add_argument("--fluency", type=int, default=0, help="Prose prompts per side for the fluency metric.")
     ap.add_argument("--store", default=None, help="steerK: the store of the mean difference (default: the run's).")
+    ap.add_argument("--two-stream", action="store_true",
+                    help="Score each position from the edited stream where the gate is open there, else from the clean "
+                         "model (two_stream_correct); fluency is still the one-stream edit's.")
     ap.add_argument("--json", default=None, help="Also write the table here.")
     args = ap.parse_args()
     formats = parse_formats(args.formats)
@@ -165,8 +184,8 @@ def main() -> None:
                     args.store or str(run.config.store), run.layer)
                 direction = iv.direction_D
             t1 = time.time()
-            table = dev_table(data, lm.model, iv, formats)
-            entry = {"window": window, "mode": name, "threshold": thr, "table": table}
+            table = dev_table(data, lm.model, iv, formats, two_stream=args.two_stream)
+            entry = {"window": window, "mode": name, "threshold": thr, "two_stream": args.two_stream, "table": table}
             if args.fluency:
                 entry["fluency"] = fluency(lm, run, iv, args.fluency)
             results.append(entry)
