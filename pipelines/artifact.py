@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.config import EvalConfig
 from pipelines.errors import EvalError
 from pipelines.evalsets import FLUENCY_NEW_TOKENS, EvalData, eval_data
-from pipelines.result import ModelEvalResult
+from pipelines.result import ModelEvalResult, Part
 from pipelines.scoring import half, min_score, unlearning_score
 
 
@@ -69,6 +69,7 @@ def _part(base: EvalData, other: EvalData, prefix: str, cfg: EvalConfig) -> dict
         name = f"{prefix}{key.replace('_loss', '_text')}"
         if base.has(name):
             out[key] = {"before": getattr(base, name).clean_value(), "after": getattr(other, name).clean_value()}
+    formats = {}
     for fmt in base.formats:
         suffix = "" if fmt == "plain" else f"@{fmt}"
         fs, rs = getattr(base, f + suffix), getattr(base, r + suffix)
@@ -77,12 +78,14 @@ def _part(base: EvalData, other: EvalData, prefix: str, cfg: EvalConfig) -> dict
         halves = {"dev": half(fc, rc, ~fs.test_Q, ~rs.test_Q),
                   "test": half(fc, rc, fs.test_Q, rs.test_Q, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)}
         if fmt == "plain":
-            out.update(halves)
-            out["unlearning_score"] = unlearning_score(out["forget_mcq"]["before"], out["forget_mcq"]["after"])
+            out.update(halves, unlearning_score=unlearning_score(getattr(base, f).clean_value(),
+                                                                 getattr(other, f).clean_value()))
         else:
-            out.setdefault("formats", {})[fmt] = halves
-    if out.get("formats"):
-        out["formats_min"] = {h: min_score(out, h) for h in ("dev", "test")}
+            formats[fmt] = halves
+    if formats:
+        out.update(formats=formats)
+        typed = Part.from_dict(out)
+        out.update(formats_min={h: min_score(typed, h) for h in ("dev", "test")})
     return out
 
 
@@ -126,8 +129,8 @@ def evaluate_model(base_lm: Any, other_lm: Any, cfg: EvalConfig, *, progress: bo
     entry = _part(base, other, "", cfg) or {}
     ood = _part(base, other, "ood_", cfg)
     if ood is not None:
-        entry["ood"] = ood
-    entry["fluency"] = _fluency(base_lm, base, other_lm)
+        entry.update(ood=ood)
+    entry.update(fluency=_fluency(base_lm, base, other_lm))
     log("fluency measured")
     return ModelEvalResult.from_dict({"model": other_lm.info.name, "base": base_lm.info.name, "best": entry,
                                       "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 1)})

@@ -34,7 +34,7 @@ from pipelines.intervene import (
     probe_layer,
     probe_problem,
 )
-from pipelines.result import RESULT_FORMAT, EvalResult
+from pipelines.result import RESULT_FORMAT, Entry, EvalResult, Part
 from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
 from trainer.evaluate import eval_corpus
 
@@ -115,7 +115,8 @@ def opened_rows(es: Any, iv: Intervention) -> list[dict[str, Any]]:
 def _plain_safe(e: dict[str, Any], ratio: float) -> bool:
     """Whether the entry keeps the retain dev questions of the plain format (in or out of
     distribution): only then can it be chosen, and only then are the other formats worth scoring."""
-    return any(p and "dev" in p and retain_safe(p, ratio, float("inf")) for p in (e, e.get("ood")))
+    t = Entry.from_dict(e)
+    return any(p is not None and p.dev is not None and retain_safe(p, ratio, float("inf")) for p in (t, t.ood))
 
 
 def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
@@ -206,7 +207,7 @@ def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Interventio
     for key, part in (("retain_loss", e), ("ood_retain_loss", e.get("ood"))):
         if not part or key not in clean or "dev" not in part or iv.n_features == 0:
             continue
-        if retain_safe(part, ratio, float("inf")):  # the questions alone
+        if retain_safe(Part.from_dict(part), ratio, float("inf")):  # the questions alone
             text = getattr(data, _SETS[key])
             e["_results"][key] = text.run(model, iv)
             part["retain_loss"]["after"] = e["_results"][key].value
@@ -231,7 +232,8 @@ def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, 
         return
     todo = {name: part for name, part, ce in (("forget_text", e, cfg.max_retain_ce_rise),
                                               ("ood_forget_text", e.get("ood"), cfg.max_ood_retain_ce_rise))
-            if part and "dev" in part and name in data.fluency and retain_safe(part, cfg.retain_ratio, ce)}
+            if part and "dev" in part and name in data.fluency
+            and retain_safe(Part.from_dict(part), cfg.retain_ratio, ce)}
     if not todo:
         return
     got = data.fluency_of(lm.model, lm.tokenizer, iv, list(todo), done=e.setdefault("_fluency", {}))
@@ -247,7 +249,8 @@ def _format_tests(part: dict[str, Any], correct: dict[str, Any], key: str, cfg: 
         fc, rc, f_test, r_test = correct[f"{key}@{fmt}"]
         part["formats"][fmt]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
     if part.get("formats"):
-        part["formats_min"] = {h: min_score(part, h) for h in ("dev", "test")}
+        typed = Part.from_dict(part)
+        part["formats_min"] = {h: min_score(typed, h) for h in ("dev", "test")}
 
 
 def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,
@@ -382,24 +385,30 @@ def selection_quality(data: EvalData, iv: Intervention) -> dict[str, Any]:
     return out
 
 
+def _pick(sweep: list[dict[str, Any]], ratio: float, ce: float, **kw: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """scoring.pick_best over the sweep's entries as built here: (the chosen entry or None, reason)."""
+    i, reason = pick_best([Entry.from_dict(e) for e in sweep], ratio, ce, **kw)
+    return (None if i is None else sweep[i]), reason
+
+
 def _log(progress: bool, msg: str) -> None:
     if progress:
         print(msg, file=sys.stderr, flush=True)
 
 
 def _describe(e: dict[str, Any]) -> str:
-    f, r = e["dev"]["forget_mcq"], e["dev"]["retain_mcq"]
-    score = e["dev"]["unlearning_score"]
-    ood = e.get("ood") or {}
-    ood_s = "" if "dev" not in ood or ood["dev"]["unlearning_score"] is None else \
-        f", ood dev score {ood['dev']['unlearning_score']:.3f} (general {ood['dev']['retain_mcq']['after']:.3f})"
+    """One progress line for a sweep entry (dev halves)."""
+    t = Entry.from_dict(e)
+    f, r, ood = t.dev.forget_mcq, t.dev.retain_mcq, t.ood
+    ood_s = "" if ood is None or ood.dev is None or ood.dev.unlearning_score is None else \
+        f", ood dev score {ood.dev.unlearning_score:.3f} (general {ood.dev.retain_mcq.after:.3f})"
     low = ""
-    if e.get("formats"):
-        m_in, m_ood = min_score(e), min_score(ood) if ood.get("formats") else None
-        low = f"; minimum over formats {maybe_num(m_in)}, ood {maybe_num(m_ood)}"
-    return (f"{e['label']} ({e['n_features']} features): dev forget MCQ {f['before']:.3f}->{f['after']:.3f}, "
-            f"retain MCQ {r['before']:.3f}->{r['after']:.3f}, score "
-            f"{'n/a' if score is None else f'{score:.3f}'}{ood_s}{low} ({e['seconds']:.1f} s)")
+    if t.formats:
+        m_ood = min_score(ood) if ood is not None and ood.formats else None
+        low = f"; minimum over formats {maybe_num(min_score(t))}, ood {maybe_num(m_ood)}"
+    return (f"{t.label} ({t.n_features} features): dev forget MCQ {f.before:.3f}->{f.after:.3f}, "
+            f"retain MCQ {r.before:.3f}->{r.after:.3f}, score {maybe_num(t.dev.unlearning_score)}{ood_s}{low} "
+            f"({t.seconds:.1f} s)")
 
 
 def maybe_num(v: float | None) -> str:
@@ -497,13 +506,13 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         if key and not any(e.get("ood") for e in sweep):
             out[name], out[f"{name}_reason"] = None, "no out-of-distribution sets configured"
             continue
-        best, reason = pick_best(subset, cfg.retain_ratio, ce, key=key.rstrip("_"), max_nll=cfg.max_fluency_nll_rise)
+        best, reason = _pick(subset, cfg.retain_ratio, ce, ood=bool(key), max_nll=cfg.max_fluency_nll_rise)
         out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection, detection)
         add_fluency(out[name])
         out[f"{name}_reason"] = reason
     by_gate = {}
     for gate in cfg.grid.gates:
-        b, reason = pick_best([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
+        b, reason = _pick([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
                               cfg.max_retain_ce_rise, max_nll=cfg.max_fluency_nll_rise)
         chosen = None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection)
         by_gate[gate] = {"best": chosen, "reason": reason}

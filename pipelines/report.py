@@ -297,7 +297,7 @@ def held_back(res: EvalResult, gate: str, n: int = HELD_BACK) -> list[tuple[floa
     above = [(e.dev.unlearning_score, e.label, f"{why}{_culprits(e, why)}") for e in res.sweep or []
              if e.gate_mode == gate and e.n_features > 0
              and e.dev.unlearning_score is not None and e.dev.unlearning_score > floor
-             and (why := why_unsafe(e.to_dict(), ratio, ce)) is not None]
+             and (why := why_unsafe(e, ratio, ce)) is not None]
     return sorted(above, key=lambda a: -a[0])[:n]
 
 

@@ -14,7 +14,8 @@ field (written before it existed, same layout) reads as format 1. The schema, fi
 is docs/architecture.md "The evaluation result".
 
 pipelines/evaluate.py and pipelines/artifact.py build the JSON; everything that reads a result
-(the report, the CLI, export, generation's choice of setting) reads these fields.
+(the report, the CLI, export, generation's choice of setting, and pipelines/scoring.py's rules
+that choose a setting) reads these fields.
 """
 from __future__ import annotations
 

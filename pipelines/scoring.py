@@ -10,7 +10,7 @@ tested against known cases.
 - `half`: one half (dev or test) of a sweep entry: accuracies, score, interval, and the score on
   the questions the clean model answers correctly (SAEBench protocol: there acc_before = 1).
 - `pick_best`: the highest dev score among retain-safe settings; None with a reason otherwise
-  (`why_unsafe`: why one setting is not retain-safe).
+  (`why_unsafe`: why one setting is not retain-safe); these read typed entries (pipelines/result.py).
 - `gate_split`: the forget questions on which the gate opened vs stayed shut, and the score's
   ceiling under that gate (every opened question answered at chance, the shut ones as before).
 - `auroc`: how well a per-sequence score separates forget from retain sequences.
@@ -18,10 +18,13 @@ tested against known cases.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from pipelines.result import Entry, Part
 
 
 def unlearning_score(before: float, after: float) -> float | None:
@@ -71,8 +74,8 @@ def half(forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor], mask_Q: T
            "unlearning_score": unlearning_score(_acc(fb), _acc(fa)),
            "correct_subset_score": 1.0 - _acc(fa[known]) if bool(known.any()) else None}
     if bootstrap:
-        out["ci95"] = bootstrap_ci(fb, fa, n=bootstrap, seed=seed)
-        out["forget_correct"] = {"before": bits(fb), "after": bits(fa)}
+        out.update(ci95=bootstrap_ci(fb, fa, n=bootstrap, seed=seed), forget_correct={"before": bits(fb),
+                                                                                     "after": bits(fa)})
     return out
 
 
@@ -119,66 +122,71 @@ def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tens
     return out
 
 
-def min_score(e: dict[str, Any], part: str = "dev") -> float | None:
-    """The entry's unlearning score on the `part` half, the minimum over its prompt formats
-    (plain and e["formats"]); None where no format has a score."""
-    scores = [p[part]["unlearning_score"] for p in (e, *(e.get("formats") or {}).values()) if part in p]
+def min_score(e: Part, half: str = "dev") -> float | None:
+    """The entry's unlearning score on the `half` half, the minimum over its prompt formats
+    (plain and e.formats); None where no format has a score."""
+    scores = [getattr(h, half).unlearning_score for _, h in e.by_format() if getattr(h, half) is not None]
     scores = [v for v in scores if v is not None]
     return min(scores) if scores else None
 
 
-def why_unsafe(e: dict[str, Any], ratio: float, max_ce_rise: float, *, part: str = "dev",
-               loss_key: str = "retain_loss", max_nll: float | None = None) -> str | None:
-    """Why an entry is not retain-safe on the `part` half (retain MCQ below ratio x clean in any
-    prompt format, or the retain CE rise above max_ce_rise where the entry measured it), or None
-    where it is."""
-    for fmt, p in (("plain", e), *(e.get("formats") or {}).items()):
-        r = p[part]["retain_mcq"]
-        if r["after"] < ratio * r["before"] - 1e-9:  # 1e-9: 0.495 >= 0.99 * 0.5 despite rounding
+def why_unsafe(e: Part, ratio: float, max_ce_rise: float, *, half: str = "dev",
+               max_nll: float | None = None) -> str | None:
+    """Why an entry (or its out-of-distribution part) is not retain-safe on the `half` half
+    (retain MCQ below ratio x clean in any prompt format, the retain CE rise above max_ce_rise
+    where the entry measured it, forget-prose continuations more than max_nll above the clean
+    model's own), or None where it is."""
+    for fmt, h in e.by_format():
+        r = getattr(h, half).retain_mcq if getattr(h, half) is not None else None
+        if r is not None and r.after < ratio * r.before - 1e-9:  # 1e-9: 0.495 >= 0.99 * 0.5 despite rounding
             where = "" if fmt == "plain" else f" in format {fmt}"
-            return f"retain MCQ {r['before']:.3f} -> {r['after']:.3f}{where} (< {ratio:g} x clean)"
-    loss = e.get(loss_key) or {}
-    if loss.get("after") is not None and loss.get("before"):
-        rise = loss["after"] / loss["before"] - 1
-        if loss["after"] > loss["before"] * (1 + max_ce_rise) + 1e-12:
+            return f"retain MCQ {r.before:.3f} -> {r.after:.3f}{where} (< {ratio:g} x clean)"
+    loss = e.retain_loss
+    if loss is not None and loss.after is not None and loss.before:
+        rise = loss.after / loss.before - 1
+        if loss.after > loss.before * (1 + max_ce_rise) + 1e-12:
             return f"retain CE {rise:+.1%} (> {max_ce_rise:.0%})"
-    f = (e.get("fluency") or {}).get("forget") or {}
-    if max_nll is not None and f and f["nll"] > f["nll_clean"] + max_nll + 1e-9:
-        return (f"forget-prose continuations at {f['nll']:.2f} nats/token under the clean model (its own: "
-                f"{f['nll_clean']:.2f}; more than {max_nll:g} above: not fluent)")
+    f = (e.fluency or {}).get(FORGET_PROSE)
+    if max_nll is not None and f is not None and f.nll > f.nll_clean + max_nll + 1e-9:
+        return (f"forget-prose continuations at {f.nll:.2f} nats/token under the clean model (its own: "
+                f"{f.nll_clean:.2f}; more than {max_nll:g} above: not fluent)")
     return None
 
 
-def retain_safe(e: dict[str, Any], ratio: float, max_ce_rise: float, *, part: str = "dev",
-                loss_key: str = "retain_loss", max_nll: float | None = None) -> bool:
-    """Retain MCQ on the `part` half kept >= ratio x clean (and the retain CE rise <= max_ce_rise
-    where the entry measured it)."""
-    return why_unsafe(e, ratio, max_ce_rise, part=part, loss_key=loss_key, max_nll=max_nll) is None
+FORGET_PROSE = "forget"
+"""The key of a sweep entry's forget-prose fluency (its `fluency`), which the fluency bound reads."""
 
 
-def pick_best(sweep: list[dict[str, Any]], ratio: float, max_ce_rise: float, *, key: str = "",
-              max_nll: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
+def retain_safe(e: Part, ratio: float, max_ce_rise: float, *, half: str = "dev",
+                max_nll: float | None = None) -> bool:
+    """Retain MCQ on the `half` half kept >= ratio x clean (and the retain CE rise <= max_ce_rise
+    where the entry measured it; fluent, with max_nll)."""
+    return why_unsafe(e, ratio, max_ce_rise, half=half, max_nll=max_nll) is None
+
+
+def pick_best(sweep: list[Entry], ratio: float, max_ce_rise: float, *, ood: bool = False,
+              max_nll: float | None = None) -> tuple[int | None, str | None]:
     """The highest dev-half unlearning score (the minimum over prompt formats, `min_score`) among
-    retain-safe settings that edit at least one feature -> (entry, None), or (None, reason).
-    `key` "ood": use the entry's "ood" part."""
-    def part(e):
-        return e[key] if key else e
+    retain-safe settings that edit at least one feature -> (its index in `sweep`, None), or
+    (None, reason). `ood`: judge the entries' out-of-distribution parts."""
+    def part(e: Entry) -> Part:
+        return e.ood if ood else e
 
-    edits = [e for e in sweep if e["n_features"] > 0 and (not key or e.get(key))]
+    edits = [i for i, e in enumerate(sweep) if e.n_features > 0 and (not ood or e.ood)]
     if not edits:
         return None, "no setting selected any feature (the run has no candidates?)"
-    real = [e for e in edits if min_score(part(e)) is not None]
+    real = [i for i in edits if min_score(part(sweep[i])) is not None]
     if not real:
         return None, "the clean model answers no dev-half forget question correctly: nothing to unlearn"
-    ok = [e for e in real if retain_safe(part(e), ratio, max_ce_rise, max_nll=max_nll)]
+    ok = [i for i in real if retain_safe(part(sweep[i]), ratio, max_ce_rise, max_nll=max_nll)]
     if not ok:
-        top = max(real, key=lambda e: part(e)["dev"]["retain_mcq"]["after"])
-        r = part(top)["dev"]["retain_mcq"]
+        top = max(real, key=lambda i: part(sweep[i]).dev.retain_mcq.after)
+        r = part(sweep[top]).dev.retain_mcq
         return None, (f"no retain-safe setting: none kept retain MCQ >= {ratio:g} x clean "
-                      f"({r['before']:.3f}) with retain CE rise <= {max_ce_rise:.0%}"
+                      f"({r.before:.3f}) with retain CE rise <= {max_ce_rise:.0%}"
                       f"{'' if max_nll is None else f' and fluent continuations (NLL rise <= {max_nll:g} nats/token)'} "
-                      f"on the dev half; the closest was {top['label']} at {r['after']:.3f}")
-    return max(ok, key=lambda e: min_score(part(e))), None  # max keeps the first tie
+                      f"on the dev half; the closest was {sweep[top].label} at {r.after:.3f}")
+    return max(ok, key=lambda i: min_score(part(sweep[i]))), None  # max keeps the first tie
 
 
 def auroc(pos: Tensor, neg: Tensor) -> float | None:

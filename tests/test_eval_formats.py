@@ -11,7 +11,7 @@ from pipelines.config import EvalConfig, SweepGrid
 from pipelines.evalsets import eval_data
 from pipelines.evaluate import evaluate_run
 from pipelines.formats import build_prompt
-from pipelines.result import EvalResult
+from pipelines.result import Entry, EvalResult
 from pipelines.scoring import min_score, pick_best, unlearning_score, why_unsafe
 
 LAYER = 1
@@ -47,7 +47,12 @@ def _entry(label, forget, retain, formats=None, fluency=None):
         e["formats"] = {f: {"dev": _part(*v), "test": _part(*v)} for f, v in formats.items()}
     if fluency:
         e["fluency"] = {"forget": {"nll": fluency[0], "nll_clean": fluency[1]}}
-    return e
+    return Entry.from_dict(e)
+
+
+def _best(sweep, *args, **kw):
+    i, reason = pick_best(sweep, *args, **kw)
+    return (None if i is None else sweep[i].label), reason
 
 
 def test_a_setting_unsafe_in_one_format_is_never_chosen_and_scores_are_minima():
@@ -56,9 +61,9 @@ def test_a_setting_unsafe_in_one_format_is_never_chosen_and_scores_are_minima():
     c = _entry("c", (0.8, 0.5), (0.7, 0.7), {"kshot2": ((0.8, 0.5), (0.7, 0.7))})  # 0.375 in both
     assert "in format kshot2" in why_unsafe(a, 0.99, 0.01)
     assert min_score(b) == pytest.approx(0.25) and min_score(c) == pytest.approx(0.375)
-    best, reason = pick_best([a, b, c], 0.99, 0.01)
-    assert reason is None and best["label"] == "c"  # the highest minimum, not the highest plain score
-    best, reason = pick_best([a], 0.99, 0.01)
+    best, reason = _best([a, b, c], 0.99, 0.01)
+    assert reason is None and best == "c"  # the highest minimum, not the highest plain score
+    best, reason = _best([a], 0.99, 0.01)
     assert best is None and "no retain-safe setting" in reason
 
 
@@ -66,9 +71,9 @@ def test_the_fluency_bound_holds_back_a_setting_that_garbles():
     garbles = _entry("garbles", (0.8, 0.2), (0.7, 0.7), fluency=(4.7, 0.9))
     fluent = _entry("fluent", (0.8, 0.4), (0.7, 0.7), fluency=(1.5, 0.9))
     assert "not fluent" in why_unsafe(garbles, 0.99, 0.01, max_nll=1.0)
-    assert pick_best([garbles, fluent], 0.99, 0.01, max_nll=1.0)[0]["label"] == "fluent"
-    assert pick_best([garbles, fluent], 0.99, 0.01, max_nll=None)[0]["label"] == "garbles"
-    assert pick_best([garbles, fluent], 0.99, 0.01, max_nll=0.5)[0] is None
+    assert _best([garbles, fluent], 0.99, 0.01, max_nll=1.0)[0] == "fluent"
+    assert _best([garbles, fluent], 0.99, 0.01, max_nll=None)[0] == "garbles"
+    assert _best([garbles, fluent], 0.99, 0.01, max_nll=0.5)[0] is None
 
 
 def test_each_format_set_holds_the_documented_prompts(lm, cfg):
@@ -143,7 +148,7 @@ def test_the_in_distribution_choice_reports_its_out_of_distribution_formats_with
     part = evaluate_run(run, lm, ood, progress=False).best.ood
     assert set(part.formats) == {"kshot2", "after_bio"}
     assert all(p.test.has("ci95") for p in part.formats.values())
-    assert part.formats_min.test == min_score(part.to_dict(), "test")
+    assert part.formats_min.test == min_score(part, "test")
 
 
 def test_the_report_gives_a_paired_verdict_in_each_format():

@@ -18,7 +18,7 @@ from pipelines.evalsets import eval_data
 from pipelines.evaluate import evaluate_run
 from pipelines.fastlm import verify_fast_path
 from pipelines.intervene import Intervention, load_run
-from pipelines.result import RESULT_FORMAT, EvalResult
+from pipelines.result import RESULT_FORMAT, Entry, EvalResult
 from pipelines.scoring import pick_best, unlearning_score
 
 LAYER = 1
@@ -155,8 +155,14 @@ def _entry(label, n, forget, retain, retain_loss=None):
     part = {"forget_mcq": {"before": forget[0], "after": forget[1]},
             "retain_mcq": {"before": retain[0], "after": retain[1]},
             "unlearning_score": unlearning_score(*forget)}
-    return {"label": label, "n_features": n, "dev": part, "test": part,
-            "retain_loss": {"before": 2.0, "after": retain_loss}}
+    return Entry.from_dict({"label": label, "n_features": n, "dev": part, "test": part,
+                            "retain_loss": {"before": 2.0, "after": retain_loss}})
+
+
+def _best(sweep, *args, **kw):
+    """pick_best -> (the chosen entry or None, reason)."""
+    i, reason = pick_best(sweep, *args, **kw)
+    return (None if i is None else sweep[i]), reason
 
 
 def test_best_setting_is_chosen_on_dev_and_respects_the_retain_constraints():
@@ -165,18 +171,18 @@ def test_best_setting_is_chosen_on_dev_and_respects_the_retain_constraints():
              _entry("c", 20, (0.6, 0.45), (0.5, 0.52)),
              _entry("d", 0, (0.6, 0.6), (0.5, 0.5)),      # no features: never "best"
              _entry("e", 10, (0.6, 0.0), (0.5, 0.5), retain_loss=2.03)]  # retain CE +1.5%: too much
-    best, reason = pick_best(sweep, 0.99, 0.01)
-    assert best["label"] == "b" and reason is None
-    assert best["dev"]["unlearning_score"] == pytest.approx(0.5)
-    assert pick_best(sweep, 0.99, 0.02)[0]["label"] == "e"  # within a 2% CE bound it qualifies
-    best, reason = pick_best(sweep[:1] + sweep[3:4], 0.99, 0.01)
+    best, reason = _best(sweep, 0.99, 0.01)
+    assert best.label == "b" and reason is None
+    assert best.dev.unlearning_score == pytest.approx(0.5)
+    assert _best(sweep, 0.99, 0.02)[0].label == "e"  # within a 2% CE bound it qualifies
+    best, reason = _best(sweep[:1] + sweep[3:4], 0.99, 0.01)
     assert best is None and reason.startswith("no retain-safe setting") and "a" in reason
-    assert pick_best(sweep[3:4], 0.99, 0.01)[0] is None
+    assert _best(sweep[3:4], 0.99, 0.01)[0] is None
     assert unlearning_score(0.0, 0.0) is None
     # the dev half decides: a setting that is best on test but not on dev is not chosen
-    x, y = _entry("x", 10, (0.6, 0.3), (0.5, 0.5)), _entry("y", 10, (0.6, 0.4), (0.5, 0.5))
-    y["test"] = {**y["test"], "unlearning_score": 0.9}
-    assert pick_best([x, y], 0.99, 0.01)[0]["label"] == "x"
+    x, y = _entry("x", 10, (0.6, 0.3), (0.5, 0.5)), _entry("y", 10, (0.6, 0.4), (0.5, 0.5)).to_dict()
+    y = Entry.from_dict({**y, "test": {**y["test"], "unlearning_score": 0.9}})
+    assert _best([x, y], 0.99, 0.01)[0].label == "x"
 
 
 def test_why_unsafe_names_the_bound_a_setting_breaks():

@@ -101,14 +101,16 @@ def test_the_model_evaluation_reads_its_entry_without_a_setting():
 
 
 READERS = ("cli.py", "pipelines/report.py", "pipelines/export.py", "pipelines/intervene.py", "pipelines/workflow.py",
-           "pipelines/generate.py", "scripts/check_export.py", "benchmarks/bench_eval.py")
+           "pipelines/generate.py", "pipelines/artifact.py", "pipelines/scoring.py", "scripts/check_export.py",
+           "benchmarks/bench_eval.py")
 RESULT_KEYS = ("best", "best_ood", "best_by_gate", "best_reason", "best_ood_reason", "sweep", "dev", "test", "ood",
                "formats", "formats_min", "fluency", "unlearning_score", "forget_mcq", "retain_mcq", "ci95", "sae")
 
 
 def test_no_reader_indexes_the_result_by_string_keys():
-    """The readers use fields; only pipelines/evaluate.py, pipelines/artifact.py (which build the
-    JSON) and pipelines/scoring.py (its rules over a sweep entry) handle it as a dict."""
+    """The readers, the rules that choose a setting (pipelines/scoring.py) and the model
+    evaluation (pipelines/artifact.py) use fields; only pipelines/evaluate.py, which builds the
+    result while it measures, handles it as a dict."""
     keys = "|".join(RESULT_KEYS)
     pattern = re.compile(rf"""\[["'](?:{keys})["']\]|\.get\(["'](?:{keys})["']""")
     hits = [f"{name}:{i}: {line.strip()}" for name in READERS
