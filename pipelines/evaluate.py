@@ -35,7 +35,7 @@ from pipelines.intervene import (
     probe_problem,
 )
 from pipelines.result import RESULT_FORMAT, Entry, EvalResult, Part
-from pipelines.scoring import auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
+from pipelines.scoring import FORGET_PROSE, auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
 from trainer.evaluate import eval_corpus
 
 METRICS = ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")
@@ -238,7 +238,7 @@ def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, 
         return
     got = data.fluency_of(lm.model, lm.tokenizer, iv, list(todo), done=e.setdefault("_fluency", {}))
     for name, part in todo.items():
-        part["fluency"] = {"forget": {k: got[name][k] for k in ("nll", "nll_clean", "distinct", "distinct_clean",
+        part["fluency"] = {FORGET_PROSE: {k: got[name][k] for k in ("nll", "nll_clean", "distinct", "distinct_clean",
                                                                 "changed")}}
 
 

@@ -347,7 +347,7 @@ class EvalResult(_Record):
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, StopIteration) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise EvalError(f"{path} is not an ff eval result ({type(e).__name__}: {e}); rerun ff eval "
                             "--save, or delete it") from None
 

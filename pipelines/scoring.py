@@ -130,6 +130,10 @@ def min_score(e: Part, half: str = "dev") -> float | None:
     return min(scores) if scores else None
 
 
+FORGET_PROSE = "forget"
+"""The key of a sweep entry's forget-prose fluency (its `fluency`), which the fluency bound reads."""
+
+
 def why_unsafe(e: Part, ratio: float, max_ce_rise: float, *, half: str = "dev",
                max_nll: float | None = None) -> str | None:
     """Why an entry (or its out-of-distribution part) is not retain-safe on the `half` half
@@ -151,10 +155,6 @@ def why_unsafe(e: Part, ratio: float, max_ce_rise: float, *, half: str = "dev",
         return (f"forget-prose continuations at {f.nll:.2f} nats/token under the clean model (its own: "
                 f"{f.nll_clean:.2f}; more than {max_nll:g} above: not fluent)")
     return None
-
-
-FORGET_PROSE = "forget"
-"""The key of a sweep entry's forget-prose fluency (its `fluency`), which the fluency bound reads."""
 
 
 def retain_safe(e: Part, ratio: float, max_ce_rise: float, *, half: str = "dev",
