@@ -76,9 +76,7 @@ def default_of(cls: type, name: str) -> Any:
 
 
 def type_name(tp: Any) -> str:
-    """A short name of an annotation for help text: int, float, text, "int | none", "float,...".
-
-    """
+    """A short name of an annotation for help text: int, float, text, "int | none", "float,..."."""
     args, origin = typing.get_args(tp), typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
@@ -140,6 +138,12 @@ def _nested(cls: type) -> dict[str, type]:
     return {n: t for n, t in _hints(cls).items() if n in _fields(cls) and dataclasses.is_dataclass(t)}
 
 
+def _owner(cls: type, full: str) -> tuple[type, str, str]:
+    """(the class that declares a settable name, its field name, the nested field's name or "")."""
+    head, _, tail = full.rpartition(".")
+    return (_nested(cls)[head] if head else cls), tail, head
+
+
 def settable(cls: type, exclude: Sequence[str] = ()) -> list[str]:
     """The names `--set` takes for `cls`: its fields, then "outer.inner" for nested ones."""
     out = []
@@ -155,8 +159,8 @@ def _resolve(cls: type, key: str, exclude: Sequence[str]) -> tuple[type, str, st
     """(owning class, field name, full dotted name) of a `--set` key; "multipliers" finds grid.multipliers."""
     names = settable(cls, exclude)
     if key in names:
-        head, _, tail = key.rpartition(".")
-        return (_nested(cls)[head] if head else cls), tail, key
+        owner, name, _ = _owner(cls, key)
+        return owner, name, key
     matches = [n for n in names if n.rpartition(".")[2] == key]
     if len(matches) == 1:
         return _resolve(cls, matches[0], exclude)
@@ -217,8 +221,7 @@ def _fmt(value: Any) -> str:
 
 def preset_values(cls: type, name: str, presets: Mapping[str, Mapping[str, Any]] | None) -> str:
     """"paper: 10000; demo: 500" (the field's value under each preset), or its plain default."""
-    head, _, tail = name.rpartition(".")
-    owner = _nested(cls)[head] if head else cls
+    owner, tail, head = _owner(cls, name)
     default = default_of(owner, tail)
     if not presets:
         return _fmt(default)
@@ -303,8 +306,7 @@ def set_listing(cls: type, *, presets: Mapping[str, Mapping[str, Any]] | None = 
     head = f"--set fields ({' | '.join(presets)} presets, where they differ):" if presets else "--set fields:"
     lines = [head]
     for full in settable(cls, exclude):
-        owner_name, _, name = full.rpartition(".")
-        owner = _nested(cls)[owner_name] if owner_name else cls
+        owner, name, _ = _owner(cls, full)
         lines.append(f"  {full} = {preset_values(cls, full, presets)}  ({type_name(_hints(owner)[name])})")
         doc = first_sentence(field_docs(owner).get(name, ""))
         lines += textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)

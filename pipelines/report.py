@@ -399,21 +399,6 @@ def ood_verdict(results: Results) -> str:
     return "\n".join(lines)
 
 
-def detection_table(results: Results) -> str:
-    """Topic detection of every selection each run evaluated: AUROC of the per-sequence firing
-    share, forget vs retain held-out sequences, in and out of distribution."""
-    rows = ["| layer | method | selection | features | AUROC text | AUROC MCQ | AUROC text (OOD) | AUROC MCQ (OOD) |",
-            "|---|---|---|---|---|---|---|---|"]
-    for l in sorted({l for r in results.values() for l in r}):
-        for m in sorted(results, key=lambda m: (m != "featureforget", m)):
-            res = results[m].get(l)
-            for key, q in sorted(((res.selection or {}) if res else {}).items()):
-                rows.append(f"| {l} | {m} | {key} | {q.n_features} | {_num(q.auroc_text, 2)} | "
-                            f"{_num(q.auroc_mcq, 2)} | {_num(q.auroc_text_ood, 2)} | "
-                            f"{_num(q.auroc_mcq_ood, 2)} |")
-    return "\n".join(rows)
-
-
 def verdict(results: Results) -> str:
     """FeatureForget vs the baseline SAE under the same gate, by test-half intervals."""
     lines = []

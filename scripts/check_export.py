@@ -59,8 +59,7 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = EvalConfig.preset(args.preset)
-    run_cfg = RunFolder(args.run).read_config()
-    lm = load_model(run_cfg["model"], device="cpu")
+    lm = load_model(RunFolder(args.run).run_config().model, device="cpu")
     exported = AutoModelForCausalLM.from_pretrained(args.export, trust_remote_code=True).eval()
     result = EvalResult.load(RunFolder(args.run).result)
     sets = [("forget_mcq", cfg.forget_mcq, "forget"), ("retain_mcq", cfg.retain_mcq, "retain"),

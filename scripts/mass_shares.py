@@ -22,7 +22,7 @@ def main() -> None:
     ff = load_file(str(RunFolder(a.featureforget_run).features))
     base_run = RunFolder(a.baseline_run)
     base = load_file(str(base_run.features))
-    threshold = base_run.read_config().get("saebench_retain_freq", 0.01)
+    threshold = base_run.run_config().train.saebench_retain_freq
     cand = ff["candidate"]
     n = int(cand.sum())
     sel = saebench_select(base["freq_r"], base["freq_u"], n, threshold)
