@@ -57,7 +57,7 @@ class Setting:
     max_ctx_r: float = 1.0
     """Drop features that fire in at least this share of retain training contexts before
     selecting (1: no cap). Prompt and formatting features are rare per token but fire once in
-    most contexts; a gate that counts them opens on every question (trainer/selection.py)."""
+    most contexts; a gate that counts them opens on every question (trainer/gate/select.py)."""
 
     gate: str = "sequence"
     """"none": edit wherever a selected feature fires (static clamp); "sequence": edit only
@@ -139,8 +139,8 @@ class Setting:
 
     @property
     def set_key(self) -> str:
-        """The selection's name in the run's gate.safetensors (trainer/selection.py)."""
-        from trainer.selection import set_key
+        """The selection's name in the run's gate.safetensors (trainer/gate/select.py)."""
+        from trainer.gate.select import set_key
 
         return set_key(self.selection, self.top_n, freq_threshold=self.freq_threshold,
                        ratio_percentile=self.ratio_percentile, max_ctx_r=self.max_ctx_r)

@@ -30,17 +30,17 @@ from torch import Tensor
 
 from cache.capture import hidden_of, with_hidden
 from cache.chunks import first_line
+from cache.errors import FFError
 from cache.models import decoder_layers
 from pipelines.config import Setting
 from pipelines.errors import EvalError
 from pipelines.result import EvalResult
-from trainer.errors import TrainError
 from trainer.gate.detector import Detector
 from trainer.gate.gate import Gate, GateError, GateSpec
+from trainer.gate.select import select
 from trainer.gate.store import GateFile
 from trainer.run import RunConfig, RunFolder
 from trainer.sae import SAE
-from trainer.selection import select
 
 FEATURE_KEYS = ("alpha_r", "alpha_u", "freq_r", "freq_u", "candidate", "mean_sq_r", "mean_sq_u", "act_u")
 
@@ -86,7 +86,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     try:
         config = folder.run_config()
         sae = SAE.load(folder.sae)
-    except (ValueError, KeyError, TrainError) as e:
+    except (ValueError, KeyError, FFError) as e:
         raise EvalError(f"cannot load the SAE of {path}: {first_line(e)}") from e
     if sae.d_model != config.d_model:
         raise EvalError(f"{path}: sae.safetensors has d_model {sae.d_model} but config.json says {config.d_model}")
@@ -103,7 +103,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 
 def select_features(run: LoadedRun, setting: Setting) -> Tensor:
-    """The feature set S of a setting, as sorted indices [S] (METHOD §7, trainer/selection.py)."""
+    """The feature set S of a setting, as sorted indices [S] (METHOD §7, trainer/gate/select.py)."""
     if setting.selection == "candidates" and run.method == "baseline":
         raise EvalError(f"{run.path} is a baseline run: it has no FeatureForget candidates; "
                         "use the saebench or ratio selection")

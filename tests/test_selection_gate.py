@@ -1,4 +1,4 @@
-"""Feature selection, the sequence gate and its calibration (trainer/selection.py), sound
+"""Feature selection, the sequence gate and its calibration (trainer/stats.py, trainer/gate/select.py), sound
 evaluation (pipelines/scoring.py, the dev/test split) and the equal-statistics rule."""
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pipelines.intervene import Intervention, load_run
 from pipelines.scoring import auroc, bootstrap_ci, gate_split, half, paired_difference, unbits, verdict
 from trainer.gate.calibrate import calibrate, threshold_at
 from trainer.gate.causal import carry, firing_share, gate_open, prefix_counts, row_share
+from trainer.gate.select import select
 from trainer.sae import SAE
-from trainer.selection import corpus_stats, select
+from trainer.stats import corpus_stats
 
 LAYER = 1
 

@@ -47,3 +47,39 @@ def test_sae_module_imports_only_torch_at_top_level():
         elif isinstance(node, ast.ImportFrom):
             top.add((node.module or "").split(".")[0])
     assert top - {"__future__", "json", "pathlib", "typing"} == {"torch"}
+
+
+# What inference reads from trainer/: the SAE (trainer/sae.py and the run folder it is read from,
+# trainer/run.py) and the gate's own package (trainer/gate/: the gate and the selection rules).
+INFERENCE_MAY_IMPORT = ("trainer.sae", "trainer.run", "trainer.gate")
+# ff run trains (workflow.py); ff eval measures the SAE's reconstruction with training's own
+# estimator (evaluate.py: trainer/evaluate.py's eval_corpus), beside the inference it evaluates.
+NOT_INFERENCE = {"workflow.py": {"trainer.config", "trainer.train", "trainer.errors"},
+                 "evaluate.py": {"trainer.evaluate"}}
+
+
+def _trainer_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):  # function-level imports included
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "trainer":
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "trainer"}
+    return found
+
+
+def _allowed(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in INFERENCE_MAY_IMPORT)
+
+
+def test_pipelines_read_only_the_sae_and_the_gate_from_trainer():
+    bad, seen = {}, set()
+    for path in sorted((ROOT / "pipelines").glob("*.py")):
+        mods = _trainer_imports(path)
+        seen |= mods
+        extra = {m for m in mods if not _allowed(m)} - NOT_INFERENCE.get(path.name, set())
+        if extra:
+            bad[path.name] = sorted(extra)
+    assert not bad, f"pipelines/ imports from trainer/ beyond the SAE and the gate: {bad}"
+    assert {"trainer.sae", "trainer.gate.gate", "trainer.gate.select"} <= seen  # the check reads real imports
+    assert _trainer_imports(ROOT / "pipelines" / "hf_modeling.py") == set()  # an exported folder's code stands alone

@@ -1,7 +1,7 @@
 """The end of a training run (`trainer/train.py`): the statistics both methods' feature
 selection reads, the gates' calibration and detectors, and the run folder's final artifacts.
 
-Both methods' statistics come from one estimator over the same tokens (trainer/selection.py):
+Both methods' statistics come from one estimator over the same tokens (trainer/stats.py):
 every training token of each corpus. The sequence gate is calibrated on the retain training
 contexts, and the probe gate's detectors (trainer/gate/detector.py) are fitted on the training contexts
 of the trained layer, or of an earlier one (`TrainConfig.probe_offset`). Under torchrun every rank
@@ -26,7 +26,7 @@ from trainer.gate.detector import Probe, fit_probes
 from trainer.gate.store import GateFile
 from trainer.run import write_features, write_json
 from trainer.sae import SAE
-from trainer.selection import corpus_stats, iter_contexts
+from trainer.stats import corpus_stats, iter_contexts
 
 
 class StatsData(NamedTuple):
@@ -97,7 +97,7 @@ def finish_run(cfg, run, meta, sae, ff, retain, unlearn, held_out, stats_data=No
         cluster_F, cand_F = ff.cluster.cpu(), ff.candidate.cpu()
     else:
         cluster_F, cand_F = torch.full((sae.d_sae,), -1, dtype=torch.long), None
-    # Both methods' statistics come from one estimator over the same tokens (selection.py):
+    # Both methods' statistics come from one estimator over the same tokens (stats.py):
     # every training token of each corpus, or a few stream batches without a store.
     # Under torchrun each rank measures its share (stream batches: its part of each batch).
     sd = stats_data or StatsData(lambda ranks=SINGLE: islice(retain, cfg.importance_batches),
@@ -162,7 +162,7 @@ def fit_run_probes(sd: StatsData, meta: dict[str, Any]) -> dict[float | str, Pro
 
 
 def _corpus_stats(sae: SAE, items: Iterable, l1: float, ranks: Ranks) -> dict[str, Tensor]:
-    """corpus_stats (selection.py) over every rank's share of a corpus. Each statistic is a
+    """corpus_stats (stats.py) over every rank's share of a corpus. Each statistic is a
     mean over tokens (act: over the tokens where the feature fires; ctx: over contexts), so
     the ranks' means are turned back into totals, added up, and divided again."""
     if ranks.world == 1:
@@ -195,7 +195,7 @@ def _corpus_stats(sae: SAE, items: Iterable, l1: float, ranks: Ranks) -> dict[st
 
 def _calibrate(sae: SAE, contexts: Iterable, sets: dict[str, Tensor],
                ranks: Ranks) -> dict[str, np.ndarray] | None:
-    """calibrate (selection.py) over every rank's contiguous share of the retain contexts ->
+    """calibrate (gate/calibrate.py) over every rank's contiguous share of the retain contexts ->
     the shares of all of them in store order, on rank 0 (None on the other ranks)."""
     shares = calibrate(sae, contexts, sets)
     if ranks.world == 1:

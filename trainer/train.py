@@ -34,7 +34,7 @@ from trainer.featureforget import FeatureForget
 from trainer.finish import HeldOut, StatsData, finish_run, probe_data, recluster
 from trainer.run import MetricsLog, RunFolder, load_checkpoint, open_run, save_checkpoint
 from trainer.sae import SAE
-from trainer.selection import iter_contexts
+from trainer.stats import iter_contexts
 from trainer.steps import importance_passes, lr_at, make_optimizer, set_lr, train_step
 
 

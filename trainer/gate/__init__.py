@@ -1,4 +1,6 @@
-"""The gate: where the unlearning edit may act. Everything about it lives in this package.
+"""The gate: where the unlearning edit may act. Everything about it lives in this package, with
+the selection rules that say which features the edit acts on (`select.py`): inference reads
+both, and nothing else from trainer/ but the SAE and its run folder.
 
 A gate reads a per-token *signal*, averages it causally over the editable tokens so far (or the
 last `window` of them) and opens where that running mean exceeds a *threshold*, once the row has
@@ -18,7 +20,8 @@ Modules, one concern each:
 - `calibrate.py`: thresholds as percentiles of retain scores; the sequence gate's calibration;
 - `store.py`: the run's `gate.safetensors`, written and read through `GateFile` only;
 - `gate.py`: `Gate`, a calibrated gate for one setting (`GateSpec`): its threshold, signal and
-  where it is open; `pipelines/intervene.py` applies the edit where it says.
+  where it is open; `pipelines/intervene.py` applies the edit where it says;
+- `select.py`: the selection rules (candidates, saebench, ratio), from the run's statistics.
 
 This module imports no torch, so the configuration can name the detector kinds cheaply.
 """

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from trainer.gate.causal import row_share
-from trainer.selection import select, set_key
+from trainer.gate.select import select, set_key
 
 
 @torch.no_grad()
