@@ -18,13 +18,21 @@ Printed: seconds, ours / bare (target <= 1.3), whole rows / bare, whether ours a
 whole-row path give the same answers (every question's correctness, every format), and the
 tokens each path ran through the blocks above the layer.
 
---whole: `evaluate_run` of the run twice in this process, with the kept keys and values and
-without (kv_cache_gib 0, each with its own clean pass), and the seconds of each; the two
-results must be equal up to timing fields and float rounding of the CE values (checked).
+--whole: instead, the whole evaluation of the runs (`--run` given once per run, as `ff run`
+evaluates them: one clean pass shared by all), timed two ways in this process, each with its own
+clean pass: as `ff eval` runs it, and without reuse (EvalConfig.reuse=false: every setting runs
+the whole model over every row of every set, the chosen settings are measured again, every
+fluency continuation is scored: what each setting cost before the reuse). Printed: the seconds
+of each run and in all, the ratio (target <= 0.5), and whether the two results are equal in
+every field but timings, rows rerun and the config (checked; CE values compared at 5 places).
+
+    python benchmarks/bench_eval.py --whole --run ff-demo/runs/layer_4/featureforget \
+        --run ff-demo/runs/layer_4/baseline
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -98,7 +106,7 @@ def per_setting(args, lm, cfg) -> None:
     from pipelines.fastlm import kv_reuse_ok, verify_fast_path
     from pipelines.intervene import Intervention, load_run, probe_layer
 
-    run = load_run(args.run)
+    run = load_run(args.run[0])
     run.sae.to(lm.device)
     verify_fast_path(lm.model, run.layer)
     data = eval_data(lm, cfg)
@@ -165,20 +173,30 @@ def per_setting(args, lm, cfg) -> None:
 def whole_eval(args, lm, cfg) -> None:
     from pipelines.evaluate import evaluate_run
 
-    out = {}
-    for name, c in (("kept keys and values", cfg), ("whole rows (kv_cache_gib 0)", cfg.replace(kv_cache_gib=0.0))):
-        t = time.perf_counter()
-        out[name] = evaluate_run(args.run, lm, c, progress=False)
-        print(f"evaluate_run, {name}: {time.perf_counter() - t:.0f} s", flush=True)
-    a, b = (_strip(r.to_dict()) for r in out.values())
-    d = _diff(a, b)
-    print("results equal (up to timing fields and CE rounding at 5 places)" if d is None
-          else f"results DIFFER at {d}")
+    seconds, results = {}, {}
+    for name, c in (("ff eval", cfg), ("without reuse", cfg.replace(reuse=False))):
+        for run in args.run:
+            t = time.perf_counter()
+            results[name, run] = evaluate_run(run, lm, c, progress=False)
+            seconds[name, run] = time.perf_counter() - t
+            print(f"evaluate_run {run}, {name}: {seconds[name, run]:.0f} s", flush=True)
+            if args.out:  # e.g. to compare with the run's unlearning.json
+                out = Path(args.out) / f"{Path(run).name}-{'reuse' if c.reuse else 'no-reuse'}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results[name, run].to_dict(), indent=1))
+    total = {name: sum(v for (n, _), v in seconds.items() if n == name) for name in ("ff eval", "without reuse")}
+    print(f"whole evaluation: ff eval {total['ff eval']:.0f} s, without reuse {total['without reuse']:.0f} s, "
+          f"ratio {total['ff eval'] / total['without reuse']:.2f} (target <= 0.5)")
+    for run in args.run:
+        d = _diff(*(_strip(results[name, run].to_dict()) for name in ("ff eval", "without reuse")))
+        print(f"{run}: " + ("results equal (up to timing fields, rows rerun and CE rounding at 5 places)"
+                            if d is None else f"results DIFFER at {d}"))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="a trained run folder (ff train / ff run)")
+    ap.add_argument("--run", required=True, action="append",
+                    help="a trained run folder (ff train / ff run); --whole: once per run to evaluate")
     ap.add_argument("--model", default=None, help="model name or path (default: the run's)")
     ap.add_argument("--preset", default="demo", help="evaluation preset (demo, full)")
     ap.add_argument("--settings", type=int, default=0, help="time only the first N settings (0: all)")
@@ -186,7 +204,9 @@ def main() -> None:
     ap.add_argument("--gates", default="", help="gates to sweep instead of the preset's (e.g. none,probe)")
     ap.add_argument("--multipliers", default="", help="static clamp strengths instead of the preset's (e.g. 100)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per setting (best kept)")
-    ap.add_argument("--whole", action="store_true", help="also time the whole evaluation with and without reuse")
+    ap.add_argument("--whole", action="store_true",
+                    help="time the whole evaluation of the runs with and without reuse (instead of per setting)")
+    ap.add_argument("--out", default=None, help="--whole: write each result as JSON into this folder")
     args = ap.parse_args()
 
     from cache.models import load_model
@@ -194,7 +214,7 @@ def main() -> None:
     from pipelines.intervene import load_run
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    lm = load_model(args.model or load_run(args.run).config["model"])
+    lm = load_model(args.model or load_run(args.run[0]).config.model)
     cfg = EvalConfig.preset(args.preset)
     grid = cfg.grid
     if args.gates:
@@ -202,9 +222,10 @@ def main() -> None:
     if args.multipliers:
         grid = replace(grid, multipliers=tuple(float(m) for m in args.multipliers.split(",")))
     cfg = cfg.replace(grid=grid)
-    per_setting(args, lm, cfg)
     if args.whole:
         whole_eval(args, lm, cfg)
+    else:
+        per_setting(args, lm, cfg)
 
 
 if __name__ == "__main__":

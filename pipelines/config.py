@@ -422,6 +422,13 @@ class EvalConfig:
     position on (pipelines/fastlm.py); where the sets need more, or at 0, every rerun row is
     recomputed whole (the same scores, more time)."""
 
+    reuse: bool = True
+    """Measure each setting from what the clean pass kept (the residual stream at the edited layer,
+    the clean scores of the rows the edit leaves unchanged, the keys and values above) and report
+    the chosen settings from the sweep's measurements. false: every setting runs the whole model
+    over every row of every set, and the chosen settings are measured again: the same numbers,
+    several times slower; the reference benchmarks/bench_eval.py --whole compares against."""
+
     def __post_init__(self) -> None:
         try:
             filled = self.mcq_template.format(question="\0")
@@ -455,7 +462,7 @@ class EvalConfig:
                 self.ood_retain_mcq, self.ood_forget_text, self.ood_retain_text, self.max_questions,
                 self.sample_seed, self.max_text_tokens, self.ctx_len, self.mcq_template, self.max_batch_tokens,
                 self.text_batch_contexts, self.formats, self.format_questions, self.fluency_prompts,
-                self.kv_cache_gib)
+                self.kv_cache_gib, self.reuse)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

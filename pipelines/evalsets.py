@@ -69,6 +69,8 @@ class EvalSet:
         """Per batch, the clean keys and values of the attention layers after `kv_above`
         ({layer: (K, V) [B, heads, T, head_dim]}), kept by prepare(kv_above=...)."""
         self.kv_above: int | None = None
+        self.reuse = True
+        """False: `logprobs` runs the whole model over every row (EvalConfig.reuse)."""
         self.tokens_rerun = 0
         """Positions run through the blocks above the edited layer by `logprobs` so far (a count
         for benchmarks)."""
@@ -181,6 +183,8 @@ class EvalSet:
         assert self.clean is not None and iv.layer in self.resid, "prepare() first"
         dev = next(model.parameters()).device
         iv.to(dev)
+        if not self.reuse:
+            return self._logprobs_whole(model, iv, dev)
         out, rerun = [], 0
         reuse = self.kv is not None and self.kv_above is not None and self.kv_above <= iv.layer \
             and kv_reuse_ok(model, iv.layer)
@@ -210,6 +214,18 @@ class EvalSet:
             rerun += len(rows_R)
         return out, rerun
 
+    def _logprobs_whole(self, model: Any, iv: Intervention, dev: torch.device) -> tuple[list[Tensor], int]:
+        """`logprobs` without reuse: every row through every block, the edit at its layer (the
+        blocks below it run again, the gate reads their output), the LM head at every target."""
+        out = []
+        for b in self.batches:
+            got = resid_at(model, b, sorted({iv.layer, iv.gate_layer}))
+            gate_h = None if iv.gate_layer == iv.layer else got[iv.gate_layer].to(dev)
+            edited = iv.edit(got[iv.layer].to(dev), b.editable_BT.to(dev), b.seg_BT.to(dev), gate_h_BTD=gate_h)
+            out.append(score(model, b, resume=(iv.layer, edited.h_BTD))[0])
+            self.tokens_rerun += int((b.seg_BT >= 0).sum())
+        return out, self.n_rows
+
     def run(self, model: Any, iv: Intervention) -> SetResult:
         """The metric with `iv` applied at its layer (prepare(model, iv.layer) first)."""
         logprobs, rerun = self.logprobs(model, iv)
@@ -229,9 +245,14 @@ class EvalData:
     """The evaluation sets of one (model, data config), plus per-layer CE references. The four
     in-distribution sets are always there; the `ood_` ones when the config names them."""
 
-    def __init__(self, sets: dict[str, EvalSet], fluency: dict[str, Tensor] | None = None, kv_budget: float = 0):
+    def __init__(self, sets: dict[str, EvalSet], fluency: dict[str, Tensor] | None = None, kv_budget: float = 0,
+                 reuse: bool = True):
         self.by_name = sets
         self.kv_budget = kv_budget
+        self.reuse = reuse
+        """False: nothing of the clean pass is reused (EvalConfig.reuse; a benchmark's reference)."""
+        for s in sets.values():
+            s.reuse = reuse
         """Bytes the clean keys and values may take (prepare(kv_above=...))."""
         self.fluency = fluency or {}
         """Prose prompts [P, 1 + FLUENCY_PROMPT_TOKENS] per text set name (pipelines/fluency.py)."""
@@ -290,7 +311,7 @@ class EvalData:
             else:
                 with iv.hooked(model):
                     edited = greedy(model, ids, FLUENCY_NEW_TOKENS, batch=len(ids))
-                changed = (edited != clean_cont).any(-1)
+                changed = (edited != clean_cont).any(-1) | (not self.reuse)
                 if bool(changed.any()):
                     nll = nll.clone()
                     nll[changed] = continuation_nll(model, ids[changed], edited[changed], batch=len(ids))
@@ -305,7 +326,7 @@ class EvalData:
         the clean keys and values of the attention layers after it (EvalSet.prepare) where they
         fit in `kv_budget` bytes."""
         todo = [s for s in self.sets if s.clean is None]
-        if kv_above is not None and todo and self.kv_bytes(model, kv_above) > self.kv_budget:
+        if kv_above is not None and todo and (not self.reuse or self.kv_bytes(model, kv_above) > self.kv_budget):
             kv_above = None
         for s in self.sets:
             s.prepare(model, layers, kv_above=kv_above)
@@ -406,6 +427,6 @@ def eval_data(lm: Any, cfg: EvalConfig) -> EvalData:
             sets[f"{prefix}{role}_text"] = EvalSet(f"{prefix}{role}_text", batches, items=heads)
             if cfg.fluency_prompts:
                 fluency[f"{prefix}{role}_text"] = _fluency_prompts(tok, spec, role, cfg.fluency_prompts)
-    data = EvalData(sets, fluency, kv_budget=cfg.kv_cache_gib * 2**30)
+    data = EvalData(sets, fluency, kv_budget=cfg.kv_cache_gib * 2**30, reuse=cfg.reuse)
     per_model[key] = data
     return data

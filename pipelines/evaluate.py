@@ -13,6 +13,7 @@ retain accuracy >= retain_ratio * clean. Clean passes are cached per loaded mode
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from pathlib import Path
@@ -218,8 +219,8 @@ def _carry_formats(src: dict[str, Any], dst: dict[str, Any]) -> None:
     """Copy the prompt-format halves (and their per-question answers) that the sweep measured for
     an entry into its complete re-measurement, in place: they do not depend on the CE losses."""
     for part_s, part_d in ((src, dst), (src.get("ood"), dst.get("ood"))):
-        if part_s and part_d is not None and "formats" in part_s:
-            part_d["formats"] = part_s["formats"]
+        if part_s and part_d is not None and "formats" in part_s:  # a copy: the chosen entry adds intervals
+            part_d["formats"] = copy.deepcopy(part_s["formats"])
     dst.setdefault("_correct", {}).update({k: v for k, v in src.get("_correct", {}).items() if "@" in k})
 
 
@@ -482,8 +483,11 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             return e
         if e["label"] not in measured:
             iv = Intervention(run, Setting.from_dict(e["setting"]))
-            m = measure(data, model, iv, clean, all_metrics, formats=None, done=e["_results"])
-            _carry_formats(e, m)
+            if cfg.reuse:
+                m = measure(data, model, iv, clean, all_metrics, formats=None, done=e["_results"])
+                _carry_formats(e, m)
+            else:  # every set again, prompt formats included
+                m = measure(data, model, iv, clean, all_metrics)
             measured[e["label"]] = m
         return measured[e["label"]]
 
@@ -498,7 +502,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             iv = Intervention(run, Setting.from_dict(chosen["setting"]))
             swept = next(e for e in sweep if e["label"] == chosen["label"])  # its forget-prose continuations
             fluent[chosen["label"]] = data.fluency_of(model, lm.tokenizer, iv, examples=3,
-                                                      done=swept.setdefault("_fluency", {}))
+                                                      done=swept.setdefault("_fluency", {}) if cfg.reuse else {})
         chosen["fluency"] = fluent[chosen["label"]]
 
     for name, key, subset, ce in (("best", "", sweep, cfg.max_retain_ce_rise),

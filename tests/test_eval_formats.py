@@ -200,3 +200,41 @@ def test_batched_fluency_equals_each_set_measured_alone(lm, cfg, tmp_path):
                 assert got[name][k] == pytest.approx(want[k], rel=1e-5), (name, k)
         assert data.fluency_of(lm.model, lm.tokenizer, iv, examples=2, done=done) == got  # from `done`
     assert 0 < got["forget_text"]["changed"] < 1 or got["retain_text"]["changed"] < 1
+
+
+def _numbers(x):
+    """A result's JSON without what differs by design between the two paths: timings, rows rerun,
+    the config (it names the path)."""
+    if isinstance(x, dict):
+        return {k: _numbers(v) for k, v in x.items() if k not in ("seconds", "cpu_seconds", "rows_rerun", "config")}
+    if isinstance(x, list):
+        return [_numbers(v) for v in x]
+    return x
+
+
+def _first_difference(a, b, path=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(dict.fromkeys([*a, *b])):
+            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{path}[{i}]"))), None)
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)  # nan == nan
+    return None if same else f"{path}: {a!r} != {b!r}"
+
+
+def test_the_evaluation_without_reuse_gives_the_same_result(lm, cfg, tmp_path):
+    """EvalConfig.reuse=False (every setting through the whole model over every row, the chosen
+    settings measured again, every fluency continuation scored): the reference the reuse is
+    measured against gives the same result, every format, half, CE and fluency number."""
+    run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)
+    c = cfg.replace(retain_ratio=0.0, max_fluency_nll_rise=None, sweep_losses=False)
+    fast, slow = (evaluate_run(run, lm, c.replace(reuse=r), progress=False) for r in (True, False))
+    assert eval_data(lm, c.replace(reuse=False)) is not eval_data(lm, c)  # each path has its own clean pass
+    assert fast.best is not None and fast.best.formats and fast.best.fluency
+    a, b = _numbers(fast.to_dict()), _numbers(slow.to_dict())
+    assert _first_difference(a, b) is None
+    rows = {e.label: e.rows_rerun for e in fast.sweep}
+    assert all(e.rows_rerun >= rows[e.label] for e in slow.sweep)

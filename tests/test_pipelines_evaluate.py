@@ -557,6 +557,35 @@ def test_rerun_from_the_first_edited_position_equals_rerunning_whole_rows(lm, cf
                 assert 0 < b.tokens_rerun < a.tokens_rerun
 
 
+
+def test_without_reuse_every_row_runs_through_the_whole_model_with_the_same_scores(lm, cfg, tmp_path):
+    """EvalConfig.reuse=False: each setting reruns every row from the embeddings (the blocks below
+    the layer again, the gate reading their output), and scores as the reusing path does, for a
+    static clamp, a windowed sequence gate and the probe gate on an earlier layer."""
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, probe_layer=LAYER - 1))
+    verify_fast_path(lm.model, LAYER)
+    fast, slow = eval_data(lm, cfg.replace(kv_cache_gib=1.0)), eval_data(lm, cfg.replace(reuse=False))
+    for d in (fast, slow):
+        d.prepare(lm.model, [LAYER - 1, LAYER], kv_above=LAYER)
+    assert slow.forget_mcq.kv is None and not slow.forget_mcq.reuse and fast.forget_mcq.reuse
+    probe = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=0.0))
+    thr = float(fast.forget_mcq.gate_peaks(probe).median()) + float(run.gate["probe/b"][0])
+    for setting in (Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=thr),
+                    Setting(gate="sequence", mode="clamp", multiplier=5.0, gate_window=4, gate_threshold=0.5),
+                    Setting(gate="none", mode="clamp", multiplier=5.0)):
+        iv = Intervention(run, setting)
+        for name in ("forget_mcq", "retain_mcq", "forget_text", "retain_text"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            b.tokens_rerun = 0
+            lp_a, rerun_a = a.logprobs(lm.model, iv)
+            lp_b, rerun_b = b.logprobs(lm.model, iv)
+            assert rerun_b == b.n_rows >= rerun_a
+            assert b.tokens_rerun == sum(int((x.seg_BT >= 0).sum()) for x in b.batches)
+            torch.testing.assert_close(torch.cat(lp_b), torch.cat(lp_a), atol=2e-5, rtol=1e-5)
+            assert a.run(lm.model, iv).correct_Q is None or torch.equal(a.run(lm.model, iv).correct_Q,
+                                                                        b.run(lm.model, iv).correct_Q)
+
+
 def test_the_out_of_distribution_ce_bound_follows_the_in_distribution_one():
     """One rule, in the config's owner: the OOD retain-CE bound is OOD_CE_FACTOR times the other,
     by default and when only the in-distribution bound changes; set both and both hold."""
