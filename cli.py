@@ -157,6 +157,9 @@ def main(quiet, json_out, device) -> None:
 
     Every command's options are fields of its stage's configuration (docs/architecture.md): the
     common ones are options, the others `--set FIELD=VALUE`, listed in each command's help."""
+    from cache.runtime import keep_freed_memory
+
+    keep_freed_memory()
 
 
 def _quiet() -> bool:
