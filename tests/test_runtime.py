@@ -17,7 +17,8 @@ SCRIPT = textwrap.dedent("""
     import torch
     from cache.runtime import keep_freed_memory
     kept = keep_freed_memory()
-    torch.ones(64 << 18).sum()  # 64 MiB once, then ten times more
+    for _ in range(5):  # 64 MiB a few times while the heap takes its shape, then ten times more
+        torch.ones(64 << 18).sum()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
         torch.ones(64 << 18).sum()
