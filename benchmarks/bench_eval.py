@@ -208,6 +208,8 @@ def main() -> None:
                     help="time the whole evaluation of the runs with and without reuse (instead of per setting)")
     ap.add_argument("--out", default=None, help="--whole: write each result as JSON into this folder")
     args = ap.parse_args()
+    if len(args.run) > 1 and not args.whole:
+        ap.error("--run once per setting benchmark (several runs only with --whole)")
 
     from cache.models import load_model
     from pipelines.config import EvalConfig

@@ -8,6 +8,8 @@ left bit-identical, so its clean scores are reused as they are), from the row's 
 position on where the clean pass kept the keys and values of those blocks (EvalConfig.
 kv_cache_gib; else the whole row), with the LM head only at the targets at or after that
 position (the model is causal).
+With EvalConfig.reuse false, none of this: every setting runs every row through the whole model,
+the reference the reuse is measured against (benchmarks/bench_eval.py --whole).
 
 Shape suffixes: B rows, T tokens, D d_model, N scored targets.
 """
@@ -249,11 +251,11 @@ class EvalData:
                  reuse: bool = True):
         self.by_name = sets
         self.kv_budget = kv_budget
+        """Bytes the clean keys and values may take (prepare(kv_above=...))."""
         self.reuse = reuse
         """False: nothing of the clean pass is reused (EvalConfig.reuse; a benchmark's reference)."""
         for s in sets.values():
             s.reuse = reuse
-        """Bytes the clean keys and values may take (prepare(kv_above=...))."""
         self.fluency = fluency or {}
         """Prose prompts [P, 1 + FLUENCY_PROMPT_TOKENS] per text set name (pipelines/fluency.py)."""
         self.fluency_ref: dict[str, Any] = {}
