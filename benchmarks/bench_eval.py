@@ -158,8 +158,8 @@ def per_setting(args, lm, cfg) -> None:
                     res[name] = fn(iv)
                     dt = time.perf_counter() - t
                 best[name] = min(best[name], dt)
-        same = all(torch.equal(x[1], y[1]) for k in res["ours"]["_correct"]
-                   for x, y in zip(res["ours"]["_correct"][k][:2], res["whole"]["_correct"][k][:2]))
+        same = all(torch.equal(x[1], y[1]) for k in res["ours"].correct
+                   for x, y in zip(res["ours"].correct[k][:2], res["whole"].correct[k][:2]))
         ratios.append(best["ours"] / best["bare"])
         print(f"{s.label:<72} {best['ours']:>7.1f} {best['whole']:>8.1f} {best['bare']:>7.1f} "
               f"{best['ours'] / best['bare']:>9.2f} {best['whole'] / best['bare']:>10.2f} {same} "

@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.config import EvalConfig
 from pipelines.errors import EvalError
 from pipelines.evalsets import FLUENCY_NEW_TOKENS, EvalData, eval_data
-from pipelines.result import ModelEvalResult, Part
+from pipelines.result import Entry, Fluency, Halves, MinScores, ModelEvalResult, Pair, Part
 from pipelines.scoring import half, min_score, unlearning_score
 
 
@@ -58,38 +58,39 @@ def _prepared(lm: Any, cfg: EvalConfig) -> EvalData:
     return data
 
 
-def _part(base: EvalData, other: EvalData, prefix: str, cfg: EvalConfig) -> dict[str, Any] | None:
-    """One side (in distribution "" or "ood_"): MCQ before/after per half and prompt format with
-    intervals on the test halves, and the held-out CE."""
+def _part(base: EvalData, other: EvalData, prefix: str, cfg: EvalConfig, kind: type[Part] = Part) -> Part | None:
+    """One side (in distribution "" or "ood_", a `kind` record): MCQ before/after per half and
+    prompt format with intervals on the test halves, and the held-out CE."""
     f, r = f"{prefix}forget_mcq", f"{prefix}retain_mcq"
     if not (base.has(f) and base.has(r)):
         return None
-    out: dict[str, Any] = {}
+    pairs = {}
     for key in ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss"):
         name = f"{prefix}{key.replace('_loss', '_text')}"
         if base.has(name):
-            out[key] = {"before": getattr(base, name).clean_value(), "after": getattr(other, name).clean_value()}
+            pairs[key] = Pair.build(before=getattr(base, name).clean_value(), after=getattr(other, name).clean_value())
+    out = kind.build(**pairs)
     formats = {}
     for fmt in base.formats:
         suffix = "" if fmt == "plain" else f"@{fmt}"
         fs, rs = getattr(base, f + suffix), getattr(base, r + suffix)
         fc = (fs.clean_result().correct_Q, getattr(other, f + suffix).clean_result().correct_Q)
         rc = (rs.clean_result().correct_Q, getattr(other, r + suffix).clean_result().correct_Q)
-        halves = {"dev": half(fc, rc, ~fs.test_Q, ~rs.test_Q),
-                  "test": half(fc, rc, fs.test_Q, rs.test_Q, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)}
+        halves = Halves.build(dev=half(fc, rc, ~fs.test_Q, ~rs.test_Q),
+                              test=half(fc, rc, fs.test_Q, rs.test_Q, bootstrap=cfg.bootstrap, seed=cfg.sample_seed))
         if fmt == "plain":
-            out.update(halves, unlearning_score=unlearning_score(getattr(base, f).clean_value(),
-                                                                 getattr(other, f).clean_value()))
+            out = out.updated(dev=halves.dev, test=halves.test,
+                              unlearning_score=unlearning_score(getattr(base, f).clean_value(),
+                                                                getattr(other, f).clean_value()))
         else:
             formats[fmt] = halves
     if formats:
-        out.update(formats=formats)
-        typed = Part.from_dict(out)
-        out.update(formats_min={h: min_score(typed, h) for h in ("dev", "test")})
+        out = out.updated(formats=formats)
+        out = out.updated(formats_min=MinScores.build(dev=min_score(out, "dev"), test=min_score(out, "test")))
     return out
 
 
-def _fluency(base_lm: Any, base: EvalData, other_lm: Any) -> dict[str, Any]:
+def _fluency(base_lm: Any, base: EvalData, other_lm: Any) -> dict[str, Fluency]:
     """Greedy continuations of the prose prompts by the folder's model, scored by the base model
     (pipelines/fluency.py), against the base model's own."""
     from pipelines.fluency import continuation_nll, greedy, summarize
@@ -105,7 +106,7 @@ def _fluency(base_lm: Any, base: EvalData, other_lm: Any) -> dict[str, Any]:
         nll = ref.nll_P.clone()
         if bool(changed.any()):
             nll[changed] = continuation_nll(base_lm.model, ids[changed], edited[changed], batch=len(ids))
-        out[name] = summarize(base_lm.tokenizer, ids, edited, nll, ref, examples=3).to_dict()
+        out[name] = Fluency.from_dict(summarize(base_lm.tokenizer, ids, edited, nll, ref, examples=3).to_dict())
     return out
 
 
@@ -126,11 +127,11 @@ def evaluate_model(base_lm: Any, other_lm: Any, cfg: EvalConfig, *, progress: bo
     log(f"base model {base_lm.info.name} scored")
     other = _prepared(other_lm, cfg)
     log("model scored")
-    entry = _part(base, other, "", cfg) or {}
+    entry = _part(base, other, "", cfg, Entry) or Entry.build()
     ood = _part(base, other, "ood_", cfg)
     if ood is not None:
-        entry.update(ood=ood)
-    entry.update(fluency=_fluency(base_lm, base, other_lm))
+        entry = entry.updated(ood=ood)
+    entry = entry.updated(fluency=_fluency(base_lm, base, other_lm))
     log("fluency measured")
-    return ModelEvalResult.from_dict({"model": other_lm.info.name, "base": base_lm.info.name, "best": entry,
-                                      "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 1)})
+    return ModelEvalResult.build(model=other_lm.info.name, base=base_lm.info.name, best=entry,
+                                 config=cfg.to_dict(), seconds=round(time.perf_counter() - t0, 1))

@@ -35,6 +35,7 @@ from pipelines.data import (
 from pipelines.errors import EvalError
 from pipelines.fastlm import KV, Batch, kv_reuse_ok, resid_at, score, suffix_score, text_config
 from pipelines.intervene import Intervention
+from pipelines.result import Fluency
 from trainer.gate import GATE_MIN_TOKENS
 from trainer.gate.causal import firing_share
 
@@ -283,9 +284,9 @@ class EvalData:
 
     def fluency_of(self, model: Any, tokenizer: Any, iv: Intervention | None,
                    names: Sequence[str] | None = None, examples: int = 0,
-                   done: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, dict[str, Any]]:
+                   done: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, Fluency]:
         """Fluency (pipelines/fluency.py) of `iv`'s greedy continuations of the prose prompts of
-        `names` (default: every text set with prompts) -> {name: Fluency.to_dict()}.
+        `names` (default: every text set with prompts) -> {name: pipelines.result.Fluency}.
 
         The prompts of all `names` decode as one batch (they have the same length; greedy
         decoding reads every weight once per step, whatever the batch); an
@@ -319,8 +320,8 @@ class EvalData:
                     nll[changed] = continuation_nll(model, ids[changed], edited[changed], batch=len(ids))
             for n, sl in _slices(new, [len(self.fluency[n]) for n in new]):
                 done[n] = (edited[sl], nll[sl])
-        return {n: summarize(tokenizer, self.fluency[n], done[n][0], done[n][1], self.fluency_ref[n],
-                             examples=examples).to_dict() for n in names}
+        return {n: Fluency.from_dict(summarize(tokenizer, self.fluency[n], done[n][0], done[n][1],
+                                               self.fluency_ref[n], examples=examples).to_dict()) for n in names}
 
     def prepare(self, model: Any, layers: int | Sequence[int], kv_above: int | None = None) -> None:
         """Clean passes and residual streams at `layers`. Call it once with every layer an

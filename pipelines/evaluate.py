@@ -13,9 +13,9 @@ retain accuracy >= retain_ratio * clean. Clean passes are cached per loaded mode
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,23 @@ from pipelines.intervene import (
     probe_layer,
     probe_problem,
 )
-from pipelines.result import RESULT_FORMAT, Entry, EvalResult, Part
+from pipelines.result import (
+    RESULT_FORMAT,
+    Choice,
+    Detection,
+    Entry,
+    EvalResult,
+    Fluency,
+    Gate,
+    Halves,
+    Lost,
+    LostItem,
+    MinScores,
+    OpenedRow,
+    Pair,
+    Part,
+    SaeQuality,
+)
 from pipelines.scoring import FORGET_PROSE, auroc, gate_split, half, min_score, pick_best, retain_safe, unlearning_score
 from trainer.evaluate import eval_corpus
 
@@ -62,7 +78,7 @@ def check_model(run: LoadedRun, lm: Any) -> None:
                         f"{lm.info.n_layers} layers")
 
 
-def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> dict[str, Any]:
+def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> SaeQuality:
     """On held-out text at the run's layer (METHOD §8): FVU, MSE, L0, dead fraction of the
     activations, and CE loss clean / SAE spliced / zero-ablated -> loss recovered."""
     acts = data.forget_text.activations(run.layer) + data.retain_text.activations(run.layer)
@@ -74,14 +90,39 @@ def sae_quality(run: LoadedRun, data: EvalData, model: Any, ce_clean: float) -> 
         data.zero_ce[run.layer] = data.retain_text.run(model, zero).value
     ce_zero = data.zero_ce[run.layer]
     denom = ce_zero - ce_clean
-    return {"fvu": ev.fvu, "mse": ev.mse, "l0": ev.l0, "tokens": ev.tokens,
-            "dead_fraction": 1.0 - float(ev.fired_F.float().mean()),
-            "ce_clean": ce_clean, "ce_sae": ce_sae, "ce_zero": ce_zero,
-            "loss_recovered": (ce_zero - ce_sae) / denom if denom > 0 else None}
+    return SaeQuality.build(fvu=ev.fvu, mse=ev.mse, l0=ev.l0, tokens=ev.tokens,
+                            dead_fraction=1.0 - float(ev.fired_F.float().mean()),
+                            ce_clean=ce_clean, ce_sae=ce_sae, ce_zero=ce_zero,
+                            loss_recovered=(ce_zero - ce_sae) / denom if denom > 0 else None)
 
 
 MAX_ITEMS = 8
 """At most this many questions / text rows per list of an entry (`retain_lost`, `retain_text_opened`)."""
+
+Answered = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor, Tensor]
+"""Per question of a forget and a retain set: (forget (correct before, after), retain (correct
+before, after), forget test mask, retain test mask)."""
+
+
+@dataclass
+class Measured:
+    """A sweep entry, or a chosen setting measured in full, with what its halves were made from:
+    `correct` the answers per part ("" and "ood_" in the plain format, "@fmt" and "ood_@fmt" in the
+    others), `results` the sets' results per metric, `fluency` the forget-prose continuations
+    (EvalData.fluency_of's `done`)."""
+
+    entry: Entry
+    correct: dict[str, Answered] = field(default_factory=dict)
+    results: dict[str, SetResult] = field(default_factory=dict)
+    fluency: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def part(self, key: str) -> Part | None:
+        """The in-distribution side (key "", the entry itself) or the out-of-distribution one ("ood_")."""
+        return self.entry.ood if key else self.entry
+
+    def update(self, key: str, **changes: Any) -> None:
+        """Set fields of the side `key` (see `part`)."""
+        self.entry = self.entry.updated(ood=self.entry.ood.updated(**changes)) if key else self.entry.updated(**changes)
 
 
 def _margins(es: Any, iv: Intervention) -> Tensor | None:
@@ -90,7 +131,7 @@ def _margins(es: Any, iv: Intervention) -> Tensor | None:
     return None if iv.threshold is None else es.gate_peaks(iv) - iv.threshold
 
 
-def lost_items(es: Any, correct: tuple[Tensor, Tensor], iv: Intervention) -> dict[str, Any]:
+def lost_items(es: Any, correct: tuple[Tensor, Tensor], iv: Intervention) -> Lost:
     """The questions of `es` that `iv` turns from right to wrong: how many, and the first
     MAX_ITEMS (dev half first) with the question and the gate's margin (`_margins`). A gated
     setting edits only where its gate opened, so each margin is > 0: a small one is a borderline
@@ -98,31 +139,31 @@ def lost_items(es: Any, correct: tuple[Tensor, Tensor], iv: Intervention) -> dic
     lost_Q = correct[0].bool() & ~correct[1].bool()
     idx = sorted(torch.nonzero(lost_Q).flatten().tolist(), key=lambda q: (bool(es.test_Q[q]), q))
     margin = _margins(es, iv) if idx else None
-    items = [{"index": q, "half": "test" if es.test_Q[q] else "dev", "item": es.items[q] if es.items else None,
-              "gate_margin": None if margin is None else round(float(margin[q]), 4)} for q in idx[:MAX_ITEMS]]
-    return {"count": len(idx), "items": items}
+    items = [LostItem.build(index=q, half="test" if es.test_Q[q] else "dev", item=es.items[q] if es.items else None,
+                            gate_margin=None if margin is None else round(float(margin[q]), 4))
+             for q in idx[:MAX_ITEMS]]
+    return Lost.build(count=len(idx), items=items)
 
 
-def opened_rows(es: Any, iv: Intervention) -> list[dict[str, Any]]:
+def opened_rows(es: Any, iv: Intervention) -> list[OpenedRow]:
     """The text rows of `es` on which the gate opens, widest margin first (at most MAX_ITEMS)."""
     margin = _margins(es, iv)
     if margin is None:
         return []
     rows = sorted(torch.nonzero(margin > 0).flatten().tolist(), key=lambda r: -float(margin[r]))
-    return [{"row": r, "item": es.items[r] if es.items else None, "gate_margin": round(float(margin[r]), 4)}
+    return [OpenedRow.build(row=r, item=es.items[r] if es.items else None, gate_margin=round(float(margin[r]), 4))
             for r in rows[:MAX_ITEMS]]
 
 
-def _plain_safe(e: dict[str, Any], ratio: float) -> bool:
+def _plain_safe(e: Entry, ratio: float) -> bool:
     """Whether the entry keeps the retain dev questions of the plain format (in or out of
     distribution): only then can it be chosen, and only then are the other formats worth scoring."""
-    t = Entry.from_dict(e)
-    return any(p is not None and p.dev is not None and retain_safe(p, ratio, float("inf")) for p in (t, t.ood))
+    return any(p is not None and p.dev is not None and retain_safe(p, ratio, float("inf")) for p in (e, e.ood))
 
 
 def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             metrics: tuple[str, ...], formats: float | str | None = "all",
-            done: dict[str, SetResult] | None = None) -> dict[str, Any]:
+            done: dict[str, SetResult] | None = None) -> Measured:
     """One sweep entry: `metrics` before/after `iv` (the others get "after": None), with the
     dev and test halves of the MCQ sets (scoring.half), and of every other prompt format
     (`measure_formats`): always ("all"), never (None), or only where the entry keeps the plain
@@ -140,50 +181,50 @@ def measure(data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
             continue
         res[m] = clean[m] if iv.n_features == 0 else getattr(data, _SETS[m]).run(model, iv)
         rerun += res[m].rows_rerun
-    e: dict[str, Any] = {"setting": iv.setting.to_dict(), "label": iv.setting.label, "n_features": iv.n_features,
-                         "_results": {m: r for m, r in res.items() if r is not None}}
+    out = Measured(Entry.build(setting=iv.setting.to_dict(), label=iv.setting.label, n_features=iv.n_features),
+                   results={m: r for m, r in res.items() if r is not None})
     for prefix in ("", "ood_"):
-        keys = [f"{prefix}{k}" for k in ("forget_mcq", "retain_mcq", "forget_loss", "retain_loss")]
-        if keys[0] not in clean:
+        f_mcq, r_mcq, _, r_loss = (f"{prefix}{m}" for m in METRICS)
+        if f_mcq not in clean:
             continue
-        part = {k[len(prefix):]: {"before": clean[k].value, "after": None if res[k] is None else res[k].value}
-                for k in keys if k in clean}
-        f_set, r_set = getattr(data, keys[0].replace("_loss", "")), getattr(data, keys[1])
-        if res[keys[0]] is not None and res[keys[1]] is not None:
-            fc = (clean[keys[0]].correct_Q, res[keys[0]].correct_Q)
-            rc = (clean[keys[1]].correct_Q, res[keys[1]].correct_Q)
-            e.setdefault("_correct", {})[prefix] = (fc, rc, f_set.test_Q, r_set.test_Q)
-            part["dev"] = half(fc, rc, ~f_set.test_Q, ~r_set.test_Q)
-            part["test"] = half(fc, rc, f_set.test_Q, r_set.test_Q)
+        part = out.entry if not prefix else Part.build()
+        part = part.updated(**{m[len(prefix):]: Pair.build(before=clean[m].value,
+                                                           after=None if res[m] is None else res[m].value)
+                               for m in (f"{prefix}{m}" for m in METRICS) if m in clean})
+        f_set, r_set = getattr(data, _SETS[f_mcq]), getattr(data, _SETS[r_mcq])
+        if res[f_mcq] is not None and res[r_mcq] is not None:
+            fc = (clean[f_mcq].correct_Q, res[f_mcq].correct_Q)
+            rc = (clean[r_mcq].correct_Q, res[r_mcq].correct_Q)
+            out.correct[prefix] = (fc, rc, f_set.test_Q, r_set.test_Q)
+            part = part.updated(dev=half(fc, rc, ~f_set.test_Q, ~r_set.test_Q),
+                                test=half(fc, rc, f_set.test_Q, r_set.test_Q))
             if iv.n_features:
-                part["retain_lost"] = lost_items(r_set, rc, iv)
-        if res.get(keys[3]) is not None and iv.n_features:
-            part["retain_text_opened"] = opened_rows(getattr(data, _SETS[keys[3]]), iv)
+                part = part.updated(retain_lost=lost_items(r_set, rc, iv))
+        if res.get(r_loss) is not None and iv.n_features:
+            part = part.updated(retain_text_opened=opened_rows(getattr(data, _SETS[r_loss]), iv))
         if prefix:
-            e["ood"] = part
+            out.entry = out.entry.updated(ood=part)
         else:
-            e.update(part)
-            f = part["forget_mcq"]
-            e["unlearning_score"] = None if f["after"] is None else unlearning_score(f["before"], f["after"])
-    if formats is not None and (formats == "all" or _plain_safe(e, formats)):
-        rerun += measure_formats(e, data, model, iv, clean_only=iv.n_features == 0)
-    e["rows_rerun"], e["seconds"] = rerun, round(time.perf_counter() - t0, 2)
-    return e
+            f = part.forget_mcq
+            out.entry = part.updated(unlearning_score=None if f.after is None else unlearning_score(f.before, f.after))
+    if formats is not None and (formats == "all" or _plain_safe(out.entry, formats)):
+        rerun += measure_formats(out, data, model, iv, clean_only=iv.n_features == 0)
+    out.entry = out.entry.updated(rows_rerun=rerun, seconds=round(time.perf_counter() - t0, 2))
+    return out
 
 
-def measure_formats(e: dict[str, Any], data: EvalData, model: Any, iv: Intervention, *,
-                    clean_only: bool = False) -> int:
+def measure_formats(m: Measured, data: EvalData, model: Any, iv: Intervention, *, clean_only: bool = False) -> int:
     """The entry's MCQ halves in every prompt format besides "plain" (EvalConfig.formats), in
-    place: e["formats"][fmt] and e["ood"]["formats"][fmt] hold {"dev", "test"} halves as the
-    plain ones do. Returns the rows rerun."""
+    place: the `formats` of each side hold {fmt: dev and test halves} as the plain halves are.
+    Returns the rows rerun."""
     rerun = 0
+    found: dict[str, dict[str, Halves]] = {}
     for fmt in data.formats:
         if fmt == "plain":
             continue
         for prefix in ("", "ood_"):
             names = (f"{prefix}forget_mcq@{fmt}", f"{prefix}retain_mcq@{fmt}")
-            part = e if not prefix else e.get("ood")
-            if part is None or not all(data.has(n) for n in names):
+            if m.part(prefix) is None or not all(data.has(n) for n in names):
                 continue
             pairs = []
             for es in (getattr(data, n) for n in names):
@@ -192,81 +233,90 @@ def measure_formats(e: dict[str, Any], data: EvalData, model: Any, iv: Intervent
                 rerun += after.rows_rerun
                 pairs.append((before.correct_Q, after.correct_Q))
             f_set, r_set = (getattr(data, n) for n in names)
-            e.setdefault("_correct", {})[f"{prefix}@{fmt}"] = (*pairs, f_set.test_Q, r_set.test_Q)
-            part.setdefault("formats", {})[fmt] = {
-                "dev": half(pairs[0], pairs[1], ~f_set.test_Q, ~r_set.test_Q),
-                "test": half(pairs[0], pairs[1], f_set.test_Q, r_set.test_Q)}
+            m.correct[f"{prefix}@{fmt}"] = (*pairs, f_set.test_Q, r_set.test_Q)
+            found.setdefault(prefix, {})[fmt] = Halves.build(dev=half(pairs[0], pairs[1], ~f_set.test_Q, ~r_set.test_Q),
+                                                             test=half(pairs[0], pairs[1], f_set.test_Q, r_set.test_Q))
+    for prefix, halves in found.items():
+        m.update(prefix, formats=halves)
     return rerun
 
 
-def retain_losses(e: dict[str, Any], data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
+def retain_losses(m: Measured, data: EvalData, model: Any, iv: Intervention, clean: dict[str, Any],
                   ratio: float) -> None:
     """Without sweep_losses: the held-out retain CE (in and out of distribution) of an entry
     that keeps the retain questions of the dev half, in place. Retain-safety needs it (pick_best
     bounds its rise), and a setting that already loses retain questions needs no more; the
     forget-side CE is measured for the chosen settings only."""
-    for key, part in (("retain_loss", e), ("ood_retain_loss", e.get("ood"))):
-        if not part or key not in clean or "dev" not in part or iv.n_features == 0:
+    for key, prefix in (("retain_loss", ""), ("ood_retain_loss", "ood_")):
+        part = m.part(prefix)
+        if part is None or key not in clean or part.dev is None or iv.n_features == 0:
             continue
-        if retain_safe(Part.from_dict(part), ratio, float("inf")):  # the questions alone
+        if retain_safe(part, ratio, float("inf")):  # the questions alone
             text = getattr(data, _SETS[key])
-            e["_results"][key] = text.run(model, iv)
-            part["retain_loss"]["after"] = e["_results"][key].value
-            part["retain_text_opened"] = opened_rows(text, iv)
+            m.results[key] = text.run(model, iv)
+            m.update(prefix, retain_loss=part.retain_loss.updated(after=m.results[key].value),
+                     retain_text_opened=opened_rows(text, iv))
 
 
-def _carry_formats(src: dict[str, Any], dst: dict[str, Any]) -> None:
+def _carry_formats(src: Measured, dst: Measured) -> None:
     """Copy the prompt-format halves (and their per-question answers) that the sweep measured for
     an entry into its complete re-measurement, in place: they do not depend on the CE losses."""
-    for part_s, part_d in ((src, dst), (src.get("ood"), dst.get("ood"))):
-        if part_s and part_d is not None and "formats" in part_s:  # a copy: the chosen entry adds intervals
-            part_d["formats"] = copy.deepcopy(part_s["formats"])
-    dst.setdefault("_correct", {}).update({k: v for k, v in src.get("_correct", {}).items() if "@" in k})
+    for prefix in ("", "ood_"):
+        s = src.part(prefix)
+        if s is not None and s.formats is not None and dst.part(prefix) is not None:
+            dst.update(prefix, formats=dict(s.formats))
+    dst.correct.update({k: v for k, v in src.correct.items() if "@" in k})
 
 
-def sweep_fluency(e: dict[str, Any], data: EvalData, lm: Any, iv: Intervention, cfg: EvalConfig) -> None:
+def sweep_fluency(m: Measured, data: EvalData, lm: Any, iv: Intervention, cfg: EvalConfig) -> None:
     """The fluency of the forget-prose continuations (in and out of distribution) of an entry that
-    is retain-safe on the dev half, in place (e["fluency"]["forget"], e["ood"]["fluency"]["forget"]):
-    the fluency bound (EvalConfig.max_fluency_nll_rise) decides among those, and a setting that is not
+    is retain-safe on the dev half, in place (`fluency[FORGET_PROSE]` of each side): the fluency
+    bound (EvalConfig.max_fluency_nll_rise) decides among those, and a setting that is not
     retain-safe needs no more measuring."""
     if cfg.max_fluency_nll_rise is None or iv.n_features == 0:
         return
-    todo = {name: part for name, part, ce in (("forget_text", e, cfg.max_retain_ce_rise),
-                                              ("ood_forget_text", e.get("ood"), cfg.max_ood_retain_ce_rise))
-            if part and "dev" in part and name in data.fluency
-            and retain_safe(Part.from_dict(part), cfg.retain_ratio, ce)}
+    todo = {}
+    for name, prefix, ce in (("forget_text", "", cfg.max_retain_ce_rise),
+                             ("ood_forget_text", "ood_", cfg.max_ood_retain_ce_rise)):
+        part = m.part(prefix)
+        if part is not None and part.dev is not None and name in data.fluency \
+                and retain_safe(part, cfg.retain_ratio, ce):
+            todo[name] = prefix
     if not todo:
         return
-    got = data.fluency_of(lm.model, lm.tokenizer, iv, list(todo), done=e.setdefault("_fluency", {}))
-    for name, part in todo.items():
-        part["fluency"] = {FORGET_PROSE: {k: got[name][k] for k in ("nll", "nll_clean", "distinct", "distinct_clean",
-                                                                "changed")}}
+    got = data.fluency_of(lm.model, lm.tokenizer, iv, list(todo), done=m.fluency)
+    for name, prefix in todo.items():
+        f = got[name]
+        m.update(prefix, fluency={FORGET_PROSE: Fluency.build(nll=f.nll, nll_clean=f.nll_clean, distinct=f.distinct,
+                                                              distinct_clean=f.distinct_clean, changed=f.changed)})
 
 
-def _format_tests(part: dict[str, Any], correct: dict[str, Any], key: str, cfg: EvalConfig) -> None:
-    """A chosen entry's test halves in every prompt format with their intervals, and the minimum
-    over formats (`formats_min`), in place; `key` "" or "ood_" names the part."""
-    for fmt in part.get("formats") or {}:
-        fc, rc, f_test, r_test = correct[f"{key}@{fmt}"]
-        part["formats"][fmt]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
-    if part.get("formats"):
-        typed = Part.from_dict(part)
-        part["formats_min"] = {h: min_score(typed, h) for h in ("dev", "test")}
+def _with_intervals(part: Part, correct: dict[str, Answered], key: str, cfg: EvalConfig,
+                    halves: tuple[str, ...], *, formats: bool = True, least: bool = True) -> Part:
+    """`part` (the side `key`, "" or "ood_") with the plain `halves` ("dev", "test") measured again
+    with their intervals and per-question answers; with `formats`, every other prompt format's test
+    half too; with `least`, the minimum score over formats (`formats_min`)."""
+    fc, rc, f_test, r_test = correct[key]
+    masks = {"dev": (~f_test, ~r_test), "test": (f_test, r_test)}
+    part = part.updated(**{h: half(fc, rc, *masks[h], bootstrap=cfg.bootstrap, seed=cfg.sample_seed) for h in halves})
+    if not part.formats:
+        return part
+    if formats:
+        part = part.updated(formats={fmt: h.updated(test=half(*correct[f"{key}@{fmt}"], bootstrap=cfg.bootstrap,
+                                                               seed=cfg.sample_seed))
+                                     for fmt, h in part.formats.items()})
+    if least:
+        part = part.updated(formats_min=MinScores.build(dev=min_score(part, "dev"), test=min_score(part, "test")))
+    return part
 
 
-def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cfg: EvalConfig,
-              selection: dict[str, Any], detection: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
-    """The chosen entry with intervals on both halves, the gate's open rates and the selection's
-    topic-detection AUROCs (the report's and `ff eval --json`'s `best`)."""
-    fc, rc, f_test, r_test = best["_correct"][key]
-    out = {k: v for k, v in best.items() if not k.startswith("_")}
-    part = out[key.rstrip("_")] if key else out
-    for name, mask, rmask in (("dev", ~f_test, ~r_test), ("test", f_test, r_test)):
-        part[name] = half(fc, rc, mask, rmask, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
-    _format_tests(part, best["_correct"], key, cfg)
-    if not key:
-        out["unlearning_score"] = out["test"]["unlearning_score"]
-    iv = Intervention(run, Setting.from_dict(best["setting"]))
+def gate_quality(m: Measured, iv: Intervention, key: str, data: EvalData,
+                 detection: dict[tuple, Detection]) -> Gate:
+    """A chosen setting's gate: threshold, open rates on the text sets and on the test-half
+    questions, where the score comes from on the forget test questions of the side `key`
+    (scoring.gate_split), and the gate's topic detection (memoised in `detection`: the signal
+    depends on the run (probe) or the selection (sequence), not the threshold)."""
+    fc, _, f_test, _ = m.correct[key]
     rates = {}
     for name in ("retain_text", "forget_text", "ood_retain_text", "ood_forget_text"):
         if data.has(name):
@@ -281,16 +331,33 @@ def _finalize(best: dict[str, Any], key: str, data: EvalData, run: LoadedRun, cf
             questions[name.replace("_mcq", "")] = float(opened_Q[es.test_Q].double().mean())
             if name == f"{key}forget_mcq":
                 split = gate_split(fc[0], fc[1], opened_Q, f_test, es.layout.n_choices_Q)
-    out["gate"] = {"mode": iv.setting.gate, "percentile": iv.setting.gate_percentile if iv.threshold is not None
-                   else None, "threshold": iv.threshold, **rates, "open_rate_questions": questions,
-                   "forget_split": split}
-    # the gate's signal depends on the run (probe) or the selection (sequence), not the threshold
     gate_key = (iv.setting.gate,) if iv.setting.gate != "sequence" else ("sequence", iv.setting.set_key)
     if gate_key not in detection:
         detection[gate_key] = detector_quality(data, iv)
-    out["gate"]["detection"] = detection[gate_key]
-    out["selection"] = selection[iv.setting.set_key]
-    return out
+    return Gate.build(mode=iv.setting.gate, percentile=iv.setting.gate_percentile if iv.threshold is not None else None,
+                      threshold=iv.threshold, **rates, open_rate_questions=questions, forget_split=split,
+                      detection=detection[gate_key])
+
+
+def chosen_entries(full: dict[str, Measured], choices: list[tuple[str, str]], best_label: str | None,
+                   best_ood_label: str | None, cfg: EvalConfig) -> dict[str, Entry]:
+    """The sides that the choices of one setting share, per label: its settings' complete
+    measurements (`full`) with intervals where a choice reports them. `choices`: (label, key) per
+    choice, key "" for the in-distribution ones and "ood_" for the out-of-distribution one: an
+    in-distribution choice reports every prompt format's test half; the out-of-distribution choice
+    both halves of its out-of-distribution side, and the in-distribution choice (`best_label`) the
+    transfer of its setting, that side's test half."""
+    shared = {}
+    for label, m in full.items():
+        e = m.entry
+        if any(lab == label and not key for lab, key in choices) and e.formats:
+            e = e.updated(formats=_with_intervals(e, m.correct, "", cfg, (), least=False).formats)
+        ood_halves = ("dev", "test") if label == best_ood_label else \
+            ("test",) if label == best_label and e.ood is not None and e.ood.dev is not None else ()
+        if ood_halves:
+            e = e.updated(ood=_with_intervals(e.ood, m.correct, "ood_", cfg, ood_halves))
+        shared[label] = e
+    return shared
 
 
 def calibrate_probe(settings: list[Setting], run: LoadedRun, data: EvalData, cfg: EvalConfig) -> list[Setting]:
@@ -358,23 +425,23 @@ def probe_thresholds(run: LoadedRun, data: EvalData, setting: Setting, percentil
     return thr, opened
 
 
-def detector_quality(data: EvalData, iv: Intervention) -> dict[str, Any]:
+def detector_quality(data: EvalData, iv: Intervention) -> Detection:
     """Topic detection by the gate's own signal (the probe's score, or the selected features'
     firing share): AUROC of each row's peak between forget and retain held-out rows."""
-    out: dict[str, Any] = {}
+    out: dict[str, float | None] = {}
     for prefix in ("", "ood_"):
         for kind in ("text", "mcq"):
             f, r = f"{prefix}forget_{kind}", f"{prefix}retain_{kind}"
             name = f"auroc_{kind}" + (f"_{prefix.rstrip('_')}" if prefix else "")
             ok = data.has(f) and data.has(r) and iv.threshold is not None
             out[name] = auroc(getattr(data, f).gate_peaks(iv), getattr(data, r).gate_peaks(iv)) if ok else None
-    return out
+    return Detection.build(**out)
 
 
-def selection_quality(data: EvalData, iv: Intervention) -> dict[str, Any]:
+def selection_quality(data: EvalData, iv: Intervention) -> Detection:
     """Topic detection by the selected features: AUROC of the per-sequence firing share between
     forget and retain held-out sequences (text contexts; MCQ prompts), in and out of distribution."""
-    out: dict[str, Any] = {"n_features": iv.n_features}
+    out: dict[str, float | None] = {}
     for prefix in ("", "ood"):
         for kind in ("text", "mcq"):
             f, r = f"{prefix + '_' if prefix else ''}forget_{kind}", f"{prefix + '_' if prefix else ''}retain_{kind}"
@@ -383,12 +450,12 @@ def selection_quality(data: EvalData, iv: Intervention) -> dict[str, Any]:
                 out[name] = auroc(getattr(data, f).row_shares(iv)[0], getattr(data, r).row_shares(iv)[0])
             else:
                 out[name] = None
-    return out
+    return Detection.build(n_features=iv.n_features, **out)
 
 
-def _pick(sweep: list[dict[str, Any]], ratio: float, ce: float, **kw: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """scoring.pick_best over the sweep's entries as built here: (the chosen entry or None, reason)."""
-    i, reason = pick_best([Entry.from_dict(e) for e in sweep], ratio, ce, **kw)
+def _pick(sweep: list[Measured], ratio: float, ce: float, **kw: Any) -> tuple[Measured | None, str | None]:
+    """scoring.pick_best over the sweep's entries: (the chosen one or None, reason)."""
+    i, reason = pick_best([m.entry for m in sweep], ratio, ce, **kw)
     return (None if i is None else sweep[i]), reason
 
 
@@ -397,9 +464,8 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _describe(e: dict[str, Any]) -> str:
+def _describe(t: Entry) -> str:
     """One progress line for a sweep entry (dev halves)."""
-    t = Entry.from_dict(e)
     f, r, ood = t.dev.forget_mcq, t.dev.retain_mcq, t.ood
     ood_s = "" if ood is None or ood.dev is None or ood.dev.unlearning_score is None else \
         f", ood dev score {ood.dev.unlearning_score:.3f} (general {ood.dev.retain_mcq.after:.3f})"
@@ -457,86 +523,80 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     _log(progress, f"{tag} clean: " + " ".join(f"{m} {v.value:.3f}" for m, v in clean.items())
          + f" ({time.perf_counter() - t0:.0f} s)")
     sae = sae_quality(run, data, model, clean["retain_loss"].value)
-    _log(progress, f"{tag} SAE: fvu {sae['fvu']:.3f} l0 {sae['l0']:.1f} dead {sae['dead_fraction']:.3f} "
-                   f"loss recovered {sae['loss_recovered']} ({time.perf_counter() - t0:.0f} s)")
+    _log(progress, f"{tag} SAE: fvu {sae.fvu:.3f} l0 {sae.l0:.1f} dead {sae.dead_fraction:.3f} "
+                   f"loss recovered {sae.loss_recovered} ({time.perf_counter() - t0:.0f} s)")
     settings = calibrate_probe(cfg.grid.settings(run.method), run, data, cfg)
     all_metrics = tuple(clean)
     metrics = all_metrics if cfg.sweep_losses else tuple(m for m in all_metrics if m.endswith("_mcq"))
-    sweep, selection = [], {}
+    sweep: list[Measured] = []
+    selection: dict[str, Detection] = {}
     for i, setting in enumerate(settings, 1):
         iv = Intervention(run, setting)
         if setting.set_key not in selection:
             selection[setting.set_key] = selection_quality(data, iv)
-        e = measure(data, model, iv, clean, metrics, formats=cfg.retain_ratio)
+        m = measure(data, model, iv, clean, metrics, formats=cfg.retain_ratio)
         if not cfg.sweep_losses:
-            retain_losses(e, data, model, iv, clean, cfg.retain_ratio)
-        sweep_fluency(e, data, lm, iv, cfg)
-        sweep.append(e)
-        _log(progress, f"{tag} {i}/{len(settings)} {_describe(sweep[-1])}")
-    measured: dict[str, dict[str, Any]] = {}
-    detection: dict[tuple, dict[str, Any]] = {}
+            retain_losses(m, data, model, iv, clean, cfg.retain_ratio)
+        sweep_fluency(m, data, lm, iv, cfg)
+        sweep.append(m)
+        _log(progress, f"{tag} {i}/{len(settings)} {_describe(m.entry)}")
+    swept = {m.entry.label: m for m in sweep}
 
-    def complete(e: dict[str, Any]) -> dict[str, Any]:
-        """The entry with every metric: without sweep_losses the CE losses are measured for the
-        chosen settings only, once per setting however many configurations chose it."""
-        if cfg.sweep_losses:
-            return e
-        if e["label"] not in measured:
-            iv = Intervention(run, Setting.from_dict(e["setting"]))
-            if cfg.reuse:
-                m = measure(data, model, iv, clean, all_metrics, formats=None, done=e["_results"])
-                _carry_formats(e, m)
-            else:  # every set again, prompt formats included
-                m = measure(data, model, iv, clean, all_metrics)
-            measured[e["label"]] = m
-        return measured[e["label"]]
+    # the choices: in and out of distribution, and per gate
+    ratio, nll = cfg.retain_ratio, cfg.max_fluency_nll_rise
+    best, best_reason = _pick(sweep, ratio, cfg.max_retain_ce_rise, max_nll=nll)
+    if any(m.entry.ood is not None for m in sweep):
+        best_ood, best_ood_reason = _pick(sweep, ratio, cfg.max_ood_retain_ce_rise, ood=True, max_nll=nll)
+    else:
+        best_ood, best_ood_reason = None, "no out-of-distribution sets configured"
+    by_gate = {gate: _pick([m for m in sweep if m.entry.gate_mode == gate], ratio, cfg.max_retain_ce_rise, max_nll=nll)
+               for gate in cfg.grid.gates}
+    picked = [(best, ""), (best_ood, "ood_"), *((b, "") for b, _ in by_gate.values())]
+    choices = [(m.entry.label, key) for m, key in picked if m is not None]
 
-    out: dict[str, Any] = {}
-    fluent: dict[str, dict[str, Any]] = {}  # label -> the chosen setting's fluency, measured once
-
-    def add_fluency(chosen: dict[str, Any] | None) -> None:
-        """A chosen entry's fluency on every prose set, with examples (once per setting)."""
-        if chosen is None or not data.fluency:
-            return
-        if chosen["label"] not in fluent:
-            iv = Intervention(run, Setting.from_dict(chosen["setting"]))
-            swept = next(e for e in sweep if e["label"] == chosen["label"])  # its forget-prose continuations
-            fluent[chosen["label"]] = data.fluency_of(model, lm.tokenizer, iv, examples=3,
-                                                      done=swept.setdefault("_fluency", {}) if cfg.reuse else {})
-        chosen["fluency"] = fluent[chosen["label"]]
-
-    for name, key, subset, ce in (("best", "", sweep, cfg.max_retain_ce_rise),
-                                  ("best_ood", "ood_", sweep, cfg.max_ood_retain_ce_rise)):
-        if key and not any(e.get("ood") for e in sweep):
-            out[name], out[f"{name}_reason"] = None, "no out-of-distribution sets configured"
+    full: dict[str, Measured] = {}  # label -> the chosen setting measured in full, once however often chosen
+    for label, _ in choices:
+        if label in full:
             continue
-        best, reason = _pick(subset, cfg.retain_ratio, ce, ood=bool(key), max_nll=cfg.max_fluency_nll_rise)
-        out[name] = None if best is None else _finalize(complete(best), key, data, run, cfg, selection, detection)
-        add_fluency(out[name])
-        out[f"{name}_reason"] = reason
-    by_gate = {}
-    for gate in cfg.grid.gates:
-        b, reason = _pick([e for e in sweep if e["setting"].get("gate") == gate], cfg.retain_ratio,
-                              cfg.max_retain_ce_rise, max_nll=cfg.max_fluency_nll_rise)
-        chosen = None if b is None else _finalize(complete(b), "", data, run, cfg, selection, detection)
-        by_gate[gate] = {"best": chosen, "reason": reason}
-        add_fluency(by_gate[gate]["best"])
-    if out["best"] is not None and out["best"].get("ood") and "dev" in out["best"]["ood"]:
-        correct = next(e for e in sweep if e["label"] == out["best"]["label"])["_correct"]
-        fc, rc, f_test, r_test = correct["ood_"]
-        out["best"]["ood"]["test"] = half(fc, rc, f_test, r_test, bootstrap=cfg.bootstrap, seed=cfg.sample_seed)
-        _format_tests(out["best"]["ood"], correct, "ood_", cfg)
+        m = swept[label]
+        if cfg.sweep_losses:  # every metric measured already
+            full[label] = m
+            continue
+        iv = Intervention(run, Setting.from_dict(m.entry.setting))
+        if cfg.reuse:  # the CE losses the sweep left out; the rest as the sweep measured it
+            full[label] = measure(data, model, iv, clean, all_metrics, formats=None, done=m.results)
+            _carry_formats(m, full[label])
+        else:  # every set again, prompt formats included
+            full[label] = measure(data, model, iv, clean, all_metrics)
+    shared = chosen_entries(full, choices, best and best.entry.label, best_ood and best_ood.entry.label, cfg)
+    detection: dict[tuple, Detection] = {}
+    fluent: dict[str, dict[str, Fluency]] = {}  # label -> the chosen setting's fluency, measured once
+
+    def chosen(m: Measured | None, key: str) -> Entry | None:
+        """The choice `m` as reported: intervals on its in-distribution halves (key ""), the gate,
+        the selection's topic detection and its fluency on every prose set, with examples."""
+        if m is None:
+            return None
+        label, iv = m.entry.label, Intervention(run, Setting.from_dict(m.entry.setting))
+        e = shared[label]
+        if not key:
+            e = _with_intervals(e, full[label].correct, "", cfg, ("dev", "test"), formats=False)
+            e = e.updated(unlearning_score=e.test.unlearning_score)
+        e = e.updated(gate=gate_quality(full[label], iv, key, data, detection), selection=selection[iv.setting.set_key])
+        if not data.fluency:
+            return e
+        if label not in fluent:
+            fluent[label] = data.fluency_of(model, lm.tokenizer, iv, examples=3,
+                                            done=swept[label].fluency if cfg.reuse else {})
+        return e.updated(fluency=fluent[label])
+
+    result = EvalResult.build(
+        format=RESULT_FORMAT, run=str(run.path), layer=run.layer, method=run.method, model=lm.info.name,
+        best=chosen(best, ""), best_reason=best_reason, best_ood=chosen(best_ood, "ood_"),
+        best_ood_reason=best_ood_reason,
+        best_by_gate={g: Choice.build(best=chosen(b, ""), reason=reason) for g, (b, reason) in by_gate.items()},
+        clean={m: v.value for m, v in clean.items()}, sweep=[m.entry for m in sweep], selection=selection, sae=sae,
+        data={name: s.size for name, s in data.by_name.items()}, config=cfg.to_dict())
     _log(progress, f"{tag} chosen settings measured in full (CE losses, test halves, fluency; "
                    f"{time.perf_counter() - t0:.0f} s)")
-    for e in (*sweep, *measured.values()):
-        for k in ("_correct", "_results", "_fluency"):
-            e.pop(k, None)
-    return EvalResult.from_dict({
-        "format": RESULT_FORMAT, "run": str(run.path), "layer": run.layer, "method": run.method, "model": lm.info.name,
-        "best": out["best"], "best_reason": out["best_reason"],
-        "best_ood": out["best_ood"], "best_ood_reason": out["best_ood_reason"], "best_by_gate": by_gate,
-        "clean": {m: v.value for m, v in clean.items()}, "sweep": sweep, "selection": selection, "sae": sae,
-        "data": {name: s.size for name, s in data.by_name.items()},
-        "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t0, 1),
-        "cpu_seconds": round(time.process_time() - c0, 1),
-    })
+    return result.updated(seconds=round(time.perf_counter() - t0, 1), cpu_seconds=round(time.process_time() - c0, 1))

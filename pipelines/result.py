@@ -13,9 +13,9 @@ versions the layout; a file from a newer ff is refused in one line, and a file w
 field (written before it existed, same layout) reads as format 1. The schema, field by field,
 is docs/architecture.md "The evaluation result".
 
-pipelines/evaluate.py and pipelines/artifact.py build the JSON; everything that reads a result
-(the report, the CLI, export, generation's choice of setting, and pipelines/scoring.py's rules
-that choose a setting) reads these fields.
+pipelines/evaluate.py and pipelines/artifact.py build results from these records (`build`,
+`updated`); everything that reads a result (the report, the CLI, export, generation's choice of
+setting, and pipelines/scoring.py's rules that choose a setting) reads their fields.
 """
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ class _Record:
         kw = {n: _parse(hints[n], d[n]) for n in names if n in d}
         extra = {k: v for k, v in d.items() if k not in names}
         return cls(**kw, source_keys=tuple(d), extra=extra)
+
+    @classmethod
+    def build(cls, **fields: Any) -> Any:
+        """A record with the fields given, written by `to_dict` in this order; the others stay
+        absent from the JSON (None to readers)."""
+        return cls(**fields, source_keys=tuple(fields))
+
+    def updated(self, **changes: Any) -> Any:
+        """A copy with `changes`: a field the JSON had keeps its place, a new one comes last."""
+        keys = self.source_keys if self.source_keys is not None else _data_fields(type(self))
+        return dataclasses.replace(self, **changes, source_keys=(*keys, *(k for k in changes if k not in keys)))
 
     def has(self, name: str) -> bool:
         """Whether the key is in the JSON (a None field may be an explicit null or absent)."""

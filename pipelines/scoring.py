@@ -18,13 +18,10 @@ tested against known cases.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from pipelines.result import Entry, Part
+from pipelines.result import Answers, Entry, Half, Pair, Part, Split, SplitSide
 
 
 def unlearning_score(before: float, after: float) -> float | None:
@@ -63,19 +60,20 @@ def _acc(x_Q: Tensor) -> float:
 
 
 def half(forget: tuple[Tensor, Tensor], retain: tuple[Tensor, Tensor], mask_Q: Tensor,
-         retain_mask_Q: Tensor, *, bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
+         retain_mask_Q: Tensor, *, bootstrap: int = 0, seed: int = 0) -> Half:
     """One half of an entry. `forget` / `retain` = (correct before [Q], correct after [Q]);
-    the masks pick the half's questions in each file."""
+    the masks pick the half's questions in each file. With `bootstrap` resamples, the score's
+    interval and the per-question answers too (a chosen setting's halves)."""
     fb, fa = forget[0][mask_Q], forget[1][mask_Q]
     rb, ra = retain[0][retain_mask_Q], retain[1][retain_mask_Q]
     known = fb.bool()
-    out = {"questions": int(mask_Q.sum()), "forget_mcq": {"before": _acc(fb), "after": _acc(fa)},
-           "retain_mcq": {"before": _acc(rb), "after": _acc(ra)},
-           "unlearning_score": unlearning_score(_acc(fb), _acc(fa)),
-           "correct_subset_score": 1.0 - _acc(fa[known]) if bool(known.any()) else None}
+    out = Half.build(questions=int(mask_Q.sum()), forget_mcq=Pair.build(before=_acc(fb), after=_acc(fa)),
+                     retain_mcq=Pair.build(before=_acc(rb), after=_acc(ra)),
+                     unlearning_score=unlearning_score(_acc(fb), _acc(fa)),
+                     correct_subset_score=1.0 - _acc(fa[known]) if bool(known.any()) else None)
     if bootstrap:
-        out.update(ci95=bootstrap_ci(fb, fa, n=bootstrap, seed=seed), forget_correct={"before": bits(fb),
-                                                                                     "after": bits(fa)})
+        out = out.updated(ci95=bootstrap_ci(fb, fa, n=bootstrap, seed=seed),
+                          forget_correct=Answers.build(before=bits(fb), after=bits(fa)))
     return out
 
 
@@ -106,7 +104,7 @@ def paired_difference(before_Q: Tensor, after_a_Q: Tensor, after_b_Q: Tensor, *,
 
 
 def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tensor,
-               n_choices_Q: Tensor) -> dict[str, Any]:
+               n_choices_Q: Tensor) -> Split:
     """Where a gated score comes from, on the questions of `mask_Q` (one half): accuracy before and
     after on the questions where the gate opened and where it stayed shut, and `ceiling`, the
     unlearning score if every opened question fell to chance (1 / its number of choices) and the
@@ -114,12 +112,12 @@ def gate_split(before_Q: Tensor, after_Q: Tensor, opened_Q: Tensor, mask_Q: Tens
     part; the gap between `ceiling` and the no-gate ceiling is the detector's."""
     b, a, o = before_Q[mask_Q].double(), after_Q[mask_Q].double(), opened_Q[mask_Q].bool()
     chance = 1.0 / n_choices_Q[mask_Q].double()
-    out: dict[str, Any] = {}
-    for name, m in (("opened", o), ("shut", ~o)):
-        out[name] = {"questions": int(m.sum()), "before": _acc(b[m]), "after": _acc(a[m])}
+
+    def side(m: Tensor) -> SplitSide:
+        return SplitSide.build(questions=int(m.sum()), before=_acc(b[m]), after=_acc(a[m]))
+
     floor = float(torch.where(o, chance, b).sum()) / len(b) if len(b) else float("nan")
-    out["ceiling"] = unlearning_score(_acc(b), floor) if len(b) else None
-    return out
+    return Split.build(opened=side(o), shut=side(~o), ceiling=unlearning_score(_acc(b), floor) if len(b) else None)
 
 
 def min_score(e: Part, half: str = "dev") -> float | None:

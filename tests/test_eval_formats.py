@@ -162,7 +162,8 @@ def test_the_report_gives_a_paired_verdict_in_each_format():
     def chosen(after_plain, after_fmt):
         def part(after):
             return half((before, after), keep, test, torch.ones(4, dtype=torch.bool), bootstrap=200)
-        return {"label": "x", "test": part(after_plain), "formats": {"kshot2": {"test": part(after_fmt)}}}
+        return {"label": "x", "test": part(after_plain).to_dict(),
+                "formats": {"kshot2": {"test": part(after_fmt).to_dict()}}}
 
     def result(best):
         return EvalResult.from_dict({"best_by_gate": {"probe": {"best": best, "reason": None}}})
@@ -195,11 +196,11 @@ def test_batched_fluency_equals_each_set_measured_alone(lm, cfg, tmp_path):
         for name, ids in data.fluency.items():
             want = measure_fluency(lm.model, lm.tokenizer, ids, lambda: iv.hooked(lm.model),
                                    n_new=FLUENCY_NEW_TOKENS, examples=2).to_dict()
-            assert got[name]["examples"] == want["examples"]
+            assert got[name].to_dict()["examples"] == want["examples"]
             for k in ("nll", "nll_clean", "distinct", "distinct_clean", "changed", "n_prompts"):
-                assert got[name][k] == pytest.approx(want[k], rel=1e-5), (name, k)
+                assert getattr(got[name], k) == pytest.approx(want[k], rel=1e-5), (name, k)
         assert data.fluency_of(lm.model, lm.tokenizer, iv, examples=2, done=done) == got  # from `done`
-    assert 0 < got["forget_text"]["changed"] < 1 or got["retain_text"]["changed"] < 1
+    assert 0 < got["forget_text"].changed < 1 or got["retain_text"].changed < 1
 
 
 def _numbers(x):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -228,6 +229,9 @@ def test_evaluate_run_end_to_end(lm, cfg, tmp_path):
     res = evaluate_run(run, lm, cfg, progress=False)
     text = json.dumps(res.to_dict())  # JSON-able, and read back to the same JSON
     assert json.dumps(EvalResult.from_dict(json.loads(text)).to_dict()) == text and res.format == RESULT_FORMAT
+    # built from typed records, field by field what reading the JSON gives (repr: nan equals nan there)
+    back = EvalResult.from_dict(json.loads(text))
+    assert repr(replace(back, config=None)) == repr(replace(res, config=None))
     assert res.layer == LAYER and res.method == "featureforget"
     assert len(res.sweep) == 6  # clamp m=5 and ablate: top 10 and all candidates, saebench top 10
     for e in res.sweep:
@@ -472,8 +476,6 @@ class _Unread:
 
 
 def test_a_run_without_a_probe_gate_is_refused_before_the_clean_passes(lm, cfg, tmp_path):
-    from dataclasses import replace
-
     from safetensors.torch import load_file, save_file
 
     run = make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash)

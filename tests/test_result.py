@@ -100,17 +100,29 @@ def test_the_model_evaluation_reads_its_entry_without_a_setting():
     assert EvalResult.from_dict({**_result(), "new_field": [1]}).to_dict()["new_field"] == [1]  # kept
 
 
-READERS = ("cli.py", "pipelines/report.py", "pipelines/export.py", "pipelines/intervene.py", "pipelines/workflow.py",
-           "pipelines/generate.py", "pipelines/artifact.py", "pipelines/scoring.py", "scripts/check_export.py",
-           "benchmarks/bench_eval.py")
+def test_built_records_write_the_fields_given_in_order_and_updates_keep_their_place():
+    from pipelines.result import Half, Pair
+
+    h = Half.build(questions=4, forget_mcq=Pair.build(before=1.0, after=0.5), unlearning_score=0.5)
+    assert list(h.to_dict()) == ["questions", "forget_mcq", "unlearning_score"] and not h.has("ci95")
+    u = h.updated(ci95=[0.1, 0.9], questions=5)  # a new field comes last, a known one keeps its place
+    assert list(u.to_dict()) == ["questions", "forget_mcq", "unlearning_score", "ci95"] and u.questions == 5
+    assert h.questions == 4 and h.ci95 is None  # records are frozen: updated returns a copy
+    assert Half.from_dict(json.loads(json.dumps(u.to_dict()))) == u  # read back: the same record
+    assert u.updated(ci95=None).has("ci95") and u.updated(ci95=None).to_dict()["ci95"] is None  # an explicit null
+
+
+READERS = ("cli.py", "pipelines/evaluate.py", "pipelines/report.py", "pipelines/export.py", "pipelines/intervene.py",
+           "pipelines/workflow.py", "pipelines/generate.py", "pipelines/artifact.py", "pipelines/scoring.py",
+           "scripts/check_export.py", "benchmarks/bench_eval.py")
 RESULT_KEYS = ("best", "best_ood", "best_by_gate", "best_reason", "best_ood_reason", "sweep", "dev", "test", "ood",
                "formats", "formats_min", "fluency", "unlearning_score", "forget_mcq", "retain_mcq", "ci95", "sae")
 
 
 def test_no_reader_indexes_the_result_by_string_keys():
-    """The readers, the rules that choose a setting (pipelines/scoring.py) and the model
-    evaluation (pipelines/artifact.py) use fields; only pipelines/evaluate.py, which builds the
-    result while it measures, handles it as a dict."""
+    """The readers, the rules that choose a setting (pipelines/scoring.py) and the two that build
+    results (pipelines/evaluate.py, pipelines/artifact.py) use fields; only pipelines/result.py,
+    the owner, reads and writes the JSON."""
     keys = "|".join(RESULT_KEYS)
     pattern = re.compile(rf"""\[["'](?:{keys})["']\]|\.get\(["'](?:{keys})["']""")
     hits = [f"{name}:{i}: {line.strip()}" for name in READERS

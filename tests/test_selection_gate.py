@@ -240,12 +240,13 @@ def test_bootstrap_interval_on_known_cases():
     assert 0.38 < lo < 0.42 and 0.58 < hi < 0.62
     h = half((before, after), (before, before), torch.ones(100, dtype=torch.bool),
              torch.ones(100, dtype=torch.bool), bootstrap=500)
-    assert h["unlearning_score"] == 0.5 and h["correct_subset_score"] == 0.5 and len(h["ci95"]) == 2
+    assert h.unlearning_score == 0.5 and h.correct_subset_score == 0.5 and len(h.ci95) == 2
     # the half's per-question answers, for paired comparisons in the report
-    assert torch.equal(unbits(h["forget_correct"]["after"]), after)
-    assert torch.equal(unbits(h["forget_correct"]["before"]), before)
-    assert "forget_correct" not in half((before, after), (before, before), torch.ones(100, dtype=torch.bool),
-                                        torch.ones(100, dtype=torch.bool))  # the sweep's entries stay small
+    assert torch.equal(unbits(h.forget_correct.after), after)
+    assert torch.equal(unbits(h.forget_correct.before), before)
+    every = torch.ones(100, dtype=torch.bool)
+    small = half((before, after), (before, before), every, every)
+    assert "forget_correct" not in small.to_dict() and "ci95" not in small.to_dict()  # the sweep's entries stay small
 
 
 def test_paired_difference_on_known_cases():
@@ -274,12 +275,12 @@ def test_gate_split_on_a_known_case():
     half_Q = torch.tensor([1] * 8 + [0, 0], dtype=torch.bool)
     k = torch.tensor([4, 4, 2, 2, 4, 4, 4, 4, 4, 4])
     sp = gate_split(before, after, opened, half_Q, k)
-    assert sp["opened"] == {"questions": 4, "before": 0.75, "after": 0.25}
-    assert sp["shut"] == {"questions": 4, "before": 0.5, "after": 0.5}
+    assert sp.to_dict()["opened"] == {"questions": 4, "before": 0.75, "after": 0.25}
+    assert sp.to_dict()["shut"] == {"questions": 4, "before": 0.5, "after": 0.5}
     # ceiling: opened at chance (1/4 + 1/4 + 1/2 + 1/2 = 1.5) plus shut as clean (2) over 8, against 5/8
-    assert abs(sp["ceiling"] - (1 - (3.5 / 8) / (5 / 8))) < 1e-12
+    assert abs(sp.ceiling - (1 - (3.5 / 8) / (5 / 8))) < 1e-12
     no_gate = gate_split(before, after, torch.ones(10, dtype=torch.bool), half_Q, k)
-    assert no_gate["shut"]["questions"] == 0 and no_gate["ceiling"] > sp["ceiling"]
+    assert no_gate.shut.questions == 0 and no_gate.ceiling > sp.ceiling
 
 
 def test_auroc_and_verdict():
