@@ -117,6 +117,8 @@ def test_evaluate_run_reports_every_format_and_fluency(lm, cfg, tmp_path):
     befores = {e.label: e.formats["kshot2"].dev.forget_mcq.before for e in res.sweep}
     assert len(set(befores.values())) == 1
     assert torch.isfinite(torch.tensor(list(befores.values()))).all()
+    # the chosen entry's intervals are its own: no half of the sweep's entries carries one
+    assert "ci95" not in str([e.to_dict() for e in res.sweep]) and best.formats["kshot2"].test.ci95 is not None
 
 
 def test_the_demo_preset_scores_every_format_of_the_suite():
