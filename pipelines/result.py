@@ -267,6 +267,9 @@ class Part(_Record):
     formats_min: MinScores | None
     fluency: dict[str, Fluency] | None
     """Per prose set ("forget" in a sweep entry; "forget_text", "ood_retain_text", ... chosen)."""
+    unlearning_score: float | None
+    """The test half's score for a chosen entry, the whole file's for a sweep entry and for a
+    model folder's sides (`ff eval --model`)."""
 
     def by_format(self) -> list[tuple[str, Halves]]:
         """("plain", this part's own halves), then every other format's."""
@@ -282,8 +285,6 @@ class Entry(Part):
     """pipelines.config.Setting.to_dict()."""
     label: str
     n_features: int
-    unlearning_score: float | None
-    """The test half's score for a chosen entry, the whole file's for a sweep entry."""
     ood: Part | None
     rows_rerun: int | None
     seconds: float | None

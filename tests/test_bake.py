@@ -191,8 +191,9 @@ def test_ff_eval_model_scores_a_folder_as_it_is_against_its_base(lm, tmp_path, t
     f, r = write_mcq(tmp_path / "f.jsonl", 16, 1), write_mcq(tmp_path / "r.jsonl", 12, 2)
     args = ["eval", "--model", str(other), "--base", tiny_model, "--forget-mcq", f, "--retain-mcq", r,
             "--set", f"forget_text={tiny_corpora[1]}", "--set", f"retain_text={tiny_corpora[0]}",
-            "--set", "max_text_tokens=200", "--no-ood", "--formats", "plain,kshot2", "--set", "format_questions=6",
-            "--quiet"]
+            "--set", "max_text_tokens=200", "--set", f"ood_forget_mcq={f}", "--set", f"ood_retain_mcq={r}",
+            "--set", "ood_forget_text=none", "--set", "ood_retain_text=none", "--formats", "plain,kshot2",
+            "--set", "format_questions=6", "--quiet"]
     res = CliRunner().invoke(main, args + ["--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.index("{"):])
@@ -206,6 +207,9 @@ def test_ff_eval_model_scores_a_folder_as_it_is_against_its_base(lm, tmp_path, t
     assert bits["before"] == "".join("1" if v else "0" for v in want_before[test_Q].tolist())
     assert bits["after"] != bits["before"] or best["forget_loss"]["after"] != best["forget_loss"]["before"]
     assert set(best["formats"]) == {"kshot2"} and "formats_min" in best
+    ood = best["ood"]  # the same files out of distribution: the same answers, a side of its own
+    assert ood["test"]["forget_correct"] == bits and ood["unlearning_score"] == best["unlearning_score"]
+    assert set(ood["formats"]) == {"kshot2"} and "forget_loss" not in ood
     assert set(best["fluency"]) == {"forget_text", "retain_text"}
     assert best["fluency"]["forget_text"]["changed"] > 0
     text = CliRunner().invoke(main, args)
@@ -223,3 +227,4 @@ def test_ff_eval_model_refuses_an_exported_folder_and_a_folder_without_base(tmp_
                          ([], "pass --run RUN")):
         r = CliRunner().invoke(main, ["eval", *args, "--quiet"])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+
