@@ -116,7 +116,7 @@ class _Residual:
 
 
 def _targets(res: _Residual, iv: Any, iv_all: Any, ids: Tensor, attn: Tensor, editable: Tensor,
-             unlearn_B: Tensor, target: str) -> tuple[Tensor, Tensor]:
+             unlearn_BT: Tensor, target: str) -> tuple[Tensor, Tensor]:
     """(clean residual at L, target residual at L) for a batch, without gradients."""
     with torch.no_grad():
         got = res(ids, attn)
@@ -125,31 +125,54 @@ def _targets(res: _Residual, iv: Any, iv_all: Any, ids: Tensor, attn: Tensor, ed
             tgt = iv.edit(h, editable, gate_h_BTD=got.get(iv.gate_layer)).h_BTD
         else:
             edited = iv_all.edit(h, editable).h_BTD
-            tgt = torch.where(unlearn_B[:, None, None], edited, h)
+            tgt = torch.where(unlearn_BT[..., None], edited, h)
     return h.detach(), tgt.detach()
 
 
-def _loss(h: Tensor, tgt: Tensor, editable: Tensor, unlearn_B: Tensor, norm: float,
+def _loss(h: Tensor, tgt: Tensor, editable: Tensor, unlearn_BT: Tensor, norm: float,
           w_D: Tensor) -> tuple[Tensor, Tensor]:
-    """(retain rows' mean weighted squared error, unlearn rows') at editable positions."""
+    """(retain tokens' mean weighted squared error, unlearn tokens') at editable positions."""
     err_BT = (((h - tgt) ** 2) * w_D).sum(-1) / norm
     out = []
-    for rows in (~unlearn_B, unlearn_B):
-        m = editable & rows[:, None]
+    for where in (~unlearn_BT, unlearn_BT):
+        m = editable & where
         out.append((err_BT * m).sum() / m.sum().clamp_min(1))
     return out[0], out[1]
 
 
 def _batch(train: dict[str, _Corpus], cfg: BakeConfig, step: int, pad_id: int,
            salt: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Step `step`'s contexts: batch_contexts of each corpus, retain rows first."""
+    """Step `step`'s contexts: batch_contexts of each corpus, retain rows first -> (ids, attention
+    mask, editable, unlearn_BT: which tokens are unlearn text). A `cfg.splice` share of each
+    corpus's rows continues into the other corpus's text (`_splice`)."""
     r_tok, r_mask = _draw(train["retain"], cfg.batch_contexts, cfg.seed, step, 2 * salt)
     u_tok, u_mask = _draw(train["unlearn"], cfg.batch_contexts, cfg.seed, step, 2 * salt + 1)
     tok = torch.cat([r_tok, u_tok])
-    ids, attn = tok, (tok != pad_id).long()  # stored rows are padded with the pad id
     editable = torch.cat([r_mask, u_mask]).bool()
-    unlearn_B = torch.arange(len(tok)) >= len(r_tok)
-    return ids, attn, editable, unlearn_B
+    unlearn_BT = (torch.arange(len(tok)) >= len(r_tok))[:, None].expand_as(tok).clone()
+    if cfg.splice > 0:
+        _splice(tok, editable, unlearn_BT, len(r_tok), cfg.splice, pad_id,
+                np.random.default_rng([cfg.seed, step, 2 * salt + 2]))
+    return tok, (tok != pad_id).long(), editable, unlearn_BT  # stored rows are padded with the pad id
+
+
+def _splice(tok: Tensor, editable: Tensor, unlearn_BT: Tensor, n_retain: int, share: float, pad_id: int,
+            g: np.random.Generator) -> None:
+    """In place: the first round(share * n) rows of each corpus continue, from a cut drawn between a
+    quarter and three quarters of the context, with a row of the other corpus (its tokens after BOS,
+    which keep their own corpus's label). Rows with padding before the cut keep their own text."""
+    B, T = tok.shape
+    src = tok.clone()
+    n_unlearn = B - n_retain
+    for first, n, other, n_other in ((0, n_retain, n_retain, n_unlearn), (n_retain, n_unlearn, 0, n_retain)):
+        for i in range(first, first + round(share * n)):
+            cut = int(g.integers(T // 4, 3 * T // 4 + 1))
+            j = other + int(g.integers(n_other))
+            if bool((src[i, :cut] == pad_id).any()):
+                continue
+            tok[i, cut:] = src[j, 1:T - cut + 1]
+            editable[i, cut:] = src[j, 1:T - cut + 1] != pad_id
+            unlearn_BT[i, cut:] = j >= n_retain
 
 
 def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, store: str | None = None,
@@ -225,7 +248,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
                 part = slice(i, i + cfg.batch_contexts)
                 tok = torch.cat([torch.from_numpy(held[n].tokens[part]).long() for n in ("retain", "unlearn")])
                 mask = torch.cat([torch.from_numpy(held[n].mask[part]) for n in ("retain", "unlearn")])
-                unl = torch.arange(len(tok)) >= len(tok) // 2
+                unl = (torch.arange(len(tok)) >= len(tok) // 2)[:, None].expand_as(tok)
                 ids, attn = tok, (tok != pad_id).long()  # stored rows are padded with the pad id
                 ids, attn, mask, unl = ids.to(dev), attn.to(dev), mask.bool().to(dev), unl.to(dev)
                 with pm.disable_adapter():
@@ -251,7 +274,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
             h, tgt = _targets(res, iv, iv_all, ids, attn, editable, unl, cfg.target)
             w_D = 1.0 / h[editable].var(0).clamp_min(1e-6)  # each dimension by 1 / its clean variance
             w_D = w_D / w_D.mean()
-            norm = float((((tgt - h) ** 2) * w_D).sum(-1)[editable & unl[:, None]].mean())
+            norm = float((((tgt - h) ** 2) * w_D).sum(-1)[editable & unl].mean())
         if not norm > 0:
             raise EvalError(f"the setting {setting.label} changes nothing on the store's unlearn text: nothing to bake")
         before = held_loss()

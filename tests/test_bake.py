@@ -228,3 +228,41 @@ def test_ff_eval_model_refuses_an_exported_folder_and_a_folder_without_base(tmp_
         r = CliRunner().invoke(main, ["eval", *args, "--quiet"])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
 
+
+def test_spliced_contexts_change_corpus_midway_and_label_each_token_by_its_own():
+    import numpy as np
+
+    from pipelines.config import BakeConfig
+
+    T, n, pad, bos = 16, 6, 0, 2
+
+    def corpus(first: int, padded: int = 0):
+        tok = np.arange(first, first + n * T, dtype=np.int32).reshape(n, T)
+        tok[:, 0] = bos
+        if padded:
+            tok[-1, -padded:] = pad  # one short context, padded at its end
+        return bake_mod._Corpus(tok, (tok != bos) & (tok != pad))
+
+    train = {"retain": corpus(1000, padded=13), "unlearn": corpus(5000)}
+    cfg = BakeConfig(batch_contexts=n, splice=0.5)
+    plain_ids, _, plain_edit, plain_unl = bake_mod._batch(train, BakeConfig(batch_contexts=n), 1, pad)
+    ids, attn, editable, unl = bake_mod._batch(train, cfg, 1, pad)
+    assert torch.equal(plain_unl, torch.arange(2 * n)[:, None].expand(-1, T) >= n)  # splice 0: rows whole
+    assert torch.equal(ids[:, 0], torch.full((2 * n,), bos))
+    assert torch.equal(attn, (ids != pad).long()) and torch.equal(editable, (ids != bos) & (ids != pad))
+    assert torch.equal(unl[editable], (ids >= 5000)[editable])  # each token labelled by the corpus it came from
+    changed = (ids != plain_ids).any(1)
+    for first in (0, n):  # three rows of each corpus continue in the other; padded rows keep their text
+        rows = range(first, first + 3)
+        for i in rows:
+            padded_early = bool((plain_ids[i, :T // 4] == pad).any())
+            assert bool(changed[i]) != padded_early
+            if changed[i]:
+                cut = int((unl[i] != unl[i, 0]).nonzero()[0])
+                assert T // 4 <= cut <= 3 * T // 4 and torch.equal(ids[i, :cut], plain_ids[i, :cut])
+                assert bos not in ids[i, cut:].tolist()  # the second text continues, without its BOS
+        assert not changed[first + 3:first + n].any()
+    assert bool((plain_ids[:3] == pad).any()) and int(changed[:3].sum()) == 2  # the padded context kept its text
+    assert torch.equal(bake_mod._batch(train, cfg, 1, pad)[0], ids)  # seeded by (seed, step): a resume redraws it
+    with pytest.raises(Exception, match="splice"):
+        BakeConfig(splice=1.5)
