@@ -141,17 +141,17 @@ def _loss(h: Tensor, tgt: Tensor, editable: Tensor, unlearn_BT: Tensor, norm: fl
 
 
 def _batch(train: dict[str, _Corpus], cfg: BakeConfig, step: int, pad_id: int,
-           salt: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+           salt: int = 0, splice: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Step `step`'s contexts: batch_contexts of each corpus, retain rows first -> (ids, attention
-    mask, editable, unlearn_BT: which tokens are unlearn text). A `cfg.splice` share of each
-    corpus's rows continues into the other corpus's text (`_splice`)."""
+    mask, editable, unlearn_BT: which tokens are unlearn text). A `splice` share of each corpus's
+    rows continues into the other corpus's text (`_splice`)."""
     r_tok, r_mask = _draw(train["retain"], cfg.batch_contexts, cfg.seed, step, 2 * salt)
     u_tok, u_mask = _draw(train["unlearn"], cfg.batch_contexts, cfg.seed, step, 2 * salt + 1)
     tok = torch.cat([r_tok, u_tok])
     editable = torch.cat([r_mask, u_mask]).bool()
     unlearn_BT = (torch.arange(len(tok)) >= len(r_tok))[:, None].expand_as(tok).clone()
-    if cfg.splice > 0:
-        _splice(tok, editable, unlearn_BT, len(r_tok), cfg.splice, pad_id,
+    if splice > 0:
+        _splice(tok, editable, unlearn_BT, len(r_tok), splice, pad_id,
                 np.random.default_rng([cfg.seed, step, 2 * salt + 2]))
     return tok, (tok != pad_id).long(), editable, unlearn_BT  # stored rows are padded with the pad id
 
@@ -160,7 +160,10 @@ def _splice(tok: Tensor, editable: Tensor, unlearn_BT: Tensor, n_retain: int, sh
             g: np.random.Generator) -> None:
     """In place: the first round(share * n) rows of each corpus continue, from a cut drawn between a
     quarter and three quarters of the context, with a row of the other corpus (its tokens after BOS,
-    which keep their own corpus's label). Rows with padding before the cut keep their own text."""
+    which keep their own corpus's label). Rows with padding before the cut keep their own text.
+    With target corpus, each token's target is then its own corpus's: the update is taught to
+    follow the topic at hand rather than what came before it (scripts/bake_splice.py; measured and
+    not adopted, docs/results.md)."""
     B, T = tok.shape
     src = tok.clone()
     n_unlearn = B - n_retain
@@ -176,10 +179,12 @@ def _splice(tok: Tensor, editable: Tensor, unlearn_BT: Tensor, n_retain: int, sh
 
 
 def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, store: str | None = None,
-         setting: Any = None, overwrite: bool = False, progress: bool = True, eval_rows: int = 16) -> BakeResult:
+         setting: Any = None, overwrite: bool = False, progress: bool = True, eval_rows: int = 16,
+         splice: float = 0.0) -> BakeResult:
     """Train, merge and save (module docstring). Resumes from OUT.bake/ when its checkpoint was
     written by the same run, setting and config. The update is merged into `lm.model` in place:
-    afterwards it is the baked model."""
+    afterwards it is the baked model. `splice`: the share of each step's contexts that change
+    corpus midway (`_splice`; research, scripts/bake_splice.py)."""
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
@@ -190,6 +195,8 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         raise EvalError(f"unknown bake target '{cfg.target}': use {' or '.join(TARGETS)}")
     if cfg.steps < 1 or cfg.batch_contexts < 1 or cfg.rank < 1:
         raise EvalError("steps, batch_contexts and rank must be positive")
+    if not 0.0 <= splice <= 1.0:
+        raise EvalError(f"splice is a share of the contexts, 0 to 1, got {splice}")
     out = Path(out_dir)
     check_bake_out(out, overwrite)
     run = load_run(run_dir)
@@ -211,7 +218,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     pad_id = int(getattr(lm.tokenizer, "pad_token_id", 0) or 0)
     same = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # what decides the weights
     stamp = {"run": str(Path(run_dir).resolve()), "setting": setting.to_dict(), "config": same,
-             "model_hash": lm.info.weights_hash, "store": store_path}
+             "model_hash": lm.info.weights_hash, "store": store_path, **({"splice": splice} if splice else {})}
 
     work = out.with_name(out.name + ".bake")
     ckpt_path = work / CHECKPOINT
@@ -270,7 +277,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         start, norm, w_D, before = int(ckpt["step"]), float(ckpt["norm"]), ckpt["w_D"].to(dev), ckpt["before"]
     else:
         with pm.disable_adapter():  # the loss's unit: the edit's mean squared size on unlearn text
-            ids, attn, editable, unl = (t.to(dev) for t in _batch(train, cfg, 0, pad_id, salt=1))
+            ids, attn, editable, unl = (t.to(dev) for t in _batch(train, cfg, 0, pad_id, salt=1, splice=splice))
             h, tgt = _targets(res, iv, iv_all, ids, attn, editable, unl, cfg.target)
             w_D = 1.0 / h[editable].var(0).clamp_min(1e-6)  # each dimension by 1 / its clean variance
             w_D = w_D / w_D.mean()
@@ -283,7 +290,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     bar = tqdm(total=cfg.steps, initial=start, desc="bake", unit="step", disable=not progress, dynamic_ncols=True)
     pm.train()
     for step in range(start, cfg.steps):
-        ids, attn, editable, unl = (t.to(dev) for t in _batch(train, cfg, step, pad_id))
+        ids, attn, editable, unl = (t.to(dev) for t in _batch(train, cfg, step, pad_id, splice=splice))
         with pm.disable_adapter():
             _, tgt = _targets(res, iv, iv_all, ids, attn, editable, unl, cfg.target)
         h = res(ids, attn)[run.layer]

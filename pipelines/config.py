@@ -514,12 +514,6 @@ class BakeConfig:
     answers as they were (docs/results.md)."""
     forget_weight: float = 0.25
     """Weight of the unlearn tokens' loss against the retain tokens'."""
-    splice: float = 0.0
-    """Share of each step's contexts that change corpus midway: a retain context continues into
-    unlearn text and an unlearn context into retain text, at a random point; each token keeps its
-    own corpus's target (with target corpus: the edit on unlearn tokens, the clean residual on
-    retain tokens after a biology passage), so that the update follows the topic at hand rather
-    than what came before it."""
     warmup: int = 10
     """Linear warm-up steps of the learning rate."""
     clip: float = 1.0
@@ -534,8 +528,6 @@ class BakeConfig:
                  if getattr(self, k) < 1]
         small += [f"{k}={getattr(self, k)}" for k in ("lr", "alpha", "forget_weight", "clip")
                   if not getattr(self, k) > 0]
-        if not 0.0 <= self.splice <= 1.0:
-            small.append(f"splice={self.splice} (a share, 0 to 1)")
         if self.multiplier is not None and not self.multiplier > 0:
             small.append(f"multiplier={self.multiplier}")
         if small or self.warmup < 0:

@@ -244,9 +244,9 @@ def test_spliced_contexts_change_corpus_midway_and_label_each_token_by_its_own()
         return bake_mod._Corpus(tok, (tok != bos) & (tok != pad))
 
     train = {"retain": corpus(1000, padded=13), "unlearn": corpus(5000)}
-    cfg = BakeConfig(batch_contexts=n, splice=0.5)
-    plain_ids, _, plain_edit, plain_unl = bake_mod._batch(train, BakeConfig(batch_contexts=n), 1, pad)
-    ids, attn, editable, unl = bake_mod._batch(train, cfg, 1, pad)
+    cfg = BakeConfig(batch_contexts=n)
+    plain_ids, _, plain_edit, plain_unl = bake_mod._batch(train, cfg, 1, pad)
+    ids, attn, editable, unl = bake_mod._batch(train, cfg, 1, pad, splice=0.5)
     assert torch.equal(plain_unl, torch.arange(2 * n)[:, None].expand(-1, T) >= n)  # splice 0: rows whole
     assert torch.equal(ids[:, 0], torch.full((2 * n,), bos))
     assert torch.equal(attn, (ids != pad).long()) and torch.equal(editable, (ids != bos) & (ids != pad))
@@ -263,6 +263,19 @@ def test_spliced_contexts_change_corpus_midway_and_label_each_token_by_its_own()
                 assert bos not in ids[i, cut:].tolist()  # the second text continues, without its BOS
         assert not changed[first + 3:first + n].any()
     assert bool((plain_ids[:3] == pad).any()) and int(changed[:3].sum()) == 2  # the padded context kept its text
-    assert torch.equal(bake_mod._batch(train, cfg, 1, pad)[0], ids)  # seeded by (seed, step): a resume redraws it
-    with pytest.raises(Exception, match="splice"):
-        BakeConfig(splice=1.5)
+    assert torch.equal(bake_mod._batch(train, cfg, 1, pad, splice=0.5)[0], ids)  # seeded by (seed, step)
+
+
+def test_a_spliced_bake_refuses_a_share_outside_0_1_and_records_its_share(store, tmp_path, tiny_model):
+    from pipelines.config import BakeConfig
+    from pipelines.errors import EvalError
+
+    fresh = load_model(tiny_model, device="cpu")  # a bake merges into the model it is given
+    run = _run(tmp_path, fresh, store)
+    with pytest.raises(EvalError, match=r"^splice is a share of the contexts, 0 to 1, got 1.5$"):
+        bake_mod.bake(run, tmp_path / "refused", fresh, BakeConfig(), splice=1.5)
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.bake").exists()
+    cfg = BakeConfig(steps=4, batch_contexts=4, rank=4, multiplier=2.0, forget_weight=1.0)
+    res = bake_mod.bake(run, tmp_path / "baked", fresh, cfg, splice=0.5, progress=False)
+    meta = json.loads((res.out_dir / bake_mod.BAKE_FILE).read_text())
+    assert meta["splice"] == 0.5 and meta["loss"]["unlearn_after"] < meta["loss"]["unlearn_before"]
