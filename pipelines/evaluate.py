@@ -341,8 +341,8 @@ def gate_quality(m: Measured, iv: Intervention, key: str, data: EvalData,
 
 def chosen_entries(full: dict[str, Measured], choices: list[tuple[str, str]], best_label: str | None,
                    best_ood_label: str | None, cfg: EvalConfig) -> dict[str, Entry]:
-    """The sides that the choices of one setting share, per label: its settings' complete
-    measurements (`full`) with intervals where a choice reports them. `choices`: (label, key) per
+    """Per chosen label, what every choice of that setting shares: its complete measurement
+    (`full`) with intervals where some choice reports them. `choices`: (label, key) per
     choice, key "" for the in-distribution ones and "ood_" for the out-of-distribution one: an
     in-distribution choice reports every prompt format's test half; the out-of-distribution choice
     both halves of its out-of-distribution side, and the in-distribution choice (`best_label`) the
