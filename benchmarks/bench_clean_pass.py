@@ -34,7 +34,8 @@ from pipelines.fastlm import kv_reuse_ok, text_config, verify_fast_path  # noqa:
 def work(data, model) -> tuple[int, int, int, float]:
     """(real tokens, tokens with padding, scored positions, estimated FLOP) of the clean pass."""
     cfg = text_config(model)
-    blocks = sum(p.numel() for layer in decoder_layers(model) for p in layer.parameters())
+    layers = decoder_layers(model)
+    blocks = sum(p.numel() for layer in layers for p in layer.parameters())
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     vocab, d = model.get_output_embeddings().weight.shape
@@ -48,7 +49,7 @@ def work(data, model) -> tuple[int, int, int, float]:
             n_pos = len(torch.unique(b.row_N * T + b.col_N))
             positions += n_pos
             flop += 2.0 * blocks * B * T  # every weight once per token, multiply and add
-            flop += 2.0 * 2.0 * B * (T * (T + 1) / 2) * heads * head_dim * len(decoder_layers(model))  # QK^T and AV
+            flop += 2.0 * 2.0 * B * (T * (T + 1) / 2) * heads * head_dim * len(layers)  # QK^T and AV, causal
             flop += 2.0 * vocab * d * n_pos
     return real, padded, positions, flop
 
