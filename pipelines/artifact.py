@@ -106,7 +106,7 @@ def _fluency(base_lm: Any, base: EvalData, other_lm: Any) -> dict[str, Fluency]:
         nll = ref.nll_P.clone()
         if bool(changed.any()):
             nll[changed] = continuation_nll(base_lm.model, ids[changed], edited[changed], batch=len(ids))
-        out[name] = Fluency.from_dict(summarize(base_lm.tokenizer, ids, edited, nll, ref, examples=3).to_dict())
+        out[name] = summarize(base_lm.tokenizer, ids, edited, nll, ref, examples=3)
     return out
 
 

@@ -320,8 +320,8 @@ class EvalData:
                     nll[changed] = continuation_nll(model, ids[changed], edited[changed], batch=len(ids))
             for n, sl in _slices(new, [len(self.fluency[n]) for n in new]):
                 done[n] = (edited[sl], nll[sl])
-        return {n: Fluency.from_dict(summarize(tokenizer, self.fluency[n], done[n][0], done[n][1],
-                                               self.fluency_ref[n], examples=examples).to_dict()) for n in names}
+        return {n: summarize(tokenizer, self.fluency[n], done[n][0], done[n][1], self.fluency_ref[n],
+                             examples=examples) for n in names}
 
     def prepare(self, model: Any, layers: int | Sequence[int], kv_above: int | None = None) -> None:
         """Clean passes and residual streams at `layers`. Call it once with every layer an

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from pipelines.errors import EvalError
 from pipelines.fastlm import cache_kw
+from pipelines.result import Example, Fluency
 
 
 class CleanRef(NamedTuple):
@@ -30,33 +31,6 @@ class CleanRef(NamedTuple):
     cont_PN: Tensor
     nll_P: Tensor
     distinct_P: Tensor
-
-
-class Example(NamedTuple):
-    prompt: str
-    clean: str
-    edited: str
-
-
-class Fluency(NamedTuple):
-    nll: float
-    """Clean model's mean NLL (nats/token) of the edited model's continuations."""
-    nll_clean: float
-    """The same for the clean model's own continuations (the reference)."""
-    distinct: float
-    """Mean over prompts of the edited continuation's distinct-bigram ratio."""
-    distinct_clean: float
-    changed: float
-    """Share of prompts whose edited continuation differs from the clean one in any token."""
-    n_prompts: int
-    n_new: int
-    examples: list[Example]
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: float(v) for k, v in self._asdict().items() if k != "examples"}
-        out.update(n_prompts=self.n_prompts, n_new=self.n_new,
-                   examples=[e._asdict() for e in self.examples])
-        return out
 
 
 def fluency_prompts(tokenizer: Any, paragraphs: list[str], *, n_prompts: int, prompt_tokens: int) -> Tensor:
@@ -154,9 +128,9 @@ def _examples(tokenizer: Any, ids_PT: Tensor, clean_PN: Tensor, edited_PN: Tenso
     tokens stay in the continuations: an EOS in mid-text is part of what the model said."""
     changed_P = (clean_PN != edited_PN).any(-1)
     order = sorted(range(len(ids_PT)), key=lambda p: not bool(changed_P[p]))[:max(k, 0)]
-    return [Example(tokenizer.decode(ids_PT[p], skip_special_tokens=True),
-                    tokenizer.decode(clean_PN[p], skip_special_tokens=False),
-                    tokenizer.decode(edited_PN[p], skip_special_tokens=False)) for p in order]
+    return [Example.build(prompt=tokenizer.decode(ids_PT[p], skip_special_tokens=True),
+                          clean=tokenizer.decode(clean_PN[p], skip_special_tokens=False),
+                          edited=tokenizer.decode(edited_PN[p], skip_special_tokens=False)) for p in order]
 
 
 def measure_fluency(model: Any, tokenizer: Any, ids_PT: Tensor, edit: Callable[[], ContextManager[Any]] | None,
@@ -184,10 +158,12 @@ def measure_fluency(model: Any, tokenizer: Any, ids_PT: Tensor, edit: Callable[[
 
 def summarize(tokenizer: Any, ids_PT: Tensor, edited_PN: Tensor, nll_P: Tensor, ref: CleanRef, *,
               examples: int = 3) -> Fluency:
-    """The Fluency of edited continuations whose clean-model NLL is `nll_P`, against `ref`."""
+    """The Fluency (pipelines/result.py) of edited continuations whose clean-model NLL is `nll_P`,
+    against `ref`."""
     n_new = edited_PN.shape[1]
-    return Fluency(nll=nll_P.mean().item(), nll_clean=ref.nll_P.mean().item(),
-                   distinct=distinct_bigrams(edited_PN).mean().item(), distinct_clean=ref.distinct_P.mean().item(),
-                   changed=(edited_PN != ref.cont_PN).any(-1).float().mean().item(),
-                   n_prompts=len(ids_PT), n_new=n_new,
-                   examples=_examples(tokenizer, ids_PT, ref.cont_PN, edited_PN, examples))
+    return Fluency.build(nll=nll_P.mean().item(), nll_clean=ref.nll_P.mean().item(),
+                         distinct=distinct_bigrams(edited_PN).mean().item(),
+                         distinct_clean=ref.distinct_P.mean().item(),
+                         changed=(edited_PN != ref.cont_PN).any(-1).float().mean().item(),
+                         n_prompts=len(ids_PT), n_new=n_new,
+                         examples=_examples(tokenizer, ids_PT, ref.cont_PN, edited_PN, examples))

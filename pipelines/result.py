@@ -197,9 +197,10 @@ class Fluency(_Record):
     nll_clean: float
     """The same of its own continuations."""
     distinct: float
+    """Mean over prompts of the edited continuation's distinct-bigram ratio (repetition lowers it)."""
     distinct_clean: float
     changed: float
-    """Share of prompts whose continuation the edit changed."""
+    """Share of prompts whose continuation the edit changed in any token."""
     n_prompts: int | None
     n_new: int | None
     examples: list[Example] | None
