@@ -244,6 +244,10 @@ SET_NAMES = ("forget_mcq", "retain_mcq", "forget_text", "retain_text",
              "ood_forget_mcq", "ood_retain_mcq", "ood_forget_text", "ood_retain_text")
 
 
+Done = dict[str, tuple[Tensor, Tensor]]
+"""A setting's fluency measured so far: {text set name: (continuations [P, N], clean-model NLL [P])}."""
+
+
 class EvalData:
     """The evaluation sets of one (model, data config), plus per-layer CE references. The four
     in-distribution sets are always there; the `ood_` ones when the config names them."""
@@ -287,41 +291,75 @@ class EvalData:
                    done: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, Fluency]:
         """Fluency (pipelines/fluency.py) of `iv`'s greedy continuations of the prose prompts of
         `names` (default: every text set with prompts) -> {name: pipelines.result.Fluency}.
+        `done`: {name: (continuations, NLL)} of the same `iv` measured before, used as they
+        are; the ones measured here are added to it. See `fluency_many`."""
+        return self.fluency_many(model, tokenizer, [iv], [names], examples, [done])[0]
 
-        The prompts of all `names` decode as one batch (they have the same length; greedy
-        decoding reads every weight once per step, whatever the batch); an
-        edited continuation equal to the clean one keeps the clean one's NLL (only the changed
-        ones are scored). `done`: {name: (continuations, NLL)} of the same `iv` measured before,
-        used as they are; the ones measured here are added to it."""
+    def fluency_many(self, model: Any, tokenizer: Any, ivs: Sequence[Intervention | None],
+                     names: Sequence[Sequence[str] | None] | None = None, examples: int = 0,
+                     dones: Sequence[Done | None] | None = None) -> list[dict[str, Fluency]]:
+        """`fluency_of` for several settings of one run at once -> one {name: Fluency} per setting,
+        each over its own `names` (None: every text set with prompts).
+
+        The clean model's own continuations are decoded once per set. A prompt whose prompt and
+        clean continuation a setting leaves untouched keeps the clean continuation
+        (`edit_reaches`); the other prompts of every setting and every set in `names` decode as
+        one batch (greedy decoding reads every weight once per step, so a wider batch costs less
+        per row), each setting editing its own rows (intervene.attach_rows). An edited
+        continuation equal to the clean one keeps the clean one's NLL; the changed ones are
+        scored per setting. Without reuse (EvalConfig.reuse false) each setting decodes all its
+        prompts alone and every continuation is scored."""
         from pipelines.fluency import CleanRef, continuation_nll, distinct_bigrams, greedy, summarize
+        from pipelines.intervene import hooked_rows
 
-        names = [n for n in (names if names is not None else list(self.fluency)) if n in self.fluency]
-        done = {} if done is None else done
-        todo = [n for n in names if n not in self.fluency_ref]
+        names = [[n for n in (ns if ns is not None else list(self.fluency)) if n in self.fluency]
+                 for ns in (names if names is not None else [None] * len(ivs))]
+        dones = [{} if d is None else d for d in (dones if dones is not None else [None] * len(ivs))]
+        todo = [n for n in self.fluency if any(n in ns for ns in names) and n not in self.fluency_ref]
         if todo:  # the clean model's own continuations, once per set
             ids = torch.cat([self.fluency[n] for n in todo])
             cont = greedy(model, ids, FLUENCY_NEW_TOKENS, batch=len(ids))
             nll = continuation_nll(model, ids, cont, batch=len(ids))
             for n, sl in _slices(todo, [len(self.fluency[n]) for n in todo]):
                 self.fluency_ref[n] = CleanRef(cont[sl], nll[sl], distinct_bigrams(cont[sl]))
-        new = [n for n in names if n not in done]
-        if new:
+        jobs = []  # (iv, done, names to measure, prompts, clean continuations, rows to decode)
+        for iv, ns, done in zip(ivs, names, dones):
+            new = [n for n in ns if n not in done]
+            if not new:
+                continue
             ids = torch.cat([self.fluency[n] for n in new])
             clean_cont = torch.cat([self.fluency_ref[n].cont_PN for n in new])
-            nll = torch.cat([self.fluency_ref[n].nll_P for n in new])
             if iv is None:
-                edited = clean_cont
+                reach = torch.zeros(len(ids), dtype=torch.bool)
+            elif self.reuse:
+                reach = edit_reaches(model, iv, ids, clean_cont)
             else:
-                with iv.hooked(model):
-                    edited = greedy(model, ids, FLUENCY_NEW_TOKENS, batch=len(ids))
-                changed = (edited != clean_cont).any(-1) | (not self.reuse)
+                reach = torch.ones(len(ids), dtype=torch.bool)
+            jobs.append((iv, done, new, ids, clean_cont, reach))
+        edited = [job[4].clone() for job in jobs]
+        decode = [k for k, job in enumerate(jobs) if bool(job[5].any())]
+        for batch in ([decode] if self.reuse and decode else [[k] for k in decode]):
+            parts, rows, at = [], [], 0
+            for k in batch:
+                iv, ids, reach = jobs[k][0], jobs[k][3], jobs[k][5]
+                parts.append((iv, slice(at, at + int(reach.sum()))))
+                rows.append(ids[reach])
+                at += int(reach.sum())
+            with hooked_rows(model, parts):
+                cont = greedy(model, torch.cat(rows), FLUENCY_NEW_TOKENS, batch=at)
+            for k, (_, sl) in zip(batch, parts):
+                edited[k][jobs[k][5]] = cont[sl]
+        for (iv, done, new, ids, clean_cont, _), cont in zip(jobs, edited):
+            nll = torch.cat([self.fluency_ref[n].nll_P for n in new])
+            if iv is not None:
+                changed = (cont != clean_cont).any(-1) | (not self.reuse)
                 if bool(changed.any()):
                     nll = nll.clone()
-                    nll[changed] = continuation_nll(model, ids[changed], edited[changed], batch=len(ids))
+                    nll[changed] = continuation_nll(model, ids[changed], cont[changed], batch=len(ids))
             for n, sl in _slices(new, [len(self.fluency[n]) for n in new]):
-                done[n] = (edited[sl], nll[sl])
-        return {n: summarize(tokenizer, self.fluency[n], done[n][0], done[n][1], self.fluency_ref[n],
-                             examples=examples) for n in names}
+                done[n] = (cont[sl], nll[sl])
+        return [{n: summarize(tokenizer, self.fluency[n], done[n][0], done[n][1], self.fluency_ref[n],
+                              examples=examples) for n in ns} for ns, done in zip(names, dones)]
 
     def prepare(self, model: Any, layers: int | Sequence[int], kv_above: int | None = None) -> None:
         """Clean passes and residual streams at `layers`. Call it once with every layer an
@@ -342,6 +380,27 @@ class EvalData:
         per_token = 2 * heads * head_dim * next(model.parameters()).element_size()
         tokens = sum(b.input_ids_BT.numel() for s in self.sets if s.clean is None for b in s.batches)
         return tokens * per_token * max(cfg.num_hidden_layers - 1 - kv_above, 0)
+
+
+@torch.inference_mode()
+def edit_reaches(model: Any, iv: Intervention, ids_PT: Tensor, cont_PN: Tensor) -> Tensor:
+    """bool [P]: the prompts on which `iv` edits some position of the prompt or of the clean
+    continuation `cont_PN` (its last token predicts nothing kept). On the others the edited model
+    computes what the clean one computes at every position, so its greedy continuation is
+    `cont_PN`: the gate decides from the residual at or below the edited layer, which the edit
+    cannot reach, and it is causal (trainer/gate/causal.py), so a full forward over the clean
+    continuation sees what KV-cached decoding sees."""
+    seq_PL = torch.cat([ids_PT, cont_PN[:, :-1]], dim=1)
+    P, L = seq_PL.shape
+    bos = getattr(text_config(model), "bos_token_id", None)
+    editable_PL = seq_PL != bos if bos is not None else torch.ones(P, L, dtype=torch.bool)
+    none = torch.zeros(0, dtype=torch.long)
+    b = Batch(seq_PL, torch.arange(L).expand(P, L), torch.zeros(P, L, dtype=torch.long), editable_PL, none, none, none)
+    resid = resid_at(model, b, sorted({iv.layer, iv.gate_layer}))
+    dev = resid[iv.layer].device
+    gate_h = resid[iv.gate_layer] if iv.gate_layer != iv.layer else None
+    edited = iv.to(dev).edit(resid[iv.layer], editable_PL.to(dev), gate_h_BTD=gate_h)
+    return edited.changed_B.cpu()
 
 
 def _slices(names: Sequence[str], sizes: Sequence[int]) -> list[tuple[str, slice]]:

@@ -268,27 +268,36 @@ def _carry_formats(src: Measured, dst: Measured) -> None:
     dst.correct.update({k: v for k, v in src.correct.items() if "@" in k})
 
 
-def sweep_fluency(m: Measured, data: EvalData, lm: Any, iv: Intervention, cfg: EvalConfig) -> None:
-    """The fluency of the forget-prose continuations (in and out of distribution) of an entry that
-    is retain-safe on the dev half, in place (`fluency[FORGET_PROSE]` of each side): the fluency
-    bound (EvalConfig.max_fluency_nll_rise) decides among those, and a setting that is not
-    retain-safe needs no more measuring."""
-    if cfg.max_fluency_nll_rise is None or iv.n_features == 0:
+def sweep_fluency(swept: list[tuple[Measured, Intervention]], data: EvalData, lm: Any, cfg: EvalConfig) -> None:
+    """The fluency of the forget-prose continuations (in and out of distribution) of the entries
+    that are retain-safe on the dev half, in place (`fluency[FORGET_PROSE]` of each side), all
+    settings decoded together (EvalData.fluency_many): the fluency bound
+    (EvalConfig.max_fluency_nll_rise) decides among those, and a setting that is not retain-safe
+    needs no more measuring."""
+    if cfg.max_fluency_nll_rise is None:
         return
-    todo = {}
-    for name, prefix, ce in (("forget_text", "", cfg.max_retain_ce_rise),
-                             ("ood_forget_text", "ood_", cfg.max_ood_retain_ce_rise)):
-        part = m.part(prefix)
-        if part is not None and part.dev is not None and name in data.fluency \
-                and retain_safe(part, cfg.retain_ratio, ce):
-            todo[name] = prefix
-    if not todo:
+    jobs = []
+    for m, iv in swept:
+        if iv.n_features == 0:
+            continue
+        todo = {}
+        for name, prefix, ce in (("forget_text", "", cfg.max_retain_ce_rise),
+                                 ("ood_forget_text", "ood_", cfg.max_ood_retain_ce_rise)):
+            part = m.part(prefix)
+            if part is not None and part.dev is not None and name in data.fluency \
+                    and retain_safe(part, cfg.retain_ratio, ce):
+                todo[name] = prefix
+        if todo:
+            jobs.append((m, iv, todo))
+    if not jobs:
         return
-    got = data.fluency_of(lm.model, lm.tokenizer, iv, list(todo), done=m.fluency)
-    for name, prefix in todo.items():
-        f = got[name]
-        m.update(prefix, fluency={FORGET_PROSE: Fluency.build(nll=f.nll, nll_clean=f.nll_clean, distinct=f.distinct,
-                                                              distinct_clean=f.distinct_clean, changed=f.changed)})
+    got = data.fluency_many(lm.model, lm.tokenizer, [iv for _, iv, _ in jobs], [list(todo) for *_, todo in jobs],
+                            dones=[m.fluency for m, _, _ in jobs])
+    for (m, _, todo), fl in zip(jobs, got):
+        for name, prefix in todo.items():
+            f = fl[name]
+            m.update(prefix, fluency={FORGET_PROSE: Fluency.build(nll=f.nll, nll_clean=f.nll_clean, distinct=f.distinct,
+                                                                  distinct_clean=f.distinct_clean, changed=f.changed)})
 
 
 def _with_intervals(part: Part, correct: dict[str, Answered], key: str, cfg: EvalConfig,
@@ -529,6 +538,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
     all_metrics = tuple(clean)
     metrics = all_metrics if cfg.sweep_losses else tuple(m for m in all_metrics if m.endswith("_mcq"))
     sweep: list[Measured] = []
+    ivs: list[Intervention] = []
     selection: dict[str, Detection] = {}
     for i, setting in enumerate(settings, 1):
         iv = Intervention(run, setting)
@@ -537,9 +547,13 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
         m = measure(data, model, iv, clean, metrics, formats=cfg.retain_ratio)
         if not cfg.sweep_losses:
             retain_losses(m, data, model, iv, clean, cfg.retain_ratio)
-        sweep_fluency(m, data, lm, iv, cfg)
         sweep.append(m)
+        ivs.append(iv)
         _log(progress, f"{tag} {i}/{len(settings)} {_describe(m.entry)}")
+    t_fl = time.perf_counter()
+    sweep_fluency(list(zip(sweep, ivs)), data, lm, cfg)
+    if cfg.max_fluency_nll_rise is not None:
+        _log(progress, f"{tag} fluency of the retain-safe settings ({time.perf_counter() - t_fl:.1f} s)")
     swept = {m.entry.label: m for m in sweep}
 
     # the choices: in and out of distribution, and per gate
@@ -570,7 +584,13 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             full[label] = measure(data, model, iv, clean, all_metrics)
     shared = chosen_entries(full, choices, best and best.entry.label, best_ood and best_ood.entry.label, cfg)
     detection: dict[tuple, Detection] = {}
-    fluent: dict[str, dict[str, Fluency]] = {}  # label -> the chosen setting's fluency, measured once
+    fluent: dict[str, dict[str, Fluency]] = {}  # label -> the chosen setting's fluency, every prose set
+    if data.fluency and full:  # the chosen settings decode together
+        labels = list(full)
+        got = data.fluency_many(model, lm.tokenizer, [Intervention(run, Setting.from_dict(full[k].entry.setting))
+                                                      for k in labels], examples=3,
+                                dones=[swept[k].fluency if cfg.reuse else {} for k in labels])
+        fluent = dict(zip(labels, got))
 
     def chosen(m: Measured | None, key: str) -> Entry | None:
         """The choice `m` as reported: intervals on its in-distribution halves (key ""), the gate,
@@ -583,12 +603,7 @@ def evaluate_run(run_dir: str | Path, lm: Any, cfg: EvalConfig | None = None, *,
             e = _with_intervals(e, full[label].correct, "", cfg, ("dev", "test"), formats=False)
             e = e.updated(unlearning_score=e.test.unlearning_score)
         e = e.updated(gate=gate_quality(full[label], iv, key, data, detection), selection=selection[iv.setting.set_key])
-        if not data.fluency:
-            return e
-        if label not in fluent:
-            fluent[label] = data.fluency_of(model, lm.tokenizer, iv, examples=3,
-                                            done=swept[label].fluency if cfg.reuse else {})
-        return e.updated(fluency=fluent[label])
+        return e.updated(fluency=fluent[label]) if label in fluent else e
 
     result = EvalResult.build(
         format=RESULT_FORMAT, run=str(run.path), layer=run.layer, method=run.method, model=lm.info.name,

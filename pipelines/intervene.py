@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -272,44 +272,7 @@ class Intervention:
 
     def attach(self, model: Any, *, skip_bos: bool = True) -> "Hooks":
         """Install the edit on `model` (forward hook on block `layer`); call .remove() to undo."""
-        blocks = decoder_layers(model)
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if not 0 <= self.layer < len(blocks):
-            raise EvalError(f"the run edits layer {self.layer} but the model has {len(blocks)} layers")
-        if int(cfg.hidden_size) != self.d_model:
-            raise EvalError(f"the run's SAE has d_model {self.d_model} but the model has hidden size "
-                            f"{cfg.hidden_size}: it was trained on another model")
-        bos = getattr(cfg, "bos_token_id", None) if skip_bos else None
-        state: dict[str, Any] = {"editable": None, "counts": None, "gate_h": None}
-
-        def pre_hook(_module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            state["editable"] = (ids != bos) if (bos is not None and isinstance(ids, Tensor)) else None
-            if not _continues(kwargs):
-                state["counts"] = None  # a new sequence: the gate starts counting afresh
-
-        def hook(_module, _inputs, output):
-            h_BTD = hidden_of(output)
-            editable_BT = state["editable"]
-            if editable_BT is None or editable_BT.shape != h_BTD.shape[:2]:
-                editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
-            iv = self.to(h_BTD.device)
-            start = state["counts"]  # KV-cached generation: the gate's counts so far
-            gate_h, state["gate_h"] = state["gate_h"], None
-            edited = iv.edit(h_BTD, editable_BT, start=start, gate_h_BTD=gate_h)
-            new_BTD = edited.h_BTD
-            if iv.gating is not None:
-                state["counts"] = iv.gating.carry(start, edited.signal_BT, editable_BT)
-            return with_hidden(output, new_BTD)
-
-        def gate_hook(_module, _inputs, output):  # the probe's layer runs first: keep its output
-            state["gate_h"] = hidden_of(output)
-
-        base = getattr(model, "model", model)
-        handles = [base.register_forward_pre_hook(pre_hook, with_kwargs=True)]
-        if self.threshold is not None and self.gate_layer != self.layer:
-            handles.append(blocks[self.gate_layer].register_forward_hook(gate_hook))
-        return Hooks(handles + [blocks[self.layer].register_forward_hook(hook)])
+        return attach_rows(model, [(self, slice(None))], skip_bos=skip_bos)
 
     @contextmanager
     def hooked(self, model: Any, *, skip_bos: bool = True) -> Iterator["Intervention"]:
@@ -318,6 +281,71 @@ class Intervention:
             yield self
         finally:
             hooks.remove()
+
+
+def attach_rows(model: Any, parts: Sequence[tuple[Intervention, slice]], *, skip_bos: bool = True) -> "Hooks":
+    """Install interventions that edit the same block, each on its own rows of every batch
+    (`parts`: (intervention, rows), the rows' slices covering the batch in order), so that one
+    forward serves several settings; each keeps its own gate state. Call .remove() to undo."""
+    if not parts:
+        raise EvalError("no intervention to install")
+    layer, d_model = parts[0][0].layer, parts[0][0].d_model
+    if any(iv.layer != layer for iv, _ in parts):
+        got = sorted({iv.layer for iv, _ in parts})
+        raise EvalError(f"interventions installed together must edit one layer, got {got}")
+    blocks = decoder_layers(model)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not 0 <= layer < len(blocks):
+        raise EvalError(f"the run edits layer {layer} but the model has {len(blocks)} layers")
+    if int(cfg.hidden_size) != d_model:
+        raise EvalError(f"the run's SAE has d_model {d_model} but the model has hidden size "
+                        f"{cfg.hidden_size}: it was trained on another model")
+    bos = getattr(cfg, "bos_token_id", None) if skip_bos else None
+    state: dict[str, Any] = {"editable": None, "counts": [None] * len(parts), "gate_h": {}}
+
+    def pre_hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        state["editable"] = (ids != bos) if (bos is not None and isinstance(ids, Tensor)) else None
+        if not _continues(kwargs):
+            state["counts"] = [None] * len(parts)  # a new sequence: the gates start counting afresh
+
+    def hook(_module, _inputs, output):
+        h_BTD = hidden_of(output)
+        editable_BT = state["editable"]
+        if editable_BT is None or editable_BT.shape != h_BTD.shape[:2]:
+            editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
+        gate_h, state["gate_h"] = state["gate_h"], {}
+        out = []
+        for g, (iv, rows) in enumerate(parts):
+            iv = iv.to(h_BTD.device)
+            start = state["counts"][g]  # KV-cached generation: the gate's counts so far
+            gh = gate_h.get(iv.gate_layer) if iv.gate_layer != layer else None
+            edited = iv.edit(h_BTD[rows], editable_BT[rows], start=start, gate_h_BTD=None if gh is None else gh[rows])
+            if iv.gating is not None:
+                state["counts"][g] = iv.gating.carry(start, edited.signal_BT, editable_BT[rows])
+            out.append(edited.h_BTD)
+        return with_hidden(output, out[0] if len(out) == 1 else torch.cat(out))
+
+    def gate_hook(gate_layer: int):
+        def keep(_module, _inputs, output):  # the probe's layer runs first: keep its output
+            state["gate_h"][gate_layer] = hidden_of(output)
+        return keep
+
+    base = getattr(model, "model", model)
+    handles = [base.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    for gl in sorted({iv.gate_layer for iv, _ in parts if iv.threshold is not None and iv.gate_layer != layer}):
+        handles.append(blocks[gl].register_forward_hook(gate_hook(gl)))
+    return Hooks(handles + [blocks[layer].register_forward_hook(hook)])
+
+
+@contextmanager
+def hooked_rows(model: Any, parts: Sequence[tuple[Intervention, slice]], *, skip_bos: bool = True) -> Iterator[None]:
+    """`attach_rows` for the duration of a `with` block."""
+    hooks = attach_rows(model, parts, skip_bos=skip_bos)
+    try:
+        yield
+    finally:
+        hooks.remove()
 
 
 def _continues(kwargs: dict[str, Any]) -> bool:

@@ -241,3 +241,49 @@ def test_the_evaluation_without_reuse_gives_the_same_result(lm, cfg, tmp_path):
     assert _first_difference(a, b) is None
     rows = {e.label: e.rows_rerun for e in fast.sweep}
     assert all(e.rows_rerun >= rows[e.label] for e in slow.sweep)
+
+
+def test_fluency_of_several_settings_decodes_only_the_prompts_their_edits_reach(lm, cfg, tmp_path, monkeypatch):
+    """EvalData.fluency_many: settings decoded together, each on its own rows, and the prompts a
+    gated edit never reaches (on the prompt or the clean continuation) left to the clean
+    continuation without decoding: the same numbers and examples as each setting measured alone
+    by pipelines.fluency.measure_fluency."""
+    import pipelines.fluency as fluency
+    from pipelines.config import Setting
+    from pipelines.evalsets import FLUENCY_NEW_TOKENS, edit_reaches
+    from pipelines.fluency import measure_fluency
+    from pipelines.intervene import Intervention, load_run
+
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, probe_layer=LAYER - 1))
+    data = eval_data(lm, cfg)
+    data.fluency_of(lm.model, lm.tokenizer, None)  # the clean continuations
+    ids = torch.cat(list(data.fluency.values()))
+    clean = torch.cat([data.fluency_ref[n].cont_PN for n in data.fluency])
+    probe = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=0.0))
+    gated = None
+    for thr in torch.linspace(-3, 3, 61).tolist():  # a threshold at which the gate opens on some prompts only
+        iv = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20,
+                                       gate_threshold=thr + float(probe.gating.threshold)))
+        if 0 < int(edit_reaches(lm.model, iv, ids, clean).sum()) < len(ids):
+            gated = iv
+            break
+    assert gated is not None, "no threshold opens the probe gate on some prompts only"
+    ivs = [gated, Intervention(run, Setting(gate="none", mode="clamp", multiplier=50.0)), None]
+    decoded = []
+    real = fluency.greedy
+
+    def counting(model, ids_PT, n_new, **kw):
+        decoded.append(len(ids_PT))
+        return real(model, ids_PT, n_new, **kw)
+    monkeypatch.setattr(fluency, "greedy", counting)
+    got = data.fluency_many(lm.model, lm.tokenizer, ivs, examples=2)
+    reach = int(edit_reaches(lm.model, gated, ids, clean).sum())
+    assert decoded == [reach + len(ids)], "one batch: the gated setting's reached prompts and every static one"
+    monkeypatch.setattr(fluency, "greedy", real)
+    for iv, fl in zip(ivs, got):
+        edit = None if iv is None else (lambda iv=iv: iv.hooked(lm.model))
+        for name, p_ids in data.fluency.items():
+            want = measure_fluency(lm.model, lm.tokenizer, p_ids, edit, n_new=FLUENCY_NEW_TOKENS, examples=2).to_dict()
+            assert fl[name].to_dict()["examples"] == want["examples"]
+            for k in ("nll", "nll_clean", "distinct", "distinct_clean", "changed", "n_prompts"):
+                assert getattr(fl[name], k) == pytest.approx(want[k], rel=1e-5), (name, k)

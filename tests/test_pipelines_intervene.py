@@ -333,3 +333,33 @@ def test_retain_mean_sets_the_selected_features_to_their_retain_mean(lm, run_dir
     expected = h - ((f - mean_S) @ run.sae.W_dec[iv.features].detach()) / run.scale
     expected[:, 0] = h[:, 0]
     torch.testing.assert_close(h_new, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_settings_installed_on_their_own_rows_act_as_each_installed_alone(lm, tmp_path):
+    """intervene.attach_rows: a probe-gated clamp reading an earlier block, a sequence-gated clamp
+    and a static clamp, each on its own rows of one batch, give each row the logits and the
+    KV-cached greedy continuation that the setting installed alone gives it."""
+    from pipelines.fluency import greedy
+    from pipelines.intervene import hooked_rows
+
+    run = load_run(make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, probe_layer=LAYER - 1))
+    ivs = [Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=0.0)),
+           Intervention(run, Setting(gate="sequence", mode="clamp", multiplier=5.0, gate_window=4, gate_threshold=0.5)),
+           Intervention(run, Setting(gate="none", mode="clamp", multiplier=5.0))]
+    ids = _ids(lm, n_rows=6, T=10, seed=3)
+    parts = [(iv, slice(2 * k, 2 * k + 2)) for k, iv in enumerate(ivs)]
+    with torch.no_grad():
+        clean = lm.model(ids).logits
+        with hooked_rows(lm.model, parts):
+            together = lm.model(ids).logits
+            cont = greedy(lm.model, ids, 6, batch=len(ids))
+    for iv, rows in parts:
+        with torch.no_grad(), iv.hooked(lm.model):
+            alone = lm.model(ids[rows]).logits
+        torch.testing.assert_close(together[rows], alone, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(alone, clean[rows]), "each setting changes its rows"
+        with iv.hooked(lm.model):
+            assert torch.equal(cont[rows], greedy(lm.model, ids[rows], 6, batch=2))
+    with pytest.raises(EvalError, match="one layer"):
+        other = load_run(make_run(tmp_path / "other", lm.info.d_model, LAYER + 1, lm.info.weights_hash))
+        hooked_rows(lm.model, [parts[0], (Intervention(other, Setting(gate="none")), slice(2, 6))]).__enter__()
