@@ -288,7 +288,7 @@ class EvalData:
 
     def fluency_of(self, model: Any, tokenizer: Any, iv: Intervention | None,
                    names: Sequence[str] | None = None, examples: int = 0,
-                   done: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, Fluency]:
+                   done: Done | None = None) -> dict[str, Fluency]:
         """Fluency (pipelines/fluency.py) of `iv`'s greedy continuations of the prose prompts of
         `names` (default: every text set with prompts) -> {name: pipelines.result.Fluency}.
         `done`: {name: (continuations, NLL)} of the same `iv` measured before, used as they

@@ -315,6 +315,9 @@ def attach_rows(model: Any, parts: Sequence[tuple[Intervention, slice]], *, skip
         if editable_BT is None or editable_BT.shape != h_BTD.shape[:2]:
             editable_BT = torch.ones(h_BTD.shape[:2], dtype=torch.bool, device=h_BTD.device)
         gate_h, state["gate_h"] = state["gate_h"], {}
+        if len(parts) > 1 and parts[-1][1].stop != len(h_BTD):
+            raise EvalError(f"the batch has {len(h_BTD)} rows but the settings installed on it cover "
+                            f"{parts[-1][1].stop}")
         out = []
         for g, (iv, rows) in enumerate(parts):
             iv = iv.to(h_BTD.device)
