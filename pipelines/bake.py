@@ -70,6 +70,19 @@ def check_bake_out(out: Path, overwrite: bool) -> None:
         raise EvalError(f"bake folder {out} exists and is not empty; pass --overwrite or pick another")
 
 
+def recorded_store(run_dir: str | Path, recorded: str) -> str:
+    """The store a run recorded, as a path that opens from here: as recorded when it is a URL,
+    absolute, or found from the current folder; else under the nearest folder above the run that
+    holds it (`ff run --out X` records X/store.zarr relative to the folder it ran in, and the run
+    sits in X/runs/...); else as recorded, for the error to name."""
+    if "://" in recorded or Path(recorded).is_absolute() or Path(recorded).exists():
+        return recorded
+    for parent in Path(run_dir).resolve().parents:
+        if (parent / recorded).exists():
+            return str(parent / recorded)
+    return recorded
+
+
 def _corpora(store_path: str, eval_rows: int, tokenizer_hash: str) -> tuple[dict[str, _Corpus], dict[str, _Corpus]]:
     """(train, held-out) token rows of the store's retain and unlearn corpora; the last
     `eval_rows` contexts of each corpus are held out for the before/after loss. The store's
@@ -208,7 +221,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     iv_all = Intervention(run, setting.changed(gate="none"))
     if iv.n_features == 0:
         raise EvalError(f"the setting {setting.label} edits no feature: nothing to bake")
-    store_path = store or str(run.config.unlearn_store or run.config.store)
+    store_path = store or recorded_store(run_dir, str(run.config.unlearn_store or run.config.store))
     train, held = _corpora(store_path, eval_rows, lm.info.tokenizer_hash)
     model = lm.model
     dev = next(model.parameters()).device

@@ -162,6 +162,22 @@ def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_pa
     assert (full / "keep.txt").read_text() == "mine" and [p.name for p in full.iterdir()] == ["keep.txt"]
 
 
+def test_bake_finds_the_store_a_run_recorded_relative_to_the_folder_it_ran_in(lm, store, tmp_path, monkeypatch):
+    """`ff run --out X` records X/store.zarr relative to where it ran: a bake started from another
+    folder finds it above the run folder."""
+    demo = tmp_path / "demo"
+    shutil.copytree(store, demo / "store.zarr")
+    run = _run(tmp_path, lm, "demo/store.zarr")
+    (demo / "runs").mkdir()
+    run = Path(shutil.move(str(run), demo / "runs" / "layer_1"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = CliRunner().invoke(main, ["bake", "--run", str(run), "--out", str(tmp_path / "o"), "--set", "steps=2",
+                                  "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "featureforget_bake.json").read_text())["store"] == str(demo / "store.zarr")
+
+
 def _plain_correct(model, tok, questions, template: str) -> torch.Tensor:
     """Each question scored the plain way: one forward per choice, the sum of log p of its tokens."""
     out = []
