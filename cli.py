@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -481,6 +482,8 @@ def _eval_model(model, base, cfg, save) -> None:
         raise EvalError("--save writes RUN/unlearning.json; for a model folder use --json > FILE")
     check_plain(model)
     base = base or base_of(model)
+    if base is None and not Path(model).exists():
+        raise EvalError(f"no model folder {model} here (a model from the hub needs --base MODEL)")
     if base is None:
         raise EvalError(f"{model} names no base model (no featureforget_bake.json): pass --base MODEL")
     device = _device()

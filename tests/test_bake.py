@@ -239,6 +239,7 @@ def test_ff_eval_model_refuses_an_exported_folder_and_a_folder_without_base(tmp_
     (exported / "config.json").write_text(json.dumps({**cfg, "featureforget": {"layer": 1}}))
     for args, needle in ((["--model", str(exported), "--base", tiny_model], "exported folder"),
                          (["--model", tiny_model], "pass --base"),
+                         (["--model", str(tmp_path / "missing")], "no model folder"),
                          (["--model", tiny_model, "--base", tiny_model, "--save"], "--json > FILE"),
                          ([], "pass --run RUN")):
         r = CliRunner().invoke(main, ["eval", *args, "--quiet"])
