@@ -248,6 +248,19 @@ Done = dict[str, tuple[Tensor, Tensor]]
 """A setting's fluency measured so far: {text set name: (continuations [P, N], clean-model NLL [P])}."""
 
 
+class _FluencyJob(NamedTuple):
+    """One setting's share of EvalData.fluency_many."""
+
+    iv: Intervention | None
+    done: Done
+    names: list[str]
+    """The text sets measured here, in the order of the rows below."""
+    ids_PT: Tensor
+    clean_PN: Tensor
+    reach_P: Tensor
+    """The prompts to decode (edit_reaches); the others keep the clean continuation."""
+
+
 class EvalData:
     """The evaluation sets of one (model, data config), plus per-layer CE references. The four
     in-distribution sets are always there; the `ood_` ones when the config names them."""
@@ -322,7 +335,7 @@ class EvalData:
             nll = continuation_nll(model, ids, cont, batch=len(ids))
             for n, sl in _slices(todo, [len(self.fluency[n]) for n in todo]):
                 self.fluency_ref[n] = CleanRef(cont[sl], nll[sl], distinct_bigrams(cont[sl]))
-        jobs = []  # (iv, done, names to measure, prompts, clean continuations, rows to decode)
+        jobs: list[_FluencyJob] = []
         for iv, ns, done in zip(ivs, names, dones):
             new = [n for n in ns if n not in done]
             if not new:
@@ -335,29 +348,29 @@ class EvalData:
                 reach = edit_reaches(model, iv, ids, clean_cont)
             else:
                 reach = torch.ones(len(ids), dtype=torch.bool)
-            jobs.append((iv, done, new, ids, clean_cont, reach))
-        edited = [job[4].clone() for job in jobs]
-        decode = [k for k, job in enumerate(jobs) if bool(job[5].any())]
+            jobs.append(_FluencyJob(iv, done, new, ids, clean_cont, reach))
+        edited = [job.clean_PN.clone() for job in jobs]
+        decode = [k for k, job in enumerate(jobs) if bool(job.reach_P.any())]
         for batch in ([decode] if self.reuse and decode else [[k] for k in decode]):
             parts, rows, at = [], [], 0
             for k in batch:
-                iv, ids, reach = jobs[k][0], jobs[k][3], jobs[k][5]
-                parts.append((iv, slice(at, at + int(reach.sum()))))
-                rows.append(ids[reach])
-                at += int(reach.sum())
+                n = int(jobs[k].reach_P.sum())
+                parts.append((jobs[k].iv, slice(at, at + n)))
+                rows.append(jobs[k].ids_PT[jobs[k].reach_P])
+                at += n
             with hooked_rows(model, parts):
                 cont = greedy(model, torch.cat(rows), FLUENCY_NEW_TOKENS, batch=at)
             for k, (_, sl) in zip(batch, parts):
-                edited[k][jobs[k][5]] = cont[sl]
-        for (iv, done, new, ids, clean_cont, _), cont in zip(jobs, edited):
-            nll = torch.cat([self.fluency_ref[n].nll_P for n in new])
-            if iv is not None:
-                changed = (cont != clean_cont).any(-1) | (not self.reuse)
+                edited[k][jobs[k].reach_P] = cont[sl]
+        for job, cont in zip(jobs, edited):
+            nll = torch.cat([self.fluency_ref[n].nll_P for n in job.names])
+            if job.iv is not None:
+                changed = (cont != job.clean_PN).any(-1) | (not self.reuse)
                 if bool(changed.any()):
                     nll = nll.clone()
-                    nll[changed] = continuation_nll(model, ids[changed], cont[changed], batch=len(ids))
-            for n, sl in _slices(new, [len(self.fluency[n]) for n in new]):
-                done[n] = (cont[sl], nll[sl])
+                    nll[changed] = continuation_nll(model, job.ids_PT[changed], cont[changed], batch=len(job.ids_PT))
+            for n, sl in _slices(job.names, [len(self.fluency[n]) for n in job.names]):
+                job.done[n] = (cont[sl], nll[sl])
         return [{n: summarize(tokenizer, self.fluency[n], done[n][0], done[n][1], self.fluency_ref[n],
                               examples=examples) for n in ns} for ns, done in zip(names, dones)]
 

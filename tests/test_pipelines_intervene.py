@@ -363,6 +363,7 @@ def test_settings_installed_on_their_own_rows_act_as_each_installed_alone(lm, tm
     with pytest.raises(EvalError, match="6 rows but the settings installed on it cover 4"), torch.no_grad(), \
             hooked_rows(lm.model, parts[:2]):
         lm.model(ids)
-    with pytest.raises(EvalError, match="one layer"):
-        other = load_run(make_run(tmp_path / "other", lm.info.d_model, LAYER + 1, lm.info.weights_hash))
-        hooked_rows(lm.model, [parts[0], (Intervention(other, Setting(gate="none")), slice(2, 6))]).__enter__()
+    other = load_run(make_run(tmp_path / "other", lm.info.d_model, LAYER + 1, lm.info.weights_hash))
+    with pytest.raises(EvalError, match="one layer"), \
+            hooked_rows(lm.model, [parts[0], (Intervention(other, Setting(gate="none")), slice(2, 6))]):
+        pass
