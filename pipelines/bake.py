@@ -10,14 +10,16 @@ the edit produces there:
 on the store's two corpora (`--set target=gated`: the run's chosen setting with its gate, so retain
 text mostly keeps its clean residual and forget text gets the gated edit), or the edit on every
 unlearn-corpus token and the clean residual on every retain-corpus token (`--set target=corpus`: the
-corpus label is the gate). The loss is the squared error at editable positions (no BOS, no
-padding), each residual dimension weighed by 1 / its clean variance (a few very large dimensions
-would otherwise decide it), in units of the edit's mean squared size on unlearn text (so the
-clean model starts at about 1 on unlearn rows and 0 on retain rows), averaged separately over
-retain and unlearn rows and summed. Nothing above block L changes, so the LM head never runs: a step costs
-forward and backward through L + 1 blocks. The update is then merged (`merge_and_unload`) and the
-model saved as a standard folder, with `featureforget_bake.json` (the run, setting, base model and
-the bake's losses) and a model card.
+corpus label is the gate). With `retain_samples` N, half of each step's retain rows come instead
+from N contexts sampled from the clean model itself, those on which the setting's gate stays shut:
+text as broad as what the model knows, where the store's retain corpus may be narrow. The loss is
+the squared error at editable positions (no BOS, no padding), each residual dimension weighed by 1 /
+its clean variance (a few very large dimensions would otherwise decide it), in units of the edit's
+mean squared size on unlearn text (so the clean model starts at about 1 on unlearn rows and 0 on
+retain rows), averaged separately over retain and unlearn rows and summed. Nothing above block L
+changes, so the LM head never runs: a step costs forward and backward through L + 1 blocks. The
+update is then merged (`merge_and_unload`) and the model saved as a standard folder, with
+`featureforget_bake.json` (the run, setting, base model and the bake's losses) and a model card.
 
 Work in progress lives in OUT.bake/ (a checkpoint every `checkpoint_every` steps, written
 atomically); the same command after an interruption resumes from it, bit-identically: each step's
@@ -46,6 +48,7 @@ from pipelines.errors import EvalError
 BAKE_FILE = "featureforget_bake.json"
 """In a baked folder: what it was baked from and how (run, setting, base model, config, losses)."""
 CHECKPOINT = "checkpoint.pt"
+SAMPLES = "samples.npz"
 TARGETS = ("gated", "corpus")
 
 
@@ -117,6 +120,41 @@ def _draw(c: _Corpus, n: int, seed: int, step: int, salt: int) -> tuple[Tensor, 
     return torch.from_numpy(c.tokens[idx].astype(np.int64)), torch.from_numpy(c.mask[idx])
 
 
+def _own_samples(lm: Any, n: int, T: int, seed: int, res: "_Residual", iv: Any, batch: int = 32,
+                 progress: bool = True) -> tuple[_Corpus, int]:
+    """`n` contexts of T tokens sampled from the model as it is (temperature 1, the whole vocabulary,
+    from BOS, no early end), seeded by `seed`; those on which the setting's gate edits no token are
+    kept as retain text (all, for a setting without a gate). The pad and BOS tokens are never
+    sampled (the bake masks pad tokens out). -> (kept, how many were sampled)."""
+    from tqdm import tqdm
+
+    model, tok = lm.model, lm.tokenizer
+    dev = next(model.parameters()).device
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    pad_id = int(getattr(tok, "pad_token_id", 0) or 0)
+    torch.manual_seed(seed)
+    rows = []
+    for i in tqdm(range(0, n, batch), desc="sample retain text", unit="batch", disable=not progress,
+                  dynamic_ncols=True):
+        ids = torch.full((min(batch, n - i), 1), bos, dtype=torch.long, device=dev)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=T - 1,
+                                 min_new_tokens=T - 1, pad_token_id=pad_id,
+                                 suppress_tokens=sorted({pad_id, bos}))  # a pad token would be masked out
+        out = out[:, :T]
+        edit_mask = torch.ones_like(out, dtype=torch.bool)
+        edit_mask[:, 0] = False  # BOS is never edited
+        if iv.threshold is not None:
+            with torch.no_grad():
+                got = res(out, torch.ones_like(out))
+                changed = iv.edit(got[iv.layer], edit_mask, gate_h_BTD=got.get(iv.gate_layer)).changed_B
+            out, edit_mask = out[~changed.to(out.device)], edit_mask[~changed.to(out.device)]
+        rows.append((out.cpu().numpy().astype(np.int32), edit_mask.cpu().numpy()))
+    tokens = np.concatenate([r[0] for r in rows])
+    return _Corpus(tokens, np.concatenate([r[1] for r in rows])), n
+
+
 class _Residual:
     """The output of blocks `layers` on one forward through the decoder, stopping after the
     deepest (cache/capture.py), with the autograd graph of the blocks below."""
@@ -156,9 +194,14 @@ def _loss(h: Tensor, tgt: Tensor, editable: Tensor, unlearn_BT: Tensor, norm: fl
 def _batch(train: dict[str, _Corpus], cfg: BakeConfig, step: int, pad_id: int,
            salt: int = 0, splice: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Step `step`'s contexts: batch_contexts of each corpus, retain rows first -> (ids, attention
-    mask, editable, unlearn_BT: which tokens are unlearn text). A `splice` share of each corpus's
-    rows continues into the other corpus's text (`_splice`)."""
-    r_tok, r_mask = _draw(train["retain"], cfg.batch_contexts, cfg.seed, step, 2 * salt)
+    mask, editable, unlearn_BT: which tokens are unlearn text). With `train["samples"]` (the model's
+    own samples, retain_samples), half of the retain rows are drawn from them. A `splice` share of
+    each corpus's rows continues into the other corpus's text (`_splice`)."""
+    n_own = cfg.batch_contexts // 2 if "samples" in train else 0
+    r_tok, r_mask = _draw(train["retain"], cfg.batch_contexts - n_own, cfg.seed, step, 2 * salt)
+    if n_own:  # the model's own samples (retain_samples): the last rows of the retain half
+        s_tok, s_mask = _draw(train["samples"], n_own, cfg.seed, step, 2 * salt + 3)
+        r_tok, r_mask = torch.cat([r_tok, s_tok]), torch.cat([r_mask, s_mask])
     u_tok, u_mask = _draw(train["unlearn"], cfg.batch_contexts, cfg.seed, step, 2 * salt + 1)
     tok = torch.cat([r_tok, u_tok])
     editable = torch.cat([r_mask, u_mask]).bool()
@@ -247,6 +290,9 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         if ckpt.get("stamp") != stamp:
             raise EvalError(f"{work} holds a bake of another run, setting or config; pass --overwrite to start over")
     work.mkdir(parents=True, exist_ok=True)
+    n_sampled = 0
+    if cfg.retain_samples:
+        train["samples"], n_sampled = _samples_of(work, ckpt is not None, lm, cfg, train, res, iv, progress)
 
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.modules),
@@ -327,9 +373,32 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     for p in merged.parameters():
         p.requires_grad_(False)
     folder = _save(merged, lm, out, {**stamp, "base_model": lm.info.name, "layer": run.layer,
-                                     "setting_label": setting.label, "loss": loss_d, "steps": cfg.steps})
+                                     "setting_label": setting.label, "loss": loss_d, "steps": cfg.steps,
+                                     **({"retain_samples_kept": int(len(train["samples"].tokens)),
+                                         "retain_samples_drawn": n_sampled} if n_sampled else {})})
     shutil.rmtree(work, ignore_errors=True)
     return BakeResult(folder, cfg.steps, start, round(time.perf_counter() - t0, 1), loss_d)
+
+
+def _samples_of(work: Path, resuming: bool, lm: Any, cfg: BakeConfig, train: dict[str, _Corpus], res: _Residual,
+                iv: Any, progress: bool) -> tuple[_Corpus, int]:
+    """The retain_samples contexts: sampled once and kept in the work folder, so a resumed bake
+    trains on the same ones (and does not sample again)."""
+    import io
+
+    path = work / SAMPLES
+    if resuming and path.is_file():
+        with np.load(path) as z:
+            return _Corpus(z["tokens"], z["mask"]), int(z["sampled"])
+    c, n = _own_samples(lm, cfg.retain_samples, train["retain"].tokens.shape[1], cfg.seed, res, iv,
+                        progress=progress)
+    if len(c.tokens) < 1:
+        raise EvalError(f"the setting's gate opens on every one of the {n} samples of the model: no retain "
+                        "text to draw from them (set retain_samples=0)")
+    buf = io.BytesIO()
+    np.savez(buf, tokens=c.tokens, mask=c.mask, sampled=n)
+    atomic_write(path, buf.getvalue())
+    return c, n
 
 
 def _checkpoint(path: Path, pm: Any, opt: Any, sched: Any, step: int, norm: float, w_D: Tensor, before: Any,

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -296,3 +297,71 @@ def test_a_spliced_bake_refuses_a_share_outside_0_1_and_records_its_share(store,
     res = bake_mod.bake(run, tmp_path / "baked", fresh, cfg, splice=0.5, progress=False)
     meta = json.loads((res.out_dir / bake_mod.BAKE_FILE).read_text())
     assert meta["splice"] == 0.5 and meta["loss"]["unlearn_after"] < meta["loss"]["unlearn_before"]
+
+
+def _probe_run(tmp_path: Path, lm) -> Path:
+    return make_run(tmp_path / "run", lm.info.d_model, LAYER, lm.info.weights_hash, model=lm.info.name,
+                    probe_layer=LAYER - 1)
+
+
+def test_own_samples_are_the_models_seeded_samples_that_the_gate_leaves_unedited(lm, tmp_path):
+    """retain_samples: contexts sampled from the model (seeded, full length, from BOS), kept where the
+    setting's gate edits no token; a gateless setting keeps them all."""
+    run = load_run(_probe_run(tmp_path, lm))
+    n, T = 12, 16
+    res = bake_mod._Residual(lm.model, [LAYER, LAYER - 1])
+    every, drawn = bake_mod._own_samples(lm, n, T, 7, res, Intervention(run, SETTING), batch=5, progress=False)
+    assert drawn == n and every.tokens.shape == (n, T)
+    assert (every.tokens[:, 0] == lm.tokenizer.bos_token_id).all() and (every.tokens[:, 1:] != 0).all()
+    assert not every.mask[:, 0].any() and every.mask[:, 1:].all()
+    again, _ = bake_mod._own_samples(lm, n, T, 7, res, Intervention(run, SETTING), batch=5, progress=False)
+    other, _ = bake_mod._own_samples(lm, n, T, 8, res, Intervention(run, SETTING), batch=5, progress=False)
+    assert (again.tokens == every.tokens).all() and (other.tokens != every.tokens).any()  # seeded
+
+    ids = torch.from_numpy(every.tokens.astype("int64"))
+    got = res(ids, torch.ones_like(ids))
+    probe = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20, gate_threshold=0.0))
+    for thr in torch.linspace(-3, 3, 61).tolist():  # a threshold at which the gate opens on some samples only
+        iv = Intervention(run, Setting(gate="probe", mode="clamp", multiplier=30.0, top_n=20,
+                                       gate_threshold=thr + float(probe.gating.threshold)))
+        with torch.no_grad():
+            changed = iv.edit(got[LAYER], torch.from_numpy(every.mask), gate_h_BTD=got[LAYER - 1]).changed_B
+        if 0 < int(changed.sum()) < n:
+            break
+    else:
+        pytest.fail("no threshold opens the probe gate on some samples only")
+    kept, drawn = bake_mod._own_samples(lm, n, T, 7, res, iv, batch=5, progress=False)
+    assert drawn == n and (kept.tokens == every.tokens[~changed.numpy()]).all()
+
+
+def test_a_bake_with_own_samples_trains_half_its_retain_rows_on_them_and_keeps_them_for_a_resume(
+        store, tmp_path, tiny_model, monkeypatch):
+    from pipelines.config import BakeConfig
+
+    fresh = load_model(tiny_model, device="cpu")  # a bake merges into the model it is given
+    run = _run(tmp_path, fresh, store)
+    cfg = BakeConfig(steps=4, batch_contexts=4, rank=4, multiplier=2.0, forget_weight=1.0, retain_samples=6)
+    train = {"retain": bake_mod._Corpus(np.full((8, 16), 3, np.int32), np.ones((8, 16), bool)),
+             "unlearn": bake_mod._Corpus(np.full((8, 16), 4, np.int32), np.ones((8, 16), bool)),
+             "samples": bake_mod._Corpus(np.full((6, 16), 5, np.int32), np.ones((6, 16), bool))}
+    ids, _, _, unl = bake_mod._batch(train, cfg, 2, 0)
+    assert ids[:, 0].tolist() == [3, 3, 5, 5, 4, 4, 4, 4] and unl[:, 0].tolist() == [False] * 4 + [True] * 4
+
+    work = tmp_path / "baked.bake"
+    work.mkdir()
+    res = bake_mod._Residual(fresh.model, [LAYER])
+    made, n = bake_mod._samples_of(work, False, fresh, cfg, train, res, Intervention(load_run(run), SETTING), False)
+    assert n == 6 and made.tokens.shape == (6, 16) and (work / bake_mod.SAMPLES).is_file()
+
+    def no_sampling(*a, **k):
+        raise AssertionError("a resumed bake samples again")
+    monkeypatch.setattr(bake_mod, "_own_samples", no_sampling)
+    kept, n = bake_mod._samples_of(work, True, fresh, cfg, train, res, None, False)
+    assert n == 6 and (kept.tokens == made.tokens).all() and (kept.mask == made.mask).all()
+    monkeypatch.undo()
+    shutil.rmtree(work)
+
+    out = bake_mod.bake(run, tmp_path / "baked", fresh, cfg, progress=False).out_dir
+    meta = json.loads((out / bake_mod.BAKE_FILE).read_text())
+    assert meta["retain_samples_drawn"] == 6 and meta["retain_samples_kept"] == 6  # gateless: every sample
+    assert meta["config"]["retain_samples"] == 6 and not work.exists()
