@@ -10,9 +10,7 @@ the edit produces there:
 on the store's two corpora (`--set target=gated`: the run's chosen setting with its gate, so retain
 text mostly keeps its clean residual and forget text gets the gated edit), or the edit on every
 unlearn-corpus token and the clean residual on every retain-corpus token (`--set target=corpus`: the
-corpus label is the gate). With `retain_samples` N, half of each step's retain rows come instead
-from N contexts sampled from the clean model itself, those on which the setting's gate stays shut:
-text as broad as what the model knows, where the store's retain corpus may be narrow. The loss is
+corpus label is the gate). The loss is
 the squared error at editable positions (no BOS, no padding), each residual dimension weighed by 1 /
 its clean variance (a few very large dimensions would otherwise decide it), in units of the edit's
 mean squared size on unlearn text (so the clean model starts at about 1 on unlearn rows and 0 on
@@ -120,27 +118,31 @@ def _draw(c: _Corpus, n: int, seed: int, step: int, salt: int) -> tuple[Tensor, 
     return torch.from_numpy(c.tokens[idx].astype(np.int64)), torch.from_numpy(c.mask[idx])
 
 
-def _own_samples(lm: Any, n: int, T: int, seed: int, res: "_Residual", iv: Any, batch: int = 32,
-                 progress: bool = True) -> tuple[_Corpus, int]:
+def _own_samples(lm: Any, n: int, T: int, seed: int, res: "_Residual", iv: Any, prefix: str = "",
+                 batch: int = 32, progress: bool = True) -> tuple[_Corpus, int]:
     """`n` contexts of T tokens sampled from the model as it is (temperature 1, the whole vocabulary,
-    from BOS, no early end), seeded by `seed`; those on which the setting's gate edits no token are
-    kept as retain text (all, for a setting without a gate). The pad and BOS tokens are never
-    sampled (the bake masks pad tokens out). -> (kept, how many were sampled)."""
+    from BOS and then `prefix`, no early end), seeded by `seed`; those on which the setting's gate
+    edits no token are kept as retain text (all, for a setting without a gate). The pad and BOS
+    tokens are never sampled (the bake masks pad tokens out). -> (kept, how many were sampled)."""
     from tqdm import tqdm
 
     model, tok = lm.model, lm.tokenizer
     dev = next(model.parameters()).device
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     pad_id = int(getattr(tok, "pad_token_id", 0) or 0)
+    pre = tok(prefix, add_special_tokens=False).input_ids if prefix else []
+    if len(pre) >= T - 1:
+        raise EvalError(f"the sampling prefix {prefix!r} is {len(pre)} tokens: it leaves nothing to sample in "
+                        f"contexts of {T}")
     torch.manual_seed(seed)
     rows = []
     for i in tqdm(range(0, n, batch), desc="sample retain text", unit="batch", disable=not progress,
                   dynamic_ncols=True):
-        ids = torch.full((min(batch, n - i), 1), bos, dtype=torch.long, device=dev)
+        ids = torch.tensor([[bos, *pre]], dtype=torch.long, device=dev).expand(min(batch, n - i), -1)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=T - 1,
-                                 min_new_tokens=T - 1, pad_token_id=pad_id,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=T - ids.shape[1],
+                                 min_new_tokens=T - ids.shape[1], pad_token_id=pad_id,
                                  suppress_tokens=sorted({pad_id, bos}))  # a pad token would be masked out
         out = out[:, :T]
         edit_mask = torch.ones_like(out, dtype=torch.bool)
@@ -195,11 +197,11 @@ def _batch(train: dict[str, _Corpus], cfg: BakeConfig, step: int, pad_id: int,
            salt: int = 0, splice: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Step `step`'s contexts: batch_contexts of each corpus, retain rows first -> (ids, attention
     mask, editable, unlearn_BT: which tokens are unlearn text). With `train["samples"]` (the model's
-    own samples, retain_samples), half of the retain rows are drawn from them. A `splice` share of
+    own samples, `bake(own_samples=)`), half of the retain rows are drawn from them. A `splice` share of
     each corpus's rows continues into the other corpus's text (`_splice`)."""
     n_own = cfg.batch_contexts // 2 if "samples" in train else 0
     r_tok, r_mask = _draw(train["retain"], cfg.batch_contexts - n_own, cfg.seed, step, 2 * salt)
-    if n_own:  # the model's own samples (retain_samples): the last rows of the retain half
+    if n_own:  # the model's own samples: the last rows of the retain half
         s_tok, s_mask = _draw(train["samples"], n_own, cfg.seed, step, 2 * salt + 3)
         r_tok, r_mask = torch.cat([r_tok, s_tok]), torch.cat([r_mask, s_mask])
     u_tok, u_mask = _draw(train["unlearn"], cfg.batch_contexts, cfg.seed, step, 2 * salt + 1)
@@ -218,7 +220,7 @@ def _splice(tok: Tensor, editable: Tensor, unlearn_BT: Tensor, n_retain: int, sh
     quarter and three quarters of the context, with a row of the other corpus (its tokens after BOS,
     which keep their own corpus's label). Rows with padding before the cut keep their own text.
     With target corpus, each token's target is then its own corpus's: the update is taught to
-    follow the topic at hand rather than what came before it (scripts/bake_splice.py; measured and
+    follow the topic at hand rather than what came before it (scripts/bake_variants.py; measured and
     not adopted, docs/results.md)."""
     B, T = tok.shape
     src = tok.clone()
@@ -236,11 +238,14 @@ def _splice(tok: Tensor, editable: Tensor, unlearn_BT: Tensor, n_retain: int, sh
 
 def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, store: str | None = None,
          setting: Any = None, overwrite: bool = False, progress: bool = True, eval_rows: int = 16,
-         splice: float = 0.0) -> BakeResult:
+         splice: float = 0.0, own_samples: int = 0, sample_prefix: str = "") -> BakeResult:
     """Train, merge and save (module docstring). Resumes from OUT.bake/ when its checkpoint was
     written by the same run, setting and config. The update is merged into `lm.model` in place:
     afterwards it is the baked model. `splice`: the share of each step's contexts that change
-    corpus midway (`_splice`; research, scripts/bake_splice.py)."""
+    corpus midway (`_splice`); `own_samples`: that many contexts sampled from the model (after
+    `sample_prefix`), kept where the setting's gate stays shut, stand for half of each step's retain
+    rows (`_own_samples`). Both are research options, measured and not adopted
+    (scripts/bake_variants.py, docs/results.md)."""
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
 
@@ -253,6 +258,8 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         raise EvalError("steps, batch_contexts and rank must be positive")
     if not 0.0 <= splice <= 1.0:
         raise EvalError(f"splice is a share of the contexts, 0 to 1, got {splice}")
+    if own_samples < 0:
+        raise EvalError(f"own_samples is a number of contexts, got {own_samples}")
     out = Path(out_dir)
     check_bake_out(out, overwrite)
     run = load_run(run_dir)
@@ -274,7 +281,8 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     pad_id = int(getattr(lm.tokenizer, "pad_token_id", 0) or 0)
     same = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # what decides the weights
     stamp = {"run": str(Path(run_dir).resolve()), "setting": setting.to_dict(), "config": same,
-             "model_hash": lm.info.weights_hash, "store": store_path, **({"splice": splice} if splice else {})}
+             "model_hash": lm.info.weights_hash, "store": store_path, **({"splice": splice} if splice else {}),
+             **({"own_samples": own_samples, "sample_prefix": sample_prefix} if own_samples else {})}
 
     work = out.with_name(out.name + ".bake")
     ckpt_path = work / CHECKPOINT
@@ -291,8 +299,9 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
             raise EvalError(f"{work} holds a bake of another run, setting or config; pass --overwrite to start over")
     work.mkdir(parents=True, exist_ok=True)
     n_sampled = 0
-    if cfg.retain_samples:
-        train["samples"], n_sampled = _samples_of(work, ckpt is not None, lm, cfg, train, res, iv, progress)
+    if own_samples:
+        train["samples"], n_sampled = _samples_of(work, ckpt is not None, lm, own_samples, sample_prefix, cfg.seed,
+                                                  train, res, iv, progress)
 
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.modules),
@@ -374,15 +383,14 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         p.requires_grad_(False)
     folder = _save(merged, lm, out, {**stamp, "base_model": lm.info.name, "layer": run.layer,
                                      "setting_label": setting.label, "loss": loss_d, "steps": cfg.steps,
-                                     **({"retain_samples_kept": int(len(train["samples"].tokens)),
-                                         "retain_samples_drawn": n_sampled} if n_sampled else {})})
+                                     **({"own_samples_kept": int(len(train["samples"].tokens))} if n_sampled else {})})
     shutil.rmtree(work, ignore_errors=True)
     return BakeResult(folder, cfg.steps, start, round(time.perf_counter() - t0, 1), loss_d)
 
 
-def _samples_of(work: Path, resuming: bool, lm: Any, cfg: BakeConfig, train: dict[str, _Corpus], res: _Residual,
-                iv: Any, progress: bool) -> tuple[_Corpus, int]:
-    """The retain_samples contexts: sampled once and kept in the work folder, so a resumed bake
+def _samples_of(work: Path, resuming: bool, lm: Any, n: int, prefix: str, seed: int, train: dict[str, _Corpus],
+                res: _Residual, iv: Any, progress: bool) -> tuple[_Corpus, int]:
+    """The `own_samples` contexts: sampled once and kept in the work folder, so a resumed bake
     trains on the same ones (and does not sample again)."""
     import io
 
@@ -390,11 +398,10 @@ def _samples_of(work: Path, resuming: bool, lm: Any, cfg: BakeConfig, train: dic
     if resuming and path.is_file():
         with np.load(path) as z:
             return _Corpus(z["tokens"], z["mask"]), int(z["sampled"])
-    c, n = _own_samples(lm, cfg.retain_samples, train["retain"].tokens.shape[1], cfg.seed, res, iv,
-                        progress=progress)
+    c, n = _own_samples(lm, n, train["retain"].tokens.shape[1], seed, res, iv, prefix, progress=progress)
     if len(c.tokens) < 1:
         raise EvalError(f"the setting's gate opens on every one of the {n} samples of the model: no retain "
-                        "text to draw from them (set retain_samples=0)")
+                        "text to draw from them")
     buf = io.BytesIO()
     np.savez(buf, tokens=c.tokens, mask=c.mask, sampled=n)
     atomic_write(path, buf.getvalue())

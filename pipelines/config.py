@@ -514,11 +514,6 @@ class BakeConfig:
     answers as they were (docs/results.md)."""
     forget_weight: float = 0.25
     """Weight of the unlearn tokens' loss against the retain tokens'."""
-    retain_samples: int = 0
-    """Contexts sampled from the clean model itself (temperature 1, from BOS, the store's context
-    length) and kept as retain text where the setting's gate edits none of their tokens; half of
-    each step's retain rows are drawn from them. The model's own samples span what it knows, where
-    a retain corpus may be narrow; 0: the store's retain corpus only."""
     warmup: int = 10
     """Linear warm-up steps of the learning rate."""
     clip: float = 1.0
@@ -531,7 +526,6 @@ class BakeConfig:
     def __post_init__(self) -> None:
         small = [f"{k}={getattr(self, k)}" for k in ("steps", "batch_contexts", "rank", "checkpoint_every")
                  if getattr(self, k) < 1]
-        small += [f"retain_samples={self.retain_samples}"] if self.retain_samples < 0 else []
         small += [f"{k}={getattr(self, k)}" for k in ("lr", "alpha", "forget_weight", "clip")
                   if not getattr(self, k) > 0]
         if self.multiplier is not None and not self.multiplier > 0:

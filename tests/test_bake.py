@@ -305,8 +305,10 @@ def _probe_run(tmp_path: Path, lm) -> Path:
 
 
 def test_own_samples_are_the_models_seeded_samples_that_the_gate_leaves_unedited(lm, tmp_path):
-    """retain_samples: contexts sampled from the model (seeded, full length, from BOS), kept where the
-    setting's gate edits no token; a gateless setting keeps them all."""
+    from pipelines.errors import EvalError
+
+    """bake(own_samples=): contexts sampled from the model (seeded, full length, from BOS and a
+    prefix), kept where the setting's gate edits no token; a gateless setting keeps them all."""
     run = load_run(_probe_run(tmp_path, lm))
     n, T = 12, 16
     res = bake_mod._Residual(lm.model, [LAYER, LAYER - 1])
@@ -333,14 +335,21 @@ def test_own_samples_are_the_models_seeded_samples_that_the_gate_leaves_unedited
     kept, drawn = bake_mod._own_samples(lm, n, T, 7, res, iv, batch=5, progress=False)
     assert drawn == n and (kept.tokens == every.tokens[~changed.numpy()]).all()
 
+    pre = lm.tokenizer("a b", add_special_tokens=False).input_ids
+    led, _ = bake_mod._own_samples(lm, 3, T, 7, res, Intervention(run, SETTING), prefix="a b", progress=False)
+    assert led.tokens.shape == (3, T) and (led.tokens[:, 1:1 + len(pre)] == pre).all()
+    with pytest.raises(EvalError, match="leaves nothing to sample"):
+        bake_mod._own_samples(lm, 3, 3, 7, res, Intervention(run, SETTING), prefix="a b c d", progress=False)
+
 
 def test_a_bake_with_own_samples_trains_half_its_retain_rows_on_them_and_keeps_them_for_a_resume(
         store, tmp_path, tiny_model, monkeypatch):
     from pipelines.config import BakeConfig
+    from pipelines.errors import EvalError
 
     fresh = load_model(tiny_model, device="cpu")  # a bake merges into the model it is given
     run = _run(tmp_path, fresh, store)
-    cfg = BakeConfig(steps=4, batch_contexts=4, rank=4, multiplier=2.0, forget_weight=1.0, retain_samples=6)
+    cfg = BakeConfig(steps=4, batch_contexts=4, rank=4, multiplier=2.0, forget_weight=1.0)
     train = {"retain": bake_mod._Corpus(np.full((8, 16), 3, np.int32), np.ones((8, 16), bool)),
              "unlearn": bake_mod._Corpus(np.full((8, 16), 4, np.int32), np.ones((8, 16), bool)),
              "samples": bake_mod._Corpus(np.full((6, 16), 5, np.int32), np.ones((6, 16), bool))}
@@ -350,18 +359,22 @@ def test_a_bake_with_own_samples_trains_half_its_retain_rows_on_them_and_keeps_t
     work = tmp_path / "baked.bake"
     work.mkdir()
     res = bake_mod._Residual(fresh.model, [LAYER])
-    made, n = bake_mod._samples_of(work, False, fresh, cfg, train, res, Intervention(load_run(run), SETTING), False)
+    made, n = bake_mod._samples_of(work, False, fresh, 6, "", 0, train, res, Intervention(load_run(run), SETTING),
+                                   False)
     assert n == 6 and made.tokens.shape == (6, 16) and (work / bake_mod.SAMPLES).is_file()
 
     def no_sampling(*a, **k):
         raise AssertionError("a resumed bake samples again")
     monkeypatch.setattr(bake_mod, "_own_samples", no_sampling)
-    kept, n = bake_mod._samples_of(work, True, fresh, cfg, train, res, None, False)
+    kept, n = bake_mod._samples_of(work, True, fresh, 6, "", 0, train, res, None, False)
     assert n == 6 and (kept.tokens == made.tokens).all() and (kept.mask == made.mask).all()
     monkeypatch.undo()
     shutil.rmtree(work)
 
-    out = bake_mod.bake(run, tmp_path / "baked", fresh, cfg, progress=False).out_dir
+    with pytest.raises(EvalError, match=r"^own_samples is a number of contexts, got -1$"):
+        bake_mod.bake(run, tmp_path / "baked", fresh, cfg, own_samples=-1)
+    assert not (tmp_path / "baked").exists() and not work.exists()
+    out = bake_mod.bake(run, tmp_path / "baked", fresh, cfg, own_samples=6, progress=False).out_dir
     meta = json.loads((out / bake_mod.BAKE_FILE).read_text())
-    assert meta["retain_samples_drawn"] == 6 and meta["retain_samples_kept"] == 6  # gateless: every sample
-    assert meta["config"]["retain_samples"] == 6 and not work.exists()
+    assert meta["own_samples"] == 6 and meta["own_samples_kept"] == 6  # gateless: every sample
+    assert meta["sample_prefix"] == "" and not work.exists()
