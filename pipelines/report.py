@@ -484,7 +484,7 @@ def seeds_table(seeds: Seeds) -> str:
 def seeds_verdict(seeds: Seeds) -> str:
     """The verdicts per training seed (in and out of distribution), and FeatureForget minus the
     baseline SAE averaged over the seeds with a paired bootstrap interval over the (shared) test
-    questions, per layer and gate."""
+    questions, per layer, gate and prompt format, in and out of distribution."""
     import torch
 
     from pipelines.scoring import unbits
@@ -497,18 +497,32 @@ def seeds_verdict(seeds: Seeds) -> str:
                   if line]
     for l in sorted({l for by in seeds.values() for l in by}):
         for gate, how in GATE_NAMES.items():
-            def correct(r: EvalResult) -> Answers | None:
-                best = r.chosen(gate)
-                return best.test.forget_correct if best and best.test else None
+            for where in ("", "out of distribution"):
+                fmts = dict.fromkeys(fmt for by in seeds.values() for r in by.get(l, [])[:n]
+                                     for fmt, _ in _sides(r.chosen(gate), where))
+                for fmt in fmts:
+                    def correct(r: EvalResult) -> Answers | None:
+                        halves = dict(_sides(r.chosen(gate), where)).get(fmt)
+                        return halves.test.forget_correct if halves and halves.test else None
 
-            answers = [[correct(r) for r in seeds.get(m, {}).get(l, [])[:n]] for m in ("featureforget", "baseline")]
-            ff, base = answers  # per method, each seed's test-half answers ({before, after})
-            if n < 2 or not all(ff + base) or len({h.before for h in ff + base}) != 1:
-                continue  # a seed without a retain-safe setting, or other questions: no average
-            mean_after = [torch.stack([unbits(h.after).double() for h in hs]).mean(0) for hs in answers]
-            if diff := _difference(unbits(ff[0].before), *mean_after, note=" over questions, the seeds fixed"):
-                lines.append(f"- layer {l}, {how}, mean over {n} seeds: FeatureForget minus the baseline SAE {diff}.")
+                    answers = [[correct(r) for r in seeds.get(m, {}).get(l, [])[:n]]
+                               for m in ("featureforget", "baseline")]
+                    ff, base = answers  # per method, each seed's test-half answers ({before, after})
+                    if n < 2 or not all(ff + base) or len({h.before for h in ff + base}) != 1:
+                        continue  # a seed without a retain-safe setting, or other questions: no average
+                    mean_after = [torch.stack([unbits(h.after).double() for h in hs]).mean(0) for hs in answers]
+                    name = ", ".join([how] + ([where] if where else []) + ([f"format {fmt}"] if fmt != "plain" else []))
+                    if diff := _difference(unbits(ff[0].before), *mean_after, note=" over questions, the seeds fixed"):
+                        lines.append(f"- layer {l}, {name}, mean over {n} seeds: FeatureForget minus the baseline "
+                                     f"SAE {diff}.")
     return "\n".join(lines)
+
+
+def _sides(best: Entry | None, where: str) -> list[tuple[str, Halves]]:
+    """A chosen entry's halves per prompt format ("plain" first), in distribution (`where` "") or
+    on its out-of-distribution side."""
+    part = best if not where or best is None else best.ood
+    return part.by_format() if part is not None else []
 
 
 def write_report(out: Path, results: Results, runs: dict[str, dict[int, Path]],

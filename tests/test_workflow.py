@@ -221,6 +221,42 @@ def test_seeds_verdict_per_seed_and_paired_mean():
     assert seeds_verdict(typed_seeds(one)).count("mean over") == 0  # one seed: its verdict only
 
 
+def test_seeds_verdict_averages_each_prompt_format_in_and_out_of_distribution():
+    """The mean over seeds per format: kshot2 (in distribution) and the OOD side's plain and kshot2
+    halves, each paired over its own test questions; a format one method lacks gets no line."""
+    import copy
+
+    from pipelines.report import seeds_verdict
+
+    def half(after, before="1" * 4):
+        return {"unlearning_score": 0.0, "forget_mcq": {"before": 1.0, "after": 0.5},
+                "retain_mcq": {"before": 0.7, "after": 0.7}, "forget_correct": {"before": before, "after": after}}
+
+    def run(plain, kshot2, ood_plain, ood_kshot2):
+        r = _res((None,), (0.5, [0.4, 0.6], 0.8, 0.4, 0.7, 0.7))
+        best = r["best_by_gate"]["sequence"]["best"]
+        best["test"] = {**best["test"], "forget_correct": {"before": "1" * 4, "after": plain}}
+        best["formats"] = {"kshot2": {"dev": half("1111"), "test": half(kshot2)}}
+        best["ood"] = {"forget_mcq": {"before": 0.8, "after": 0.5}, "retain_mcq": {"before": 0.7, "after": 0.7},
+                       "test": half(ood_plain), "formats": {"kshot2": {"dev": half("1111"), "test": half(ood_kshot2)}}}
+        return r
+
+    # kshot2: FeatureForget keeps (0 + 2) / 2 = 1 of 4 answers, the baseline all 4: (1 - 1/4) - (1 - 4/4) = +0.75
+    seeds = {"featureforget": {4: [run("1100", "0000", "1110", "1000"), run("1100", "1100", "1110", "1000")]},
+             "baseline": {4: [run("1100", "1111", "1111", "1111"), run("1100", "1111", "1111", "1111")]}}
+    lines = [x for x in seeds_verdict(typed_seeds(seeds)).splitlines() if "mean over" in x]
+    assert [x.split(":")[0] for x in lines] == [
+        "- layer 4, gated, mean over 2 seeds", "- layer 4, gated, format kshot2, mean over 2 seeds",
+        "- layer 4, gated, out of distribution, mean over 2 seeds",
+        "- layer 4, gated, out of distribution, format kshot2, mean over 2 seeds"]
+    assert "SAE +0.000 [" in lines[0] and "SAE +0.750 [" in lines[1]
+    assert "SAE +0.250 [" in lines[2] and "SAE +0.750 [" in lines[3]
+    lacking = copy.deepcopy(seeds)
+    del lacking["baseline"][4][1]["best_by_gate"]["sequence"]["best"]["formats"]
+    got = seeds_verdict(typed_seeds(lacking))
+    assert "gated, format kshot2, mean" not in got and "out of distribution, format kshot2, mean" in got
+
+
 def test_ood_verdict_compares_both_choices_on_the_same_questions():
     from pipelines.report import ood_verdict
 
