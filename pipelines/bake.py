@@ -10,14 +10,14 @@ the edit produces there:
 on the store's two corpora (`--set target=gated`: the run's chosen setting with its gate, so retain
 text mostly keeps its clean residual and forget text gets the gated edit), or the edit on every
 unlearn-corpus token and the clean residual on every retain-corpus token (`--set target=corpus`: the
-corpus label is the gate). The loss is
-the squared error at editable positions (no BOS, no padding), each residual dimension weighed by 1 /
-its clean variance (a few very large dimensions would otherwise decide it), in units of the edit's
-mean squared size on unlearn text (so the clean model starts at about 1 on unlearn rows and 0 on
-retain rows), averaged separately over retain and unlearn rows and summed. Nothing above block L
-changes, so the LM head never runs: a step costs forward and backward through L + 1 blocks. The
-update is then merged (`merge_and_unload`) and the model saved as a standard folder, with
-`featureforget_bake.json` (the run, setting, base model and the bake's losses) and a model card.
+corpus label is the gate). The loss is the squared error at editable positions (no BOS, no padding),
+each residual dimension weighed by 1 / its clean variance (a few very large dimensions would
+otherwise decide it), in units of the edit's mean squared size on unlearn text (so the clean model
+starts at about 1 on unlearn rows and 0 on retain rows), averaged separately over retain and unlearn
+rows and summed. Nothing above block L changes, so the LM head never runs: a step costs forward and
+backward through L + 1 blocks. The update is then merged (`merge_and_unload`) and the model saved as
+a standard folder, with `featureforget_bake.json` (the run, setting, base model and the bake's
+losses) and a model card.
 
 Work in progress lives in OUT.bake/ (a checkpoint every `checkpoint_every` steps, written
 atomically); the same command after an interruption resumes from it, bit-identically: each step's

@@ -501,11 +501,7 @@ def seeds_verdict(seeds: Seeds) -> str:
                 fmts = dict.fromkeys(fmt for by in seeds.values() for r in by.get(l, [])[:n]
                                      for fmt, _ in _sides(r.chosen(gate), where))
                 for fmt in fmts:
-                    def correct(r: EvalResult) -> Answers | None:
-                        halves = dict(_sides(r.chosen(gate), where)).get(fmt)
-                        return halves.test.forget_correct if halves and halves.test else None
-
-                    answers = [[correct(r) for r in seeds.get(m, {}).get(l, [])[:n]]
+                    answers = [[_test_answers(r, gate, where, fmt) for r in seeds.get(m, {}).get(l, [])[:n]]
                                for m in ("featureforget", "baseline")]
                     ff, base = answers  # per method, each seed's test-half answers ({before, after})
                     if n < 2 or not all(ff + base) or len({h.before for h in ff + base}) != 1:
@@ -516,6 +512,13 @@ def seeds_verdict(seeds: Seeds) -> str:
                         lines.append(f"- layer {l}, {name}, mean over {n} seeds: FeatureForget minus the baseline "
                                      f"SAE {diff}.")
     return "\n".join(lines)
+
+
+def _test_answers(r: EvalResult, gate: str, where: str, fmt: str) -> Answers | None:
+    """The per-question test answers of `r`'s chosen setting under `gate` in prompt format `fmt`,
+    in distribution or out of it (`_sides`); None where it was not scored there."""
+    halves = dict(_sides(r.chosen(gate), where)).get(fmt)
+    return halves.test.forget_correct if halves and halves.test else None
 
 
 def _sides(best: Entry | None, where: str) -> list[tuple[str, Halves]]:
