@@ -119,11 +119,11 @@ def _draw(c: _Corpus, n: int, seed: int, step: int, salt: int) -> tuple[Tensor, 
 
 
 def _own_samples(lm: Any, n: int, T: int, seed: int, res: "_Residual", iv: Any, prefix: str = "",
-                 batch: int = 32, progress: bool = True) -> tuple[_Corpus, int]:
+                 batch: int = 32, progress: bool = True) -> _Corpus:
     """`n` contexts of T tokens sampled from the model as it is (temperature 1, the whole vocabulary,
     from BOS and then `prefix`, no early end), seeded by `seed`; those on which the setting's gate
     edits no token are kept as retain text (all, for a setting without a gate). The pad and BOS
-    tokens are never sampled (the bake masks pad tokens out). -> (kept, how many were sampled)."""
+    tokens are never sampled (the bake masks pad tokens out)."""
     from tqdm import tqdm
 
     model, tok = lm.model, lm.tokenizer
@@ -154,7 +154,7 @@ def _own_samples(lm: Any, n: int, T: int, seed: int, res: "_Residual", iv: Any, 
             out, edit_mask = out[~changed.to(out.device)], edit_mask[~changed.to(out.device)]
         rows.append((out.cpu().numpy().astype(np.int32), edit_mask.cpu().numpy()))
     tokens = np.concatenate([r[0] for r in rows])
-    return _Corpus(tokens, np.concatenate([r[1] for r in rows])), n
+    return _Corpus(tokens, np.concatenate([r[1] for r in rows]))
 
 
 class _Residual:
@@ -298,9 +298,8 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         if ckpt.get("stamp") != stamp:
             raise EvalError(f"{work} holds a bake of another run, setting or config; pass --overwrite to start over")
     work.mkdir(parents=True, exist_ok=True)
-    n_sampled = 0
     if own_samples:
-        train["samples"], n_sampled = _samples_of(work, ckpt is not None, lm, own_samples, sample_prefix, cfg.seed,
+        train["samples"] = _samples_of(work, ckpt is not None, lm, own_samples, sample_prefix, cfg.seed,
                                                   train, res, iv, progress)
 
     torch.manual_seed(cfg.seed)
@@ -383,13 +382,13 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         p.requires_grad_(False)
     folder = _save(merged, lm, out, {**stamp, "base_model": lm.info.name, "layer": run.layer,
                                      "setting_label": setting.label, "loss": loss_d, "steps": cfg.steps,
-                                     **({"own_samples_kept": int(len(train["samples"].tokens))} if n_sampled else {})})
+                                     **({"own_samples_kept": len(train["samples"].tokens)} if own_samples else {})})
     shutil.rmtree(work, ignore_errors=True)
     return BakeResult(folder, cfg.steps, start, round(time.perf_counter() - t0, 1), loss_d)
 
 
 def _samples_of(work: Path, resuming: bool, lm: Any, n: int, prefix: str, seed: int, train: dict[str, _Corpus],
-                res: _Residual, iv: Any, progress: bool) -> tuple[_Corpus, int]:
+                res: _Residual, iv: Any, progress: bool) -> _Corpus:
     """The `own_samples` contexts: sampled once and kept in the work folder, so a resumed bake
     trains on the same ones (and does not sample again)."""
     import io
@@ -397,15 +396,15 @@ def _samples_of(work: Path, resuming: bool, lm: Any, n: int, prefix: str, seed: 
     path = work / SAMPLES
     if resuming and path.is_file():
         with np.load(path) as z:
-            return _Corpus(z["tokens"], z["mask"]), int(z["sampled"])
-    c, n = _own_samples(lm, n, train["retain"].tokens.shape[1], seed, res, iv, prefix, progress=progress)
+            return _Corpus(z["tokens"], z["mask"])
+    c = _own_samples(lm, n, train["retain"].tokens.shape[1], seed, res, iv, prefix, progress=progress)
     if len(c.tokens) < 1:
         raise EvalError(f"the setting's gate opens on every one of the {n} samples of the model: no retain "
                         "text to draw from them")
     buf = io.BytesIO()
-    np.savez(buf, tokens=c.tokens, mask=c.mask, sampled=n)
+    np.savez(buf, tokens=c.tokens, mask=c.mask)
     atomic_write(path, buf.getvalue())
-    return c, n
+    return c
 
 
 def _checkpoint(path: Path, pm: Any, opt: Any, sched: Any, step: int, norm: float, w_D: Tensor, before: Any,

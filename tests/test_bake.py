@@ -312,12 +312,12 @@ def test_own_samples_are_the_models_seeded_samples_that_the_gate_leaves_unedited
     run = load_run(_probe_run(tmp_path, lm))
     n, T = 12, 16
     res = bake_mod._Residual(lm.model, [LAYER, LAYER - 1])
-    every, drawn = bake_mod._own_samples(lm, n, T, 7, res, Intervention(run, SETTING), batch=5, progress=False)
-    assert drawn == n and every.tokens.shape == (n, T)
+    every = bake_mod._own_samples(lm, n, T, 7, res, Intervention(run, SETTING), batch=5, progress=False)
+    assert every.tokens.shape == (n, T)
     assert (every.tokens[:, 0] == lm.tokenizer.bos_token_id).all() and (every.tokens[:, 1:] != 0).all()
     assert not every.mask[:, 0].any() and every.mask[:, 1:].all()
-    again, _ = bake_mod._own_samples(lm, n, T, 7, res, Intervention(run, SETTING), batch=5, progress=False)
-    other, _ = bake_mod._own_samples(lm, n, T, 8, res, Intervention(run, SETTING), batch=5, progress=False)
+    again = bake_mod._own_samples(lm, n, T, 7, res, Intervention(run, SETTING), batch=5, progress=False)
+    other = bake_mod._own_samples(lm, n, T, 8, res, Intervention(run, SETTING), batch=5, progress=False)
     assert (again.tokens == every.tokens).all() and (other.tokens != every.tokens).any()  # seeded
 
     ids = torch.from_numpy(every.tokens.astype("int64"))
@@ -332,11 +332,11 @@ def test_own_samples_are_the_models_seeded_samples_that_the_gate_leaves_unedited
             break
     else:
         pytest.fail("no threshold opens the probe gate on some samples only")
-    kept, drawn = bake_mod._own_samples(lm, n, T, 7, res, iv, batch=5, progress=False)
-    assert drawn == n and (kept.tokens == every.tokens[~changed.numpy()]).all()
+    kept = bake_mod._own_samples(lm, n, T, 7, res, iv, batch=5, progress=False)
+    assert (kept.tokens == every.tokens[~changed.numpy()]).all()
 
     pre = lm.tokenizer("a b", add_special_tokens=False).input_ids
-    led, _ = bake_mod._own_samples(lm, 3, T, 7, res, Intervention(run, SETTING), prefix="a b", progress=False)
+    led = bake_mod._own_samples(lm, 3, T, 7, res, Intervention(run, SETTING), prefix="a b", progress=False)
     assert led.tokens.shape == (3, T) and (led.tokens[:, 1:1 + len(pre)] == pre).all()
     with pytest.raises(EvalError, match="leaves nothing to sample"):
         bake_mod._own_samples(lm, 3, 3, 7, res, Intervention(run, SETTING), prefix="a b c d", progress=False)
@@ -359,15 +359,15 @@ def test_a_bake_with_own_samples_trains_half_its_retain_rows_on_them_and_keeps_t
     work = tmp_path / "baked.bake"
     work.mkdir()
     res = bake_mod._Residual(fresh.model, [LAYER])
-    made, n = bake_mod._samples_of(work, False, fresh, 6, "", 0, train, res, Intervention(load_run(run), SETTING),
+    made = bake_mod._samples_of(work, False, fresh, 6, "", 0, train, res, Intervention(load_run(run), SETTING),
                                    False)
-    assert n == 6 and made.tokens.shape == (6, 16) and (work / bake_mod.SAMPLES).is_file()
+    assert made.tokens.shape == (6, 16) and (work / bake_mod.SAMPLES).is_file()
 
     def no_sampling(*a, **k):
         raise AssertionError("a resumed bake samples again")
     monkeypatch.setattr(bake_mod, "_own_samples", no_sampling)
-    kept, n = bake_mod._samples_of(work, True, fresh, 6, "", 0, train, res, None, False)
-    assert n == 6 and (kept.tokens == made.tokens).all() and (kept.mask == made.mask).all()
+    kept = bake_mod._samples_of(work, True, fresh, 6, "", 0, train, res, None, False)
+    assert (kept.tokens == made.tokens).all() and (kept.mask == made.mask).all()
     monkeypatch.undo()
     shutil.rmtree(work)
 
