@@ -40,4 +40,6 @@ def test_a_freed_block_is_reused_instead_of_mapped_again():
     off, on = _faults("0"), _faults("1")
     assert off["kept"] is False and on["kept"] is True
     assert off["faults"] >= 9 * pages  # each 64 MiB block faulted in again
-    assert on["faults"] < 2 * pages  # mapped once, then reused
+    # mapped once, then reused: at most a few of the ten blocks fault in again (0 in most runs, 3 in
+    # about one in five on a 2-core CI machine, 60 runs), against every one of them without it
+    assert on["faults"] < 5 * pages
