@@ -264,6 +264,9 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     check_bake_out(out, overwrite)
     run = load_run(run_dir)
     check_model(run, lm)
+    if cfg.first_block > run.layer:
+        raise EvalError(f"first_block={cfg.first_block} is above the run's edited layer {run.layer}: "
+                        f"the update must reach a block 0..{run.layer}")
     setting = setting if setting is not None else chosen_setting(run_dir)
     if cfg.multiplier is not None:
         setting = setting.replace(multiplier=cfg.multiplier)
@@ -304,7 +307,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
 
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.modules),
-                      layers_to_transform=list(range(run.layer + 1)), bias="none")
+                      layers_to_transform=list(range(cfg.first_block, run.layer + 1)), bias="none")
     for p in model.parameters():
         p.requires_grad_(False)
     with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing by a deprecated name
@@ -437,7 +440,7 @@ def bake_card(meta: dict[str, Any]) -> str:
     return "\n".join([
         f"# {meta['base_model']}, with FeatureForget unlearning baked into the weights", "",
         "A standard model folder: `AutoModelForCausalLM.from_pretrained(FOLDER)` (no custom code). "
-        f"Blocks 0..{layer} carry a merged low-rank update trained (`ff bake`) to reproduce the edit "
+        f"Blocks {meta['config'].get('first_block', 0)}..{layer} carry a merged low-rank update trained (`ff bake`) to reproduce the edit "
         f"`{meta['setting_label']}` of run `{Path(meta['run']).name}` at the output of block {layer}.", "",
         "## How close the weights come to the edit", "",
         "Held-out contexts of the run's store, squared error to the edited residual in units of the edit's "

@@ -96,6 +96,19 @@ def test_baked_folder_loads_plainly_and_its_weights_carry_the_edit(lm, store, tm
     assert loss["unlearn_after"] < loss["unlearn_before"]
 
 
+def test_first_block_keeps_the_blocks_below_it_bit_for_bit(lm, store, tmp_path):
+    run = _run(tmp_path, lm, store)
+    out = tmp_path / "late"
+    r = _bake(run, out, "--set", f"first_block={LAYER}")
+    assert r.exit_code == 0, r.output
+    base_sd = lm.model.state_dict()
+    new_sd = load_model(str(out)).model.state_dict()
+    changed = {k for k in base_sd if not torch.equal(base_sd[k], new_sd[k])}
+    assert changed and all(f"layers.{LAYER}." in k for k in changed), sorted(changed)
+    meta = json.loads((out / bake_mod.BAKE_FILE).read_text())
+    assert meta["config"]["first_block"] == LAYER
+
+
 def test_a_bake_killed_with_sigkill_resumes_to_the_same_weights(lm, store, tmp_path):
     import os
     import subprocess
@@ -149,6 +162,8 @@ def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_pa
     from conftest import make_store
 
     cases.append((["--store", str(make_store(tmp_path / "alien.zarr"))], "another tokenizer"))
+    cases.append((["--set", f"first_block={LAYER + 1}"], f"above the run's edited layer {LAYER}"))
+    cases.append((["--set", "first_block=-1"], "first_block is a block index"))
     for extra, needle in cases:
         args = {"--run": str(run), "--out": str(tmp_path / "o"), "--set": "steps=2"}
         for i in range(0, len(extra), 2):
