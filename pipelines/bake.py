@@ -436,11 +436,11 @@ def _save(model: Any, lm: Any, out: Path, meta: dict[str, Any]) -> Path:
 
 def bake_card(meta: dict[str, Any]) -> str:
     """The baked folder's README: what was baked in, how close the weights come, the threat model."""
-    loss, layer = meta["loss"], meta["layer"]
+    loss, layer, first = meta["loss"], meta["layer"], meta["config"].get("first_block", 0)
     return "\n".join([
         f"# {meta['base_model']}, with FeatureForget unlearning baked into the weights", "",
         "A standard model folder: `AutoModelForCausalLM.from_pretrained(FOLDER)` (no custom code). "
-        f"Blocks {meta['config'].get('first_block', 0)}..{layer} carry a merged low-rank update trained (`ff bake`) to reproduce the edit "
+        f"Blocks {first}..{layer} carry a merged low-rank update trained (`ff bake`) to reproduce the edit "
         f"`{meta['setting_label']}` of run `{Path(meta['run']).name}` at the output of block {layer}.", "",
         "## How close the weights come to the edit", "",
         "Held-out contexts of the run's store, squared error to the edited residual in units of the edit's "
