@@ -238,13 +238,14 @@ def _splice(tok: Tensor, editable: Tensor, unlearn_BT: Tensor, n_retain: int, sh
 
 def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, store: str | None = None,
          setting: Any = None, overwrite: bool = False, progress: bool = True, eval_rows: int = 16,
-         splice: float = 0.0, own_samples: int = 0, sample_prefix: str = "") -> BakeResult:
+         splice: float = 0.0, own_samples: int = 0, sample_prefix: str = "", first_block: int = 0) -> BakeResult:
     """Train, merge and save (module docstring). Resumes from OUT.bake/ when its checkpoint was
     written by the same run, setting and config. The update is merged into `lm.model` in place:
     afterwards it is the baked model. `splice`: the share of each step's contexts that change
     corpus midway (`_splice`); `own_samples`: that many contexts sampled from the model (after
     `sample_prefix`), kept where the setting's gate stays shut, stand for half of each step's retain
-    rows (`_own_samples`). Both are research options, measured and not adopted
+    rows (`_own_samples`); `first_block`: the update covers blocks first_block..L only, the blocks
+    below keep their weights. All three are research options, measured and not adopted
     (scripts/bake_variants.py, docs/results.md)."""
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
@@ -260,12 +261,14 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
         raise EvalError(f"splice is a share of the contexts, 0 to 1, got {splice}")
     if own_samples < 0:
         raise EvalError(f"own_samples is a number of contexts, got {own_samples}")
+    if first_block < 0:
+        raise EvalError(f"first_block is a block index, 0 or more, got {first_block}")
     out = Path(out_dir)
     check_bake_out(out, overwrite)
     run = load_run(run_dir)
     check_model(run, lm)
-    if cfg.first_block > run.layer:
-        raise EvalError(f"first_block={cfg.first_block} is above the run's edited layer {run.layer}: "
+    if first_block > run.layer:
+        raise EvalError(f"first_block={first_block} is above the run's edited layer {run.layer}: "
                         f"the update must reach a block 0..{run.layer}")
     setting = setting if setting is not None else chosen_setting(run_dir)
     if cfg.multiplier is not None:
@@ -285,7 +288,8 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
     same = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # what decides the weights
     stamp = {"run": str(Path(run_dir).resolve()), "setting": setting.to_dict(), "config": same,
              "model_hash": lm.info.weights_hash, "store": store_path, **({"splice": splice} if splice else {}),
-             **({"own_samples": own_samples, "sample_prefix": sample_prefix} if own_samples else {})}
+             **({"own_samples": own_samples, "sample_prefix": sample_prefix} if own_samples else {}),
+             **({"first_block": first_block} if first_block else {})}
 
     work = out.with_name(out.name + ".bake")
     ckpt_path = work / CHECKPOINT
@@ -307,7 +311,7 @@ def bake(run_dir: str | Path, out_dir: str | Path, lm: Any, cfg: BakeConfig, *, 
 
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(cfg.modules),
-                      layers_to_transform=list(range(cfg.first_block, run.layer + 1)), bias="none")
+                      layers_to_transform=list(range(first_block, run.layer + 1)), bias="none")
     for p in model.parameters():
         p.requires_grad_(False)
     with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing by a deprecated name
@@ -436,7 +440,7 @@ def _save(model: Any, lm: Any, out: Path, meta: dict[str, Any]) -> Path:
 
 def bake_card(meta: dict[str, Any]) -> str:
     """The baked folder's README: what was baked in, how close the weights come, the threat model."""
-    loss, layer, first = meta["loss"], meta["layer"], meta["config"].get("first_block", 0)
+    loss, layer, first = meta["loss"], meta["layer"], meta.get("first_block", 0)
     return "\n".join([
         f"# {meta['base_model']}, with FeatureForget unlearning baked into the weights", "",
         "A standard model folder: `AutoModelForCausalLM.from_pretrained(FOLDER)` (no custom code). "

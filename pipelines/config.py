@@ -503,9 +503,7 @@ class BakeConfig:
     alpha: float = 32.0
     """LoRA scaling alpha (the update is scaled by alpha / rank)."""
     modules: tuple[str, ...] = LORA_MODULES
-    """Linear layers of blocks first_block..L that get a low-rank update."""
-    first_block: int = 0
-    """The lowest block that gets a low-rank update (blocks below it keep their weights)."""
+    """Linear layers of blocks 0..L that get a low-rank update."""
     target: str = "corpus"
     """corpus: the edit ungated on all unlearn text, nothing on retain text; gated: the chosen
     setting as it is, with its gate."""
@@ -534,8 +532,6 @@ class BakeConfig:
             small.append(f"multiplier={self.multiplier}")
         if small or self.warmup < 0:
             raise EvalError(f"bake options must be positive: {', '.join(small) or f'warmup={self.warmup}'}")
-        if self.first_block < 0:
-            raise EvalError(f"first_block is a block index, 0 or more, got {self.first_block}")
         if self.target not in ("corpus", "gated"):
             raise EvalError(f"the bake's target is corpus or gated, got '{self.target}'")
         unknown = [m for m in self.modules if m not in LORA_MODULES]

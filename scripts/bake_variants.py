@@ -1,5 +1,6 @@
-"""`ff bake` with a research variant of its training data, each measured against the default bake
-and not adopted (docs/results.md); kept here to measure them again.
+"""`ff bake` with a research variant of its training data or of the blocks it updates, each
+measured against the default bake and not adopted (docs/results.md); kept here to measure them
+again.
 
 - `--splice S`: a share S of each step's contexts changes corpus midway (a retain context
   continues into unlearn text and the other way round), each token's target by its own corpus, so
@@ -9,10 +10,14 @@ and not adopted (docs/results.md); kept here to measure them again.
   (temperature 1, from BOS and TEXT), kept where the setting's gate stays shut, stand for half of
   each step's retain rows: retain text as broad as what the model knows, where the store's retain
   corpus is narrow ("retain text sampled from the model itself").
+- `--first-block K`: the low-rank update covers blocks K..L only; the blocks below keep their
+  weights ("which blocks the bake updates").
 
     python scripts/bake_variants.py --run ff-demo/runs/layer_4/featureforget --out ff-baked-s50 --splice 0.5
     python scripts/bake_variants.py --run ff-demo/runs/layer_4/featureforget --out ff-baked-own \\
         --own-samples 64 --set multiplier=300
+    python scripts/bake_variants.py --run ff-demo/runs/layer_4/featureforget --out ff-baked-fb3 \\
+        --first-block 3 --set multiplier=300
     ff eval --model ff-baked-s50 --preset demo --json
 
 Every other bake field as `ff bake --set FIELD=VALUE` takes it (`--set multiplier=300`). The same
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--own-samples", type=int, default=0,
                     help="contexts to sample from the model as retain text (half of each step's retain rows)")
     ap.add_argument("--sample-prefix", default="", help="text the samples start with, after BOS")
+    ap.add_argument("--first-block", type=int, default=0, help="the lowest block the update covers")
     ap.add_argument("--store", default=None, help="store to train on (default: the run's)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="a bake field, FIELD=VALUE")
     ap.add_argument("--overwrite", action="store_true")
@@ -52,7 +58,7 @@ def main() -> None:
         cfg = apply_sets(BakeConfig(), parse_sets(BakeConfig, args.sets))
         lm = load_model(RunFolder(args.run).run_config().model, device="cpu")
         res = bake(args.run, args.out, lm, cfg, store=args.store, overwrite=args.overwrite, splice=args.splice,
-                   own_samples=args.own_samples, sample_prefix=args.sample_prefix)
+                   own_samples=args.own_samples, sample_prefix=args.sample_prefix, first_block=args.first_block)
     except FFError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {res.out_dir} ({res.steps} steps, {res.seconds:.0f} s); held-out error to the edit: "

@@ -96,17 +96,26 @@ def test_baked_folder_loads_plainly_and_its_weights_carry_the_edit(lm, store, tm
     assert loss["unlearn_after"] < loss["unlearn_before"]
 
 
-def test_first_block_keeps_the_blocks_below_it_bit_for_bit(lm, store, tmp_path):
+def test_first_block_keeps_the_blocks_below_it_bit_for_bit(lm, store, tmp_path, tiny_model):
+    from pipelines.config import BakeConfig
+    from pipelines.errors import EvalError
+
     run = _run(tmp_path, lm, store)
+    fresh = load_model(tiny_model, device="cpu")
+    cfg = BakeConfig(steps=4, batch_contexts=4, rank=4, multiplier=2.0, forget_weight=1.0)
+    for bad, msg in ((LAYER + 1, f"^first_block={LAYER + 1} is above the run's edited layer {LAYER}"),
+                     (-1, "^first_block is a block index, 0 or more, got -1$")):
+        with pytest.raises(EvalError, match=msg):
+            bake_mod.bake(run, tmp_path / "refused", fresh, cfg, first_block=bad, progress=False)
+        assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.bake").exists()
     out = tmp_path / "late"
-    r = _bake(run, out, "--set", f"first_block={LAYER}")
-    assert r.exit_code == 0, r.output
+    bake_mod.bake(run, out, fresh, cfg, first_block=LAYER, progress=False)
     base_sd = lm.model.state_dict()
     new_sd = load_model(str(out)).model.state_dict()
     changed = {k for k in base_sd if not torch.equal(base_sd[k], new_sd[k])}
     assert changed and all(f"layers.{LAYER}." in k for k in changed), sorted(changed)
     meta = json.loads((out / bake_mod.BAKE_FILE).read_text())
-    assert meta["config"]["first_block"] == LAYER
+    assert meta["first_block"] == LAYER and f"Blocks {LAYER}..{LAYER} carry" in (out / "README.md").read_text()
 
 
 def test_a_bake_killed_with_sigkill_resumes_to_the_same_weights(lm, store, tmp_path):
@@ -162,8 +171,6 @@ def test_bake_refuses_bad_input_in_one_line_and_writes_nothing(lm, store, tmp_pa
     from conftest import make_store
 
     cases.append((["--store", str(make_store(tmp_path / "alien.zarr"))], "another tokenizer"))
-    cases.append((["--set", f"first_block={LAYER + 1}"], f"above the run's edited layer {LAYER}"))
-    cases.append((["--set", "first_block=-1"], "first_block is a block index"))
     for extra, needle in cases:
         args = {"--run": str(run), "--out": str(tmp_path / "o"), "--set": "steps=2"}
         for i in range(0, len(extra), 2):
