@@ -33,13 +33,15 @@ from pipelines.scoring import paired_difference  # noqa: E402
 SETS = ("forget_mcq", "retain_mcq", "ood_forget_mcq", "ood_retain_mcq")
 
 
-def answers(path: str, cfg: EvalConfig) -> dict[str, torch.Tensor]:
-    """Per-question correctness of the model at `path` on each plain-format set the preset has."""
+def answers(path: str, cfg: EvalConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(per-question correctness, test-half mask) of the model at `path` on each plain-format set
+    the preset has."""
     lm = load_model(path, device="cpu")
     lm = dataclasses.replace(lm, info=dataclasses.replace(lm.info, weights_hash=f"{lm.info.weights_hash}+{path}"))
     data = eval_data(lm, cfg)
     data.prepare(lm.model, [])
-    return {n: getattr(data, n).clean_result().correct_Q.bool() for n in SETS if data.has(n)}
+    return {n: (getattr(data, n).clean_result().correct_Q.bool(), getattr(data, n).test_Q.bool())
+            for n in SETS if data.has(n)}
 
 
 def main() -> None:
@@ -57,18 +59,15 @@ def main() -> None:
                                                  ood_retain_text=None, formats=("plain",))
     try:
         base = args.base or base_of(args.folders[0]) or args.folders[0]
-        got = {p: answers(p, cfg) for p in [base, *args.folders, *args.against]}
+        scored = {p: answers(p, cfg) for p in [base, *args.folders, *args.against]}
     except FFError as e:
         raise SystemExit(f"error: {e}") from None
-    test = {}
-    for n in got[base]:
-        role = "forget" if "forget" in n else "retain"
-        qs, test_Q = sample_split(load_mcq(getattr(cfg, n), role), cfg.max_questions, cfg.sample_seed)
-        test[n] = (qs, test_Q.bool())
+    got = {p: {n: c for n, (c, _) in a.items()} for p, a in scored.items()}
+    test = {n: t for n, (_, t) in scored[base].items()}
     if args.out:
         Path(args.out).write_text(json.dumps({p: {n: c.int().tolist() for n, c in a.items()} for p, a in got.items()}))
 
-    for n, (_, test_Q) in test.items():
+    for n, test_Q in test.items():
         cells = []
         for name, m in (("dev", ~test_Q), ("test", test_Q)):
             accs = ", ".join(f"{float(got[p][n][m].double().mean()):.3f}" for p in [*args.folders, *args.against])
@@ -76,7 +75,7 @@ def main() -> None:
         print(f"{n}: " + "; ".join(cells))
     if args.against:
         print("\npaired difference, folders minus --against (accuracy; mean over seeds, 95% bootstrap):")
-        for n, (_, test_Q) in test.items():
+        for n, test_Q in test.items():
             b = torch.stack([got[p][n] for p in args.folders]).double().mean(0)
             a = torch.stack([got[p][n] for p in args.against]).double().mean(0)
             cells = []
@@ -89,10 +88,11 @@ def main() -> None:
             continue
         lost = [i for i in range(len(got[base][n]))
                 if got[base][n][i] and not any(got[p][n][i] for p in [*args.folders, *args.against])]
+        qs = sample_split(load_mcq(getattr(cfg, n), "retain"), cfg.max_questions, cfg.sample_seed)[0]
         print(f"\n{n}: the base model answers {int(got[base][n].sum())} of {len(got[base][n])}; "
               f"lost by every folder: {len(lost)}")
         for i in lost:
-            print(f"  {test[n][0][i].question}")
+            print(f"  {qs[i].question}")
 
 
 if __name__ == "__main__":
