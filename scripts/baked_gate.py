@@ -83,15 +83,21 @@ def generate(model, baked_model, iv: Intervention, ids_PT: torch.Tensor, n_new: 
     return seq[:, ids_PT.shape[1]:]
 
 
+_REF: dict = {}
+"""side -> (prompts, the clean model's CleanRef): computed once, shared by every edit measured."""
+
+
 def fluency(lm, baked_model, iv: Intervention, n: int) -> dict:
     from cache.corpora import DEMO_DIR
 
     out = {}
     for side, fname in (("forget", "unlearn_heldout.txt"), ("retain", "retain_heldout.txt"),
                         ("ood_forget", "ood_forget_text.txt"), ("ood_retain", "ood_retain_text.txt")):
-        paras = [p for p in (DEMO_DIR / fname).read_text().split("\n") if p.strip()]
-        ids = fluency_prompts(lm.tokenizer, paras, n_prompts=n, prompt_tokens=12)
-        ref = clean_reference(lm.model, lm.tokenizer, ids, 32)
+        if side not in _REF:
+            paras = [p for p in (DEMO_DIR / fname).read_text().split("\n") if p.strip()]
+            ids = fluency_prompts(lm.tokenizer, paras, n_prompts=n, prompt_tokens=12)
+            _REF[side] = (ids, clean_reference(lm.model, lm.tokenizer, ids, 32))
+        ids, ref = _REF[side]
         cont = generate(lm.model, baked_model, iv, ids, 32)
         out[side] = summarize(lm.tokenizer, ids, cont, continuation_nll(lm.model, ids, cont), ref).to_dict()
     return out
