@@ -37,6 +37,7 @@ from pipelines.fastlm import resid_at  # noqa: E402
 from pipelines.fluency import continuation_nll, summarize  # noqa: E402
 from pipelines.formats import parse_formats  # noqa: E402
 from pipelines.intervene import Edited, Intervention, load_run, probe_layer, run_setting  # noqa: E402
+from pipelines.scoring import paired_difference  # noqa: E402
 
 
 class BakedGate(Intervention):
@@ -98,7 +99,9 @@ def fluency(data, lm, iv: Intervention, baked_model) -> dict:
     return out
 
 
-def table(data, model, iv, formats) -> dict:
+def table(data, model, iv, formats, answers: dict | None = None) -> dict:
+    """Per format and side, (clean, edited accuracy, questions) of each half; the text sets' CE.
+    `answers`: filled with the plain format's forget answers [Q] per side, for `paired`."""
     out = {}
     for fmt in formats:
         for prefix in ("", "ood_"):
@@ -106,6 +109,8 @@ def table(data, model, iv, formats) -> dict:
             for role in ("forget", "retain"):
                 s = getattr(data, f"{prefix}{role}_mcq" + ("" if fmt == "plain" else f"@{fmt}"))
                 c0, c1 = s.clean_result().correct_Q, s.run(model, iv).correct_Q
+                if answers is not None and fmt == "plain" and role == "forget":
+                    answers[prefix or "in_"] = (c0, c1, s.test_Q)
                 for half, pick in (("dev", ~s.test_Q), ("test", s.test_Q)):
                     cells[f"{role}_{half}"] = (c0[pick].double().mean().item(), c1[pick].double().mean().item(),
                                                int(pick.sum()))
@@ -139,6 +144,23 @@ def show(label: str, t: dict, fl: dict | None) -> None:
     sys.stdout.flush()
 
 
+def paired(answers: dict, ref: str) -> None:
+    """Each entry's plain-format score minus the first entry's, on the same questions (paired
+    bootstrap over questions, pipelines.scoring.paired_difference), per side and half."""
+    base = answers[ref]
+    for label, sides in answers.items():
+        if label == ref:
+            continue
+        cells = []
+        for side, (c0, c1, test_Q) in sides.items():
+            for half, pick in (("dev", ~test_Q), ("test", test_Q)):
+                got = paired_difference(c0[pick], c1[pick], base[side][1][pick], n=4000)  # entry minus ref
+                if got is not None:
+                    d, (lo, hi) = got
+                    cells.append(f"{side}{half} {d:+.3f} [{lo:+.2f}, {hi:+.2f}]")
+        print(f"  plain score, {label} minus {ref}: " + "  ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="A run folder with a chosen setting (its gate is used).")
@@ -164,11 +186,12 @@ def main() -> None:
     t0 = time.time()
     data.prepare(lm.model, sorted({run.layer, probe_layer(run)[0]}))
     print(f"clean passes {time.time() - t0:.0f} s; gate of {setting.label}", flush=True)
-    results = {}
+    results, answers = {}, {}
 
     def measure(label: str, iv: Intervention, baked) -> None:
         t1 = time.time()
-        t = table(data, lm.model, iv, formats)
+        answers[label] = {}
+        t = table(data, lm.model, iv, formats, answers[label])
         fl = fluency(data, lm, iv, baked) if args.fluency else None
         results[label] = {"table": t, "fluency": fl}
         show(f"{label} ({time.time() - t1:.0f} s)", t, fl)
@@ -184,6 +207,9 @@ def main() -> None:
             iv.everywhere = True
             measure(f"{folder}, everywhere", iv, baked)
         del baked, iv
+    if len(answers) > 1:
+        print("\n== paired differences (plain format)")
+        paired(answers, next(iter(answers)))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
